@@ -1,0 +1,94 @@
+"""The engine contract: what a frontend sends to any engine and what streams back.
+
+Every engine (echo, mocker, native, adapters) consumes `PreprocessedRequest` and
+yields `EngineOutput` items. Both are msgspec Structs encoded as msgpack maps, so
+fields can be added without breaking older peers (unknown fields are ignored,
+missing ones take their defaults). `ENGINE_PROTOCOL_VERSION` is bumped only for
+incompatible changes.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+ENGINE_PROTOCOL_VERSION = 1
+
+
+class SamplingOptions(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
+    """How to pick the next token. `None` means the engine's default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    n: int = 1
+    # Number of top alternatives to return per token; None = no logprobs at all.
+    logprobs: int | None = None
+    # JSON-schema / regex guided decoding, for engines that can honour it.
+    response_format: dict | None = None
+
+
+class StopConditions(msgspec.Struct, omit_defaults=True):
+    """When generation ends. Stop *strings* are handled by the frontend, not engines."""
+
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+
+class RoutingHints(msgspec.Struct, omit_defaults=True):
+    """Hints for routers and engines; all optional."""
+
+    worker_id: int | None = None
+    lora_name: str | None = None
+    # Sequence hashes of the prompt's full KV blocks, when the router computed them.
+    block_hashes: list[int] | None = None
+    # Disaggregation: role-specific parameters (prefill result, transfer handle...).
+    disagg: dict | None = None
+
+
+class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
+    """A tokenized request, ready for an engine."""
+
+    request_id: str
+    token_ids: list[int]
+    model: str = ""
+    sampling: SamplingOptions = msgspec.field(default_factory=SamplingOptions)
+    stop: StopConditions = msgspec.field(default_factory=StopConditions)
+    eos_token_ids: list[int] = []
+    routing: RoutingHints | None = None
+    protocol_version: int = ENGINE_PROTOCOL_VERSION
+
+
+class TopLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class EngineOutput(msgspec.Struct, omit_defaults=True):
+    """One streamed step: zero or more new tokens, and on the last one a finish reason.
+
+    `finish_reason` is one of "stop" (EOS or stop token), "length" (max_tokens or
+    context), "cancelled", "error". `cached_tokens` (prompt tokens served from the
+    prefix cache) is reported at least once, normally on the first output.
+    """
+
+    token_ids: list[int] = []
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None
+    finish_reason: str | None = None
+    cached_tokens: int | None = None
+    error: str | None = None
+    # Index of the choice when n > 1.
+    index: int = 0
+
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"

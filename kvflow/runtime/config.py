@@ -1,0 +1,182 @@
+"""Configuration: frozen dataclasses layered defaults < file < env (KVFLOW_*) < CLI.
+
+This is the one module that reads the environment. Every component keeps its own
+frozen dataclass; `load_config` fills it from the layers and `add_config_args`
+derives argparse flags (defaults come from the dataclass) so names are checked
+when arguments are parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+ENV_PREFIX = "KVFLOW_"
+CONFIG_FILE_ENV = "KVFLOW_CONFIG"
+
+
+def default_discovery_path() -> str:
+    return str(Path(tempfile.gettempdir()) / f"kvflow-{os.getuid()}" / "discovery")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """What a DistributedRuntime needs; one per process."""
+
+    namespace: str = "kvflow"
+    # Discovery backend: memory (one process), file (one host), etcd (cluster).
+    discovery: str = "file"
+    discovery_path: str = dataclasses.field(default_factory=default_discovery_path)
+    etcd_endpoints: str = "http://127.0.0.1:2379"
+    # Request plane: tcp (default) or nats.
+    request_plane: str = "tcp"
+    # Event plane: zmq (brokerless, one host or many), inproc (one process), nats.
+    event_plane: str = "zmq"
+    nats_url: str = "nats://127.0.0.1:4222"
+    advertise_host: str = "127.0.0.1"
+    bind_host: str = ""
+    tcp_port: int = 0
+    lease_ttl: float = 10.0
+    file_poll_interval: float = 0.1
+    max_frame_bytes: int = 64 * 1024 * 1024
+    graceful_shutdown_timeout: float = 30.0
+    stream_timeout: float = 0.0
+    # System status server (/health, /live, /metrics); None = off.
+    system_port: int | None = None
+    system_host: str = "127.0.0.1"
+    # TLS for the TCP request plane (both sides); empty = plain TCP.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+
+    def __post_init__(self) -> None:
+        check_choice("discovery", self.discovery, ("memory", "file", "etcd"))
+        check_choice("request_plane", self.request_plane, ("tcp", "nats"))
+        check_choice("event_plane", self.event_plane, ("zmq", "inproc", "nats"))
+        if self.lease_ttl <= 0:
+            raise ValueError(f"lease_ttl must be > 0, got {self.lease_ttl}")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> RuntimeConfig:
+        return load_config(cls, "runtime", overrides=overrides)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _base_type(tp: Any) -> Any:
+    """int | None -> int; str -> str."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if args else str
+    return tp
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(raw: str, tp: Any, name: str) -> Any:
+    base = _base_type(tp)
+    if raw == "" and base is not str and _base_type(tp) is not tp:
+        return None
+    try:
+        if base is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if base in (int, float, str):
+            return base(raw)
+        if typing.get_origin(base) in (list, tuple):
+            return [s for s in raw.split(",") if s]
+    except ValueError as exc:
+        raise ValueError(f"bad value {raw!r} for {name}: expected {base.__name__}") from exc
+    return raw
+
+
+def _read_file(path: str, section: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith(".toml"):
+        import tomllib  # py3.11+; TOML config needs 3.11 or a JSON file
+
+        data = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    got = data.get(section, {})
+    if not isinstance(got, dict):
+        raise ValueError(f"config file {path}: section [{section}] must be a table")
+    return got
+
+
+def load_config(
+    cls: type[T],
+    section: str,
+    *,
+    env: typing.Mapping[str, str] | None = None,
+    file: str | None = None,
+    overrides: typing.Mapping[str, Any] | None = None,
+) -> T:
+    """Build `cls` from defaults < file < KVFLOW_* env < overrides (CLI)."""
+    env = os.environ if env is None else env
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    file = file or env.get(CONFIG_FILE_ENV)
+    if file:
+        for key, val in _read_file(file, section).items():
+            if key not in names:
+                raise ValueError(f"config file {file}: unknown [{section}] key {key!r}")
+            values[key] = val
+    for name in names:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(raw, hints[name], ENV_PREFIX + name.upper())
+    for key, val in (overrides or {}).items():
+        if key not in names:
+            raise ValueError(f"unknown {cls.__name__} option {key!r}")
+        if val is not None:
+            values[key] = val
+    return cls(**values)
+
+
+def add_config_args(
+    parser: argparse.ArgumentParser, cls: type, *, skip: typing.Iterable[str] = ()
+) -> None:
+    """Add --flag per dataclass field; defaults None so unset flags don't override layers."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        base = _base_type(hints[f.name])
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            conv = base if base in (int, float, str) else str
+            parser.add_argument(flag, dest=f.name, type=conv, default=None, help=f"(default: {_default_of(f)})")
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def config_from_args(cls: type[T], section: str, args: argparse.Namespace) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return load_config(cls, section, overrides=overrides)

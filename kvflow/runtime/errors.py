@@ -1,0 +1,57 @@
+"""Typed errors raised across process boundaries by the runtime."""
+
+from __future__ import annotations
+
+
+class KvflowError(Exception):
+    """Base of every error the runtime raises on purpose."""
+
+
+class NoInstancesError(KvflowError):
+    """No live instance serves the endpoint (or none is reachable)."""
+
+
+class WorkerUnavailableError(KvflowError):
+    """The connection to a worker was lost, or it refused the stream."""
+
+    def __init__(self, message: str, *, responses_received: int = 0, instance_id: int | None = None):
+        super().__init__(message)
+        self.responses_received = responses_received
+        self.instance_id = instance_id
+
+
+class WorkerShuttingDownError(WorkerUnavailableError):
+    """The worker refused a new stream because it is draining; retry elsewhere."""
+
+
+class RemoteError(KvflowError):
+    """The remote handler raised; carries the remote exception's type and message."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.remote_message = message
+
+
+class StreamTimeoutError(KvflowError):
+    """No response arrived within the stream's timeout."""
+
+
+class ProtocolVersionError(KvflowError):
+    """The peer speaks an incompatible wire protocol version."""
+
+    def __init__(self, local: int, remote: int):
+        super().__init__(
+            f"wire protocol mismatch: this side speaks kvflow protocol v{local}, "
+            f"the peer speaks v{remote}; run both with compatible kvflow versions"
+        )
+        self.local = local
+        self.remote = remote
+
+
+class FrameError(KvflowError):
+    """A malformed frame arrived; the connection that sent it is closed."""
+
+
+class DiscoveryError(KvflowError):
+    """The discovery backend failed or is unreachable."""

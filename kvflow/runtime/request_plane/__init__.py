@@ -1,0 +1,1 @@
+"""Request planes: tcp (default, framed msgpack streams) and nats."""

@@ -1,0 +1,347 @@
+"""Calling side of the TCP request plane: one persistent connection per worker.
+
+Streams are multiplexed on the connection by id. Responses are queued per stream
+in a deque and handed to the consumer without an asyncio.Queue per item; when the
+consumers fall behind, the connection stops reading (TCP backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from kvflow.runtime import codec
+from kvflow.runtime.codec import FrameKind
+from kvflow.runtime.errors import (
+    FrameError,
+    ProtocolVersionError,
+    RemoteError,
+    WorkerShuttingDownError,
+    WorkerUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+HIGH_WATER_FRAMES = 8192
+LOW_WATER_FRAMES = 2048
+
+
+class StreamSink:
+    """What a connection delivers frames to (implemented by ResponseStream)."""
+
+    def on_data(self, payload: bytes) -> None: ...
+    def on_end(self) -> None: ...
+    def on_error(self, exc: Exception) -> None: ...
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, pool: ConnectionPool, key: tuple[str, int], max_frame: int) -> None:
+        self.pool = pool
+        self.key = key
+        self.parser = codec.FrameParser(max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.sinks: dict[int, StreamSink] = {}
+        self.next_id = 1
+        self.closed = False
+        self.buffered = 0
+        self.reading_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hello = codec.encode(codec.HelloMsg(codec.PROTOCOL_VERSION, "client"))
+        transport.write(codec.frame(FrameKind.HELLO, 0, hello))
+
+    def open_stream(self, sink: StreamSink, header: codec.RequestHeader) -> int:
+        stream_id = self.next_id
+        self.next_id += 1
+        self.sinks[stream_id] = sink
+        assert self.transport is not None
+        self.transport.write(codec.frame(FrameKind.REQUEST, stream_id, codec.encode(header)))
+        return stream_id
+
+    def cancel_stream(self, stream_id: int) -> None:
+        if self.sinks.pop(stream_id, None) is not None and not self.closed and self.transport:
+            self.transport.write(codec.frame(FrameKind.CANCEL, stream_id))
+
+    def release(self, stream_id: int) -> None:
+        self.sinks.pop(stream_id, None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.parser.feed(data)
+        except codec.OversizeFrame as exc:
+            self._fail(FrameError(f"worker {self.key} sent a bad frame: {exc}"))
+            return
+        sinks = self.sinks
+        for version, kind, stream_id, payload in frames:
+            if version != codec.PROTOCOL_VERSION:
+                self._fail(ProtocolVersionError(codec.PROTOCOL_VERSION, version))
+                return
+            sink = sinks.get(stream_id)
+            if kind == FrameKind.DATA:
+                if sink is not None:
+                    self.buffered += 1
+                    sink.on_data(payload)
+            elif kind == FrameKind.END:
+                if sink is not None:
+                    del sinks[stream_id]
+                    sink.on_end()
+            elif kind == FrameKind.ERROR:
+                self._on_error_frame(stream_id, payload)
+            elif kind != FrameKind.HELLO:
+                self._fail(FrameError(f"worker {self.key} sent unexpected frame kind {kind}"))
+                return
+        if self.buffered > HIGH_WATER_FRAMES and not self.reading_paused and self.transport:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def consumed(self, n: int = 1) -> None:
+        self.buffered -= n
+        if self.reading_paused and self.buffered < LOW_WATER_FRAMES and self.transport:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _on_error_frame(self, stream_id: int, payload: bytes) -> None:
+        try:
+            err = codec.decode_error(payload)
+        except msgspec.DecodeError:
+            self._fail(FrameError(f"worker {self.key} sent an undecodable error frame"))
+            return
+        if err.category == "protocol":
+            self._fail(FrameError(err.message))
+            return
+        sink = self.sinks.pop(stream_id, None)
+        if sink is None:
+            return
+        if err.category == "refused":
+            sink.on_error(WorkerShuttingDownError(err.message))
+        else:
+            sink.on_error(RemoteError(err.error_type, err.message))
+
+    def _fail(self, exc: Exception) -> None:
+        log.warning("request plane: connection to %s failed: %s", self.key, exc)
+        self._close_with(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close_with(None)
+
+    def _close_with(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.forget(self)
+        sinks, self.sinks = self.sinks, {}
+        for sink in sinks.values():
+            sink.on_error(exc if exc is not None else WorkerUnavailableError(
+                f"connection to worker at {self.key[0]}:{self.key[1]} lost"))
+
+
+class ConnectionPool:
+    """One connection per (host, port), opened on demand and shared by all streams."""
+
+    def __init__(self, max_frame: int = codec.DEFAULT_MAX_FRAME,
+                 ssl_context: ssl.SSLContext | None = None, connect_timeout: float = 5.0) -> None:
+        self.max_frame = max_frame
+        self.ssl_context = ssl_context
+        self.connect_timeout = connect_timeout
+        self._conns: dict[tuple[str, int], ClientConnection] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Future] = {}
+
+    def get_nowait(self, host: str, port: int) -> ClientConnection | None:
+        conn = self._conns.get((host, port))
+        return conn if conn is not None and not conn.closed else None
+
+    async def get(self, host: str, port: int) -> ClientConnection:
+        key = (host, port)
+        conn = self.get_nowait(host, port)
+        if conn is not None:
+            return conn
+        fut = self._connecting.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._connect(key))
+            self._connecting[key] = fut
+            fut.add_done_callback(lambda _: self._connecting.pop(key, None))
+        return await asyncio.shield(fut)
+
+    async def _connect(self, key: tuple[str, int]) -> ClientConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: ClientConnection(self, key, self.max_frame), key[0], key[1],
+                ssl=self.ssl_context), self.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise WorkerUnavailableError(f"cannot connect to worker at {key[0]}:{key[1]}: {exc}") from exc
+        self._conns[key] = conn
+        return conn
+
+    def forget(self, conn: ClientConnection) -> None:
+        if self._conns.get(conn.key) is conn:
+            del self._conns[conn.key]
+
+    async def close(self) -> None:
+        for conn in list(self._conns.values()):
+            if conn.transport is not None:
+                conn.transport.close()
+        self._conns.clear()
+
+
+class ResponseStream(StreamSink):
+    """The async iterator a caller gets back; decodes responses lazily.
+
+    Breaking out of `async for`, cancelling the consuming task, `aclose()`, or the
+    caller's Context stopping all send a CANCEL frame to the worker.
+    """
+
+    __slots__ = ("_conn", "_decoder", "_done", "_error", "_items", "_opener", "_stream_id",
+                 "_timeout", "_waiter", "context", "instance_id", "received")
+
+    def __init__(self, decoder: msgspec.msgpack.Decoder, opener: Any, context: Any,
+                 timeout: float | None) -> None:
+        self._decoder = decoder
+        self._opener = opener  # async callable(stream, retry: bool) -> None; sets conn/stream id
+        self._conn: ClientConnection | None = None
+        self._stream_id = 0
+        self._items: deque[bytes] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._done = False
+        self._error: Exception | None = None
+        self._timeout = timeout
+        self.context = context
+        self.instance_id: int | None = None
+        self.received = 0
+        if context is not None:
+            context.on_stop(self._cancel_remote)
+
+    def attach(self, conn: ClientConnection, stream_id: int, instance_id: int) -> None:
+        self._conn, self._stream_id, self.instance_id = conn, stream_id, instance_id
+
+    # -- sink side -------------------------------------------------------------------
+    def on_data(self, payload: bytes) -> None:
+        self._items.append(payload)
+        self._wake()
+
+    def on_end(self) -> None:
+        self._done = True
+        self._wake()
+
+    def on_error(self, exc: Exception) -> None:
+        self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- consumer side ---------------------------------------------------------------
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    def __await__(self) -> Any:
+        return self._open_and_return().__await__()
+
+    async def _open_and_return(self) -> ResponseStream:
+        if self._conn is None and self._opener is not None:
+            await self._open(retry=False)
+        return self
+
+    async def _open(self, retry: bool) -> None:
+        opener, self._opener = self._opener, None
+        self._error = None
+        await opener(self, retry)
+        self._opener = opener
+
+    async def __anext__(self) -> Any:
+        if self._conn is None and self._opener is not None:
+            await self._open(retry=False)
+        while True:
+            items = self._items
+            if items:
+                payload = items.popleft()
+                self.received += 1
+                self._conn.consumed()  # type: ignore[union-attr]
+                return self._decoder.decode(payload)
+            if self._error is not None:
+                await self._on_stream_error()
+                continue
+            if self._done:
+                self._finish()
+                raise StopAsyncIteration
+            await self._wait()
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            if self._timeout:
+                await asyncio.wait_for(self._waiter, self._timeout)
+            else:
+                await self._waiter
+        except asyncio.TimeoutError:
+            from kvflow.runtime.errors import StreamTimeoutError
+
+            self._cancel_remote()
+            raise StreamTimeoutError(
+                f"no response within {self._timeout}s after {self.received} responses") from None
+        except asyncio.CancelledError:
+            self._cancel_remote()
+            raise
+        finally:
+            self._waiter = None
+
+    async def _on_stream_error(self) -> None:
+        exc = self._error
+        assert exc is not None
+        retryable = isinstance(exc, WorkerUnavailableError) and self.received == 0
+        if retryable and self._opener is not None and not self._stopped():
+            await self._open(retry=True)
+            return
+        self._finish()
+        if isinstance(exc, WorkerUnavailableError) and not isinstance(exc, WorkerShuttingDownError):
+            raise WorkerUnavailableError(
+                f"{exc} after {self.received} responses", responses_received=self.received,
+                instance_id=self.instance_id)
+        raise exc
+
+    def _stopped(self) -> bool:
+        return self.context is not None and self.context.is_stopped()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._opener = None
+        if self.context is not None:
+            self.context.remove_on_stop(self._cancel_remote)
+        if self._conn is not None:
+            self._conn.release(self._stream_id)
+
+    def _cancel_remote(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            if not self._done and self._error is None:
+                conn.cancel_stream(self._stream_id)
+            if self._items:
+                conn.consumed(len(self._items))
+                self._items.clear()
+        self._done = True
+        self._opener = None
+
+    async def aclose(self) -> None:
+        self._cancel_remote()
+
+    def __del__(self) -> None:
+        # A consumer that broke out of `async for` drops its last reference here.
+        if not self._done and self._conn is not None and not self._conn.closed:
+            with contextlib.suppress(Exception):
+                self._cancel_remote()
