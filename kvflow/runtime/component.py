@@ -192,7 +192,7 @@ class Client:
 
         async def opener(stream: ResponseStream, retry: bool) -> None:
             if retry and (pick is None or stream.instance_id is None):
-                raise stream._error or WorkerUnavailableError("stream failed")  # type: ignore[misc]
+                raise stream.error or WorkerUnavailableError("stream failed")
             if stream.instance_id is not None:
                 tried.add(stream.instance_id)
                 self._mark_down(stream.instance_id)
@@ -227,7 +227,10 @@ class Client:
 
     async def _open_on(self, stream: ResponseStream, iid: int, body: msgspec.Raw, request_id: str) -> None:
         inst = self.instances[iid]
-        pool = self.runtime.connection_pool
-        conn = pool.get_nowait(inst.host, inst.port) or await pool.get(inst.host, inst.port)
-        header = codec.RequestHeader(inst.path, iid, request_id, body)
-        stream.attach(conn, conn.open_stream(stream, header), iid)
+        conn: Any
+        if inst.transport == "nats":
+            conn = await self.runtime.nats_request_plane()
+        else:
+            pool = self.runtime.connection_pool
+            conn = pool.get_nowait(inst.host, inst.port) or await pool.get(inst.host, inst.port)
+        stream.attach(conn, iid, codec.RequestHeader(inst.path, iid, request_id, body))

@@ -21,6 +21,7 @@ from kvflow.runtime import codec
 from kvflow.runtime.codec import FrameKind
 from kvflow.runtime.errors import (
     FrameError,
+    StreamTimeoutError,
     ProtocolVersionError,
     RemoteError,
     WorkerShuttingDownError,
@@ -52,6 +53,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.buffered = 0
         self.reading_paused = False
+        self.close_error: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -65,8 +67,11 @@ class ClientConnection(asyncio.Protocol):
     def open_stream(self, sink: StreamSink, header: codec.RequestHeader) -> int:
         stream_id = self.next_id
         self.next_id += 1
+        if self.closed or self.transport is None:
+            sink.on_error(self.close_error or WorkerUnavailableError(
+                f"connection to worker at {self.key[0]}:{self.key[1]} is closed"))
+            return stream_id
         self.sinks[stream_id] = sink
-        assert self.transport is not None
         self.transport.write(codec.frame(FrameKind.REQUEST, stream_id, codec.encode(header)))
         return stream_id
 
@@ -143,10 +148,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.pool.forget(self)
+        self.close_error = exc if exc is not None else WorkerUnavailableError(
+            f"connection to worker at {self.key[0]}:{self.key[1]} lost")
         sinks, self.sinks = self.sinks, {}
         for sink in sinks.values():
-            sink.on_error(exc if exc is not None else WorkerUnavailableError(
-                f"connection to worker at {self.key[0]}:{self.key[1]} lost"))
+            sink.on_error(self.close_error)
 
 
 class ConnectionPool:
@@ -198,26 +204,57 @@ class ConnectionPool:
         self._conns.clear()
 
 
-class ResponseStream(StreamSink):
+class _StreamState(StreamSink):
+    """What the connection delivers into; holds no reference to the consumer."""
+
+    __slots__ = ("done", "error", "items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[bytes] = deque()
+        self.waiter: asyncio.Future | None = None
+        self.done = False
+        self.error: Exception | None = None
+
+    def on_data(self, payload: bytes) -> None:
+        self.items.append(payload)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def on_end(self) -> None:
+        self.done = True
+        self._wake()
+
+    def on_error(self, exc: Exception) -> None:
+        self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
+class ResponseStream:
     """The async iterator a caller gets back; decodes responses lazily.
 
-    Breaking out of `async for`, cancelling the consuming task, `aclose()`, or the
-    caller's Context stopping all send a CANCEL frame to the worker.
+    Breaking out of `async for` (the stream is dropped), cancelling the consuming
+    task, `aclose()`, or the caller's Context stopping all send a CANCEL frame to
+    the worker. The connection only references the inner state, so dropping this
+    object is enough to cancel.
     """
 
-    __slots__ = ("_conn", "_decoder", "_done", "_error", "_items", "_opener", "_stream_id",
-                 "_timeout", "_waiter", "context", "instance_id", "received")
+    __slots__ = ("__weakref__", "_closed", "_conn", "_decoder", "_opener", "_st", "_stream_id",
+                 "_timeout", "context", "instance_id", "received")
 
     def __init__(self, decoder: msgspec.msgpack.Decoder, opener: Any, context: Any,
                  timeout: float | None) -> None:
         self._decoder = decoder
-        self._opener = opener  # async callable(stream, retry: bool) -> None; sets conn/stream id
+        self._opener = opener  # async callable(stream, retry: bool) -> None; calls attach()
         self._conn: ClientConnection | None = None
         self._stream_id = 0
-        self._items: deque[bytes] = deque()
-        self._waiter: asyncio.Future | None = None
-        self._done = False
-        self._error: Exception | None = None
+        self._st = _StreamState()
+        self._closed = False
         self._timeout = timeout
         self.context = context
         self.instance_id: int | None = None
@@ -225,26 +262,14 @@ class ResponseStream(StreamSink):
         if context is not None:
             context.on_stop(self._cancel_remote)
 
-    def attach(self, conn: ClientConnection, stream_id: int, instance_id: int) -> None:
-        self._conn, self._stream_id, self.instance_id = conn, stream_id, instance_id
+    @property
+    def error(self) -> Exception | None:
+        return self._st.error
 
-    # -- sink side -------------------------------------------------------------------
-    def on_data(self, payload: bytes) -> None:
-        self._items.append(payload)
-        self._wake()
-
-    def on_end(self) -> None:
-        self._done = True
-        self._wake()
-
-    def on_error(self, exc: Exception) -> None:
-        self._error = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+    def attach(self, conn: ClientConnection, instance_id: int, header: codec.RequestHeader) -> None:
+        self._st = _StreamState()
+        self._conn, self.instance_id = conn, instance_id
+        self._stream_id = conn.open_stream(self._st, header)
 
     # -- consumer side ---------------------------------------------------------------
     def __aiter__(self) -> ResponseStream:
@@ -260,7 +285,6 @@ class ResponseStream(StreamSink):
 
     async def _open(self, retry: bool) -> None:
         opener, self._opener = self._opener, None
-        self._error = None
         await opener(self, retry)
         self._opener = opener
 
@@ -268,30 +292,28 @@ class ResponseStream(StreamSink):
         if self._conn is None and self._opener is not None:
             await self._open(retry=False)
         while True:
-            items = self._items
-            if items:
-                payload = items.popleft()
+            st = self._st
+            if st.items:
+                payload = st.items.popleft()
                 self.received += 1
                 self._conn.consumed()  # type: ignore[union-attr]
                 return self._decoder.decode(payload)
-            if self._error is not None:
-                await self._on_stream_error()
+            if st.error is not None:
+                await self._on_stream_error(st.error)
                 continue
-            if self._done:
+            if st.done or self._closed:
                 self._finish()
                 raise StopAsyncIteration
-            await self._wait()
+            await self._wait(st)
 
-    async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+    async def _wait(self, st: _StreamState) -> None:
+        st.waiter = asyncio.get_running_loop().create_future()
         try:
             if self._timeout:
-                await asyncio.wait_for(self._waiter, self._timeout)
+                await asyncio.wait_for(st.waiter, self._timeout)
             else:
-                await self._waiter
+                await st.waiter
         except asyncio.TimeoutError:
-            from kvflow.runtime.errors import StreamTimeoutError
-
             self._cancel_remote()
             raise StreamTimeoutError(
                 f"no response within {self._timeout}s after {self.received} responses") from None
@@ -299,11 +321,9 @@ class ResponseStream(StreamSink):
             self._cancel_remote()
             raise
         finally:
-            self._waiter = None
+            st.waiter = None
 
-    async def _on_stream_error(self) -> None:
-        exc = self._error
-        assert exc is not None
+    async def _on_stream_error(self, exc: Exception) -> None:
         retryable = isinstance(exc, WorkerUnavailableError) and self.received == 0
         if retryable and self._opener is not None and not self._stopped():
             await self._open(retry=True)
@@ -319,7 +339,7 @@ class ResponseStream(StreamSink):
         return self.context is not None and self.context.is_stopped()
 
     def _finish(self) -> None:
-        self._done = True
+        self._closed = True
         self._opener = None
         if self.context is not None:
             self.context.remove_on_stop(self._cancel_remote)
@@ -327,14 +347,14 @@ class ResponseStream(StreamSink):
             self._conn.release(self._stream_id)
 
     def _cancel_remote(self) -> None:
-        conn = self._conn
+        conn, st = self._conn, self._st
         if conn is not None:
-            if not self._done and self._error is None:
+            if not st.done and st.error is None and not self._closed:
                 conn.cancel_stream(self._stream_id)
-            if self._items:
-                conn.consumed(len(self._items))
-                self._items.clear()
-        self._done = True
+            if st.items:
+                conn.consumed(len(st.items))
+                st.items.clear()
+        self._closed = True
         self._opener = None
 
     async def aclose(self) -> None:
@@ -342,6 +362,6 @@ class ResponseStream(StreamSink):
 
     def __del__(self) -> None:
         # A consumer that broke out of `async for` drops its last reference here.
-        if not self._done and self._conn is not None and not self._conn.closed:
+        if not self._closed and self._conn is not None and not self._conn.closed:
             with contextlib.suppress(Exception):
                 self._cancel_remote()
