@@ -1,0 +1,154 @@
+"""Tool-call result types, the parser registry and the streaming base class every tool parser uses.
+
+Whitespace policy (the same streaming or not): whitespace right before and right after a
+tool call is dropped, so "Let me look.\\n<tool_call>…</tool_call>\\n" gives the content
+"Let me look.". Content keeps trailing whitespace back until the next non-space text shows
+whether a tool call follows.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from kvflow.llm.parsers.registry import Registry
+
+
+def random_call_id() -> str:
+    """An OpenAI-style tool call id: "call_" and 24 random hex characters."""
+    return "call_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One complete call; `arguments` is a JSON text, as in the OpenAI API."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolParseResult:
+    """A whole message split: `content` is None when nothing but calls was written."""
+
+    content: str | None
+    calls: list[ToolCall]
+
+
+class ToolDelta(NamedTuple):
+    """What one streamed delta released: plain text, and calls that just completed."""
+
+    content: str
+    calls: list[ToolCall]
+
+
+_REGISTRY: Registry[ToolParser] = Registry("tool call parser")
+
+
+def register_tool_parser(
+    name: str, *aliases: str
+) -> Callable[[type[ToolParser]], type[ToolParser]]:
+    """Class decorator registering a tool-call parser under `name` (and aliases)."""
+    return _REGISTRY.register(name, *aliases)
+
+
+@dataclass
+class Collected:
+    """Output gathered while one push or flush runs."""
+
+    content: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+
+    def delta(self) -> ToolDelta:
+        return ToolDelta("".join(self.content), self.calls)
+
+
+class ToolParser:
+    """Base class: content gating and call building; subclasses implement `_step`/`_finish`."""
+
+    def __init__(self, *, new_call_id: Callable[[], str] = random_call_id) -> None:
+        self.new_call_id = new_call_id
+        self._buf = ""
+        self._held_ws = ""  # trailing whitespace of content, dropped if a call follows
+        self._after_call = False  # drop leading whitespace of the next content
+
+    def parse(self, text: str) -> ToolParseResult:
+        """Split a whole message (does not touch this parser's streaming state)."""
+        fresh = type(self)(new_call_id=self.new_call_id)
+        first, last = fresh.push(text), fresh.flush()
+        content = first.content + last.content
+        return ToolParseResult(content or None, first.calls + last.calls)
+
+    def push(self, delta: str) -> ToolDelta:
+        """Split one delta into plain text to emit now and calls that completed."""
+        self._buf += delta
+        out = Collected()
+        while self._step(out):
+            pass
+        return out.delta()
+
+    def flush(self) -> ToolDelta:
+        """End of stream: an unfinished call is returned as plain text."""
+        out = Collected()
+        self._finish(out)
+        self._buf = ""
+        out.content.append(self._held_ws)
+        self._held_ws = ""
+        return out.delta()
+
+    def _step(self, out: Collected) -> bool:
+        """Consume what it can of self._buf; True to be called again."""
+        raise NotImplementedError
+
+    def _finish(self, out: Collected) -> None:
+        """Release self._buf at end of stream."""
+        raise NotImplementedError
+
+    def _content(self, piece: str, out: Collected) -> None:
+        """Emit plain text, holding its trailing whitespace back."""
+        if self._after_call:
+            piece = piece.lstrip()
+            self._after_call = not piece
+        if not piece:
+            return
+        piece = self._held_ws + piece
+        body = piece.rstrip()
+        self._held_ws = piece[len(body) :]
+        out.content.append(body)
+
+    def _calls(self, calls: list[ToolCall], out: Collected) -> None:
+        """Emit completed calls; the whitespace around them is dropped."""
+        out.calls.extend(calls)
+        self._held_ws = ""
+        self._after_call = True
+
+    def _build_calls(self, payload: Any) -> list[ToolCall] | None:
+        """Calls from a decoded JSON object or list of objects; None if any is not a call."""
+        items = payload if isinstance(payload, list) else [payload]
+        calls = [self._build_call(item) for item in items]
+        if not calls or any(c is None for c in calls):
+            return None
+        return [c for c in calls if c is not None]
+
+    def _build_call(self, item: Any) -> ToolCall | None:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        args = item.get("arguments", item.get("parameters", {}))
+        text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        return ToolCall(self.new_call_id(), item["name"], text)
+
+
+def decode_json(text: str) -> Any | None:
+    """The JSON value of `text`, or None if it is not valid JSON."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def tool_parser_registry() -> Registry[ToolParser]:
+    return _REGISTRY
