@@ -1,0 +1,34 @@
+"""Engine-agnostic core shared by the mocker and the native engine: scheduler and KV block pool.
+
+- block_pool.py: fixed KV blocks, reference counts, prefix cache, KV events, snapshots.
+- sequence.py: one request as the scheduler sees it (tokens, computed tokens, blocks, stop rule).
+- scheduler.py: waiting/running queues, token budget, chunked prefill, preemption, finishes.
+"""
+
+from kvflow.engines.core.block_pool import BlockPool
+from kvflow.engines.core.scheduler import (
+    ExternalMatch,
+    FinishedSeq,
+    KvConnector,
+    RequestRejected,
+    ScheduledSeq,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
+from kvflow.engines.core.sequence import SeqStatus, Sequence, StopRule
+
+__all__ = [
+    "BlockPool",
+    "ExternalMatch",
+    "FinishedSeq",
+    "KvConnector",
+    "RequestRejected",
+    "ScheduledSeq",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "SeqStatus",
+    "Sequence",
+    "StopRule",
+]

@@ -1,0 +1,348 @@
+"""The engine-agnostic scheduler: who computes how many tokens in the next step.
+
+One primitive (see `sequence.py`): each step gives some sequences `num_new_tokens` to
+compute, and a sequence samples a token when its step reaches `num_tokens`. Any
+engine's loop reads aloud as:
+
+    out = scheduler.schedule()        # pick tokens, reserve KV blocks
+    sampled = execute(out)            # run (or simulate) the model: {request_id: [tokens]}
+    finished = scheduler.update(sampled)
+
+Policy (vLLM v1 style): running sequences first (decodes, then the one partially
+prefilled sequence, which is always last in `running`), then FCFS admissions from
+`waiting` within the token budget, chunking the last prefill. A new admission first
+takes its longest cached prefix from the block pool, then whatever a `KvConnector`
+can supply (host tier, remote prefill) — all of it just computed tokens. When
+blocks run out the most recently admitted running sequence is preempted by
+recompute: its blocks are freed, it goes back to the front of `waiting`.
+
+Ownership: the scheduler owns every block it takes from the pool and frees it on
+finish, abort or preemption. `abort` frees at once even while a step is in flight;
+freed blocks are not handed out again before the next `schedule()`, which comes after
+`update()`, so an executor may finish writing them. Neither the scheduler nor the
+pool is thread-safe: an engine stepping on its own thread holds one lock around
+`schedule`, `update`, `add` and `abort`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvflow.engines.core.block_pool import BlockPool
+from kvflow.engines.core.sequence import SeqStatus, Sequence
+from kvflow.llm.kv_events import LoadMetrics
+from kvflow.llm.protocol import FINISH_LENGTH
+
+
+class RequestRejected(ValueError):
+    """A request this engine can never serve; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    enable_chunked_prefill: bool = True
+    max_model_len: int | None = None  # None: limited only by the block pool
+
+    def __post_init__(self) -> None:
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.block_size) < 1:
+            raise ValueError(f"scheduler limits must be positive: {self}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode"
+            )
+
+
+@dataclass(frozen=True)
+class ExternalMatch:
+    """Prompt tokens whose KV a connector brings in from outside the GPU pool."""
+
+    num_tokens: int = 0
+    num_cached_tokens: int = 0  # of those, served from a cache tier (not computed remotely)
+    transfer_s: float = 0.0  # modelled seconds to move them (a real engine may ignore it)
+
+
+NO_EXTERNAL = ExternalMatch()
+
+
+class KvConnector(Protocol):
+    """Supplies KV beyond the local prefix hit: a host tier, a remote prefill worker."""
+
+    def match_external(self, seq: Sequence, num_local_tokens: int) -> ExternalMatch:
+        """Tokens after `num_local_tokens` it can supply (at most num_tokens - 1 in all)."""
+        ...
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """One sequence's share of a step."""
+
+    seq: Sequence
+    num_new_tokens: int  # tokens to compute now
+    start: int  # tokens with KV before this step: the context the new tokens attend to
+    is_prefill: bool
+    samples: bool  # the step reaches num_tokens, so the executor samples a token
+    num_cached_tokens: int = 0  # prefix-cache hit taken at admission in this step
+    external: ExternalMatch = NO_EXTERNAL
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    preempted: list[Sequence]
+    num_batched_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedSeq:
+    seq: Sequence
+    reason: str  # a kvflow.llm.protocol FINISH_* value
+
+
+class Scheduler:
+    """Waiting queue (FCFS), running list and request table over one BlockPool."""
+
+    def __init__(
+        self, config: SchedulerConfig, pool: BlockPool, connector: KvConnector | None = None
+    ) -> None:
+        assert pool.block_size == config.block_size, "pool and scheduler block sizes differ"
+        self.config = config
+        self.pool = pool
+        self.connector = connector
+        pool_tokens = pool.num_blocks * pool.block_size
+        self.max_model_len = min(config.max_model_len or pool_tokens, pool_tokens)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}
+        self._inflight: SchedulerOutput | None = None
+
+    # ---- requests -----------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; raises RequestRejected if it can never be served."""
+        self._check_admissible(seq)
+        seq.status = SeqStatus.WAITING
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def _check_admissible(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise RequestRejected(
+                f"request id {seq.request_id!r} is already in flight on this worker; "
+                "give every request a unique id"
+            )
+        if seq.num_tokens == 0:
+            raise RequestRejected("the prompt is empty; send at least one token")
+        if seq.num_tokens >= self.max_model_len:
+            raise RequestRejected(
+                f"the prompt has {seq.num_tokens} tokens but this worker's context holds "
+                f"{self.max_model_len} (prompt and output together); shorten the prompt or "
+                "use a worker with a longer context / more KV blocks"
+            )
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a request now, freeing its blocks; None if it is not here (any more)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        self._release(seq)
+        return seq
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        seq.status = SeqStatus.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- schedule -----------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        assert self._inflight is None, "schedule() called again before update()"
+        out = SchedulerOutput([], [])
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
+        self._inflight = out
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            assert n > 0, "a running sequence with nothing to compute"
+            if not self._reserve(seq, seq.num_computed_tokens + n, out):
+                break  # seq itself was preempted: nothing after it is left
+            out.scheduled.append(_scheduled(seq, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _reserve(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Blocks for `num_tokens` of `seq`, preempting from the tail; False if seq went."""
+        need = -(-num_tokens // self.config.block_size) - len(seq.block_ids)
+        if need <= 0:
+            return True  # the common decode step: room left in the last block
+        while not self.pool.can_allocate(need):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        seq.block_ids.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_ids)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            scheduled = self._try_admit(self.waiting[0], budget, out)
+            if scheduled is None:
+                break
+            self.waiting.popleft()
+            self.running.append(scheduled.seq)
+            out.scheduled.append(scheduled)
+            budget -= scheduled.num_new_tokens
+
+    def _try_admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ScheduledSeq | None:
+        cached = self._match_local(seq)
+        external = self._match_external(seq)
+        n = self._admission_chunk(seq.num_tokens - seq.num_computed_tokens, budget, out)
+        need = self._blocks_for(seq.num_computed_tokens + n) - len(seq.block_ids)
+        if n == 0 or not self.pool.can_allocate(need):
+            self._undo_admission(seq)
+            return None
+        seq.block_ids.extend(self.pool.allocate(need))
+        seq.status = SeqStatus.RUNNING
+        if seq.num_cached_tokens < 0:
+            seq.num_cached_tokens = cached + external.num_cached_tokens
+        return _scheduled(seq, n, cached, external)
+
+    def _admission_chunk(self, remaining: int, budget: int, out: SchedulerOutput) -> int:
+        if remaining <= budget:
+            return remaining
+        if self.config.enable_chunked_prefill:
+            return budget
+        return remaining if not out.scheduled else 0  # an oversize prefill runs alone
+
+    def _match_local(self, seq: Sequence) -> int:
+        """Take the longest cached prefix (never the last token: it must be computed)."""
+        max_blocks = (seq.num_tokens - 1) // self.config.block_size
+        if not self.pool.enable_prefix_caching or max_blocks == 0:
+            return 0
+        blocks = self.pool.match_prefix(seq.block_hashes(max_blocks, self.config.block_size))
+        seq.block_ids = blocks
+        seq.num_committed_blocks = len(blocks)
+        seq.num_computed_tokens = len(blocks) * self.config.block_size
+        return seq.num_computed_tokens
+
+    def _match_external(self, seq: Sequence) -> ExternalMatch:
+        if self.connector is None:
+            return NO_EXTERNAL
+        external = self.connector.match_external(seq, seq.num_computed_tokens)
+        assert 0 <= external.num_tokens < seq.num_tokens - seq.num_computed_tokens
+        seq.num_computed_tokens += external.num_tokens
+        return external
+
+    def _undo_admission(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_computed_tokens = 0
+        seq.num_committed_blocks = 0
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.block_size)
+
+    # ---- update -------------------------------------------------------------------
+
+    def update(self, sampled: Mapping[str, list[int]]) -> list[FinishedSeq]:
+        """Advance computed tokens, commit full blocks, append samples, detect finishes."""
+        out, self._inflight = self._inflight, None
+        assert out is not None, "update() without a schedule() in flight"
+        finished: list[FinishedSeq] = []
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens += s.num_new_tokens
+            self._commit_full_blocks(seq)
+            reason = self._append(seq, sampled[seq.request_id]) if s.samples else None
+            if reason is not None:
+                del self.requests[seq.request_id]
+                self._release(seq)
+                finished.append(FinishedSeq(seq, reason))
+        if finished:
+            self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
+        return finished
+
+    def _commit_full_blocks(self, seq: Sequence) -> None:
+        if not self.pool.enable_prefix_caching:
+            return
+        bs = self.config.block_size
+        n_full = seq.num_computed_tokens // bs
+        for i in range(seq.num_committed_blocks, n_full):
+            parent = seq.block_hash(i - 1, bs) if i else seq.parent_hash_seed
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            seq.block_ids[i] = self.pool.commit(
+                seq.block_ids[i], seq.block_hash(i, bs), parent, tokens
+            )
+        seq.num_committed_blocks = max(n_full, seq.num_committed_blocks)
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> str | None:
+        for token in tokens:
+            seq.token_ids.append(token)
+            reason = seq.stop.finish_reason(token, seq.num_output_tokens)
+            if reason is None and seq.num_tokens >= self.max_model_len:
+                reason = FINISH_LENGTH
+            if reason is not None:
+                return reason
+        return None
+
+    # ---- metrics ------------------------------------------------------------------
+
+    def load_metrics(self) -> LoadMetrics:
+        pending = sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
+        pending += sum(
+            s.num_tokens - s.num_computed_tokens
+            for s in self.running
+            if s.num_tokens - s.num_computed_tokens > 1
+        )
+        return LoadMetrics(
+            worker_id=self.pool.worker_id,
+            active_blocks=self.pool.num_active_blocks,
+            total_blocks=self.pool.num_blocks,
+            num_waiting=len(self.waiting),
+            num_running=len(self.running),
+            prefill_tokens_inflight=pending,
+        )
+
+
+def _scheduled(
+    seq: Sequence, n: int, cached: int = 0, external: ExternalMatch = NO_EXTERNAL
+) -> ScheduledSeq:
+    start = seq.num_computed_tokens
+    return ScheduledSeq(
+        seq=seq,
+        num_new_tokens=n,
+        start=start,
+        is_prefill=n > 1 or start < seq.prompt_len,
+        samples=start + n == seq.num_tokens,
+        num_cached_tokens=cached,
+        external=external,
+    )
