@@ -1,0 +1,107 @@
+"""Simulated KV beyond the GPU pool: a host (CPU) tier and remote prefill for decode workers.
+
+Both plug into the scheduler as a `KvConnector`: at admission, after the GPU prefix
+hit, they say how many more prompt tokens arrive from elsewhere and how long the
+move takes (bytes over bandwidth). Those tokens then count as computed.
+
+- HostTier: blocks the GPU pool evicts (its BlocksRemoved events) are kept, by hash,
+  in an LRU of `num_blocks`; a prompt whose next blocks are there loads them.
+- Remote prefill: on a decode worker, a request carrying `routing.disagg` had its
+  prompt prefilled by a prefill worker; everything but the last prompt token
+  arrives over the KV transfer link on its first admission (a preempted request
+  recomputes locally: the remote copy is gone).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+
+from kvflow.engines.core.scheduler import ExternalMatch
+from kvflow.engines.core.sequence import Sequence
+from kvflow.llm.kv_events import AllCleared, BlocksRemoved, KvEvent
+
+
+class HostTier:
+    """CPU copies of GPU-evicted blocks, by sequence hash, least recently used first."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._lru: OrderedDict[int, None] = OrderedDict()
+
+    @property
+    def num_used(self) -> int:
+        return len(self._lru)
+
+    def observe(self, events: Iterable[KvEvent]) -> None:
+        """Follow the GPU pool's events: evicted blocks move here, a clear empties it."""
+        for event in events:
+            data = event.data
+            if isinstance(data, BlocksRemoved):
+                for seq_hash in data.block_hashes:
+                    self._put(seq_hash)
+            elif isinstance(data, AllCleared):
+                self._lru.clear()
+
+    def _put(self, seq_hash: int) -> None:
+        self._lru[seq_hash] = None
+        self._lru.move_to_end(seq_hash)
+        if len(self._lru) > self.num_blocks:
+            self._lru.popitem(last=False)
+
+    def match(self, seq_hashes: Seq[int]) -> int:
+        """Length of the leading run of `seq_hashes` held here (those become most recent)."""
+        n = 0
+        for seq_hash in seq_hashes:
+            if seq_hash not in self._lru:
+                break
+            self._lru.move_to_end(seq_hash)
+            n += 1
+        return n
+
+
+class MockerConnector:
+    """KvConnector for the mocker: host-tier hits, then remote prefill when marked."""
+
+    def __init__(
+        self,
+        block_size: int,
+        kv_bytes_per_token: float,
+        host: HostTier | None,
+        host_bandwidth: float,
+        transfer_bandwidth: float,
+    ) -> None:
+        self.block_size = block_size
+        self.host = host
+        self._host_s_per_token = kv_bytes_per_token / host_bandwidth
+        self._remote_s_per_token = kv_bytes_per_token / transfer_bandwidth
+        self._remote: set[str] = set()
+
+    def mark_remote(self, request_id: str) -> None:
+        """This request's prompt KV comes from a prefill worker."""
+        self._remote.add(request_id)
+
+    def forget(self, request_id: str) -> None:
+        self._remote.discard(request_id)
+
+    def match_external(self, seq: Sequence, num_local_tokens: int) -> ExternalMatch:
+        host_tokens = self._match_host(seq, num_local_tokens)
+        remote_tokens = 0
+        if seq.request_id in self._remote and seq.num_preemptions == 0:
+            remote_tokens = seq.num_tokens - 1 - num_local_tokens - host_tokens
+        return ExternalMatch(
+            num_tokens=host_tokens + remote_tokens,
+            num_cached_tokens=host_tokens,
+            transfer_s=host_tokens * self._host_s_per_token
+            + remote_tokens * self._remote_s_per_token,
+        )
+
+    def _match_host(self, seq: Sequence, num_local_tokens: int) -> int:
+        if self.host is None:
+            return 0
+        bs = self.block_size
+        first, last = num_local_tokens // bs, (seq.num_tokens - 1) // bs
+        if first >= last:
+            return 0
+        return self.host.match(seq.block_hashes(last, bs)[first:]) * bs
