@@ -1,0 +1,101 @@
+"""Frozen configuration of the KV-aware router, with its CLI flags taken from the defaults."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class KvRouterConfig:
+    """Everything a `KvRouter` needs to know; validated once, never mutated."""
+
+    # Which registered policy picks workers: kv, round_robin, random, least_loaded, direct.
+    policy: str = "kv"
+    # Tokens per KV block; must equal the engines' block size or nothing ever matches.
+    block_size: int = 16
+    # Weight of prefill work (in blocks) against active decode blocks in the cost.
+    prefill_load_scale: float = 1.0
+    # 0 picks the cheapest worker; > 0 samples by softmax over normalized costs.
+    temperature: float = 0.0
+    # True: follow engines' KV events. False: approximate mode (assume routed prompts stay
+    # cached on the chosen worker for `approx_ttl_s`, at most `approx_max_blocks` entries).
+    use_kv_events: bool = True
+    approx_ttl_s: float = 120.0
+    approx_max_blocks: int = 1_000_000
+    # Busy thresholds (None = off): a worker is busy when its active decode blocks exceed
+    # this fraction of its total blocks, or when it runs this many routed requests.
+    max_decode_fraction: float | None = None
+    max_active_requests: int | None = None
+    # When every worker is busy, requests wait FCFS in a queue of this size for this long.
+    max_queue: int = 1024
+    queue_timeout_s: float = 30.0
+    retry_after_s: float = 1.0
+    # Gap recovery: snapshot fetch attempts, first backoff, and events buffered meanwhile.
+    recovery_attempts: int = 5
+    recovery_backoff_s: float = 0.1
+    max_buffered_events: int = 10_000
+    # The event id an engine gives its first event (engines count from 1; a fresh cache's
+    # snapshot has last_event_id 0); a worker first seen at a later id is recovered.
+    first_event_id: int = 1
+    # Seed of the router's random number generator (None = from the OS).
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.block_size > 0, "block_size", self.block_size, "a positive token count")
+        _check(self.prefill_load_scale >= 0, "prefill_load_scale", self.prefill_load_scale,
+               "zero or more")
+        _check(self.temperature >= 0, "temperature", self.temperature, "zero or more")
+        _check(self.approx_ttl_s > 0, "approx_ttl_s", self.approx_ttl_s, "positive seconds")
+        _check(self.approx_max_blocks > 0, "approx_max_blocks", self.approx_max_blocks,
+               "a positive count")
+        frac = self.max_decode_fraction
+        _check(frac is None or 0 < frac <= 1, "max_decode_fraction", frac, "in (0, 1]")
+        cap = self.max_active_requests
+        _check(cap is None or cap > 0, "max_active_requests", cap, "a positive count")
+        _check(self.max_queue >= 0, "max_queue", self.max_queue, "zero or more")
+        _check(self.queue_timeout_s > 0, "queue_timeout_s", self.queue_timeout_s,
+               "positive seconds")
+        _check(self.recovery_attempts > 0, "recovery_attempts", self.recovery_attempts,
+               "a positive count")
+        _check(self.max_buffered_events > 0, "max_buffered_events", self.max_buffered_events,
+               "a positive count")
+
+    @property
+    def has_busy_threshold(self) -> bool:
+        return self.max_decode_fraction is not None or self.max_active_requests is not None
+
+
+def _check(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"router config: {name}={value!r} is invalid; it must be {expected}")
+
+
+_DEFAULTS = KvRouterConfig()
+
+
+def add_router_args(parser: argparse.ArgumentParser) -> None:
+    """Add `--router-*` flags whose defaults come from `KvRouterConfig`."""
+    from kvflow.router.policies import router_policy_names
+
+    group = parser.add_argument_group("router")
+    for f in fields(KvRouterConfig):
+        flag = "--router-" + f.name.replace("_", "-")
+        default = getattr(_DEFAULTS, f.name)
+        if f.name == "policy":
+            group.add_argument(flag, default=default, choices=router_policy_names())
+        elif isinstance(default, bool):
+            group.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
+        else:
+            group.add_argument(flag, default=default, type=_parser_for(f.name))
+
+
+def _parser_for(name: str) -> type:
+    annotation = {f.name: f.type for f in fields(KvRouterConfig)}[name]
+    text = str(annotation)
+    return float if "float" in text else int
+
+
+def config_from_args(ns: argparse.Namespace) -> KvRouterConfig:
+    """Build the config from flags added by `add_router_args`."""
+    return KvRouterConfig(**{f.name: getattr(ns, "router_" + f.name) for f in fields(KvRouterConfig)})
