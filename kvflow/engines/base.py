@@ -39,9 +39,7 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
 
-    def generate(
-        self, request: PreprocessedRequest, context: Context
-    ) -> AsyncIterator[EngineOutput]: ...
+    def generate(self, request: PreprocessedRequest, context: Context) -> AsyncIterator[EngineOutput]: ...
 
     def cache_snapshot(self) -> CacheSnapshot | None:
         """The engine's whole KV cache state, for routers recovering from a gap."""

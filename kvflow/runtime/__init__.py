@@ -16,8 +16,20 @@ from kvflow.runtime.runtime import DistributedRuntime
 from kvflow.runtime.worker import worker
 
 __all__ = [
-    "Client", "Component", "Context", "DistributedRuntime", "Endpoint", "Instance",
-    "KvflowError", "Namespace", "NoInstancesError", "ProtocolVersionError", "RemoteError",
-    "RuntimeConfig", "StreamTimeoutError", "WorkerShuttingDownError", "WorkerUnavailableError",
+    "Client",
+    "Component",
+    "Context",
+    "DistributedRuntime",
+    "Endpoint",
+    "Instance",
+    "KvflowError",
+    "Namespace",
+    "NoInstancesError",
+    "ProtocolVersionError",
+    "RemoteError",
+    "RuntimeConfig",
+    "StreamTimeoutError",
+    "WorkerShuttingDownError",
+    "WorkerUnavailableError",
     "worker",
 ]

@@ -48,7 +48,7 @@ def parse_endpoint_path(path: str) -> tuple[str, str, str]:
     """'dyn://ns.comp.ep' or 'ns.comp.ep' → (ns, comp, ep)."""
     for scheme in ("dyn://", "kvflow://"):
         if path.startswith(scheme):
-            path = path[len(scheme):]
+            path = path[len(scheme) :]
     parts = path.split(".")
     if len(parts) != 3 or not all(parts):
         raise ValueError(f"endpoint path must look like 'namespace.component.endpoint', got {path!r}")
@@ -98,8 +98,13 @@ class Endpoint:
     ) -> None:
         """Serve `handler` until the runtime shuts down (then drain and return)."""
         await self.runtime.serve_endpoint(
-            self, handler, graceful_shutdown=graceful_shutdown, metadata=metadata or {},
-            instance_id=instance_id, request_type=request_type)
+            self,
+            handler,
+            graceful_shutdown=graceful_shutdown,
+            metadata=metadata or {},
+            instance_id=instance_id,
+            request_type=request_type,
+        )
 
     async def client(self, response_type: Any = None) -> Client:
         client = Client(self, response_type)
@@ -165,7 +170,8 @@ class Client:
             return await asyncio.wait_for(_wait(), timeout)
         except asyncio.TimeoutError:
             raise NoInstancesError(
-                f"no instance of {self.endpoint.path} appeared within {timeout}s") from None
+                f"no instance of {self.endpoint.path} appeared within {timeout}s"
+            ) from None
 
     # -- routing -----------------------------------------------------------------------
     def _live(self) -> list[int]:
@@ -184,8 +190,13 @@ class Client:
     def direct(self, request: Any, instance_id: int, context: Context | None = None) -> ResponseStream:
         return self._stream(request, context, None, instance_id)
 
-    def _stream(self, request: Any, context: Context | None,
-                pick: Callable[[list[int]], int] | None, instance_id: int | None = None) -> ResponseStream:
+    def _stream(
+        self,
+        request: Any,
+        context: Context | None,
+        pick: Callable[[list[int]], int] | None,
+        instance_id: int | None = None,
+    ) -> ResponseStream:
         body = msgspec.Raw(codec.encode(request))
         request_id = context.request_id if context is not None else ""
         tried: set[int] = set()
@@ -209,8 +220,9 @@ class Client:
 
         return ResponseStream(self.decoder, opener, context, self.runtime.config.stream_timeout or None)
 
-    def _choose(self, pick: Callable[[list[int]], int] | None, instance_id: int | None,
-                tried: set[int]) -> int:
+    def _choose(
+        self, pick: Callable[[list[int]], int] | None, instance_id: int | None, tried: set[int]
+    ) -> int:
         if pick is None:
             assert instance_id is not None
             if instance_id not in self.instances:
@@ -218,8 +230,7 @@ class Client:
             return instance_id
         ids = [i for i in self._live() if i not in tried]
         if not ids:
-            raise NoInstancesError(f"no reachable instance of {self.endpoint.path} "
-                                   f"(tried {len(tried)})")
+            raise NoInstancesError(f"no reachable instance of {self.endpoint.path} (tried {len(tried)})")
         return pick(ids)
 
     def _mark_down(self, iid: int, seconds: float = 2.0) -> None:

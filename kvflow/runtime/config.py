@@ -53,9 +53,9 @@ class RuntimeConfig:
     system_port: int | None = None
     system_host: str = "127.0.0.1"
     # TLS for the TCP request plane (both sides); empty = plain TCP.
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
+    request_plane_tls_cert: str = ""
+    request_plane_tls_key: str = ""
+    request_plane_tls_ca: str = ""
 
     def __post_init__(self) -> None:
         check_choice("discovery", self.discovery, ("memory", "file", "etcd"))
@@ -151,9 +151,7 @@ def load_config(
     return cls(**values)
 
 
-def add_config_args(
-    parser: argparse.ArgumentParser, cls: type, *, skip: typing.Iterable[str] = ()
-) -> None:
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: typing.Iterable[str] = ()) -> None:
     """Add --flag per dataclass field; defaults None so unset flags don't override layers."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -165,7 +163,9 @@ def add_config_args(
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
             conv = base if base in (int, float, str) else str
-            parser.add_argument(flag, dest=f.name, type=conv, default=None, help=f"(default: {_default_of(f)})")
+            parser.add_argument(
+                flag, dest=f.name, type=conv, default=None, help=f"(default: {_default_of(f)})"
+            )
 
 
 def _default_of(f: dataclasses.Field) -> Any:

@@ -42,11 +42,13 @@ class DistributedRuntime:
         self._endpoint_metrics: EndpointMetrics | None = None
         self._server: TcpServer | None = None
         self._server_lock = asyncio.Lock()
+        self._nats_requests: Any = None  # NatsRequestPlane, made on first use (request_plane="nats")
         self.connection_pool = ConnectionPool(self.config.max_frame_bytes, self._client_ssl())
         self.shutdown_event = asyncio.Event()
         self._closed = asyncio.Event()
         self._instance_keys: list[str] = []
         self._serving = 0
+        self._drained = asyncio.Event()
         self._started = False
         self._system_server: Any = None
 
@@ -92,8 +94,8 @@ class DistributedRuntime:
             with contextlib.suppress(Exception):
                 await self.discovery.delete(key)
         self.shutdown_event.set()
-        while self._serving:  # serve() calls drain their streams
-            await asyncio.sleep(0.01)
+        if self._serving:  # serve() calls drain their streams, then the last one sets this
+            await self._drained.wait()
         await self._close_all()
         self._closed.set()
 
@@ -102,6 +104,8 @@ class DistributedRuntime:
             await self._system_server.close()
         if self._server is not None:
             await self._server.close()
+        if self._nats_requests is not None:
+            await self._nats_requests.close()
         await self.connection_pool.close()
         await self.event_plane.close()
         await self.discovery.close(revoke=True)
@@ -128,26 +132,48 @@ class DistributedRuntime:
         async with self._server_lock:
             if self._server is None:
                 host = self.config.bind_host or self.config.advertise_host
-                server = TcpServer(host, self.config.tcp_port, max_frame=self.config.max_frame_bytes,
-                                   metrics=self.endpoint_metrics, ssl_context=self._server_ssl())
+                server = TcpServer(
+                    host,
+                    self.config.tcp_port,
+                    max_frame=self.config.max_frame_bytes,
+                    metrics=self.endpoint_metrics,
+                    ssl_context=self._server_ssl(),
+                )
                 await server.start()
                 self._server = server
             return self._server
 
     async def serve_endpoint(
-        self, endpoint: Endpoint, handler: Callable[[Any, Context], AsyncIterator[Any]], *,
-        graceful_shutdown: bool, metadata: dict, instance_id: int | None, request_type: Any,
+        self,
+        endpoint: Endpoint,
+        handler: Callable[[Any, Context], AsyncIterator[Any]],
+        *,
+        graceful_shutdown: bool,
+        metadata: dict,
+        instance_id: int | None,
+        request_type: Any,
     ) -> None:
         if self.shutdown_event.is_set():
             raise RuntimeError("runtime is shutting down; cannot serve new endpoints")
         server = await self.tcp_server()
         iid = instance_id or self.lease_id
         served = server.register(endpoint.path, iid, handler, request_type)
-        inst = Instance(iid, endpoint.namespace, endpoint.component.name, endpoint.name,
-                        self.config.advertise_host, server.port, "tcp", metadata)
+        transport = self.config.request_plane  # "nats": also listen on NATS; callers use NATS
+        inst = Instance(
+            iid,
+            endpoint.namespace,
+            endpoint.component.name,
+            endpoint.name,
+            self.config.advertise_host,
+            server.port,
+            transport,
+            metadata,
+        )
         key = f"{endpoint.discovery_prefix}{iid:016x}"
         self._serving += 1
         try:
+            if transport == "nats":
+                await (await self.nats_request_plane()).serve(served)
             await self.discovery.put(key, codec.encode(inst), lease=True)
             self._instance_keys.append(key)
             await self.shutdown_event.wait()
@@ -155,19 +181,35 @@ class DistributedRuntime:
                 await server.drain(served, self.config.graceful_shutdown_timeout)
         finally:
             server.unregister(served)
+            if self._nats_requests is not None:
+                await self._nats_requests.unserve(served)
             self._serving -= 1
+            if not self._serving:
+                self._drained.set()
+
+    async def nats_request_plane(self) -> Any:
+        """The NATS request plane (kvflow.runtime.request_plane.nats), connected on first use."""
+        async with self._server_lock:
+            if self._nats_requests is None:
+                from kvflow.runtime.request_plane.nats import NatsRequestPlane
+
+                plane = NatsRequestPlane(self.config.nats_url, metrics=self.endpoint_metrics)
+                self._nats_requests = await plane.start()
+            return self._nats_requests
 
     # -- TLS ----------------------------------------------------------------------------
     def _server_ssl(self) -> ssl.SSLContext | None:
-        if not self.config.tls_cert:
+        if not self.config.request_plane_tls_cert:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key or None)
+        ctx.load_cert_chain(self.config.request_plane_tls_cert, self.config.request_plane_tls_key or None)
         return ctx
 
     def _client_ssl(self) -> ssl.SSLContext | None:
-        if not self.config.tls_cert and not self.config.tls_ca:
+        if not self.config.request_plane_tls_cert and not self.config.request_plane_tls_ca:
             return None
-        ctx = ssl.create_default_context(cafile=self.config.tls_ca or self.config.tls_cert)
+        ctx = ssl.create_default_context(
+            cafile=self.config.request_plane_tls_ca or self.config.request_plane_tls_cert
+        )
         ctx.check_hostname = False
         return ctx

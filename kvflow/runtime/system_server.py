@@ -34,8 +34,12 @@ class SystemServer:
             return 200, "application/json", b'{"status":"live"}'
         if path == "/health":
             ok = not self.runtime.shutdown_event.is_set()
-            body = json.dumps({"status": "healthy" if ok else "shutting_down",
-                               "instances": len(self.runtime._instance_keys)}).encode()
+            body = json.dumps(
+                {
+                    "status": "healthy" if ok else "shutting_down",
+                    "instances": len(self.runtime._instance_keys),
+                }
+            ).encode()
             return (200 if ok else 503), "application/json", body
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4", generate_latest(self.runtime.metrics_registry)
@@ -48,8 +52,10 @@ class SystemServer:
                 pass
             parts = line.decode("latin-1").split()
             status, ctype, body = self._route(parts[1] if len(parts) > 1 else "/")
-            head = (f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
-                    f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            head = (
+                f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
             writer.write(head.encode() + body)
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError, UnicodeDecodeError):

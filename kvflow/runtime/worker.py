@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvflow.runtime.config import RuntimeConfig
+from kvflow.runtime.logs import setup_logging
 from kvflow.runtime.runtime import DistributedRuntime
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,15 @@ async def run_with_runtime(
         await runtime.shutdown()
 
 
-def worker(config: RuntimeConfig | None = None) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
+def worker(
+    config: RuntimeConfig | None = None,
+) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
     """Decorate `async def main(runtime)`; calling the result runs the process."""
 
     def decorate(main: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         @functools.wraps(main)
         def run(*args: Any, **kwargs: Any) -> Any:
-            if not logging.getLogger().handlers:
-                logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            setup_logging()
             install_uvloop()
             return asyncio.run(run_with_runtime(main, config, *args, **kwargs))
 

@@ -29,8 +29,9 @@ class Proc:
         self.args = args
         self.log_path = log_path
         self._log = open(log_path, "wb")  # closed in stop()
-        self.popen = subprocess.Popen(args, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self.popen = subprocess.Popen(
+            args, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     @property
     def pid(self) -> int:
@@ -75,8 +76,14 @@ class Proc:
         raise TimeoutError(f"{text!r} not seen in {timeout}s:\n{self.output()[-4000:]}")
 
 
-def python_proc(script: str | Path, *args: str, env: Mapping[str, str], log_dir: Path,
-                python: str | None = None, name: str = "proc") -> Proc:
+def python_proc(
+    script: str | Path,
+    *args: str,
+    env: Mapping[str, str],
+    log_dir: Path,
+    python: str | None = None,
+    name: str = "proc",
+) -> Proc:
     log_dir.mkdir(parents=True, exist_ok=True)
     n = len(list(log_dir.glob(f"{name}-*.log")))
     return Proc([python or sys.executable, str(script), *args], env, log_dir / f"{name}-{n}.log")

@@ -47,11 +47,19 @@ class Cluster:
 
 
 def _settings(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict:
-    base = {"namespace": "t" + uuid.uuid4().hex[:8], "lease_ttl": 1.0, "event_plane": "zmq",
-            "graceful_shutdown_timeout": 10.0}
+    base = {
+        "namespace": "t" + uuid.uuid4().hex[:8],
+        "lease_ttl": 1.0,
+        "event_plane": "zmq",
+        "graceful_shutdown_timeout": 10.0,
+    }
     if kind == "file":
-        return {**base, "discovery": "file", "discovery_path": str(tmp_path / "discovery"),
-                "file_poll_interval": 0.05}
+        return {
+            **base,
+            "discovery": "file",
+            "discovery_path": str(tmp_path / "discovery"),
+            "file_poll_interval": 0.05,
+        }
     etcd = request.getfixturevalue("etcd_server")
     return {**base, "discovery": "etcd", "etcd_endpoints": etcd.endpoints}  # type: ignore[attr-defined]
 

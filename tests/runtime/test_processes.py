@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 from pathlib import Path
@@ -28,9 +29,10 @@ async def test_round_robin_direct_and_long_stream(cluster, runtime) -> None:
     cluster.start_worker()
     client = await _client(runtime, 2)
     ids = client.instance_ids()
-    seen = [[x async for x in client.round_robin({"op": "whoami"})][0] for _ in range(6)]
+    seen = [[x async for x in client.round_robin({"op": "whoami"})] for _ in range(6)]
+    seen = [got[0] for got in seen]
     assert set(seen) == set(ids)
-    assert all(a != b for a, b in zip(seen, seen[1:])), f"round robin did not alternate: {seen}"
+    assert all(a != b for a, b in itertools.pairwise(seen)), f"round robin did not alternate: {seen}"
     for iid in ids:
         got = [x async for x in client.direct({"op": "whoami"}, iid)]
         assert got == [iid]

@@ -19,8 +19,9 @@ async def _count(request: dict, context):
 
 @pytest.fixture
 async def served():
-    rt = await DistributedRuntime(RuntimeConfig(discovery="memory", event_plane="inproc",
-                                                max_frame_bytes=1 << 20)).start()
+    rt = await DistributedRuntime(
+        RuntimeConfig(discovery="memory", event_plane="inproc", max_frame_bytes=1 << 20)
+    ).start()
     ep = rt.endpoint("wire.test.count")
     task = asyncio.ensure_future(ep.serve(_count))
     client = await ep.client()
@@ -42,12 +43,15 @@ async def _raw_exchange(port: int, data: bytes) -> bytes:
     return got
 
 
-@pytest.mark.parametrize("name,data", [
-    ("garbage", b"\xff" * 64),
-    ("oversize", struct.pack("!IBBQ", (1 << 20) + 100, codec.PROTOCOL_VERSION, 1, 1) + b"x" * 100),
-    ("bad-kind", codec.frame(77, 1, b"")),
-    ("bad-request-body", codec.frame(FrameKind.REQUEST, 1, b"\xc1\xc1\xc1")),
-])
+@pytest.mark.parametrize(
+    "name,data",
+    [
+        ("garbage", b"\xff" * 64),
+        ("oversize", struct.pack("!IBBQ", (1 << 20) + 100, codec.PROTOCOL_VERSION, 1, 1) + b"x" * 100),
+        ("bad-kind", codec.frame(77, 1, b"")),
+        ("bad-request-body", codec.frame(FrameKind.REQUEST, 1, b"\xc1\xc1\xc1")),
+    ],
+)
 async def test_bad_frames_close_only_that_connection(served, caplog, name, data) -> None:
     rt, client, port = served
     caplog.set_level(logging.WARNING, logger="kvflow.runtime.request_plane.tcp_server")

@@ -37,8 +37,9 @@ def literal_prefix(pattern: str) -> str:
 class Subscription:
     """Async iterator of payloads (bytes) published on matching subjects."""
 
-    def __init__(self, pattern: str, on_close: Callable[[Subscription], None] | None = None,
-                 max_pending: int = 100_000) -> None:
+    def __init__(
+        self, pattern: str, on_close: Callable[[Subscription], None] | None = None, max_pending: int = 100_000
+    ) -> None:
         self.pattern = pattern
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._on_close = on_close

@@ -16,9 +16,14 @@ class EndpointMetrics:
         label = ["endpoint"]
         self.requests = Counter("kvflow_endpoint_requests", "Requests received", label, registry=registry)
         self.errors = Counter("kvflow_endpoint_errors", "Requests that failed", label, registry=registry)
-        self.inflight = Gauge("kvflow_endpoint_inflight_requests", "Streams in flight", label, registry=registry)
+        self.inflight = Gauge(
+            "kvflow_endpoint_inflight_requests", "Streams in flight", label, registry=registry
+        )
         self.duration = Histogram(
-            "kvflow_endpoint_request_duration_seconds", "Stream duration", label, registry=registry,
+            "kvflow_endpoint_request_duration_seconds",
+            "Stream duration",
+            label,
+            registry=registry,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
         )
         self.bytes_in = Counter("kvflow_endpoint_request_bytes", "Request bytes", label, registry=registry)

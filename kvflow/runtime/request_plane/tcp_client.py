@@ -21,9 +21,9 @@ from kvflow.runtime import codec
 from kvflow.runtime.codec import FrameKind
 from kvflow.runtime.errors import (
     FrameError,
-    StreamTimeoutError,
     ProtocolVersionError,
     RemoteError,
+    StreamTimeoutError,
     WorkerShuttingDownError,
     WorkerUnavailableError,
 )
@@ -68,8 +68,10 @@ class ClientConnection(asyncio.Protocol):
         stream_id = self.next_id
         self.next_id += 1
         if self.closed or self.transport is None:
-            sink.on_error(self.close_error or WorkerUnavailableError(
-                f"connection to worker at {self.key[0]}:{self.key[1]} is closed"))
+            sink.on_error(
+                self.close_error
+                or WorkerUnavailableError(f"connection to worker at {self.key[0]}:{self.key[1]} is closed")
+            )
             return stream_id
         self.sinks[stream_id] = sink
         self.transport.write(codec.frame(FrameKind.REQUEST, stream_id, codec.encode(header)))
@@ -148,8 +150,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.pool.forget(self)
-        self.close_error = exc if exc is not None else WorkerUnavailableError(
-            f"connection to worker at {self.key[0]}:{self.key[1]} lost")
+        self.close_error = (
+            exc
+            if exc is not None
+            else WorkerUnavailableError(f"connection to worker at {self.key[0]}:{self.key[1]} lost")
+        )
         sinks, self.sinks = self.sinks, {}
         for sink in sinks.values():
             sink.on_error(self.close_error)
@@ -158,8 +163,12 @@ class ClientConnection(asyncio.Protocol):
 class ConnectionPool:
     """One connection per (host, port), opened on demand and shared by all streams."""
 
-    def __init__(self, max_frame: int = codec.DEFAULT_MAX_FRAME,
-                 ssl_context: ssl.SSLContext | None = None, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        max_frame: int = codec.DEFAULT_MAX_FRAME,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
         self.max_frame = max_frame
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
@@ -185,9 +194,12 @@ class ConnectionPool:
     async def _connect(self, key: tuple[str, int]) -> ClientConnection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: ClientConnection(self, key, self.max_frame), key[0], key[1],
-                ssl=self.ssl_context), self.connect_timeout)
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: ClientConnection(self, key, self.max_frame), key[0], key[1], ssl=self.ssl_context
+                ),
+                self.connect_timeout,
+            )
         except (OSError, asyncio.TimeoutError) as exc:
             raise WorkerUnavailableError(f"cannot connect to worker at {key[0]}:{key[1]}: {exc}") from exc
         self._conns[key] = conn
@@ -244,11 +256,23 @@ class ResponseStream:
     object is enough to cancel.
     """
 
-    __slots__ = ("__weakref__", "_closed", "_conn", "_decoder", "_opener", "_st", "_stream_id",
-                 "_timeout", "context", "instance_id", "received")
+    __slots__ = (
+        "__weakref__",
+        "_closed",
+        "_conn",
+        "_decoder",
+        "_opener",
+        "_st",
+        "_stream_id",
+        "_timeout",
+        "context",
+        "instance_id",
+        "received",
+    )
 
-    def __init__(self, decoder: msgspec.msgpack.Decoder, opener: Any, context: Any,
-                 timeout: float | None) -> None:
+    def __init__(
+        self, decoder: msgspec.msgpack.Decoder, opener: Any, context: Any, timeout: float | None
+    ) -> None:
         self._decoder = decoder
         self._opener = opener  # async callable(stream, retry: bool) -> None; calls attach()
         self._conn: ClientConnection | None = None
@@ -316,7 +340,8 @@ class ResponseStream:
         except asyncio.TimeoutError:
             self._cancel_remote()
             raise StreamTimeoutError(
-                f"no response within {self._timeout}s after {self.received} responses") from None
+                f"no response within {self._timeout}s after {self.received} responses"
+            ) from None
         except asyncio.CancelledError:
             self._cancel_remote()
             raise
@@ -331,8 +356,10 @@ class ResponseStream:
         self._finish()
         if isinstance(exc, WorkerUnavailableError) and not isinstance(exc, WorkerShuttingDownError):
             raise WorkerUnavailableError(
-                f"{exc} after {self.received} responses", responses_received=self.received,
-                instance_id=self.instance_id)
+                f"{exc} after {self.received} responses",
+                responses_received=self.received,
+                instance_id=self.instance_id,
+            )
         raise exc
 
     def _stopped(self) -> bool:

@@ -88,8 +88,12 @@ class TcpServer:
             await asyncio.wait_for(served.idle.wait(), timeout)
             return True
         except asyncio.TimeoutError:
-            log.warning("%s: %d streams still running after %.1fs drain; cancelling",
-                        served.path, len(served.streams), timeout)
+            log.warning(
+                "%s: %d streams still running after %.1fs drain; cancelling",
+                served.path,
+                len(served.streams),
+                timeout,
+            )
             for task in list(served.streams):
                 task.cancel()
             return False
@@ -144,7 +148,7 @@ class ServerConnection(asyncio.Protocol):
             try:
                 self._dispatch(kind, stream_id, payload)
             except (msgspec.DecodeError, ValueError) as exc:
-                self.abort(f"undecodable {FrameKind(kind).name if kind in FrameKind._value2member_map_ else kind} frame: {exc}")
+                self.abort(f"undecodable frame (kind {kind}): {exc}")
                 return
             if self._closed:
                 return
@@ -175,13 +179,19 @@ class ServerConnection(asyncio.Protocol):
                 self._stop_stream(*entry)
         elif kind == FrameKind.HELLO:
             codec.decode_hello(payload)
-            self.write(codec.frame(FrameKind.HELLO, 0, codec.encode(codec.HelloMsg(codec.PROTOCOL_VERSION, "server"))))
+            self.write(
+                codec.frame(
+                    FrameKind.HELLO, 0, codec.encode(codec.HelloMsg(codec.PROTOCOL_VERSION, "server"))
+                )
+            )
         else:
             raise ValueError(f"unexpected frame kind {kind} from a client")
 
     def _reject_version(self, version: int, stream_id: int) -> None:
-        msg = (f"wire protocol mismatch: worker speaks kvflow protocol v{codec.PROTOCOL_VERSION}, "
-               f"client sent v{version}")
+        msg = (
+            f"wire protocol mismatch: worker speaks kvflow protocol v{codec.PROTOCOL_VERSION}, "
+            f"client sent v{version}"
+        )
         err = codec.encode(codec.ErrorMsg("ProtocolVersionError", msg, "protocol"))
         self.write(codec.frame(FrameKind.ERROR, stream_id, err))
         self.abort(msg, flush=True)
@@ -191,8 +201,12 @@ class ServerConnection(asyncio.Protocol):
         served = self.server.endpoints.get((header.path, header.instance_id))
         if served is None or served.draining:
             why = "is shutting down" if served else "is not served here"
-            self._send_error(stream_id, "WorkerShuttingDownError" if served else "NoSuchEndpoint",
-                             f"endpoint {header.path} instance {header.instance_id:x} {why}", "refused")
+            self._send_error(
+                stream_id,
+                "WorkerShuttingDownError" if served else "NoSuchEndpoint",
+                f"endpoint {header.path} instance {header.instance_id:x} {why}",
+                "refused",
+            )
             return
         ctx = Context(header.request_id)
         task = asyncio.ensure_future(self._run_stream(served, stream_id, header, ctx, len(payload)))
@@ -206,8 +220,9 @@ class ServerConnection(asyncio.Protocol):
             asyncio.get_running_loop().call_later(CANCEL_GRACE_S, _cancel_if_running, task)
 
     # -- streams -------------------------------------------------------------------
-    async def _run_stream(self, served: ServedEndpoint, stream_id: int,
-                          header: codec.RequestHeader, ctx: Context, nbytes: int) -> None:
+    async def _run_stream(
+        self, served: ServedEndpoint, stream_id: int, header: codec.RequestHeader, ctx: Context, nbytes: int
+    ) -> None:
         metrics = self.server.metrics
         t0 = time.monotonic()
         if metrics:
@@ -240,8 +255,9 @@ class ServerConnection(asyncio.Protocol):
                     await gen.aclose()
             self._finish_stream(served, stream_id, t0, count, out_bytes, failed)
 
-    def _finish_stream(self, served: ServedEndpoint, stream_id: int, t0: float,
-                       count: int, out_bytes: int, failed: bool) -> None:
+    def _finish_stream(
+        self, served: ServedEndpoint, stream_id: int, t0: float, count: int, out_bytes: int, failed: bool
+    ) -> None:
         entry = self.streams.pop(stream_id, None)
         if entry is not None:
             served.streams.discard(entry[0])
@@ -252,8 +268,11 @@ class ServerConnection(asyncio.Protocol):
 
     # -- frames out ----------------------------------------------------------------
     def _send_error(self, stream_id: int, error_type: str, message: str, category: str) -> None:
-        self.write(codec.frame(FrameKind.ERROR, stream_id,
-                               codec.encode(codec.ErrorMsg(error_type, message, category))))
+        self.write(
+            codec.frame(
+                FrameKind.ERROR, stream_id, codec.encode(codec.ErrorMsg(error_type, message, category))
+            )
+        )
 
     def write(self, data: bytes) -> None:
         if self._closed:

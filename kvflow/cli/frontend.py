@@ -1,0 +1,98 @@
+"""`kvflow frontend`: the OpenAI-compatible HTTP frontend over discovered workers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
+from kvflow.frontend.watcher import ModelWatcher
+from kvflow.router.config import add_router_args
+from kvflow.router.config import config_from_args as router_from_args
+from kvflow.runtime import DistributedRuntime
+from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
+from kvflow.runtime.logs import setup_logging
+from kvflow.runtime.worker import install_uvloop, run_with_runtime
+
+log = logging.getLogger(__name__)
+ROUTER_MODES = {
+    "kv": "kv",
+    "round-robin": "round_robin",
+    "random": "random",
+    "least-loaded": "least_loaded",
+    "direct": "direct",
+}
+
+
+def add_frontend_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("http")
+    g.add_argument("--http-host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    g.add_argument("--http-port", type=int, default=8000)
+    g.add_argument("--api-key", action="append", default=[], help="accepted Bearer token (repeatable)")
+    g.add_argument("--tls-cert", dest="http_tls_cert", default=None)
+    g.add_argument("--tls-key", dest="http_tls_key", default=None)
+    g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes)
+    g.add_argument(
+        "--router-mode",
+        choices=sorted(ROUTER_MODES),
+        default=None,
+        help="how requests pick a worker (default: kv)",
+    )
+    add_router_args(parser)
+
+
+def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
+    return FrontendConfig(
+        host=ns.http_host,
+        port=ns.http_port,
+        api_keys=tuple(ns.api_key),
+        tls_cert=ns.http_tls_cert,
+        tls_key=ns.http_tls_key,
+        max_body_bytes=ns.max_body_bytes,
+    )
+
+
+def router_config(ns: argparse.Namespace):  # -> KvRouterConfig
+    config = router_from_args(ns)
+    if ns.router_mode:
+        config = dataclasses.replace(config, policy=ROUTER_MODES[ns.router_mode])
+    return config
+
+
+async def serve_frontend(
+    runtime: DistributedRuntime,
+    ns: argparse.Namespace,
+    on_ready: Callable[[HttpFrontend, ModelManager], None] | None = None,
+) -> None:
+    """Run the frontend until the runtime shuts down."""
+    models = ModelManager()
+    watcher = ModelWatcher(runtime, models, router_config(ns))
+    await watcher.start()
+    frontend = HttpFrontend(frontend_config(ns), models)
+    await frontend.start()
+    log.info("frontend: listening on %s", frontend.base_url)
+    if on_ready is not None:
+        on_ready(frontend, models)
+    try:
+        await runtime.shutdown_event.wait()
+    finally:
+        await frontend.stop()
+        await watcher.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvflow frontend")
+    add_frontend_args(parser)
+    add_config_args(parser.add_argument_group("runtime"), RuntimeConfig)  # type: ignore[arg-type]
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    ns = build_parser().parse_args(argv)
+    setup_logging()
+    install_uvloop()
+    asyncio.run(run_with_runtime(serve_frontend, config_from_args(RuntimeConfig, "runtime", ns), ns))
+    return 0

@@ -1,0 +1,33 @@
+"""`kvflow router`: the standalone KV-aware router service (shared by several frontends)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from kvflow.router.config import add_router_args, config_from_args
+from kvflow.router.service import RouterWiring, serve_router
+from kvflow.runtime import DistributedRuntime
+from kvflow.runtime.config import RuntimeConfig, add_config_args
+from kvflow.runtime.config import config_from_args as runtime_from_args
+from kvflow.runtime.logs import setup_logging
+from kvflow.runtime.worker import install_uvloop, run_with_runtime
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kvflow router")
+    parser.add_argument("--worker-component", default="backend", help="component of the workers")
+    parser.add_argument("--component", default="router", help="component this service serves as")
+    add_router_args(parser)
+    add_config_args(parser.add_argument_group("runtime"), RuntimeConfig)  # type: ignore[arg-type]
+    ns = parser.parse_args(argv)
+    config = runtime_from_args(RuntimeConfig, "runtime", ns)
+    wiring = RouterWiring(namespace=config.namespace, component=ns.worker_component)
+
+    async def serve(runtime: DistributedRuntime) -> None:
+        await serve_router(runtime, config_from_args(ns), wiring, component=ns.component)
+
+    setup_logging()
+    install_uvloop()
+    asyncio.run(run_with_runtime(serve, config))
+    return 0

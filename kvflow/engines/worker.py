@@ -1,0 +1,162 @@
+"""The worker process: builds an engine by name and serves it over the runtime.
+
+For each engine instance (`--num-workers N` runs N in one process) it serves
+`<ns>.<component>.generate` (PreprocessedRequest → EngineOutput stream) and
+`<ns>.<component>.kv_snapshot`, publishes KV events and load metrics on the
+namespace's event plane, and registers the model card under its instance id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from kvflow.engines.base import Engine, EngineHooks, EngineSpec, engine_names, get_engine
+from kvflow.llm.kv_events import (
+    KV_EVENTS_SUBJECT,
+    LOAD_METRICS_SUBJECT,
+    KvEvent,
+    KvEventBatch,
+    LoadMetrics,
+)
+from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
+from kvflow.llm.register import ModelInput, ModelType, register_llm
+from kvflow.runtime import Context, DistributedRuntime
+from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    engine: str
+    model_path: str
+    model_name: str | None
+    component: str
+    num_workers: int
+    context_length: int | None
+    migration_limit: int | None
+    tool_call_parser: str | None
+    reasoning_parser: str | None
+    custom_template: str | None
+
+
+def build_parser(engine: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvflow worker", description="Serve an engine.")
+    parser.add_argument("--engine", required=True, choices=engine_names())
+    parser.add_argument("--model-path", required=True, help="local HF-format directory or hub id")
+    parser.add_argument("--model-name", default=None, help="name clients use (default: the path)")
+    parser.add_argument("--component", default="backend")
+    parser.add_argument("--num-workers", type=int, default=1, help="engine instances in this process")
+    parser.add_argument("--context-length", type=int, default=None)
+    parser.add_argument("--migration-limit", type=int, default=None)
+    parser.add_argument("--tool-call-parser", default=None)
+    parser.add_argument("--reasoning-parser", default=None)
+    parser.add_argument("--custom-template", default=None, help="chat template file (jinja)")
+    add_config_args(parser.add_argument_group("runtime"), RuntimeConfig)  # type: ignore[arg-type]
+    if engine is not None:
+        get_engine(engine).add_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--engine")
+    known, _ = pre.parse_known_args(argv)
+    name = known.engine if known.engine in engine_names() else None
+    return build_parser(name).parse_args(argv)
+
+
+def worker_args(ns: argparse.Namespace) -> WorkerArgs:
+    names = WorkerArgs.__dataclass_fields__
+    return WorkerArgs(**{k: getattr(ns, k) for k in names})
+
+
+class EventPublisher:
+    """Sends an engine's KV events and load metrics on the namespace event plane."""
+
+    def __init__(self, runtime: DistributedRuntime, namespace: str, worker_id: int) -> None:
+        self.events = runtime.namespace(namespace).events
+        self.worker_id = worker_id
+        self._encode = msgspec.msgpack.Encoder().encode
+
+    def hooks(self) -> EngineHooks:
+        return EngineHooks(self.worker_id, self.publish_kv_events, self.publish_load)
+
+    def publish_kv_events(self, events: list[KvEvent]) -> None:
+        if events:
+            payload = self._encode(KvEventBatch(self.worker_id, events))
+            asyncio.ensure_future(self.events.publish(KV_EVENTS_SUBJECT, payload))
+
+    def publish_load(self, metrics: LoadMetrics) -> None:
+        asyncio.ensure_future(self.events.publish(LOAD_METRICS_SUBJECT, self._encode(metrics)))
+
+
+def _generate_handler(engine: Engine) -> Any:
+    async def generate(request: PreprocessedRequest, context: Context) -> AsyncIterator[EngineOutput]:
+        async for out in engine.generate(request, context):
+            yield out
+
+    return generate
+
+
+def _snapshot_handler(engine: Engine) -> Any:
+    async def kv_snapshot(request: Any, context: Context) -> AsyncIterator[Any]:
+        snap = engine.cache_snapshot()
+        if snap is not None:
+            yield snap
+
+    return kv_snapshot
+
+
+async def serve_instance(
+    runtime: DistributedRuntime, spec: EngineSpec, ns: argparse.Namespace, args: WorkerArgs, instance_id: int
+) -> None:
+    namespace = runtime.config.namespace
+    publisher = EventPublisher(runtime, namespace, instance_id)
+    engine = spec.build(ns, publisher.hooks())
+    await engine.start()
+    component = runtime.namespace(namespace).component(args.component)
+    generate, snapshot = component.endpoint("generate"), component.endpoint("kv_snapshot")
+    overrides = spec.card_overrides(ns)
+    await register_llm(
+        ModelInput.Tokens,
+        ModelType.Chat | ModelType.Completions,
+        generate,
+        args.model_path,
+        model_name=args.model_name,
+        context_length=args.context_length,
+        kv_cache_block_size=overrides.get("kv_cache_block_size"),
+        migration_limit=args.migration_limit,
+        custom_template_path=args.custom_template,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
+        instance_id=instance_id,
+    )
+    try:
+        await asyncio.gather(
+            generate.serve(
+                _generate_handler(engine), instance_id=instance_id, request_type=PreprocessedRequest
+            ),
+            snapshot.serve(_snapshot_handler(engine), instance_id=instance_id),
+        )
+    finally:
+        await engine.stop()
+
+
+async def run_worker(runtime: DistributedRuntime, ns: argparse.Namespace) -> None:
+    args = worker_args(ns)
+    spec = get_engine(args.engine)
+    ids = [runtime.lease_id] + [runtime.new_instance_id() for _ in range(args.num_workers - 1)]
+    log.info("worker: engine=%s model=%s instances=%d", args.engine, args.model_path, len(ids))
+    await asyncio.gather(*(serve_instance(runtime, spec, ns, args, iid) for iid in ids))
+
+
+def runtime_config(ns: argparse.Namespace) -> RuntimeConfig:
+    return config_from_args(RuntimeConfig, "runtime", ns)
