@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# kvflow's one entry point for a fresh machine: `serve` sets up and runs a local
+# OpenAI-compatible stack; `test` sets up and runs the default test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=${KVFLOW_VENV:-.venv}
+VPY="$VENV/bin/python"
+
+log() { printf '[kvflow] %s\n' "$*" >&2; }
+
+make_venv() {
+  if [ ! -x "$VPY" ]; then
+    log "creating $VENV with $($PY --version)"
+    "$PY" -m venv "$VENV"
+  fi
+  "$VPY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+}
+
+install_torch_cpu() {
+  # The CPU build of torch; a looser requirement would pull several GB of CUDA
+  # packages. Where this exact build is not available the native engine's
+  # tests are skipped (they say so).
+  if "$VPY" -c "import torch" 2>/dev/null; then return 0; fi
+  if "$VPY" -m pip install -q "torch==2.13.0" 2>/dev/null; then
+    log "installed torch 2.13.0 (CPU)"
+  else
+    log "torch 2.13.0 CPU build not available for this Python; native engine disabled"
+  fi
+}
+
+install() {  # $1: pip extras
+  make_venv
+  install_torch_cpu
+  local extras="$1"
+  if "$VPY" -c "import torch" 2>/dev/null; then extras="$extras,torch"; fi
+  "$VPY" -m pip install -q -e ".[$extras]"
+}
+
+compat_venvs() {
+  # Interpreters for the cross-version wire test (worker on 3.10, client on 3.13).
+  local root
+  root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+  for v in 3.10 3.13; do
+    local target=".venv-compat/py${v/./}" interp=""
+    interp=$(command -v "python$v" || true)
+    if [ -z "$interp" ]; then
+      interp=$(ls -d "$root"/versions/"$v".*/bin/python 2>/dev/null | sort -V | tail -1 || true)
+    fi
+    if [ -z "$interp" ]; then log "python$v not found: the compat test will skip"; continue; fi
+    if [ ! -x "$target/bin/python" ]; then "$interp" -m venv "$target"; fi
+    "$target/bin/python" -m pip install -q --disable-pip-version-check -e . \
+      || log "could not install kvflow under python$v: the compat test will skip"
+  done
+}
+
+case "${1:-}" in
+  serve)
+    shift
+    install "bench"
+    model=.kvflow/models/tiny
+    [ -f "$model/tokenizer.json" ] || "$VPY" -m kvflow.cli.main make-test-model "$model" >/dev/null
+    log "serving a tiny test model on the mocker engine; try:"
+    log "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
+    log "    -d '{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
+    exec "$VPY" -m kvflow.cli.main run in=http out=mocker --model-path "$model" --model-name tiny \
+      --speedup-ratio 10 "$@"
+    ;;
+  test)
+    shift
+    install "dev"
+    compat_venvs
+    set +e
+    "$VPY" -m pytest "$@"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then log "pytest collected no tests"; fi
+    exit "$rc"
+    ;;
+  *)
+    echo "usage: scripts/dev.sh serve [kvflow run flags] | test [pytest args]" >&2
+    exit 2
+    ;;
+esac
