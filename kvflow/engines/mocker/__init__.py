@@ -11,6 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+from pathlib import Path
 
 from kvflow.engines.base import EngineHooks, EngineSpec, register_engine
 from kvflow.engines.mocker.config import MockerConfig, add_mocker_args, config_from_args
@@ -20,7 +23,22 @@ __all__ = ["MockerConfig", "MockerEngine"]
 
 
 def _build(ns: argparse.Namespace, hooks: EngineHooks) -> MockerEngine:
-    return MockerEngine(config_from_args(ns), hooks)
+    config = config_from_args(ns)
+    vocab = _model_vocab_size(getattr(ns, "model_path", None))
+    if vocab:  # random outputs stay inside the served model's vocabulary
+        config = dataclasses.replace(config, vocab_size=vocab)
+    return MockerEngine(config, hooks)
+
+
+def _model_vocab_size(model_path: str | None) -> int | None:
+    """vocab_size from the model directory's config.json, when there is one."""
+    if not model_path:
+        return None
+    path = Path(model_path) / "config.json"
+    try:
+        return int(json.loads(path.read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
 
 
 def _card_overrides(ns: argparse.Namespace) -> dict:

@@ -1,0 +1,89 @@
+"""End to end: the official openai client against real frontend and worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import openai
+import pytest
+
+from kvflow.testing.procs import Proc
+
+
+def _ready_url(proc: Proc) -> str:
+    proc.wait_for_output("ready at", timeout=60)
+    return re.search(r"ready at (http://\S+)", proc.output()).group(1)  # type: ignore[union-attr]
+
+
+async def _wait_models(base_url: str, want: set[str], timeout: float = 15.0) -> set[str]:
+    async with openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused") as client:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = {m.id async for m in client.models.list()}
+            if got == want or time.monotonic() > deadline:
+                return got
+            await asyncio.sleep(0.1)
+
+
+async def test_kvflow_run_with_openai_client(stack, model_dir) -> None:
+    proc = stack.start("run", "in=http", "out=echo", "--model-path", str(model_dir),
+                       "--model-name", "tiny", "--http-port", "0")
+    base = _ready_url(proc)
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused")
+    chat = await client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello kvflow"}])
+    assert "hello kvflow" in chat.choices[0].message.content
+    assert chat.usage.prompt_tokens == chat.usage.completion_tokens > 0
+    pieces = []
+    stream = await client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "stream me"}], stream=True,
+        stream_options={"include_usage": True})
+    usage = None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert "stream me" in "".join(pieces) and usage is not None
+    comp = await client.completions.create(model="tiny", prompt="one two three", max_tokens=2)
+    assert comp.choices[0].finish_reason == "length" and comp.usage.completion_tokens == 2
+    with pytest.raises(openai.NotFoundError):
+        await client.completions.create(model="nope", prompt="x")
+    await client.close()
+
+
+async def test_models_come_and_go_with_workers(stack, model_dir) -> None:
+    base = stack.frontend()
+    a = stack.start("worker", "--engine", "echo", "--model-path", str(model_dir), "--model-name", "a")
+    b = stack.start("worker", "--engine", "mocker", "--model-path", str(model_dir), "--model-name", "b",
+                    "--speedup-ratio", "0")
+    assert await _wait_models(base, {"a", "b"}) == {"a", "b"}
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused")
+    for model in ("a", "b"):
+        out = await client.completions.create(model=model, prompt="side by side", max_tokens=4)
+        assert out.choices[0].text and out.model == model
+    b.kill()  # the last worker of model b dies: b is no longer listed
+    assert await _wait_models(base, {"a"}) == {"a"}
+    with pytest.raises(openai.NotFoundError):
+        await client.completions.create(model="b", prompt="x")
+    stack.start("worker", "--engine", "echo", "--model-path", str(model_dir), "--model-name", "c")
+    assert await _wait_models(base, {"a", "c"}) == {"a", "c"}
+    assert a.alive()
+    await client.close()
+
+
+async def test_kv_routing_reports_cached_tokens(stack, model_dir) -> None:
+    base = stack.frontend()
+    stack.start("worker", "--engine", "mocker", "--model-path", str(model_dir), "--model-name", "m",
+                "--num-workers", "4", "--speedup-ratio", "0", "--block-size", "4")
+    assert await _wait_models(base, {"m"}) == {"m"}
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused")
+    prompt = "a shared system prompt that is long enough to fill several blocks " * 4
+    first = await client.completions.create(model="m", prompt=prompt, max_tokens=3)
+    await asyncio.sleep(0.3)  # KV events reach the router
+    second = await client.completions.create(model="m", prompt=prompt + " and more", max_tokens=3)
+    assert first.usage.prompt_tokens_details is None or first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens - 4, (cached, first.usage.prompt_tokens)
+    await client.close()
