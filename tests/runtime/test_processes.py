@@ -29,8 +29,9 @@ async def test_round_robin_direct_and_long_stream(cluster, runtime) -> None:
     cluster.start_worker()
     client = await _client(runtime, 2)
     ids = client.instance_ids()
-    seen = [[x async for x in client.round_robin({"op": "whoami"})] for _ in range(6)]
-    seen = [got[0] for got in seen]
+    seen = []
+    for _ in range(6):
+        seen += [x async for x in client.round_robin({"op": "whoami"})]
     assert set(seen) == set(ids)
     assert all(a != b for a, b in itertools.pairwise(seen)), f"round robin did not alternate: {seen}"
     for iid in ids:
