@@ -1,0 +1,200 @@
+"""POST /v1/chat/completions: decode → template + tokenize → generate → JSON or SSE chunks."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvflow.frontend import preprocess as pre
+from kvflow.frontend.errors import ApiError
+from kvflow.frontend.generation import Generation, ResponseIds, api_error_event
+from kvflow.frontend.handlers import (
+    FrontendState,
+    decode_body,
+    in_own_task,
+    new_id,
+    request_id,
+    resolve_model,
+    tracked,
+)
+from kvflow.frontend.http_response import HttpRequest, Responder
+from kvflow.frontend.logprobs import chat_logprobs
+from kvflow.frontend.postprocess import ChoiceDelta
+from kvflow.llm.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    FunctionCallDelta,
+    FunctionCallOut,
+    ToolCallDelta,
+    ToolCallOut,
+    Usage,
+)
+from kvflow.llm.tokenizer import Tokenizer
+from kvflow.runtime.context import Context
+
+_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
+_ENCODER = msgspec.json.Encoder()
+_encode_str = _ENCODER.encode
+DONE = b"data: [DONE]\n\n"
+_CONTENT_TAIL = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+
+
+async def handle_chat(state: FrontendState, request: HttpRequest, responder: Responder) -> None:
+    body: ChatCompletionRequest = decode_body(_DECODER, request.body)
+    pre.validate_chat(body)
+    model = resolve_model(state.models, body.model, "chat")
+    record = state.metrics.request(model.name, "chat_completions")
+
+    async def serve() -> None:
+        chars = pre.chat_prompt_chars(body)
+        prompt = await pre.run_maybe_offloaded(
+            state.executor, chars, state.config.offload_prompt_chars,
+            lambda: pre.tokenize_chat(model, body),
+        )
+        response_id = new_id("chatcmpl-")
+        engine_id = request_id(request, response_id)
+        prepared = pre.prepare_chat(model, body, prompt, engine_id)
+        context = Context(engine_id)
+        responder.on_disconnect(context.stop_generating)
+        gen = Generation(model, prepared, context, record, response_id)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            await in_own_task(_stream(gen, responder, include_usage, prepared.options.logprobs))
+        else:
+            await _collect(gen, responder, prepared.options.logprobs)
+
+    await tracked(record, serve())
+
+
+# ---------------------------------------------------------------- streaming
+
+
+class ChatChunkEncoder:
+    """Builds SSE chunks; the plain content chunk is two constant byte strings and one encode."""
+
+    def __init__(self, ids: ResponseIds, tokenizer: Tokenizer, top_logprobs: int | None) -> None:
+        self.ids = ids
+        self._tokenizer = tokenizer
+        self._top = top_logprobs
+        self._head = (
+            b'data: {"id":' + _encode_str(ids.id)
+            + b',"object":"chat.completion.chunk","created":' + str(ids.created).encode()
+            + b',"model":' + _encode_str(ids.model) + b',"choices":[{"index":'
+        )
+        self._content_heads: dict[int, bytes] = {}
+
+    def content(self, index: int, text: str) -> bytes:
+        head = self._content_heads.get(index)
+        if head is None:
+            head = self._head + b'%d,"delta":{"content":' % index
+            self._content_heads[index] = head
+        return head + _encode_str(text) + _CONTENT_TAIL
+
+    def role(self, index: int) -> bytes:
+        return self._chunk([ChatChunkChoice(index, ChatDelta(role="assistant", content=""))])
+
+    def delta(self, d: ChoiceDelta) -> bytes:
+        if d.reasoning or d.tool_calls or d.logprobs or d.finish_reason:
+            return self._chunk([self._choice(d)])
+        return self.content(d.index, d.text) if d.text else b""
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._chunk([], usage)
+
+    def _choice(self, d: ChoiceDelta) -> ChatChunkChoice:
+        calls = None
+        if d.tool_calls:
+            calls = [
+                ToolCallDelta(i, c.id, "function", FunctionCallDelta(c.name, c.arguments))
+                for i, c in enumerate(d.tool_calls, start=d.tool_call_base)
+            ]
+        delta = ChatDelta(content=d.text or None, reasoning_content=d.reasoning or None,
+                          tool_calls=calls)
+        logprobs = None
+        if d.logprobs is not None and self._top is not None:
+            logprobs = ChatLogprobs(chat_logprobs(self._tokenizer, d.logprobs, self._top))
+        return ChatChunkChoice(d.index, delta, d.finish_reason, logprobs)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+        ids = self.ids
+        chunk = ChatCompletionChunk(ids.id, ids.created, ids.model, choices, usage)
+        return b"data: " + _ENCODER.encode(chunk) + b"\n\n"
+
+
+async def _stream(
+    gen: Generation, responder: Responder, include_usage: bool, top: int | None
+) -> None:
+    enc = ChatChunkEncoder(gen.ids, gen.model.tokenizer, top)
+    started = False
+    try:
+        async for delta in gen.deltas():
+            data = enc.delta(delta)
+            if not started:
+                started = True
+                responder.start_stream()
+                data = b"".join(enc.role(i) for i in sorted(gen.processors)) + data
+            if responder.write(data):
+                await responder.drain()
+    except ApiError as exc:
+        if not started:
+            raise
+        gen.record.finish("error")
+        responder.write(api_error_event(exc) + DONE)
+        responder.end()
+        return
+    if not started:
+        responder.start_stream()
+    tail = enc.usage(gen.usage()) if include_usage else b""
+    responder.write(tail + DONE)
+    responder.end()
+
+
+# ---------------------------------------------------------------- whole response
+
+
+async def _collect(gen: Generation, responder: Responder, top: int | None) -> None:
+    parts: dict[int, _Collected] = {i: _Collected() for i in gen.processors}
+    async for d in gen.deltas():
+        parts[d.index].add(d, gen.model.tokenizer, top)
+    choices = [parts[i].choice(i) for i in sorted(parts)]
+    ids = gen.ids
+    response = ChatCompletionResponse(ids.id, ids.created, ids.model, choices, gen.usage())
+    responder.send(200, _ENCODER.encode(response))
+
+
+class _Collected:
+    """One choice's deltas, gathered for a non-streamed response."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: list[ToolCallOut] = []
+        self.logprobs: ChatLogprobs | None = None
+        self.finish_reason: str | None = None
+
+    def add(self, d: ChoiceDelta, tokenizer: Tokenizer, top: int | None) -> None:
+        self.text.append(d.text)
+        self.reasoning.append(d.reasoning)
+        for c in d.tool_calls or ():
+            self.calls.append(ToolCallOut(c.id, FunctionCallOut(c.name, c.arguments)))
+        if d.logprobs is not None and top is not None:
+            if self.logprobs is None:
+                self.logprobs = ChatLogprobs([])
+            self.logprobs.content.extend(chat_logprobs(tokenizer, d.logprobs, top))
+        if d.finish_reason is not None:
+            self.finish_reason = d.finish_reason
+
+    def choice(self, index: int) -> ChatChoice:
+        text = "".join(self.text)
+        message = AssistantMessage(
+            role="assistant",
+            content=text if text or not self.calls else None,
+            reasoning_content="".join(self.reasoning) or None,
+            tool_calls=self.calls or None,
+        )
+        return ChatChoice(index, message, self.finish_reason, self.logprobs)

@@ -1,0 +1,112 @@
+"""Generation: one request in flight — engine streams in, postprocessed choice deltas out.
+
+The loop reads aloud: take the next engine output, postprocess it for its choice,
+stop that choice's engine request if a stop string ended it, yield the delta.
+Usage and metrics are derived from the processors when the request ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from kvflow.frontend.engine_client import EngineUnavailable
+from kvflow.frontend.errors import ApiError, engine_failed, no_workers
+from kvflow.frontend.metrics import RequestRecord
+from kvflow.frontend.models import ServedModel
+from kvflow.frontend.postprocess import ChoiceDelta, ChoiceProcessor, EngineError
+from kvflow.frontend.preprocess import Prepared
+from kvflow.frontend.streams import ChoiceStreams
+from kvflow.llm.openai import PromptTokensDetails, Usage
+from kvflow.runtime.context import Context
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseIds:
+    """What every chunk of one response repeats."""
+
+    id: str
+    created: int
+    model: str
+
+
+class Generation:
+    """Drives one request's choices. Iterate `deltas()` once, then read `usage()`."""
+
+    def __init__(
+        self,
+        model: ServedModel,
+        prepared: Prepared,
+        context: Context,
+        record: RequestRecord,
+        response_id: str,
+    ) -> None:
+        self.model = model
+        self.prepared = prepared
+        self.context = context
+        self.record = record
+        self.ids = ResponseIds(response_id, int(time.time()), model.name)
+        self.processors = {
+            c.index: ChoiceProcessor(model, prepared.options, c.index, c.engine_request.token_ids)
+            for c in prepared.choices
+        }
+        self.streams = ChoiceStreams(model.engine, prepared.choices, context)
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """Every choice's deltas in arrival order; each choice's last one has finish_reason.
+
+        Raises ApiError (503 when no worker takes the request, 500 on an engine error).
+        """
+        processors, streams, record = self.processors, self.streams, self.record
+        single = next(iter(processors.values())) if len(processors) == 1 else None
+        try:
+            async for out in streams:
+                proc = single or processors[out.index]
+                delta = proc.process(out)
+                if delta is None:
+                    continue
+                if not record.first_token_at:
+                    record.first_token()
+                ended = delta.finish_reason is not None
+                if ended:
+                    self._end_choice(proc)
+                yield delta
+                if ended and single is not None:
+                    break
+            for proc in processors.values():
+                tail = proc.finish()
+                if tail is not None:
+                    yield tail
+        except EngineUnavailable as exc:
+            raise no_workers(self.model.name) from exc
+        except EngineError as exc:
+            raise engine_failed(str(exc)) from exc
+        finally:
+            await streams.aclose()
+            record.prompt_tokens = self.prepared.prompt_tokens
+            record.completion_tokens = sum(p.completion_tokens for p in processors.values())
+            record.cached_tokens = self.cached_tokens()
+
+    def _end_choice(self, proc: ChoiceProcessor) -> None:
+        if proc.stopped_by_string:
+            self.streams.stop(proc.index)
+        else:
+            self.streams.finished(proc.index)
+
+    def usage(self) -> Usage:
+        completion = sum(p.completion_tokens for p in self.processors.values())
+        prompt = self.prepared.prompt_tokens
+        cached = self.cached_tokens()
+        details = PromptTokensDetails(cached_tokens=cached)
+        return Usage(prompt, completion, prompt + completion, details)
+
+    def cached_tokens(self) -> int:
+        """Cached prompt tokens, counted once per prompt (from each prompt's first choice)."""
+        n = self.prepared.n
+        return sum(p.cached_tokens or 0 for i, p in self.processors.items() if i % n == 0)
+
+
+def api_error_event(exc: ApiError) -> bytes:
+    """An SSE event carrying an error (what OpenAI clients raise on mid-stream)."""
+    return b"data: " + exc.body() + b"\n\n"

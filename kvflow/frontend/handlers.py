@@ -1,0 +1,141 @@
+"""Route handlers shared by all endpoints: state, body decoding, model lookup, small routes."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+
+from kvflow.frontend.config import FrontendConfig
+from kvflow.frontend.errors import ApiError, from_decode_error, model_not_found, no_workers
+from kvflow.frontend.http_response import JSON, HttpRequest, Responder
+from kvflow.frontend.metrics import CONTENT_TYPE, FrontendMetrics, RequestRecord
+from kvflow.frontend.models import ModelManager, ServedModel
+from kvflow.llm.openai import ModelList, ModelObject
+
+T = TypeVar("T")
+_ENCODER = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class FrontendState:
+    """What every handler may use; built once by HttpFrontend."""
+
+    config: FrontendConfig
+    models: ModelManager
+    metrics: FrontendMetrics
+    executor: Executor | None
+    openapi: bytes
+
+
+Handler = Callable[[FrontendState, HttpRequest, Responder], Awaitable[None]]
+
+
+def decode_body(decoder: msgspec.json.Decoder, body: bytes) -> T:  # type: ignore[type-var]
+    if not body:
+        raise ApiError(400, "Request body is empty; send a JSON object.")
+    try:
+        return decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise from_decode_error(exc) from None
+
+
+def resolve_model(models: ModelManager, name: str, kind: str) -> ServedModel:
+    """The served model called `name`; 404 if unknown, 400 if it does not serve `kind`
+    ("chat" / "completions"), 503 if it has no live worker."""
+    model = models.get(name)
+    if model is None:
+        raise model_not_found(name, models.names())
+    if not model.serves(kind):
+        other = "/v1/completions" if kind == "chat" else "/v1/chat/completions"
+        raise ApiError(
+            400, f"Model '{name}' does not serve {kind}; use {other}.", param="model",
+            code="unsupported_endpoint",
+        )
+    if model.engine.live_workers() <= 0:
+        raise no_workers(name)
+    return model
+
+
+def request_id(request: HttpRequest, response_id: str) -> str:
+    """The id the engine sees: the caller's X-Request-Id when given, else the response id."""
+    return request.headers.get("x-request-id") or response_id
+
+
+def new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+async def tracked(record: RequestRecord, work: Awaitable[None]) -> None:
+    """Await `work`, then finish the request's metrics as success, cancelled or error."""
+    try:
+        await work
+    except asyncio.CancelledError:
+        record.finish("cancelled")
+        raise
+    except BaseException:
+        record.finish("error")
+        raise
+    record.finish("success")
+
+
+async def in_own_task(work: Coroutine[Any, Any, None]) -> None:
+    """Await `work` as a task of its own.
+
+    A streaming loop resumes once or twice per token; in its own task each resumption
+    walks a short await chain instead of the whole HTTP handler stack. Cancelling the
+    caller cancels the task.
+    """
+    await asyncio.get_running_loop().create_task(work)
+
+
+def check_api_key(config: FrontendConfig, request: HttpRequest) -> None:
+    if not config.api_keys:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer":
+        supplied = token.strip().encode()
+        for key in config.api_keys:
+            if hmac.compare_digest(supplied, key.encode()):
+                return
+    raise ApiError(
+        401,
+        "Missing or invalid API key; send 'Authorization: Bearer <key>'.",
+        type="authentication_error",
+        code="invalid_api_key",
+    )
+
+
+# ---------------------------------------------------------------- small routes
+
+
+async def list_models(state: FrontendState, request: HttpRequest, responder: Responder) -> None:
+    data = [ModelObject(id=m.name, created=m.created) for m in state.models.list()]
+    responder.send(200, _ENCODER.encode(ModelList(data=data)))
+
+
+async def health(state: FrontendState, request: HttpRequest, responder: Responder) -> None:
+    """Ready when at least one model has a live worker."""
+    served = {m.name: m.engine.live_workers() for m in state.models.list()}
+    ready = any(n > 0 for n in served.values())
+    body = {"status": "ready" if ready else "not_ready", "models": served}
+    responder.send(200 if ready else 503, _ENCODER.encode(body))
+
+
+async def live(state: FrontendState, request: HttpRequest, responder: Responder) -> None:
+    responder.send(200, b'{"status":"live"}')
+
+
+async def metrics(state: FrontendState, request: HttpRequest, responder: Responder) -> None:
+    responder.send(200, state.metrics.render(), content_type=CONTENT_TYPE)
+
+
+async def openapi(state: FrontendState, request: HttpRequest, responder: Responder) -> None:
+    responder.send(200, state.openapi, content_type=JSON)

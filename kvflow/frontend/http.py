@@ -1,0 +1,333 @@
+"""A small HTTP/1.1 server: asyncio Protocol + httptools, keep-alive, pipelining, body limits.
+
+Each connection parses requests as bytes arrive and serves them strictly in order, one
+at a time, so pipelined responses cannot interleave. A request whose body would exceed
+the limit gets 413 and the connection is closed after the rest of its upload has been
+drained (so the client reads the 413 instead of a reset). A client that disconnects
+mid-response has its request's disconnect callbacks run and its handler task cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import httptools
+
+from kvflow.frontend.errors import ApiError
+from kvflow.frontend.http_response import HttpRequest, Responder
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[HttpRequest, Responder], Awaitable[None]]
+
+_LINGER_S = 2.0  # how long to keep draining an oversized upload before closing
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection. See the module docstring for the rules."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._queue: deque[HttpRequest] = deque()
+        self._task: asyncio.Task | None = None
+        self._responder: Responder | None = None
+        self.is_closed = False
+        self._reading_paused = False
+        self.write_paused = False
+        self._drain_waiter: asyncio.Future | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._reject: ApiError | None = None
+        self._discarding = False
+        self._reset_message()
+
+    # ------------------------------------------------------------ transport events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server.connections.add(self)
+        self._arm_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject = ApiError(400, "Protocol upgrades are not supported; use HTTP/1.1.")
+        except httptools.HttpParserError as exc:
+            self._reject = ApiError(400, f"Malformed HTTP request ({exc}); send valid HTTP/1.1.")
+        if self._reject is not None:
+            self._discarding = True
+            if self._task is None:
+                self._fail(self._reject)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_closed = True
+        self.write_paused = False
+        self._server.connections.discard(self)
+        self._cancel_idle_timer()
+        self._queue.clear()
+        if self._responder is not None:
+            self._responder.notify_disconnect()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drain()
+
+    # ------------------------------------------------------------ Connection protocol
+
+    async def drain(self) -> None:
+        if not self.write_paused or self.is_closed:
+            return
+        if self._drain_waiter is None or self._drain_waiter.done():
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+        await self._drain_waiter
+
+    def _wake_drain(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ------------------------------------------------------------ parser callbacks
+
+    def _reset_message(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    def on_message_begin(self) -> None:
+        self._cancel_idle_timer()
+        self._reset_message()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        old = self._headers.get(key)
+        self._headers[key] = text if old is None else f"{old}, {text}"
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length")
+        limit = self._server.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            self._reject = _too_large(limit)
+            return
+        expect = self._headers.get("expect", "").lower()
+        if expect == "100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self._reject is not None:
+            return
+        self._body_size += len(body)
+        if self._body_size > self._server.max_body_bytes:
+            self._reject = _too_large(self._server.max_body_bytes)
+            self._body.clear()
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._reject is not None:
+            return
+        path, _, query = self._url.decode("latin-1").partition("?")
+        request = HttpRequest(
+            method=self._parser.get_method().decode("ascii"),
+            path=path,
+            query=query,
+            headers=self._headers,
+            body=b"".join(self._body),
+            keep_alive=self._parser.should_keep_alive(),
+            chunked=self._parser.get_http_version() != "1.0",
+        )
+        self._reset_message()
+        self._queue.append(request)
+        if len(self._queue) >= self._server.max_pipelined and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._serve_queue())
+
+    # ------------------------------------------------------------ serving
+
+    async def _serve_queue(self) -> None:
+        try:
+            while self._queue and not self.is_closed:
+                request = self._queue.popleft()
+                self._maybe_resume_reading()
+                keep_alive = await self._serve_one(request)
+                if not keep_alive:
+                    self._close_after_flush()
+                    return
+        finally:
+            self._task = None
+            self._responder = None
+        if self._reject is not None:
+            self._fail(self._reject)  # a later pipelined request was refused mid-upload
+            return
+        self._arm_idle_timer()
+
+    async def _serve_one(self, request: HttpRequest) -> bool:
+        """Serve one request; returns whether the connection stays open."""
+        responder = Responder(self, request.keep_alive, request.chunked)
+        self._responder = responder
+        try:
+            await self._server.handler(request, responder)
+        except ApiError as exc:
+            self._send_error(responder, exc)
+        except Exception:
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            self._send_error(responder, _internal("Internal server error; see the server log."))
+        if not responder.started:
+            self._send_error(responder, _internal("The handler sent no response."))
+        return responder.keep_alive
+
+    def _send_error(self, responder: Responder, exc: ApiError) -> None:
+        if responder.started:
+            # Mid-stream: nothing valid can follow; drop the connection.
+            responder.keep_alive = False
+            self._close_after_flush()
+            return
+        headers = (b"www-authenticate: Bearer\r\n",) if exc.status == 401 else ()
+        responder.send(exc.status, exc.body(), headers=headers)
+
+    def _maybe_resume_reading(self) -> None:
+        if self._reading_paused and len(self._queue) < self._server.max_pipelined // 2:
+            self._reading_paused = False
+            if self.transport is not None and not self.is_closed:
+                self.transport.resume_reading()
+
+    # ------------------------------------------------------------ closing
+
+    def _fail(self, exc: ApiError) -> None:
+        """Answer a request we will not serve, then drain the upload and close.
+
+        Called only when no response is in progress, so the error cannot interleave.
+        """
+        self._discarding = True
+        self._queue.clear()
+        responder = Responder(self, keep_alive=False, chunked=True)
+        responder.send(exc.status, exc.body())
+        transport = self.transport
+        if transport is None or self.is_closed:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
+        else:
+            transport.close()
+
+    def _close_after_flush(self) -> None:
+        if self.transport is not None and not self.is_closed:
+            self.transport.close()
+
+    def _arm_idle_timer(self) -> None:
+        if self.is_closed or self._task is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self._server.keepalive_timeout_s, self._on_idle)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _on_idle(self) -> None:
+        self._idle_timer = None
+        if self._task is None and not self._queue:
+            self._close_after_flush()
+
+    def shutdown(self) -> None:
+        """Close after flushing what is written; a request in flight sees a disconnect."""
+        if self.transport is not None and not self.is_closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent data (for requests that outlived the grace)."""
+        if self.transport is not None and not self.is_closed:
+            self.transport.abort()
+
+    def busy_task(self) -> asyncio.Task | None:
+        """The task serving this connection's requests, if one is in flight."""
+        return self._task
+
+
+def _internal(message: str) -> ApiError:
+    return ApiError(500, message, type="server_error")
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"Request body is larger than the {limit}-byte limit; send a smaller request.",
+        code="request_too_large",
+    )
+
+
+class HttpServer:
+    """Listens on host:port and serves every request through one handler coroutine."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_body_bytes: int,
+        keepalive_timeout_s: float,
+        max_pipelined: int,
+    ) -> None:
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.max_pipelined = max_pipelined
+        self.connections: set[HttpConnection] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(
+        self, host: str, port: int, *, ssl_context: ssl.SSLContext | None, backlog: int
+    ) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpConnection(self), host, port, ssl=ssl_context, backlog=backlog,
+            reuse_address=True,
+        )
+        bound = self._server.sockets[0].getsockname()
+        return bound[0], bound[1]
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to `grace_s`, then close all."""
+        if self._server is None:
+            return
+        self._server.close()
+        busy = [t for c in self.connections if (t := c.busy_task()) is not None]
+        for conn in list(self.connections):
+            if conn.busy_task() is None:
+                conn.shutdown()
+        if busy:
+            await asyncio.wait(busy, timeout=grace_s)
+        for conn in list(self.connections):
+            if conn.busy_task() is None:
+                conn.shutdown()
+            else:
+                conn.abort()
+        await self._server.wait_closed()
+        self._server = None

@@ -1,0 +1,102 @@
+"""The OpenAPI 3.1 document served at /openapi.json, generated from the msgspec types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+import kvflow
+from kvflow.llm import openai as oa
+
+_REF = "#/components/schemas/{name}"
+_SCHEMA_TYPES = (
+    oa.ChatCompletionRequest,
+    oa.CompletionRequest,
+    oa.ChatCompletionResponse,
+    oa.ChatCompletionChunk,
+    oa.CompletionResponse,
+    oa.CompletionChunk,
+    oa.ModelList,
+    oa.ErrorResponse,
+)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(name=name)}
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(name)}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model",
+            413: "Request body too large", 503: "No live worker for the model"}
+    return {str(c): {"description": text[c], "content": _json("ErrorResponse")} for c in codes}
+
+
+def _generation(summary: str, request: str, response: str, chunk: str) -> dict[str, Any]:
+    ok = {
+        "description": "The whole result, or with `stream: true` server-sent events, "
+        f"each `data:` line a {chunk} and the last `data: [DONE]`.",
+        "content": {
+            **_json(response),
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": _json(request)},
+            "responses": {"200": ok, **_errors(400, 401, 404, 413, 503)},
+        }
+    }
+
+
+def _plain(summary: str, content_type: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "responses": {"200": {"description": "OK", "content": {content_type: {}}}},
+        }
+    }
+
+
+def build_openapi() -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(_SCHEMA_TYPES, ref_template=_REF)
+    models = {
+        "get": {
+            "summary": "List the models being served",
+            "responses": {"200": {"description": "OK", "content": _json("ModelList")},
+                          **_errors(401)},
+        }
+    }
+    paths = {
+        "/v1/chat/completions": _generation(
+            "Create a chat completion", "ChatCompletionRequest", "ChatCompletionResponse",
+            "ChatCompletionChunk",
+        ),
+        "/v1/completions": _generation(
+            "Create a text completion", "CompletionRequest", "CompletionResponse",
+            "CompletionChunk",
+        ),
+        "/v1/models": models,
+        "/health": _plain("Ready: 200 when a model has a live worker", "application/json"),
+        "/live": _plain("Alive: 200 while the process serves HTTP", "application/json"),
+        "/metrics": _plain("Prometheus metrics", "text/plain"),
+        "/openapi.json": _plain("This document", "application/json"),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "kvflow OpenAI-compatible API", "version": kvflow.__version__},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def openapi_bytes() -> bytes:
+    return msgspec.json.encode(build_openapi())

@@ -1,0 +1,92 @@
+"""HttpFrontend: the OpenAI-compatible HTTP server — routes, auth, TLS, start and stop."""
+
+from __future__ import annotations
+
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+
+from kvflow.frontend import handlers
+from kvflow.frontend.chat import handle_chat
+from kvflow.frontend.completions import handle_completion
+from kvflow.frontend.config import FrontendConfig
+from kvflow.frontend.errors import ApiError
+from kvflow.frontend.handlers import FrontendState, Handler
+from kvflow.frontend.http import HttpServer
+from kvflow.frontend.http_response import HttpRequest, Responder
+from kvflow.frontend.metrics import FrontendMetrics
+from kvflow.frontend.models import ModelManager
+from kvflow.frontend.openapi import openapi_bytes
+
+ROUTES: dict[str, dict[str, Handler]] = {
+    "/v1/chat/completions": {"POST": handle_chat},
+    "/v1/completions": {"POST": handle_completion},
+    "/v1/models": {"GET": handlers.list_models},
+    "/health": {"GET": handlers.health},
+    "/live": {"GET": handlers.live},
+    "/metrics": {"GET": handlers.metrics},
+    "/openapi.json": {"GET": handlers.openapi},
+}
+
+
+class HttpFrontend:
+    """Serves `models` over HTTP. `await start()` → (host, port); `await stop()`."""
+
+    def __init__(self, config: FrontendConfig, models: ModelManager) -> None:
+        self.config = config
+        self.models = models
+        self.metrics = FrontendMetrics()
+        self._executor = ThreadPoolExecutor(
+            max_workers=config.preprocess_threads, thread_name_prefix="kvflow-preprocess"
+        )
+        self._state = FrontendState(config, models, self.metrics, self._executor, openapi_bytes())
+        self._server = HttpServer(
+            self._dispatch,
+            max_body_bytes=config.max_body_bytes,
+            keepalive_timeout_s=config.keepalive_timeout_s,
+            max_pipelined=config.max_pipelined_requests,
+        )
+        self.address: tuple[str, int] | None = None
+
+    async def start(self) -> tuple[str, int]:
+        """Bind and serve; returns the bound (host, port) (port 0 in the config picks one)."""
+        c = self.config
+        self.address = await self._server.start(
+            c.host, c.port, ssl_context=self._ssl_context(), backlog=c.backlog
+        )
+        return self.address
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, give in-flight requests `grace_s` to finish, then close."""
+        await self._server.stop(grace_s)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def base_url(self) -> str:
+        assert self.address is not None, "start() the frontend first"
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{self.address[0]}:{self.address[1]}"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return ctx
+
+    async def _dispatch(self, request: HttpRequest, responder: Responder) -> None:
+        methods = ROUTES.get(request.path)
+        if methods is None:
+            raise ApiError(
+                404, f"No route {request.path}; see /openapi.json for the API.",
+                code="not_found",
+            )
+        handler = methods.get(request.method)
+        if handler is None:
+            allowed = ", ".join(sorted(methods))
+            raise ApiError(
+                405, f"{request.method} is not allowed on {request.path}; use {allowed}.",
+                code="method_not_allowed",
+            )
+        if request.path.startswith("/v1/"):
+            handlers.check_api_key(self.config, request)
+        await handler(self._state, request, responder)
