@@ -87,3 +87,20 @@ async def test_kv_routing_reports_cached_tokens(stack, model_dir) -> None:
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= first.usage.prompt_tokens - 4, (cached, first.usage.prompt_tokens)
     await client.close()
+
+
+async def test_native_engine_through_kvflow_run(stack, tmp_path) -> None:
+    pytest.importorskip("torch", reason="the native engine needs torch (kvflow[torch])")
+    from kvflow.testing.models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny-llama", "llama")
+    proc = stack.start("run", "in=http", "out=native", "--model-path", str(model),
+                       "--model-name", "native-tiny", "--http-port", "0", "--cpu-kv-cache-gb", "0.05")
+    base = _ready_url(proc)
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused")
+    outs = [await client.completions.create(model="native-tiny", prompt="hello world", max_tokens=8,
+                                            temperature=0) for _ in range(2)]
+    assert outs[0].usage.completion_tokens == 8
+    assert outs[0].choices[0].text == outs[1].choices[0].text  # greedy is deterministic
+    assert outs[1].usage.prompt_tokens_details.cached_tokens >= 0
+    await client.close()

@@ -1,0 +1,87 @@
+"""The native PyTorch engine, registered as "native"; this module imports no torch.
+
+- config.py: NativeEngineConfig (engine knobs) and ModelConfig (config.json).
+- weights.py: model dir / hub id, safetensors reading, building the model on a device.
+- layers.py, model.py: Llama / Mistral / Qwen2 / Qwen3 in plain PyTorch; checkpoint name map.
+- attention.py: per-step attention layout, backend registry, gather backend (any device).
+- triton_attention.py: Triton paged decode (split-KV) and prefill kernels (GPU).
+- kv_cache.py: KV cache sizing and allocation.
+- inputs.py: scheduler output -> batch tensors.
+- sampler.py: batched sampling, penalties, seeds, logprobs.
+- cuda_graphs.py: captured decode graphs.
+- runner.py: ModelRunner (execute one step).
+- stream.py, engine.py: NativeEngine, the threaded schedule -> execute -> update loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import TYPE_CHECKING
+
+from kvflow.engines.base import EngineHooks, EngineSpec, register_engine
+from kvflow.engines.native.config import DTYPES, NativeEngineConfig
+
+if TYPE_CHECKING:
+    from kvflow.engines.native.engine import NativeEngine
+
+__all__ = ["NativeEngineConfig", "add_native_args", "config_from_args"]
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(NativeEngineConfig)}
+
+
+def add_native_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("native engine")  # --model-path belongs to the worker
+    g.add_argument("--dtype", default=_DEFAULTS["dtype"], choices=[*DTYPES, "bf16", "fp16", "fp32"])
+    g.add_argument("--device", default=_DEFAULTS["device"], help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--block-size", type=int, default=_DEFAULTS["block_size"],
+                   help="tokens per KV block")
+    g.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV blocks to allocate (default: sized from memory)")
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   default=_DEFAULTS["gpu_memory_utilization"],
+                   help="fraction of GPU memory for weights, activations and KV cache")
+    g.add_argument("--cpu-kv-cache-gb", type=float, default=_DEFAULTS["cpu_kv_cache_gb"],
+                   help="KV cache size on CPU when --num-gpu-blocks is not given")
+    g.add_argument("--max-num-seqs", type=int, default=_DEFAULTS["max_num_seqs"])
+    g.add_argument("--max-num-batched-tokens", type=int,
+                   default=_DEFAULTS["max_num_batched_tokens"],
+                   help="token budget per step (prefill chunk size)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's max_position_embeddings)")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--seed", type=int, default=_DEFAULTS["seed"])
+
+
+def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
+    if not ns.model_path:
+        raise ValueError("the native engine needs --model-path (a model directory or hub id)")
+    return NativeEngineConfig(
+        model_path=ns.model_path,
+        dtype=ns.dtype,
+        device=ns.device,
+        block_size=ns.block_size,
+        num_gpu_blocks=ns.num_gpu_blocks,
+        gpu_memory_utilization=ns.gpu_memory_utilization,
+        cpu_kv_cache_gb=ns.cpu_kv_cache_gb,
+        max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        max_model_len=ns.max_model_len,
+        enforce_eager=ns.enforce_eager,
+        seed=ns.seed,
+    )
+
+
+def _build(ns: argparse.Namespace, hooks: EngineHooks) -> NativeEngine:
+    from kvflow.engines.native.engine import NativeEngine  # torch is imported here, lazily
+
+    return NativeEngine(config_from_args(ns), hooks)
+
+
+def _card_overrides(ns: argparse.Namespace) -> dict:
+    return {"kv_cache_block_size": ns.block_size}
+
+
+register_engine(
+    EngineSpec(name="native", add_args=add_native_args, build=_build, card_overrides=_card_overrides)
+)

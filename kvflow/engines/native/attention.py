@@ -1,0 +1,148 @@
+"""Paged attention: the per-step batch layout, the backend registry, and the gather-based backend.
+
+A step's tokens are flattened into one row per token (`T` rows). Sequence `i` owns rows
+`query_start_loc[i]:query_start_loc[i+1]`; its whole context (cached + new) is `seq_lens[i]`
+tokens, stored in the blocks `block_tables[i]`. The new tokens are the last ones of that
+context. Each layer's cache is one tensor `[2, num_blocks, block_size, kv_heads, head_dim]`
+(K then V); token `t` of a sequence lives in slot `block_tables[i][t // bs] * bs + t % bs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of a step reads and writes its keys and values."""
+
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot each new token's K/V goes to
+    query_start_loc: torch.Tensor  # int32 [B+1]
+    seq_lens: torch.Tensor  # int32 [B]: context length after this step
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, for backends that loop per sequence.
+    query_start_host: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(Protocol):
+    """Computes attention for one layer, after storing the step's new K/V in the cache."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D]; returns [T, H, D]."""
+        ...
+
+
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}
+
+
+def register_backend(name: str) -> Callable[[Callable[[], AttentionBackend]], Callable]:
+    def wrap(factory: Callable[[], AttentionBackend]) -> Callable[[], AttentionBackend]:
+        assert name not in _BACKENDS, f"attention backend {name!r} registered twice"
+        _BACKENDS[name] = factory
+        return factory
+
+    return wrap
+
+
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    """`auto` picks Triton on CUDA and the gather backend elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        from kvflow.engines.native import triton_attention  # noqa: F401  (registers itself)
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: auto, {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]()
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the step's keys and values in their cache slots (in place, graph-capturable)."""
+    _, _, _, kv_heads, head_dim = kv_cache.shape
+    kv_cache[0].view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    kv_cache[1].view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+def gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's keys and values, [seq_len, KVH, D] each, copied out of the cache."""
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    blocks = block_table[: (seq_len + block_size - 1) // block_size].long()
+    keys = kv_cache[0, blocks].reshape(-1, kv_heads, head_dim)[:seq_len]
+    values = kv_cache[1, blocks].reshape(-1, kv_heads, head_dim)[:seq_len]
+    return keys, values
+
+
+def context_mask(q_len: int, seq_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean [q_len, seq_len]: query j (position seq_len - q_len + j) may see key t."""
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+@register_backend("torch")
+class TorchGatherBackend:
+    """Any device: per sequence, gather its context out of the blocks and run SDPA."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        starts = meta.query_start_host
+        for i, seq_len in enumerate(meta.seq_lens_host):
+            lo, hi = starts[i], starts[i + 1]
+            keys, values = gather_context(kv_cache, meta.block_tables[i], seq_len)
+            out[lo:hi] = _sdpa(q[lo:hi], keys, values, scale, window)
+        return out
+
+
+def _sdpa(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None
+) -> torch.Tensor:
+    q_len, seq_len = q.shape[0], keys.shape[0]
+    mask = context_mask(q_len, seq_len, window, q.device)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        keys.transpose(0, 1),
+        values.transpose(0, 1),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)

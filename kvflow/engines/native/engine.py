@@ -1,0 +1,283 @@
+"""NativeEngine: real inference in PyTorch on the shared scheduler, with the model on its own thread.
+
+The engine thread runs the loop `schedule -> execute -> update`. The scheduler and block
+pool are shared with the event loop (admissions, cancellations, snapshots) under one lock,
+which the thread holds only around `schedule` and `update`, never during a forward pass:
+a cancellation frees its blocks at once, even mid-step. Results cross back to the event
+loop with `call_soon_threadsafe`; KV events and load metrics are published from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from kvflow.engines.base import EngineHooks
+from kvflow.engines.core.block_pool import BlockPool
+from kvflow.engines.core.scheduler import (
+    FinishedSeq,
+    RequestRejected,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
+from kvflow.engines.core.sequence import Sequence
+from kvflow.engines.native.config import NativeEngineConfig
+from kvflow.engines.native.runner import ModelRunner, StepResult
+from kvflow.engines.native.sampler import RequestSampling
+from kvflow.engines.native.stream import Delivery, RequestStream
+from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
+from kvflow.llm.protocol import FINISH_CANCELLED, FINISH_ERROR, EngineOutput, PreprocessedRequest
+from kvflow.runtime.context import Context
+
+log = logging.getLogger(__name__)
+
+LOAD_INTERVAL_S = 0.05
+
+
+class NativeEngine:
+    """The native PyTorch engine, implementing kvflow.engines.base.Engine."""
+
+    def __init__(self, config: NativeEngineConfig, hooks: EngineHooks | None = None) -> None:
+        self.config = config
+        self.hooks = hooks or EngineHooks()
+        self._lock = threading.Condition()
+        self._streams: dict[str, RequestStream] = {}
+        self._sampling: dict[str, RequestSampling] = {}
+        self._stopping = False
+        self._failure: str | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_load_at = float("-inf")
+        self.runner: ModelRunner | None = None
+        self.pool: BlockPool | None = None
+        self.scheduler: Scheduler | None = None
+
+    # ---- Engine contract ----------------------------------------------------------
+
+    async def start(self) -> None:
+        assert self._thread is None, "NativeEngine.start() called twice"
+        self._loop = asyncio.get_running_loop()
+        runner = await self._loop.run_in_executor(None, ModelRunner.load, self.config)
+        self.runner = runner
+        self.pool = BlockPool(runner.num_blocks, self.config.block_size,
+                              worker_id=self.hooks.worker_id)
+        self.scheduler = Scheduler(self._scheduler_config(runner), self.pool)
+        self._thread = threading.Thread(target=self._run, name="native-engine", daemon=True)
+        self._thread.start()
+
+    def _scheduler_config(self, runner: ModelRunner) -> SchedulerConfig:
+        c = self.config
+        return SchedulerConfig(
+            max_num_seqs=c.max_num_seqs,
+            max_num_batched_tokens=max(c.max_num_batched_tokens, c.max_num_seqs),
+            block_size=c.block_size,
+            max_model_len=runner.max_model_len,
+        )
+
+    async def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None and self._loop is not None:
+            await self._loop.run_in_executor(None, self._thread.join)
+            self._thread = None
+        self._fail_all("the native engine stopped; retry the request on another worker")
+
+    def cache_snapshot(self) -> CacheSnapshot | None:
+        if self.pool is None:
+            return None
+        with self._lock:
+            return self.pool.snapshot()
+
+    async def generate(
+        self, request: PreprocessedRequest, context: Context
+    ) -> AsyncIterator[EngineOutput]:
+        stream = self._open(request)
+        cancel = lambda: self._cancel(stream)  # noqa: E731
+        context.on_stop(cancel)
+        try:
+            while True:
+                out = await stream.next_output()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            context.remove_on_stop(cancel)
+            self._cancel(stream)
+
+    # ---- requests (event loop side) -------------------------------------------------
+
+    def _open(self, request: PreprocessedRequest) -> RequestStream:
+        stream = RequestStream(request.request_id, request.sampling.logprobs is not None)
+        problem = self._failure or self._check_request(request)
+        if problem is not None:
+            stream.fail(problem)
+            return stream
+        assert self.scheduler is not None and self.runner is not None
+        seq = Sequence.from_request(request, seed=request.sampling.seed or 0)
+        params = RequestSampling.from_request(
+            request.sampling, request.stop, request.eos_token_ids, self.runner.device
+        )
+        with self._lock:
+            try:
+                self.scheduler.add(seq)
+            except RequestRejected as exc:
+                stream.fail(str(exc))
+                return stream
+            self._streams[seq.request_id] = stream
+            self._sampling[seq.request_id] = params
+            self._lock.notify_all()
+        return stream
+
+    def _check_request(self, request: PreprocessedRequest) -> str | None:
+        if self.runner is None:
+            return "the native engine has not started; call start() first"
+        vocab = self.runner.cfg.vocab_size
+        bad = [t for t in request.token_ids if not 0 <= t < vocab]
+        if bad:
+            return (f"token ids {bad[:5]} are outside the model's vocabulary (0..{vocab - 1}); "
+                    "tokenize with this model's tokenizer")
+        if request.sampling.n != 1:
+            return "the native engine returns one choice per request (n=1); send n requests"
+        return None
+
+    def _cancel(self, stream: RequestStream) -> None:
+        """End `stream` as cancelled and free its blocks now (no-op once it has ended)."""
+        if stream.finished:
+            return
+        assert self.scheduler is not None
+        with self._lock:
+            if self._streams.get(stream.request_id) is stream:  # still in flight here
+                self._forget(stream.request_id)
+                self.scheduler.abort(stream.request_id)
+        stream.finish(FINISH_CANCELLED)
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._sampling.pop(request_id, None)
+
+    def _fail_all(self, message: str) -> None:
+        self._failure = message
+        with self._lock:
+            streams, self._streams = self._streams, {}
+            for request_id in streams:
+                if self.scheduler is not None:
+                    self.scheduler.abort(request_id)
+            self._sampling.clear()
+        for stream in streams.values():
+            stream.fail(message)
+
+    # ---- the loop (engine thread) ---------------------------------------------------
+
+    def _run(self) -> None:
+        while self._wait_for_work():
+            self.step()
+
+    def _wait_for_work(self) -> bool:
+        assert self.scheduler is not None
+        with self._lock:
+            if not self.scheduler.has_work() and not self._stopping:
+                self._publish(self._drain())  # idle: let routers see the empty state
+            while not self.scheduler.has_work() and not self._stopping:
+                self._lock.wait()
+            return not self._stopping
+
+    def step(self) -> None:
+        """One iteration: schedule -> execute -> update."""
+        assert self.scheduler is not None and self.runner is not None
+        with self._lock:
+            out = self.scheduler.schedule()
+        result = self._execute(out)
+        with self._lock:
+            finished = self.scheduler.update(result.sampled)
+            deliveries = self._deliveries(out, result, finished)
+            published = self._drain()
+        self._hand_over(deliveries, published)
+
+    def _execute(self, out: SchedulerOutput) -> StepResult:
+        assert self.runner is not None and self.scheduler is not None
+        if not out.scheduled:
+            time.sleep(0.001)  # nothing fits right now; let cancellations free blocks
+            return StepResult({}, {})
+        try:
+            return self.runner.execute(out.scheduled, self._sampling)
+        except Exception as exc:  # a failed step fails its requests, not the worker
+            log.exception("native engine step failed")
+            self._fail_step(out, f"the model step failed: {exc!r}; retry the request")
+            return StepResult({}, {})
+
+    def _fail_step(self, out: SchedulerOutput, message: str) -> None:
+        assert self.scheduler is not None
+        with self._lock:
+            failed = [s.seq.request_id for s in out.scheduled]
+            streams = [self._streams.get(rid) for rid in failed]
+            for rid in failed:
+                self.scheduler.abort(rid)
+                self._forget(rid)
+        errors = [Delivery(s, [], error=message, finish_reason=FINISH_ERROR)
+                  for s in streams if s is not None]
+        self._hand_over(errors, ([], None))
+
+    def _deliveries(
+        self, out: SchedulerOutput, result: StepResult, finished: list[FinishedSeq]
+    ) -> list[Delivery]:
+        reasons = {f.seq.request_id: f.reason for f in finished}
+        deliveries: list[Delivery] = []
+        for s in out.scheduled:
+            rid = s.seq.request_id
+            stream = self._streams.get(rid)
+            if rid not in result.sampled or stream is None:
+                continue
+            deliveries.append(self._delivery(stream, s.seq, result, reasons.get(rid)))
+            if rid in reasons:
+                self._forget(rid)
+        return deliveries
+
+    def _delivery(
+        self, stream: RequestStream, seq: Sequence, result: StepResult, reason: str | None
+    ) -> Delivery:
+        rid = seq.request_id
+        d = Delivery(stream, result.sampled[rid], finish_reason=reason)
+        lp = result.logprobs.get(rid)
+        if lp is not None:
+            d.logprobs, d.top_logprobs = [lp.logprob], [lp.top]
+        if seq.num_output_tokens == 1:
+            d.cached_tokens = max(seq.num_cached_tokens, 0)
+        return d
+
+    def _drain(self) -> tuple[list[KvEvent], LoadMetrics | None]:
+        assert self.pool is not None and self.scheduler is not None
+        events = self.pool.drain_events()
+        now = time.monotonic()
+        idle = not self.scheduler.has_work()
+        if not idle and now - self._last_load_at < LOAD_INTERVAL_S:
+            return events, None
+        self._last_load_at = now
+        return events, self.scheduler.load_metrics()
+
+    def _hand_over(
+        self, deliveries: list[Delivery], published: tuple[list[KvEvent], LoadMetrics | None]
+    ) -> None:
+        assert self._loop is not None
+        if deliveries or published[0] or published[1] is not None:
+            self._loop.call_soon_threadsafe(self._apply, deliveries, published)
+
+    def _publish(self, published: tuple[list[KvEvent], LoadMetrics | None]) -> None:
+        self._hand_over([], published)
+
+    # ---- back on the event loop -------------------------------------------------------
+
+    def _apply(
+        self, deliveries: list[Delivery], published: tuple[list[KvEvent], LoadMetrics | None]
+    ) -> None:
+        for d in deliveries:
+            d.stream.push(d)
+        events, metrics = published
+        if events:
+            self.hooks.publish_kv_events(events)
+        if metrics is not None:
+            self.hooks.publish_load(metrics)

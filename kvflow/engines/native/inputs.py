@@ -1,0 +1,96 @@
+"""Building one step's device tensors from the scheduler's output: ids, positions, slots, block tables.
+
+All integer inputs travel in two packed copies (int64 and int32) and are sliced on the device.
+Sequence `i` of the step computes tokens `start .. start + n` of its token list; they are
+stored in the cache slots its block list names, and attend to the whole context
+`0 .. start + n`. Rows that reach the end of a sequence (`samples`) get logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvflow.engines.core.scheduler import ScheduledSeq
+from kvflow.engines.native.attention import AttentionMetadata
+
+
+@dataclass
+class StepInputs:
+    """Everything the model and the sampler need for one step."""
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # int64 [S]: rows whose next token is sampled
+    sampling_seqs: list[ScheduledSeq]  # the S sequences that sample, in row order
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def build_inputs(
+    scheduled: list[ScheduledSeq], block_size: int, device: torch.device
+) -> StepInputs:
+    """Flatten the scheduled sequences into one batch, in scheduling order."""
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    starts = [0]
+    seq_lens: list[int] = []
+    logits_rows: list[int] = []
+    for s in scheduled:
+        seq, lo, hi = s.seq, s.start, s.start + s.num_new_tokens
+        ids += seq.token_ids[lo:hi]
+        positions += range(lo, hi)
+        slots += _slots(seq.block_ids, lo, hi, block_size)
+        starts.append(starts[-1] + s.num_new_tokens)
+        seq_lens.append(hi)
+        if s.samples:
+            logits_rows.append(starts[-1] - 1)
+    tables = block_table_array([s.seq.block_ids for s in scheduled], pad=0)
+    longs = _to(np.array(ids + positions + slots + logits_rows, dtype=np.int64), device)
+    ints = _to(np.concatenate([starts, seq_lens, tables.ravel()]).astype(np.int32), device)
+    t, b = len(ids), len(scheduled)
+    meta = AttentionMetadata(
+        slot_mapping=longs[2 * t : 3 * t],
+        query_start_loc=ints[: b + 1],
+        seq_lens=ints[b + 1 : 2 * b + 1],
+        block_tables=ints[2 * b + 1 :].view(b, tables.shape[1]),
+        max_query_len=max(s.num_new_tokens for s in scheduled),
+        max_seq_len=max(seq_lens),
+        query_start_host=starts,
+        seq_lens_host=seq_lens,
+    )
+    return StepInputs(
+        input_ids=longs[:t],
+        positions=longs[t : 2 * t],
+        meta=meta,
+        logits_indices=longs[3 * t :],
+        sampling_seqs=[s for s in scheduled if s.samples],
+    )
+
+
+def _slots(block_ids: list[int], lo: int, hi: int, block_size: int) -> list[int]:
+    if hi - lo == 1:
+        return [block_ids[lo // block_size] * block_size + lo % block_size]
+    pos = np.arange(lo, hi)
+    blocks = np.asarray(block_ids, dtype=np.int64)[pos // block_size]
+    return (blocks * block_size + pos % block_size).tolist()
+
+
+def block_table_array(block_lists: list[list[int]], pad: int, width: int = 0) -> np.ndarray:
+    """Rows of block ids, right-padded with `pad` to the longest (or `width`)."""
+    width = max(width, max((len(b) for b in block_lists), default=0), 1)
+    table = np.full((len(block_lists), width), pad, dtype=np.int32)
+    for i, blocks in enumerate(block_lists):
+        table[i, : len(blocks)] = blocks
+    return table
+
+
+def _to(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One host-to-device copy for a whole packed array."""
+    return torch.from_numpy(values).to(device, non_blocking=True)

@@ -1,0 +1,99 @@
+"""The model's elementwise operations (norms, rotary embedding, SwiGLU activation), by name.
+
+"torch" is plain PyTorch and runs anywhere. "triton" fuses each operation into one GPU
+kernel (add + norm, rotary on q and k in place, silu * up), which matters for decode
+steps made of hundreds of tiny launches. Both compute in float32 and round like
+transformers does, so they agree to the last bit in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Ops(Protocol):
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual)."""
+        ...
+
+    def rope(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate-half RoPE on q [T, H, D] and k [T, KVH, D]; tables [positions, D/2] float32."""
+        ...
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gate_up = [gate | up] along the last dim."""
+        ...
+
+
+_OPS: dict[str, Callable[[], Ops]] = {}
+
+
+def register_ops(name: str) -> Callable[[Callable[[], Ops]], Callable[[], Ops]]:
+    def wrap(factory: Callable[[], Ops]) -> Callable[[], Ops]:
+        assert name not in _OPS, f"ops {name!r} registered twice"
+        _OPS[name] = factory
+        return factory
+
+    return wrap
+
+
+def make_ops(name: str, device: torch.device) -> Ops:
+    """`auto`: fused Triton kernels on CUDA, plain PyTorch elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        from kvflow.engines.native import triton_ops  # noqa: F401  (registers itself)
+    if name not in _OPS:
+        raise ValueError(f"unknown ops {name!r}; known: auto, {', '.join(_OPS)}")
+    return _OPS[name]()
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def torch_rope(
+    positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    c = cos[positions].to(x.dtype)[:, None, :]
+    s = sin[positions].to(x.dtype)[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+@register_ops("torch")
+class TorchOps:
+    """Unfused PyTorch, the reference and the CPU path."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch_rms_norm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        summed = x + residual
+        return torch_rms_norm(summed, weight, eps), summed
+
+    def rope(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch_rope(positions, q, cos, sin), torch_rope(positions, k, cos, sin)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up

@@ -1,0 +1,92 @@
+"""One request's output stream on the asyncio side: what the engine thread delivered, awaited by generate().
+
+The engine thread never touches a stream directly: it builds `Delivery` values and the
+event loop applies them (`call_soon_threadsafe`). `next_output` batches whatever arrived
+since the generator last ran into one EngineOutput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from kvflow.llm.protocol import FINISH_ERROR, EngineOutput, TopLogprob
+
+
+@dataclass
+class Delivery:
+    """New tokens (and their logprobs) for one request's stream from one engine step."""
+
+    stream: RequestStream
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    cached_tokens: int | None = None  # prompt tokens the prefix cache served (first delivery)
+
+
+class RequestStream:
+    """Buffers deliveries for one request until its generator asks for them."""
+
+    def __init__(self, request_id: str, want_logprobs: bool) -> None:
+        self.request_id = request_id
+        self.want_logprobs = want_logprobs
+        self.cached_tokens = 0
+        self._tokens: list[int] = []
+        self._logprobs: list[float] = []
+        self._top: list[list[TopLogprob]] = []
+        self._finish: str | None = None
+        self._error: str | None = None
+        self._reported_cache = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self._finish is not None
+
+    def push(self, d: Delivery) -> None:
+        if self._finish is not None:
+            return  # cancelled meanwhile: drop late tokens
+        self._tokens += d.token_ids
+        if d.logprobs is not None:
+            self._logprobs += d.logprobs
+        if d.top_logprobs is not None:
+            self._top += d.top_logprobs
+        if d.error is not None:
+            self._error = d.error
+        if d.cached_tokens is not None:
+            self.cached_tokens = d.cached_tokens
+        if d.finish_reason is not None:
+            self._finish = d.finish_reason
+        self._wake()
+
+    def finish(self, reason: str) -> None:
+        if self._finish is None:
+            self._finish = reason
+            self._wake()
+
+    def fail(self, message: str) -> None:
+        if self._finish is None:
+            self._error = message
+            self.finish(FINISH_ERROR)
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next_output(self) -> EngineOutput:
+        """Everything that arrived since the last call (waits if nothing has)."""
+        if not self._tokens and self._finish is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        out = EngineOutput(token_ids=self._tokens, finish_reason=self._finish, error=self._error)
+        self._tokens = []
+        if self.want_logprobs:
+            out.logprobs, out.top_logprobs = self._logprobs, self._top
+            self._logprobs, self._top = [], []
+        if not self._reported_cache:
+            self._reported_cache = True
+            out.cached_tokens = self.cached_tokens
+        return out

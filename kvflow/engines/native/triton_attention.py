@@ -1,0 +1,329 @@
+"""Triton paged-attention kernels (GPU): split-KV decode and varlen causal prefill, reading blocks in place.
+
+Keys and values are gathered tile by tile through the block table straight from the paged
+cache; nothing is copied into a contiguous buffer. Decode splits each context over several
+programs (flash-decoding) so a small batch still fills the GPU, then a second kernel merges
+the splits. The decode launch depends only on the batch size, so CUDA graphs can capture it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kvflow.engines.native.attention import AttentionMetadata, register_backend
+
+_DECODE_BLOCK_N = 64
+_MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, part_out_ptr, part_lse_ptr,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_bt,
+    scale, window, num_splits,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = 0
+    if HAS_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    span = seq_len - start
+    per_split = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(
+        q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=offs_g[:, None] < GROUP, other=0.0,
+    )
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < hi
+        block = tl.load(bt_ptr + seq * stride_bt + offs_n // BLOCK_SIZE, mask=valid, other=0)
+        slots = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        kv_off = slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    part = (seq * tl.num_programs(1) * GROUP + heads) * MAX_SPLITS + split
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    row_ok = offs_g < GROUP
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+    tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_splits,
+    HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
+    offs_s = tl.arange(0, MAX_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + row * MAX_SPLITS + offs_s, mask=offs_s < num_splits,
+                  other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0)
+    parts = tl.load(
+        part_out_ptr + (row * MAX_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+        mask=(offs_s < num_splits)[:, None], other=0.0,
+    )
+    denom = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, tile_seq_ptr, tile_start_ptr,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
+    scale, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    seq = tl.load(tile_seq_ptr + tile)
+    q_start = tl.load(tile_start_ptr + tile)
+    row0 = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - row0
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx = seq_len - q_len
+
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    q_pos = ctx + offs_m
+    q = tl.load(q_ptr + (row0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    first_q = ctx + q_start
+    last_q = tl.minimum(ctx + q_start + BLOCK_M, seq_len)  # exclusive
+    lo = 0
+    full_hi = first_q // BLOCK_N * BLOCK_N  # tiles below it need no mask
+    if HAS_WINDOW:
+        lo = tl.maximum(first_q - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_hi = lo
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    bt_row = bt_ptr + seq * stride_bt
+    qk_scale = scale * 1.4426950408889634  # exp2 domain
+    for n0 in range(lo, full_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        block = tl.load(bt_row + offs_n // BLOCK_SIZE)
+        slots = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        kv_off = slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :]
+        k = tl.load(k_ptr + kv_off)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        v = tl.load(v_ptr + kv_off)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    for n0 in range(full_hi, last_q, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < last_q
+        block = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=valid, other=0)
+        slots = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        kv_off = slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        seen = (offs_n[None, :] <= q_pos[:, None]) & valid[None, :]
+        if HAS_WINDOW:
+            seen = seen & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + (row0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch, num_kv_heads,
+    HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    offs_d = tl.arange(0, HEAD_DIM)[None, :]
+    mask = heads < num_kv_heads
+    dest = slot * stride_cs + heads * stride_ch + offs_d
+    k = tl.load(k_ptr + t * stride_kt + heads * stride_kh + offs_d, mask=mask)
+    tl.store(kc_ptr + dest, k, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + offs_d, mask=mask)
+    tl.store(vc_ptr + dest, v, mask=mask)
+
+
+def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """write_kv in one launch; k and v may be strided views of the fused qkv output."""
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _store_kv_kernel[(k.shape[0],)](
+        k, v, k_cache, v_cache, slots,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
+        k.shape[1], HEAD_DIM=k.shape[2], HEADS_PAD=triton.next_power_of_2(k.shape[1]),
+        num_warps=1,
+    )
+
+
+def _precision(q: torch.Tensor) -> str:
+    """Full float32 products for float32 models (tf32 would drift from the reference)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Enough splits that the launch covers the GPU about twice, but only for small batches."""
+    want = (2 * num_sms + num_seqs * num_kv_heads - 1) // (num_seqs * num_kv_heads)
+    return max(1, min(_MAX_SPLITS, want))
+
+
+def paged_decode(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    window: int | None, num_splits: int,
+) -> torch.Tensor:
+    """One query token per sequence; q: [B, H, D]."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    group = num_heads // num_kv_heads
+    parts = torch.empty(num_seqs * num_heads * _MAX_SPLITS, head_dim, device=q.device,
+                        dtype=torch.float32)
+    lse = torch.empty(num_seqs * num_heads * _MAX_SPLITS, device=q.device, dtype=torch.float32)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, parts, lse,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        scale, window or 0, num_splits,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, MAX_SPLITS=_MAX_SPLITS,
+        PRECISION=_precision(q), HAS_WINDOW=window is not None,
+        num_warps=4, num_stages=2,
+    )
+    out = torch.empty_like(q)
+    _decode_merge_kernel[(num_seqs, num_heads)](
+        parts, lse, out, out.stride(0), out.stride(1), num_splits,
+        HEAD_DIM=head_dim, MAX_SPLITS=_MAX_SPLITS, num_warps=1,
+    )
+    return out
+
+
+def prefill_tiles(meta: AttentionMetadata, block_m: int) -> tuple[list[int], list[int]]:
+    """(sequence, first query row) of every BLOCK_M tile of queries, in launch order."""
+    seqs: list[int] = []
+    starts: list[int] = []
+    qs = meta.query_start_host
+    for i in range(meta.num_seqs):
+        for start in range(0, qs[i + 1] - qs[i], block_m):
+            seqs.append(i)
+            starts.append(start)
+    return seqs, starts
+
+
+@dataclass(frozen=True)
+class PrefillTiling:
+    """Tile shape and launch parameters of the prefill kernel."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+LONG_TILING = PrefillTiling()
+SHORT_TILING = PrefillTiling(block_m=16, block_n=64, num_warps=4, num_stages=2)
+
+
+def paged_prefill(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    window: int | None, tiling: PrefillTiling | None = None,
+) -> torch.Tensor:
+    """Any number of query tokens per sequence, causal over cached + new tokens."""
+    _, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    t = tiling or (LONG_TILING if meta.max_query_len > 64 else SHORT_TILING)
+    block_m, block_n = t.block_m, t.block_n
+    seqs, starts = prefill_tiles(meta, block_m)
+    tiles = torch.tensor([seqs, starts], dtype=torch.int32).to(q.device, non_blocking=True)
+    out = torch.empty_like(q)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _prefill_kernel[(len(seqs), num_heads)](
+        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        tiles[0], tiles[1],
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        scale, window or 0,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), HAS_WINDOW=window is not None,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return out
+
+
+@register_backend("triton")
+class TritonPagedBackend:
+    """GPU: decode batches through the split-KV kernel, anything else through the prefill kernel."""
+
+    def __init__(self) -> None:
+        self.num_sms = (
+            torch.cuda.get_device_properties(0).multi_processor_count
+            if torch.cuda.is_available() else 8
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        head_dim = q.shape[-1]
+        if head_dim & (head_dim - 1):
+            raise ValueError(
+                f"the Triton attention kernels need a power-of-two head_dim, got {head_dim}; "
+                "run with the 'torch' attention backend"
+            )
+        store_kv(kv_cache, k, v, meta.slot_mapping)
+        if meta.is_decode:
+            splits = decode_splits(meta.num_seqs, kv_cache.shape[3], self.num_sms)
+            return paged_decode(q, kv_cache, meta, scale, window, splits)
+        return paged_prefill(q, kv_cache, meta, scale, window)

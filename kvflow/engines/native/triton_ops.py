@@ -1,0 +1,127 @@
+"""Fused Triton kernels for the model's elementwise work on GPU: add + RMSNorm, RoPE in place, silu * up."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvflow.engines.native.ops import register_ops
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        summed = (x + r).to(dtype)  # rounded like an add in the model dtype
+        tl.store(res_ptr + row * stride_r + offs, summed, mask=mask)
+        x = summed.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x * x, 0) / n + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = ((x * inv).to(dtype).to(tl.float32) * w).to(dtype)
+    tl.store(out_ptr + row * stride_o + offs, y, mask=mask)
+
+
+@triton.jit
+def _rope_heads(base, cos, sin, offs, heads, num_heads, stride_h, HALF):
+    mask = (heads[:, None] < num_heads) & (offs[None, :] < HALF)
+    ptr = base + heads[:, None] * stride_h + offs[None, :]
+    x1 = tl.load(ptr, mask=mask, other=0.0)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(ptr, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_table,
+    num_q_heads, num_k_heads,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    offs = tl.arange(0, HALF_PAD)
+    cos = tl.load(cos_ptr + pos * stride_table + offs, mask=offs < HALF, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_table + offs, mask=offs < HALF, other=0.0)[None, :]
+    heads = tl.arange(0, HEADS_PAD)
+    _rope_heads(q_ptr + t * stride_qt, cos, sin, offs, heads, num_q_heads, stride_qh, HALF)
+    _rope_heads(k_ptr + t * stride_kt, cos, sin, offs, heads, num_k_heads, stride_kh, HALF)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    dtype = out_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)  # silu rounded, then the product
+    tl.store(out_ptr + row * stride_o + cols, (act * up).to(dtype), mask=mask)
+
+
+def _norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    out = torch.empty_like(x2)
+    res = residual.view(-1, shape[-1]) if residual is not None else x2
+    n = shape[-1]
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), n, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+        num_warps=8 if n >= 4096 else 4,
+    )
+    return out.view(shape)
+
+
+@register_ops("triton")
+class TritonOps:
+    """One kernel per operation; `add_rms_norm` and `rope` work in place."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return _norm(x, None, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Overwrites `residual` with x + residual."""
+        return _norm(x, residual, weight, eps), residual
+
+    def rope(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotates q and k in place (they may be strided views of the fused qkv output)."""
+        half = q.shape[-1] // 2
+        _rope_kernel[(q.shape[0],)](
+            q, k, positions, cos, sin,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+            q.shape[1], k.shape[1],
+            HALF=half, HALF_PAD=triton.next_power_of_2(half),
+            HEADS_PAD=triton.next_power_of_2(max(q.shape[1], k.shape[1])),
+            num_warps=4,
+        )
+        return q, k
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        n = gate_up.shape[-1] // 2
+        x = gate_up.reshape(-1, 2 * n)
+        out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+        block = 1024
+        _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](
+            x, out, x.stride(0), out.stride(0), n, BLOCK=block, num_warps=4,
+        )
+        return out.view(*gate_up.shape[:-1], n)

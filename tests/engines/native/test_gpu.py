@@ -1,0 +1,101 @@
+"""The native engine on CUDA (Triton paged attention, CUDA graphs) against transformers. Opt-in: -m gpu."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvflow.engines.native.config import NativeEngineConfig
+from kvflow.engines.native.engine import NativeEngine
+from kvflow.llm.protocol import PreprocessedRequest, SamplingOptions, StopConditions
+from kvflow.runtime.context import Context
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+Greedy = Callable[[Path, list[int], int], list[int]]
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return [int(x) for x in torch.randint(3, 500, (n,), generator=gen)]
+
+
+async def _generate(engine: NativeEngine, rid: str, prompt: list[int], n: int,
+                    **sampling: object) -> list[int]:
+    req = PreprocessedRequest(
+        request_id=rid, token_ids=prompt, eos_token_ids=[1],
+        sampling=SamplingOptions(**{"temperature": 0.0, **sampling}),  # type: ignore[arg-type]
+        stop=StopConditions(max_tokens=n),
+    )
+    return [t async for out in engine.generate(req, Context()) for t in out.token_ids]
+
+
+async def _engine(path: Path, **kw: object) -> NativeEngine:
+    config = {"device": "cuda", "block_size": 16, "num_gpu_blocks": 256, "max_num_seqs": 16,
+              "max_num_batched_tokens": 64, "max_model_len": 512, **kw}
+    engine = NativeEngine(NativeEngineConfig(model_path=str(path), **config))  # type: ignore[arg-type]
+    await engine.start()
+    return engine
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["cuda-graphs", "eager"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral"])
+async def test_cuda_greedy_batch_matches_transformers(
+    name: str, eager: bool, tiny_models: Callable[[str], Path], hf_greedy: Greedy
+) -> None:
+    path = tiny_models(name)
+    engine = await _engine(path, enforce_eager=eager)
+    try:
+        assert (engine.runner.graphs is None) == eager  # type: ignore[union-attr]
+        prompts = [_prompt(n, seed=n) for n in (1, 9, 40, 130)]  # chunked: 64-token budget
+        outs = await asyncio.gather(
+            *(_generate(engine, f"g{i}", p, 12) for i, p in enumerate(prompts))
+        )
+        for prompt, out in zip(prompts, outs, strict=True):
+            assert out == hf_greedy(path, prompt, 12)
+    finally:
+        await engine.stop()
+
+
+async def test_cuda_prefix_hit_and_preemption(
+    tiny_models: Callable[[str], Path], hf_greedy: Greedy
+) -> None:
+    path = tiny_models("llama")
+    engine = await _engine(path, num_gpu_blocks=9, max_model_len=144)
+    try:
+        shared = _prompt(40, seed=1)
+        await _generate(engine, "warm", shared, 2)
+        prompts = [shared + _prompt(5 + i, seed=10 + i) for i in range(3)]
+        outs = await asyncio.gather(*(_generate(engine, f"p{i}", p, 24)
+                                      for i, p in enumerate(prompts)))
+        for prompt, out in zip(prompts, outs, strict=True):
+            assert out == hf_greedy(path, prompt, 24)
+    finally:
+        await engine.stop()
+
+
+async def test_cuda_bf16_logprobs_close_to_transformers(
+    tiny_models: Callable[[str], Path], hf_model: Callable[[Path], object]
+) -> None:
+    path = tiny_models("llama_bf16")
+    engine = await _engine(path)
+    try:
+        prompt = _prompt(33, seed=4)
+        req = PreprocessedRequest(
+            request_id="lp", token_ids=prompt,
+            sampling=SamplingOptions(temperature=0.0, logprobs=1),
+            stop=StopConditions(max_tokens=1),
+        )
+        outs = [o async for o in engine.generate(req, Context())]
+        token, logprob = outs[0].token_ids[0], outs[0].logprobs[0]  # type: ignore[index]
+        with torch.no_grad():
+            ref = hf_model(path)(torch.tensor([prompt])).logits[0, -1].float()  # type: ignore[operator]
+        assert abs(logprob - torch.log_softmax(ref, -1)[token].item()) < 0.1  # bf16 tolerance
+    finally:
+        await engine.stop()

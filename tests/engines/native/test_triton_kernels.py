@@ -1,0 +1,149 @@
+"""The Triton kernels (attention, fused ops) against the PyTorch paths (GPU, or CPU via the interpreter)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+
+from kvflow.engines.native.attention import AttentionMetadata, make_backend
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _random_batch(
+    q_lens: list[int], ctx_lens: list[int], *, heads: int, kv_heads: int, head_dim: int,
+    block_size: int, dtype: torch.dtype, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [q + c for q, c in zip(q_lens, ctx_lens, strict=True)]
+    blocks_per_seq = [(s + block_size - 1) // block_size for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    perm = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, out-of-order blocks
+    width = max(blocks_per_seq)
+    tables, slots, used = [], [], 0
+    for n, ctx, q in zip(blocks_per_seq, ctx_lens, q_lens, strict=True):
+        row = perm[used : used + n]
+        used += n
+        tables.append(row + [0] * (width - n))
+        slots += [row[t // block_size] * block_size + t % block_size for t in range(ctx, ctx + q)]
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    total = sum(q_lens)
+    q = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=DEVICE),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=DEVICE),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+        query_start_host=starts, seq_lens_host=seq_lens,
+    )
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache.to(DEVICE), meta
+
+
+CASES = [
+    # q_lens, ctx_lens, window
+    ([1, 1, 1], [0, 37, 130], None),  # decode
+    ([1, 1], [200, 5], 16),  # decode, sliding window
+    ([19, 1, 70], [0, 44, 9], None),  # mixed prefill + decode + chunk with cached context
+    ([33, 140], [70, 3], 24),  # prefill with sliding window
+]
+
+
+@pytest.mark.parametrize(("q_lens", "ctx_lens", "window"), CASES)
+def test_triton_matches_gather_backend(
+    q_lens: list[int], ctx_lens: list[int], window: int | None
+) -> None:
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    q, k, v, cache, meta = _random_batch(
+        q_lens, ctx_lens, heads=8, kv_heads=2, head_dim=32, block_size=16, dtype=dtype, seed=1
+    )
+    ref_cache = cache.clone()
+    ref = make_backend("torch", DEVICE).forward(q, k, v, ref_cache, meta, 0.2, window)
+    out = make_backend("triton", DEVICE).forward(q, k, v, cache, meta, 0.2, window)
+    assert torch.equal(cache, ref_cache)  # both stored the new K/V in the same slots
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+
+
+def test_fused_ops_match_torch_ops() -> None:
+    from kvflow.engines.native.ops import make_ops
+
+    torch_ops, triton_ops = make_ops("torch", DEVICE), make_ops("triton", DEVICE)
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool(((a.float() - b.float()).norm() / b.float().norm()) < tol)
+
+    x, res, w = rand(5, 96), rand(5, 96), rand(96)
+    assert close(triton_ops.rms_norm(x, w, 1e-6), torch_ops.rms_norm(x, w, 1e-6))
+    ref_out, ref_res = torch_ops.add_rms_norm(x, res.clone(), w, 1e-6)
+    out, new_res = triton_ops.add_rms_norm(x, res.clone(), w, 1e-6)
+    assert close(out, ref_out) and close(new_res, ref_res)
+
+    qkv = rand(7, (4 + 2 + 2) * 16)  # q, k, v as strided views of one fused projection
+    q, k, _ = qkv.split([64, 32, 32], dim=-1)
+    q, k = q.view(7, 4, 16), k.view(7, 2, 16)
+    positions = torch.tensor([0, 3, 9, 1, 2, 40, 5], device=DEVICE)
+    cos, sin = torch.randn(64, 8).to(DEVICE), torch.randn(64, 8).to(DEVICE)
+    ref_q, ref_k = torch_ops.rope(positions, q, k, cos, sin)
+    out_q, out_k = triton_ops.rope(positions, q, k, cos, sin)
+    assert close(out_q, ref_q) and close(out_k, ref_k)
+    assert out_q.data_ptr() == q.data_ptr()  # in place, inside the fused buffer
+
+    gate_up = rand(3, 2 * 1500)
+    assert close(triton_ops.silu_mul(gate_up), torch_ops.silu_mul(gate_up))
+
+
+async def test_engine_on_triton_kernels_matches_transformers(
+    tiny_models: Callable[[str], Path], hf_greedy: Callable[[Path, list[int], int], list[int]]
+) -> None:
+    from kvflow.engines.native.config import NativeEngineConfig
+    from kvflow.engines.native.engine import NativeEngine
+    from kvflow.llm.protocol import PreprocessedRequest, SamplingOptions, StopConditions
+    from kvflow.runtime.context import Context
+
+    path = tiny_models("qwen3")  # q/k norms on strided views, then the fused rope
+    config = NativeEngineConfig(
+        model_path=str(path), device=DEVICE.type, dtype="float32", block_size=4,
+        num_gpu_blocks=64, max_num_seqs=4, max_num_batched_tokens=8, max_model_len=128,
+        attention_backend="triton", ops="triton", enforce_eager=True,
+    )
+    engine = NativeEngine(config)
+    await engine.start()
+    try:
+        prompts = [[5, 9, 200, 31, 7, 77, 300, 12, 8, 4, 100], [42, 43]]
+
+        async def run(i: int, prompt: list[int]) -> list[int]:
+            req = PreprocessedRequest(
+                request_id=f"t{i}", token_ids=prompt, eos_token_ids=[1],
+                sampling=SamplingOptions(temperature=0.0), stop=StopConditions(max_tokens=5),
+            )
+            return [t async for o in engine.generate(req, Context()) for t in o.token_ids]
+
+        outs = await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)))
+        for prompt, out in zip(prompts, outs, strict=True):
+            assert out == hf_greedy(path, prompt, 5)
+    finally:
+        await engine.stop()
+
