@@ -44,10 +44,11 @@ compat_venvs() {
   root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
   for v in 3.10 3.13; do
     local target=".venv-compat/py${v/./}" interp=""
-    interp=$(command -v "python$v" || true)
-    if [ -z "$interp" ]; then
-      interp=$(ls -d "$root"/versions/"$v".*/bin/python 2>/dev/null | sort -V | tail -1 || true)
-    fi
+    for cand in $(ls -d "$root"/versions/"$v".*/bin/python 2>/dev/null | sort -V | tail -1) \
+                "$(command -v "python$v" || true)"; do
+      # pyenv shims exist for versions that are not selected: check it really runs.
+      if [ -n "$cand" ] && "$cand" -c "import sys" >/dev/null 2>&1; then interp="$cand"; break; fi
+    done
     if [ -z "$interp" ]; then log "python$v not found: the compat test will skip"; continue; fi
     if [ ! -x "$target/bin/python" ]; then "$interp" -m venv "$target"; fi
     "$target/bin/python" -m pip install -q --disable-pip-version-check -e . \
