@@ -18,7 +18,12 @@ from typing import Any
 
 import msgspec
 
-from kvflow.llm.model_card import ModelCard, build_model_card, read_card_file
+from kvflow.llm.model_card import (
+    DEFAULT_INLINE_LIMIT,
+    ModelCard,
+    build_model_card,
+    read_card_file,
+)
 from kvflow.runtime import Context, DistributedRuntime, Endpoint
 
 MODELS_PREFIX = "v1/models/"
@@ -69,11 +74,17 @@ async def register_llm(
     reasoning_parser: str | None = None,
     *,
     instance_id: int | None = None,
+    inline_limit: int = DEFAULT_INLINE_LIMIT,
 ) -> ModelEntry:
-    """Publish the model card for `endpoint` (call before or while serving it)."""
+    """Publish the model card for `endpoint` (call before or while serving it).
+
+    Card files up to `inline_limit` bytes travel inside the discovery value; larger
+    ones are served by this worker on `<component>.model_files`.
+    """
     card = await asyncio.to_thread(
         build_model_card,
         model_path,
+        inline_limit=inline_limit,
         model_name=model_name,
         context_length=context_length,
         kv_cache_block_size=kv_cache_block_size,
