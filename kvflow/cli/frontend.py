@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Metric
 
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
 from kvflow.frontend.watcher import ModelWatcher
@@ -72,6 +74,8 @@ async def serve_frontend(
     watcher = ModelWatcher(runtime, models, router_config(ns))
     await watcher.start()
     frontend = HttpFrontend(frontend_config(ns), models)
+    # One /metrics page: the router's and request plane's metrics live on the runtime.
+    frontend.metrics.registry.register(RegistryForwarder(runtime.metrics_registry))
     await frontend.start()
     log.info("frontend: listening on %s", frontend.base_url)
     if on_ready is not None:
@@ -81,6 +85,16 @@ async def serve_frontend(
     finally:
         await frontend.stop()
         await watcher.close()
+
+
+class RegistryForwarder:
+    """A prometheus collector that yields another registry's metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.registry.collect()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,3 +104,24 @@ async def test_native_engine_through_kvflow_run(stack, tmp_path) -> None:
     assert outs[0].choices[0].text == outs[1].choices[0].text  # greedy is deterministic
     assert outs[1].usage.prompt_tokens_details.cached_tokens >= 0
     await client.close()
+
+
+async def test_frontend_metrics_include_router_and_requests(stack, model_dir) -> None:
+    import urllib.request
+
+    base = stack.frontend()
+    stack.start("worker", "--engine", "mocker", "--model-path", str(model_dir), "--model-name", "m",
+                "--speedup-ratio", "0")
+    assert await _wait_models(base, {"m"}) == {"m"}
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused")
+    await client.completions.create(model="m", prompt="count me", max_tokens=3)
+    await client.close()
+    want = 'kvflow_frontend_requests_total{endpoint="completions",model="m",status="200"} 1.0'
+    for _ in range(50):  # the counter is bumped just after the response is written
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(base + "/metrics").read().decode())
+        if want in body:
+            break
+        await asyncio.sleep(0.05)
+    assert want in body
+    assert "kvflow_frontend_output_sequence_tokens" in body
+    assert "kvflow_router_" in body, "router metrics missing from the frontend's /metrics"
