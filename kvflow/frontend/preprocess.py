@@ -336,6 +336,11 @@ def _engine_request(
     logprobs: int | None,
 ) -> PreprocessedRequest:
     fmt = msgspec.to_builtins(req.response_format) if req.response_format else None
+    if fmt and fmt.get("type", "text") != "text" and not model.card.guided_decoding:
+        raise bad_request(
+            f"response_format {fmt.get('type')!r} needs guided decoding, which the engine serving "
+            f"model '{model.name}' does not offer; omit response_format or use {{\"type\": \"text\"}}",
+            param="response_format", code="unsupported_response_format")
     sampling = SamplingOptions(
         temperature=req.temperature,
         top_p=req.top_p,

@@ -77,6 +77,8 @@ class ModelCard(msgspec.Struct, omit_defaults=True):
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     files: dict[str, FileRef] = {}
+    # The engine can honour response_format (JSON schema / regex guided decoding).
+    guided_decoding: bool = False
     checksum: str = ""
 
 

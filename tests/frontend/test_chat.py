@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import openai
 import pytest
 
@@ -79,7 +80,21 @@ async def test_default_max_tokens_fills_context(served: Served, echo: EchoEngine
     assert req.stop.max_tokens == 2048 - len(req.token_ids)
 
 
-async def test_sampling_fields_reach_engine(served: Served, echo: EchoEngineClient, card):
+async def test_response_format_needs_an_engine_that_can_honour_it(served: Served, echo):
+    with pytest.raises(openai.BadRequestError) as info:
+        await served.client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, response_format={"type": "json_object"})
+    assert info.value.body["param"] == "response_format"
+    assert "guided decoding" in info.value.body["message"]
+    r = await served.client.chat.completions.create(  # plain text is always fine
+        model=MODEL, messages=MESSAGES, response_format={"type": "text"})
+    assert r.choices[0].message.content
+
+
+async def test_sampling_fields_reach_engine(served: Served, card):
+    card = msgspec.structs.replace(card, guided_decoding=True)
+    echo = EchoEngineClient()
+    served.add(card, echo)
     await served.client.chat.completions.create(
         model=MODEL, messages=MESSAGES, temperature=0.7, top_p=0.9, seed=11,
         presence_penalty=0.5, frequency_penalty=-0.5, logprobs=True, top_logprobs=3,
