@@ -125,3 +125,20 @@ async def test_frontend_metrics_include_router_and_requests(stack, model_dir) ->
     assert want in body
     assert "kvflow_frontend_output_sequence_tokens" in body
     assert "kvflow_router_" in body, "router metrics missing from the frontend's /metrics"
+
+
+async def test_sixty_four_mocker_instances_in_one_process(stack, model_dir) -> None:
+    base = stack.frontend()
+    worker = stack.start("worker", "--engine", "mocker", "--model-path", str(model_dir),
+                         "--model-name", "m64", "--num-workers", "64", "--speedup-ratio", "0")
+    assert await _wait_models(base, {"m64"}, timeout=30) == {"m64"}
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused")
+    for _ in range(100):  # the pool fills as instances register
+        if len(worker.output().split("instances=64")) > 1:
+            break
+        await asyncio.sleep(0.1)
+    outs = await asyncio.gather(*(client.completions.create(
+        model="m64", prompt=f"request number {i} " * 8, max_tokens=16) for i in range(128)))
+    assert all(o.usage.completion_tokens == 16 for o in outs)
+    await client.close()
+    assert worker.alive()
