@@ -21,11 +21,15 @@ from kvflow.runtime.context import Context
 
 @dataclass(frozen=True)
 class EchoConfig:
-    delay: float = 0.0  # seconds between tokens; 0 = as fast as possible
+    # Seconds between tokens. 0 = as fast as possible, but still one event-loop turn per
+    # token, so concurrent requests interleave as they would in a batched engine's steps.
+    delay: float = 0.0
+    # Cycle the prompt until max_tokens (a model that never emits EOS); needs max_tokens.
+    repeat: bool = False
 
 
 class EchoEngine:
-    """Returns the prompt tokens one at a time (up to max_tokens)."""
+    """Returns the prompt tokens one at a time (up to max_tokens; cycling them if `repeat`)."""
 
     def __init__(self, config: EchoConfig, hooks: EngineHooks) -> None:
         self.config = config
@@ -40,22 +44,37 @@ class EchoEngine:
     def cache_snapshot(self) -> CacheSnapshot | None:
         return None
 
+    def output_length(self, request: PreprocessedRequest) -> int:
+        """How many tokens `request` gets back."""
+        prompt, limit = len(request.token_ids), request.stop.max_tokens
+        if limit is None:
+            return prompt
+        return limit if self.config.repeat and prompt else min(limit, prompt)
+
+    def finish_reason(self, request: PreprocessedRequest, n: int) -> str:
+        """"length" when max_tokens cut the echo of `n` tokens short, else "stop"."""
+        limit, prompt = request.stop.max_tokens, len(request.token_ids)
+        cut = limit is not None and n == limit and (n < prompt or (self.config.repeat and prompt > 0))
+        return FINISH_LENGTH if cut else FINISH_STOP
+
     async def generate(self, request: PreprocessedRequest, context: Context) -> AsyncIterator[EngineOutput]:
         tokens = request.token_ids
-        limit = request.stop.max_tokens
-        n = len(tokens) if limit is None else min(limit, len(tokens))
+        n = self.output_length(request)
+        reason = self.finish_reason(request, n)
         delay = self.config.delay
         for i in range(n):
             if context.is_stopped():
                 yield EngineOutput(finish_reason=FINISH_CANCELLED)
                 return
-            if delay:
-                await asyncio.sleep(delay)
+            await asyncio.sleep(delay)
             last = i == n - 1
-            reason = (FINISH_LENGTH if n < len(tokens) else FINISH_STOP) if last else None
-            yield EngineOutput([tokens[i]], finish_reason=reason, cached_tokens=0 if i == 0 else None)
+            yield EngineOutput(
+                [tokens[i % len(tokens)]],
+                finish_reason=reason if last else None,
+                cached_tokens=0 if i == 0 else None,
+            )
         if n == 0:
-            yield EngineOutput(finish_reason=FINISH_LENGTH if tokens else FINISH_STOP, cached_tokens=0)
+            yield EngineOutput(finish_reason=reason, cached_tokens=0)
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:
@@ -63,10 +82,15 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--echo-delay", type=float, default=0.0, help="seconds between echoed tokens (default: 0)"
     )
+    group.add_argument(
+        "--echo-repeat",
+        action="store_true",
+        help="cycle the prompt until max_tokens instead of stopping at its end",
+    )
 
 
 def _build(args: argparse.Namespace, hooks: EngineHooks) -> EchoEngine:
-    return EchoEngine(EchoConfig(delay=args.echo_delay), hooks)
+    return EchoEngine(EchoConfig(delay=args.echo_delay, repeat=args.echo_repeat), hooks)
 
 
 register_engine(EngineSpec(name="echo", add_args=_add_args, build=_build))

@@ -13,6 +13,8 @@ from typing import Protocol
 JSON = b"application/json"
 EVENT_STREAM = b"text/event-stream"
 TEXT = b"text/plain; charset=utf-8"
+# Pieces of a stream queued before a write is forced, even within one event-loop turn.
+MAX_COALESCED = 64
 
 
 @dataclass(slots=True)
@@ -73,13 +75,18 @@ def _head(
 class Responder:
     """One response on one connection: `send(...)`, or `start_stream()` + `write()` + `end()`.
 
-    `write` frames each piece as one HTTP chunk and hands it to the transport in a single
-    call; it returns True when the peer reads slower than we write, and the writer should
-    then `await drain()`. Once the peer is gone every write is dropped.
+    A stream's first write leaves at once, with the head (time to first token). Later
+    writes are coalesced: what is written during one event-loop turn leaves as one HTTP
+    chunk in one transport write, flushed by a callback the turn schedules (or by `end()`,
+    or once MAX_COALESCED pieces wait). A consumer that finds several tokens ready thus
+    costs one syscall and one client read, not one per token. `write` returns True when the
+    peer reads slower than we write; the writer should then `await drain()`. Once the peer
+    is gone every write is dropped.
     """
 
     __slots__ = (
-        "_chunked", "_conn", "_on_disconnect", "_transport", "keep_alive", "started", "status",
+        "_chunked", "_conn", "_head", "_on_disconnect", "_pending", "_transport", "keep_alive",
+        "started", "status",
     )
 
     def __init__(self, conn: Connection, keep_alive: bool, chunked: bool = True) -> None:
@@ -90,6 +97,8 @@ class Responder:
         self.started = False
         self.status = 0
         self._on_disconnect: list[Callable[[], None]] = []
+        self._head = b""  # a stream's head, until its first write
+        self._pending: list[bytes] | None = None  # pieces written this turn, unframed
 
     def disconnected(self) -> bool:
         return self._conn.is_closed
@@ -131,28 +140,46 @@ class Responder:
             framing = b"transfer-encoding: chunked\r\n"
         else:
             framing, self.keep_alive = b"", False  # HTTP/1.0: the stream ends at close
-        head = _head(status, content_type, framing, self.keep_alive, extra)
-        if not self._conn.is_closed:
-            self._transport.write(head)  # type: ignore[union-attr]
+        self._head = _head(status, content_type, framing, self.keep_alive, extra)
 
     def write(self, data: bytes) -> bool:
-        """Send one chunk of a streamed response (empty data is skipped).
+        """Send one piece of a streamed response (empty data is skipped).
 
         Returns True when the client is behind: `await drain()` before writing more.
         """
         conn = self._conn
         if data and not conn.is_closed:
-            if self._chunked:
-                data = b"%x\r\n%b\r\n" % (len(data), data)
-            self._transport.write(data)  # type: ignore[union-attr]
+            pending = self._pending
+            if pending is None:
+                self._pending = [data]
+                if self._head:
+                    self.flush()
+                else:
+                    asyncio.get_running_loop().call_soon(self.flush)
+            else:
+                pending.append(data)
+                if len(pending) >= MAX_COALESCED:
+                    self.flush()
         return conn.write_paused
+
+    def flush(self, tail: bytes = b"") -> None:
+        """Write the head (if unsent), the queued pieces as one chunk, then `tail` (framed)."""
+        pending, self._pending = self._pending, None
+        out, self._head = self._head, b""
+        if pending:
+            body = pending[0] if len(pending) == 1 else b"".join(pending)
+            out += b"%x\r\n%b\r\n" % (len(body), body) if self._chunked else body
+        out += tail
+        transport = self._transport
+        if out and not self._conn.is_closed and not transport.is_closing():  # type: ignore[union-attr]
+            transport.write(out)  # type: ignore[union-attr]
 
     async def drain(self) -> None:
         """Wait until the transport's buffer has room again (returns at once if it has)."""
         if self._conn.write_paused:
+            self.flush()
             await self._conn.drain()
 
     def end(self) -> None:
-        """Finish a streamed response."""
-        if not self._conn.is_closed and self._chunked:
-            self._transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        """Finish a streamed response: write what is queued and the last chunk, now."""
+        self.flush(b"0\r\n\r\n" if self._chunked else b"")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from kvflow.frontend.models import ServedModel
 from kvflow.frontend.preprocess import OutputOptions
 from kvflow.llm.detokenizer import IncrementalDetokenizer
@@ -26,8 +28,7 @@ class EngineError(Exception):
     """The engine reported an error (or ended a request on its own) mid-generation."""
 
 
-@dataclass(slots=True)
-class TokenLogprobs:
+class TokenLogprobs(msgspec.Struct):
     """The logprobs of the tokens behind one delta, as the engine sent them."""
 
     token_ids: list[int]
@@ -35,9 +36,12 @@ class TokenLogprobs:
     top: list[list[TopLogprob]] | None
 
 
-@dataclass(slots=True)
-class ChoiceDelta:
-    """What one engine output adds to choice `index` of the response."""
+class ChoiceDelta(msgspec.Struct):
+    """What one engine output adds to choice `index` of the response.
+
+    A msgspec Struct rather than a dataclass: one is built per streamed token, and a
+    Struct's constructor is C code (about 3x cheaper).
+    """
 
     index: int
     text: str = ""

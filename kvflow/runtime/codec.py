@@ -86,43 +86,76 @@ def decoder_for(type_: Any) -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder(type_)
 
 
-class FrameParser:
-    """Incremental parser: feed bytes, get (kind, stream_id, payload) frames.
+class FrameBuffer:
+    """The bytes of an incomplete frame between reads.
 
-    Raises FrameError on a bad version byte is NOT done here: the caller compares
-    versions so it can answer with a clear message before closing.
+    `join(data)` puts kept bytes in front of new data, and returns None while the kept frame
+    is still incomplete, so a big frame arriving in many reads is copied once, not per read.
     """
 
-    __slots__ = ("_buf", "max_frame")
+    __slots__ = ("_need", "_rest")
+
+    def __init__(self) -> None:
+        self._rest = bytearray()
+        self._need = 0  # bytes the kept frame (or its header) needs in all
+
+    def join(self, data: bytes) -> bytes | None:
+        rest = self._rest
+        if not rest:
+            return data
+        rest += data
+        if len(rest) < self._need:
+            return None
+        whole = bytes(rest)
+        rest.clear()
+        return whole
+
+    def keep(self, data: bytes, pos: int) -> None:
+        """Keep `data[pos:]`, the start of a frame that has not fully arrived."""
+        self._rest += memoryview(data)[pos:]
+        rest = len(data) - pos
+        self._need = HEADER_SIZE if rest < HEADER_SIZE else 4 + HEADER.unpack_from(data, pos)[0]
+
+    def __len__(self) -> int:
+        return len(self._rest)
+
+
+class FrameParser:
+    """Incremental parser: feed bytes, get (version, kind, stream_id, payload) frames.
+
+    A bad version byte is NOT rejected here: the caller compares versions so it can
+    answer with a clear message before closing.
+    """
+
+    __slots__ = ("_buffer", "max_frame")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self._buf = bytearray()
+        self._buffer = FrameBuffer()
         self.max_frame = max_frame
 
     def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
         """Returns complete frames as (version, kind, stream_id, payload)."""
-        buf = self._buf
-        buf += data
+        whole = self._buffer.join(data)
+        if whole is None:
+            return []
         out: list[tuple[int, int, int, bytes]] = []
-        pos = 0
-        n = len(buf)
-        unpack = HEADER.unpack_from
+        pos, n, unpack = 0, len(whole), HEADER.unpack_from
         while n - pos >= HEADER_SIZE:
-            length, version, kind, stream_id = unpack(buf, pos)
+            length, version, kind, stream_id = unpack(whole, pos)
             if length < LENGTH_REST or length > self.max_frame:
                 raise OversizeFrame(length, self.max_frame)
             end = pos + 4 + length
             if end > n:
                 break
-            out.append((version, kind, stream_id, bytes(buf[pos + HEADER_SIZE : end])))
+            out.append((version, kind, stream_id, whole[pos + HEADER_SIZE : end]))
             pos = end
-        if pos:
-            del buf[:pos]
+        if pos < n:
+            self._buffer.keep(whole, pos)
         return out
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return len(self._buffer)
 
 
 class OversizeFrame(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from kvflow.runtime import codec
-from kvflow.runtime.codec import FrameKind
+from kvflow.runtime.codec import HEADER_SIZE, LENGTH_REST, PROTOCOL_VERSION, FrameKind
 from kvflow.runtime.errors import (
     FrameError,
     ProtocolVersionError,
@@ -29,6 +29,7 @@ from kvflow.runtime.errors import (
 )
 
 log = logging.getLogger(__name__)
+_unpack_header = codec.HEADER.unpack_from
 
 HIGH_WATER_FRAMES = 8192
 LOW_WATER_FRAMES = 2048
@@ -42,11 +43,17 @@ class StreamSink:
     def on_error(self, exc: Exception) -> None: ...
 
 
+_DATA = int(FrameKind.DATA)
+_END = int(FrameKind.END)
+_ERROR = int(FrameKind.ERROR)
+_HELLO = int(FrameKind.HELLO)
+
+
 class ClientConnection(asyncio.Protocol):
     def __init__(self, pool: ConnectionPool, key: tuple[str, int], max_frame: int) -> None:
         self.pool = pool
         self.key = key
-        self.parser = codec.FrameParser(max_frame)
+        self.max_frame = max_frame
         self.transport: asyncio.Transport | None = None
         self.sinks: dict[int, StreamSink] = {}
         self.next_id = 1
@@ -54,6 +61,7 @@ class ClientConnection(asyncio.Protocol):
         self.buffered = 0
         self.reading_paused = False
         self.close_error: Exception | None = None
+        self._buffer = codec.FrameBuffer()  # an incomplete frame, between reads
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -85,33 +93,54 @@ class ClientConnection(asyncio.Protocol):
         self.sinks.pop(stream_id, None)
 
     def data_received(self, data: bytes) -> None:
-        try:
-            frames = self.parser.feed(data)
-        except codec.OversizeFrame as exc:
-            self._fail(FrameError(f"worker {self.key} sent a bad frame: {exc}"))
+        """Parse the frames in `data` and hand each DATA payload to its stream's sink.
+
+        The hot path: one header unpack and one payload slice per frame, no other
+        per-frame objects; backpressure is counted once per read.
+        """
+        whole = self._buffer.join(data)
+        if whole is None:
             return
-        sinks = self.sinks
-        for version, kind, stream_id, payload in frames:
-            if version != codec.PROTOCOL_VERSION:
-                self._fail(ProtocolVersionError(codec.PROTOCOL_VERSION, version))
+        pos, n, got = 0, len(whole), 0
+        sinks, unpack, max_frame = self.sinks, _unpack_header, self.max_frame
+        while n - pos >= HEADER_SIZE:
+            length, version, kind, stream_id = unpack(whole, pos)
+            if length < LENGTH_REST or length > max_frame:
+                bad = codec.OversizeFrame(length, max_frame)
+                self._fail(FrameError(f"worker {self.key} sent a bad frame: {bad}"))
                 return
-            sink = sinks.get(stream_id)
-            if kind == FrameKind.DATA:
-                if sink is not None:
-                    self.buffered += 1
-                    sink.on_data(payload)
-            elif kind == FrameKind.END:
-                if sink is not None:
-                    del sinks[stream_id]
-                    sink.on_end()
-            elif kind == FrameKind.ERROR:
-                self._on_error_frame(stream_id, payload)
-            elif kind != FrameKind.HELLO:
-                self._fail(FrameError(f"worker {self.key} sent unexpected frame kind {kind}"))
+            end = pos + 4 + length
+            if end > n:
+                break
+            if version != PROTOCOL_VERSION:
+                self._fail(ProtocolVersionError(PROTOCOL_VERSION, version))
                 return
+            if kind == _DATA:
+                sink = sinks.get(stream_id)
+                if sink is not None:
+                    got += 1
+                    sink.on_data(whole[pos + HEADER_SIZE : end])
+            elif not self._on_control(kind, stream_id, whole[pos + HEADER_SIZE : end]):
+                return
+            pos = end
+        if pos < n:
+            self._buffer.keep(whole, pos)
+        self.buffered += got
         if self.buffered > HIGH_WATER_FRAMES and not self.reading_paused and self.transport:
             self.reading_paused = True
             self.transport.pause_reading()
+
+    def _on_control(self, kind: int, stream_id: int, payload: bytes) -> bool:
+        """Handle an END, ERROR or HELLO frame; False when the connection failed."""
+        if kind == _END:
+            sink = self.sinks.pop(stream_id, None)
+            if sink is not None:
+                sink.on_end()
+        elif kind == _ERROR:
+            self._on_error_frame(stream_id, payload)
+        elif kind != _HELLO:
+            self._fail(FrameError(f"worker {self.key} sent unexpected frame kind {kind}"))
+        return not self.closed
 
     def consumed(self, n: int = 1) -> None:
         self.buffered -= n
@@ -230,8 +259,10 @@ class _StreamState(StreamSink):
     def on_data(self, payload: bytes) -> None:
         self.items.append(payload)
         w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if w is not None:
+            self.waiter = None  # one wake-up per wait, however many items arrive
+            if not w.done():
+                w.set_result(None)
 
     def on_end(self) -> None:
         self.done = True
@@ -313,15 +344,21 @@ class ResponseStream:
         self._opener = opener
 
     async def __anext__(self) -> Any:
+        st = self._st
+        if not st.items:  # the slow path; a response already here needs no wait
+            st = await self._next_ready()
+        self.received += 1
+        self._conn.consumed()  # type: ignore[union-attr]
+        return self._decoder.decode(st.items.popleft())
+
+    async def _next_ready(self) -> _StreamState:
+        """Open the stream if need be, then wait for a response; raise at the end."""
         if self._conn is None and self._opener is not None:
             await self._open(retry=False)
         while True:
             st = self._st
             if st.items:
-                payload = st.items.popleft()
-                self.received += 1
-                self._conn.consumed()  # type: ignore[union-attr]
-                return self._decoder.decode(payload)
+                return st
             if st.error is not None:
                 await self._on_stream_error(st.error)
                 continue
