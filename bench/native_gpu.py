@@ -279,13 +279,13 @@ def profiles(runner, prefill_len: int) -> None:  # type: ignore[no-untyped-def]
 
 def breakdown(engine: NativeEngine, args: argparse.Namespace) -> None:
     runner = engine.runner
-    profiles(runner, args.prefill_len)
-    for batch in args.batches:
+    for batch in args.batches:  # before the profiler: it leaves every later launch slower
         print(f"b={batch}: graph replay {graph_replay_ms(runner, batch):.3f} ms", flush=True)
         for sync in (False, True):
             phases = decode_breakdown(runner, batch, args.isl, min(args.osl, 64), sync)
             text = " ".join(f"{k}={v:.3f}" for k, v in phases.items())
             print(f"  sync={sync}: {text}", flush=True)
+    profiles(runner, args.prefill_len)
     prefill_breakdown(runner, args.prefill_len)
 
 

@@ -4,11 +4,14 @@
 - weights.py: model dir / hub id, safetensors reading, building the model on a device.
 - layers.py, model.py: Llama / Mistral / Qwen2 / Qwen3 in plain PyTorch; checkpoint name map.
 - attention.py: per-step attention layout, backend registry, gather backend (any device).
+- ops.py, triton_ops.py: norms, rope, SwiGLU, projections by name (torch / fused Triton).
+- triton_gemv.py: decode GEMVs with the input norm or activation folded in (GPU).
 - triton_attention.py: Triton paged decode (split-KV) and prefill kernels (GPU).
+- triton_pdl.py: programmatic dependent launch for the decode kernels (Hopper).
 - kv_cache.py: KV cache sizing and allocation.
 - inputs.py: scheduler output -> batch tensors.
 - sampler.py: batched sampling, penalties, seeds, logprobs.
-- cuda_graphs.py: captured decode graphs.
+- cuda_graphs.py: captured decode graphs, inputs staged straight into pinned buffers.
 - runner.py: ModelRunner (execute one step).
 - stream.py, engine.py: NativeEngine, the threaded schedule -> execute -> update loop.
 """

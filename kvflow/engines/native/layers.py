@@ -1,8 +1,9 @@
 """The building blocks of a Llama-family decoder: RMSNorm, rotary embedding, GQA attention, SwiGLU.
 
-Plain PyTorch modules; the elementwise math goes through an `Ops` (ops.py). Projections are
-fused (q/k/v into one matrix, gate/up into one) so a step launches fewer, larger matrix
-products; the weight loader splits checkpoints accordingly.
+Plain PyTorch modules holding the weights; the math goes through an `Ops` (ops.py). Projections
+are fused (q/k/v into one matrix, gate/up into one) so a step launches fewer, larger matrix
+products; the weight loader splits checkpoints accordingly. Each norm is applied by the
+projection that reads its output (`Ops.norm_linear`), so an `Ops` may fuse the two.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 from kvflow.engines.native.attention import AttentionBackend, AttentionMetadata
 from kvflow.engines.native.config import ModelConfig, RopeConfig
-from kvflow.engines.native.ops import Ops
+from kvflow.engines.native.ops import Ops, Projected
 
 
 class RMSNorm(nn.Module):
@@ -33,6 +34,10 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual); may reuse `residual`'s storage."""
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+    def project(self, x: torch.Tensor, residual: torch.Tensor | None, proj: nn.Linear) -> Projected:
+        """proj(norm(x + residual)) and x + residual (at the first layer: proj(norm(x)) and x)."""
+        return self.ops.norm_linear(x, residual, self.weight, self.eps, proj.weight, proj.bias)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -102,9 +107,10 @@ class Attention(nn.Module):
         self.kv_cache = torch.empty(0)  # set by the engine once the cache is allocated
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
+        self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        """qkv: the input already projected by `qkv_proj` (the layer fuses it with the norm)."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -112,11 +118,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rope(positions, q, k, self.rotary.cos, self.rotary.sin)
         out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.window)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.ops.linear(out.reshape(-1, self.q_size), self.o_proj.weight)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); `forward` takes gate_up(x), projected with the norm."""
 
     def __init__(self, hidden: int, intermediate: int, ops: Ops) -> None:
         super().__init__()
@@ -124,8 +130,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.ops.silu_mul_linear(gate_up, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -147,10 +153,8 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the previous block's output (not yet added to `residual`, None at layer 0)."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm.add_forward(x, residual)
-        h = self.self_attn(positions, h, meta)
-        h, residual = self.post_attention_layernorm.add_forward(h, residual)
-        return self.mlp(h), residual
+        qkv, residual = self.input_layernorm.project(x, residual, self.self_attn.qkv_proj)
+        h = self.self_attn(positions, qkv, meta)
+        gate_up, residual = self.post_attention_layernorm.project(h, residual,
+                                                                   self.mlp.gate_up_proj)
+        return self.mlp(gate_up), residual

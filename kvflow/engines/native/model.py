@@ -27,7 +27,7 @@ class CausalLM(nn.Module):
     ) -> None:
         super().__init__()
         ops = ops or TorchOps()
-        self.cfg = cfg
+        self.cfg, self.ops = cfg, ops
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
@@ -49,7 +49,7 @@ class CausalLM(nn.Module):
         return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.ops.logits(hidden, self.lm_head.weight)
 
     def set_kv_caches(self, caches: list[torch.Tensor]) -> None:
         assert len(caches) == len(self.layers)

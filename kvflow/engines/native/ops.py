@@ -1,18 +1,26 @@
-"""The model's elementwise operations (norms, rotary embedding, SwiGLU activation), by name.
+"""The model's operations besides attention (norms, projections, rotary embedding, SwiGLU), by name.
 
 "torch" is plain PyTorch and runs anywhere. "triton" fuses each operation into one GPU
-kernel (add + norm, rotary on q and k in place, silu * up), which matters for decode
-steps made of hundreds of tiny launches. Both compute in float32 and round like
-transformers does, so they agree to the last bit in float32.
+kernel (add + norm, rotary on q and k in place, silu * up), and for steps of a few rows
+(decode) folds the norm or the activation into the projection that reads it (a Triton
+GEMV), which matters for decode steps made of hundreds of tiny launches. Both compute in
+float32 and round like transformers does, so they agree to the last bit in float32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+
+
+class Projected(NamedTuple):
+    """A projection of the normed residual stream, and the stream (x + residual) itself."""
+
+    out: torch.Tensor
+    residual: torch.Tensor
 
 
 class Ops(Protocol):
@@ -33,6 +41,25 @@ class Ops(Protocol):
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for gate_up = [gate | up] along the last dim."""
+        ...
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T for x [T, K], weight [N, K]."""
+        ...
+
+    def norm_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+        eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+    ) -> Projected:
+        """linear(norm(x + residual)) and x + residual; residual None: linear(norm(x)) and x."""
+        ...
+
+    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """linear(silu(gate) * up)."""
+        ...
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """linear(x) rounded to the model dtype, as float32."""
         ...
 
 
@@ -97,3 +124,21 @@ class TorchOps:
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+    def norm_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+        eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+    ) -> Projected:
+        if residual is None:
+            return Projected(F.linear(self.rms_norm(x, norm_weight, eps), weight, bias), x)
+        h, summed = self.add_rms_norm(x, residual, norm_weight, eps)
+        return Projected(F.linear(h, weight, bias), summed)
+
+    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.silu_mul(gate_up), weight)
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight).float()

@@ -15,7 +15,7 @@ import torch
 from kvflow.engines.core.scheduler import ScheduledSeq
 from kvflow.engines.native.attention import AttentionMetadata, make_backend
 from kvflow.engines.native.config import ModelConfig, NativeEngineConfig
-from kvflow.engines.native.cuda_graphs import DecodeGraphs
+from kvflow.engines.native.cuda_graphs import DecodeGraphs, GraphStep
 from kvflow.engines.native.inputs import StepInputs, build_inputs
 from kvflow.engines.native.kv_cache import (
     KvCacheLayout,
@@ -144,12 +144,16 @@ class ModelRunner:
         logits = self.logits(inputs)
         return self.sample(inputs, logits, sampling)
 
-    def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
+    def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs | GraphStep:
+        """Decode steps a captured graph can run are staged into its inputs; others get tensors."""
+        if self.graphs is not None and self.graphs.accepts(scheduled):
+            return self.graphs.stage(scheduled)
         return build_inputs(scheduled, self.block_size, self.device)
 
     @torch.inference_mode()
     def sample(
-        self, inputs: StepInputs, logits: torch.Tensor, sampling: Mapping[str, RequestSampling]
+        self, inputs: StepInputs | GraphStep, logits: torch.Tensor,
+        sampling: Mapping[str, RequestSampling],
     ) -> StepResult:
         if not inputs.sampling_seqs:
             return StepResult({}, {})
@@ -160,14 +164,12 @@ class ModelRunner:
         return StepResult(sampled, _logprobs_by_request(ids, out))
 
     @torch.inference_mode()
-    def logits(self, inputs: StepInputs) -> torch.Tensor:
+    def logits(self, inputs: StepInputs | GraphStep) -> torch.Tensor:
         """Logits [S, V] (float32) of the rows that sample."""
-        meta = inputs.meta
-        if self.graphs is not None and meta.is_decode and meta.num_seqs <= self.graphs.max_size:
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, meta)
-            return logits if len(inputs.sampling_seqs) == meta.num_seqs else \
-                logits[inputs.logits_indices]
-        hidden = self.model(inputs.input_ids, inputs.positions, meta)
+        if isinstance(inputs, GraphStep):
+            assert self.graphs is not None
+            return self.graphs.replay(inputs)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
 

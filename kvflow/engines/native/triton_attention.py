@@ -4,6 +4,7 @@ Keys and values are gathered tile by tile through the block table straight from 
 cache; nothing is copied into a contiguous buffer. Decode splits each context over several
 programs (flash-decoding) so a small batch still fills the GPU, then a second kernel merges
 the splits. The decode launch depends only on the batch size, so CUDA graphs can capture it.
+The decode-path kernels launch early on Hopper and wait for the kernel ahead (triton_pdl.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kvflow.engines.native.attention import AttentionMetadata, register_backend
+from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
 
 _DECODE_BLOCK_N = 64
 _MAX_SPLITS = 32
@@ -27,8 +29,11 @@ def _decode_split_kernel(
     scale, window, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # triton_pdl.py: start early, wait for the kernel ahead
+        gdc_launch_dependents()
+        gdc_wait()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -78,8 +83,11 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_splits,
-    HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # triton_pdl.py: start early, wait for the kernel ahead
+        gdc_launch_dependents()
+        gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * tl.num_programs(1) + head
@@ -179,8 +187,11 @@ def _prefill_kernel(
 def _store_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch, num_kv_heads,
-    HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # triton_pdl.py: start early, wait for the kernel ahead
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
     heads = tl.arange(0, HEADS_PAD)[:, None]
@@ -200,7 +211,7 @@ def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: to
         k, v, k_cache, v_cache, slots,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         k.shape[1], HEAD_DIM=k.shape[2], HEADS_PAD=triton.next_power_of_2(k.shape[1]),
-        num_warps=1,
+        num_warps=1, USE_PDL=PDL, **launch_options(),
     )
 
 
@@ -234,12 +245,13 @@ def paged_decode(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, MAX_SPLITS=_MAX_SPLITS,
         PRECISION=_precision(q), HAS_WINDOW=window is not None,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, USE_PDL=PDL, **launch_options(),
     )
     out = torch.empty_like(q)
     _decode_merge_kernel[(num_seqs, num_heads)](
         parts, lse, out, out.stride(0), out.stride(1), num_splits,
-        HEAD_DIM=head_dim, MAX_SPLITS=_MAX_SPLITS, num_warps=1,
+        HEAD_DIM=head_dim, MAX_SPLITS=_MAX_SPLITS, num_warps=1, USE_PDL=PDL,
+        **launch_options(),
     )
     return out
 

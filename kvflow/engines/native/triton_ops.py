@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the model's elementwise work on GPU: add + RMSNorm, RoPE in place, silu * up."""
+"""Fused Triton kernels for the model's work on GPU: add + RMSNorm, RoPE in place, silu * up, decode GEMVs."""
 
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.engines.native.ops import register_ops
+from kvflow.engines.native import triton_gemv as tg
+from kvflow.engines.native.ops import Projected, TorchOps, register_ops
+from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # triton_pdl.py: start early, wait for the kernel ahead
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
@@ -47,8 +52,11 @@ def _rope_kernel(
     q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_table,
     num_q_heads, num_k_heads,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # triton_pdl.py: start early, wait for the kernel ahead
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     offs = tl.arange(0, HALF_PAD)
@@ -82,14 +90,23 @@ def _norm(
     _rms_norm_kernel[(x2.shape[0],)](
         x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), n, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
-        num_warps=8 if n >= 4096 else 4,
+        num_warps=8 if n >= 4096 else 4, USE_PDL=PDL, **launch_options(),
     )
     return out.view(shape)
 
 
+def _few_rows(x: torch.Tensor) -> bool:
+    """Decode-sized: few enough rows that a GEMV beats a matrix-matrix product."""
+    return x.shape[0] <= tg.MAX_ROWS and x.stride(-1) == 1
+
+
 @register_ops("triton")
-class TritonOps:
-    """One kernel per operation; `add_rms_norm` and `rope` work in place."""
+class TritonOps(TorchOps):
+    """One kernel per operation; `add_rms_norm` and `rope` work in place.
+
+    Projections of up to `triton_gemv.MAX_ROWS` rows run as GEMVs with the input's norm or
+    activation folded in (one launch instead of two); bigger ones go to cuBLAS.
+    """
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return _norm(x, None, weight, eps)
@@ -112,7 +129,7 @@ class TritonOps:
             q.shape[1], k.shape[1],
             HALF=half, HALF_PAD=triton.next_power_of_2(half),
             HEADS_PAD=triton.next_power_of_2(max(q.shape[1], k.shape[1])),
-            num_warps=4,
+            num_warps=4, USE_PDL=PDL, **launch_options(),
         )
         return q, k
 
@@ -125,3 +142,30 @@ class TritonOps:
             x, out, x.stride(0), out.stride(0), n, BLOCK=block, num_warps=4,
         )
         return out.view(*gate_up.shape[:-1], n)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if not _few_rows(x):
+            return super().linear(x, weight)
+        return tg.gemv(x, weight)[0]
+
+    def norm_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+        eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+    ) -> Projected:
+        """With a residual, the new residual is a fresh tensor (programs read the old one)."""
+        if not _few_rows(x):
+            return super().norm_linear(x, residual, norm_weight, eps, weight, bias)
+        prologue = tg.NORM if residual is None else tg.ADD_NORM
+        out, summed = tg.gemv(x, weight, prologue=prologue, residual=residual,
+                              norm_weight=norm_weight, eps=eps, bias=bias)
+        return Projected(out, x if summed is None else summed)
+
+    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if not _few_rows(gate_up):
+            return super().silu_mul_linear(gate_up, weight)
+        return tg.gemv(gate_up, weight, prologue=tg.SILU_MUL)[0]
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if not _few_rows(x):
+            return super().logits(x, weight)
+        return tg.gemv(x, weight, out_dtype=torch.float32)[0]

@@ -99,3 +99,32 @@ async def test_cuda_bf16_logprobs_close_to_transformers(
         assert abs(logprob - torch.log_softmax(ref, -1)[token].item()) < 0.1  # bf16 tolerance
     finally:
         await engine.stop()
+
+
+def test_graph_inputs_staged_like_build_inputs() -> None:
+    """The pinned-buffer upload of a decode step equals the generic tensors; padding rows pad."""
+    from kvflow.engines.core import Sequence, StopRule
+    from kvflow.engines.core.scheduler import ScheduledSeq
+    from kvflow.engines.native.cuda_graphs import _Inputs
+    from kvflow.engines.native.inputs import build_inputs
+    from kvflow.engines.native.kv_cache import KvCacheLayout
+
+    layout = KvCacheLayout(100, 4, 2, 2, 8, torch.float32)
+    staged = _Inputs(8, 10, layout, torch.device("cuda"))
+    scheduled = []
+    for i, n in enumerate([5, 13, 9]):
+        seq = Sequence(f"r{i}", list(range(100 + i, 100 + i + n)), StopRule(max_tokens=3))
+        seq.block_ids = [(7 * i + j) % 100 for j in range((n + 3) // 4)]
+        scheduled.append(ScheduledSeq(seq, 1, n - 1, False, True))
+    for size in (8, 4):
+        staged.write(scheduled, size)
+        ref = build_inputs(scheduled, 4, torch.device("cuda"))
+        assert torch.equal(staged.longs[0, :3], ref.input_ids)
+        assert torch.equal(staged.longs[1, :3], ref.positions)
+        assert torch.equal(staged.longs[2, :size], torch.cat(
+            [ref.meta.slot_mapping, torch.full((size - 3,), layout.pad_slot, device="cuda")]))
+        assert staged.ints[:size].tolist() == [5, 13, 9] + [1] * (size - 3)
+        for i, s in enumerate(scheduled):
+            n = len(s.seq.block_ids)
+            assert torch.equal(staged.block_tables()[i, :n], ref.meta.block_tables[i, :n])
+        assert (staged.block_tables()[3:size, 0] == layout.pad_block).all()

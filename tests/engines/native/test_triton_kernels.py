@@ -115,6 +115,44 @@ def test_fused_ops_match_torch_ops() -> None:
     assert close(triton_ops.silu_mul(gate_up), torch_ops.silu_mul(gate_up))
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_gemvs_match_torch_ops(rows: int) -> None:
+    """Norm / add+norm / silu*up folded into the projection, odd sizes, several K chunks."""
+    from kvflow.engines.native import triton_gemv as tg
+    from kvflow.engines.native.ops import make_ops
+
+    torch_ops, triton_ops = make_ops("torch", DEVICE), make_ops("triton", DEVICE)
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    gen = torch.Generator().manual_seed(rows)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=gen)).to(dtype).to(DEVICE)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and bool(((a.float() - b.float()).norm() / b.float().norm()) < tol)
+
+    k, n = 2100, 77  # K spans two chunks, N is not a multiple of the tile
+    x, res, norm_w, bias = rand(rows, k), rand(rows, k), rand(k), rand(n)
+    w = rand(n, k, scale=k**-0.5)
+    ref = torch_ops.norm_linear(x, res.clone(), norm_w, 1e-6, w, bias)
+    got = triton_ops.norm_linear(x, res.clone(), norm_w, 1e-6, w, bias)  # GEMV or cuBLAS by rows
+    assert close(got.out, ref.out) and close(got.residual, ref.residual)
+    res_before = res.clone()
+    out, summed = tg.gemv(x, w, prologue=tg.ADD_NORM, residual=res, norm_weight=norm_w, eps=1e-6,
+                          bias=bias)  # the kernel itself, whatever the rows
+    assert close(out, ref.out) and summed is not None and close(summed, ref.residual)
+    assert torch.equal(res, res_before)  # the new residual is a fresh tensor
+    first = triton_ops.norm_linear(x, None, norm_w, 1e-6, w, None)
+    assert close(first.out, torch_ops.norm_linear(x, None, norm_w, 1e-6, w, None).out)
+    assert first.residual is x
+    gate_up = rand(rows, 2 * k)
+    assert close(triton_ops.silu_mul_linear(gate_up, w), torch_ops.silu_mul_linear(gate_up, w))
+    assert close(triton_ops.linear(x, w), torch_ops.linear(x, w))
+    logits = triton_ops.logits(x, w)
+    assert logits.dtype == torch.float32 and close(logits, torch_ops.logits(x, w))
+
+
 async def test_engine_on_triton_kernels_matches_transformers(
     tiny_models: Callable[[str], Path], hf_greedy: Callable[[Path, list[int], int], list[int]]
 ) -> None:

@@ -1,0 +1,132 @@
+"""GPU micro-benchmark: the decode GEMVs (triton_gemv) against norm/activation + cuBLAS, per layer shape.
+
+Shapes are the bench model's (native_gpu.py). Each variant runs over enough copies of its
+weights that nothing stays in L2, inside one captured CUDA graph (as in a decode step), and
+is reported per call with the weight bandwidth it reached next to a plain device copy's.
+
+    PYTHONPATH=. python bench/native_gemv.py [--rows 1 2 4]
+
+The copy is timed the same way, after the GPU has warmed up (its clocks idle low).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvflow.engines.native import triton_gemv as tg
+from kvflow.engines.native.ops import make_ops
+
+HIDDEN, INTER, VOCAB, Q_KV = 2048, 8192, 32000, 2048 + 2 * 512
+C = tg.GemvConfig
+CONFIGS = {2048: [C(8, 1024, 4), C(16, 1024, 8), C(4, 1024, 2), C(8, 512, 4), C(16, 512, 4),
+                  C(4, 2048, 4)],
+           8192: [C(4, 2048, 8), C(2, 2048, 4), C(4, 2048, 4), C(8, 1024, 8), C(2, 4096, 8),
+                  C(4, 4096, 8)]}
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    n: int
+    k: int
+    prologue: int
+
+
+SHAPES = [Shape("qkv+add_norm", Q_KV, HIDDEN, tg.ADD_NORM), Shape("o_proj", HIDDEN, HIDDEN, tg.PLAIN),
+          Shape("gate_up+add_norm", 2 * INTER, HIDDEN, tg.ADD_NORM),
+          Shape("down+silu_mul", HIDDEN, INTER, tg.SILU_MUL), Shape("lm_head", VOCAB, HIDDEN, tg.PLAIN)]
+
+
+def graph_us(calls: list[Callable[[], object]]) -> float:
+    """Median µs per call of `calls`, replayed as one CUDA graph."""
+    for c in calls[:2]:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return 1e3 * sorted(times)[len(times) // 2] / len(calls)
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    us = graph_us([lambda: dst.copy_(src)] * 4)
+    return 2 * src.numel() * 4 / (us / 1e6)
+
+
+def variants(shape: Shape, rows: int) -> dict[str, Callable[[torch.Tensor], object]]:
+    """name -> fn(weight); the inputs are fixed random tensors."""
+    ops = make_ops("torch", torch.device("cuda"))
+    triton_ops = make_ops("triton", torch.device("cuda"))
+    width = 2 * shape.k if shape.prologue == tg.SILU_MUL else shape.k
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(rows, shape.k, device="cuda", dtype=torch.bfloat16) * 0.1
+    nw = torch.ones(shape.k, device="cuda", dtype=torch.bfloat16)
+
+    def unfused(w: torch.Tensor) -> object:
+        if shape.prologue == tg.ADD_NORM:  # the triton add+norm kernel, then cuBLAS
+            return ops.linear(triton_ops.add_rms_norm(x, res, nw, 1e-6)[0], w)
+        if shape.prologue == tg.SILU_MUL:
+            return ops.linear(triton_ops.silu_mul(x), w)
+        return ops.linear(x, w)
+
+    def fused(cfg: tg.GemvConfig, pdl: bool) -> Callable[[torch.Tensor], object]:
+        return lambda w: tg.gemv(x, w, prologue=shape.prologue, residual=res, norm_weight=nw,
+                                 eps=1e-6, config=cfg, pdl=pdl)
+
+    out: dict[str, Callable[[torch.Tensor], object]] = {"cublas (+ triton_ops)": unfused}
+    default = tg.gemv_config(shape.n, shape.k)
+    out[f"gemv {default.block_n}x{default.block_k} w{default.num_warps} no-pdl"] = fused(default, False)
+    for cfg in CONFIGS[shape.k]:
+        out[f"gemv {cfg.block_n}x{cfg.block_k} w{cfg.num_warps}"] = fused(cfg, tg.PDL)
+    return out
+
+
+def check(shape: Shape, rows: int) -> float:
+    """Relative error of the default-config GEMV against the unfused path (which adds in place)."""
+    fns = variants(shape, rows)
+    w = torch.randn(shape.n, shape.k, device="cuda", dtype=torch.bfloat16) * shape.k**-0.5
+    cfg = tg.gemv_config(shape.n, shape.k)
+    y = fns[f"gemv {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} no-pdl"](w)[0]  # type: ignore[index]
+    ref = fns["cublas (+ triton_ops)"](w)
+    assert isinstance(ref, torch.Tensor) and isinstance(y, torch.Tensor)
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1])
+    args = parser.parse_args()
+    copy_bandwidth()  # warm-up: clocks ramp up
+    bw = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s", flush=True)
+    for shape in SHAPES:
+        nbytes = shape.n * shape.k * 2
+        copies = max(4, -(-(256 << 20) // nbytes))
+        weights = [torch.randn(shape.n, shape.k, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(copies)]
+        for rows in args.rows:
+            print(f"{shape.name} N={shape.n} K={shape.k} rows={rows}: "
+                  f"err {check(shape, rows):.1e}, floor {nbytes / bw * 1e6:.1f} us", flush=True)
+            for name, fn in variants(shape, rows).items():
+                us = graph_us([lambda w=w, fn=fn: fn(w) for w in weights])
+                print(f"  {name:<24}{us:8.1f} us {nbytes / us / 1e3:8.0f} GB/s", flush=True)
+        del weights
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Triton matrix-vector products for decode steps of a few rows, with the layer's input op fused in.
+
+One decode token per sequence makes every projection a GEMV: it reads the whole weight
+once and does two flops per weight, so its floor is the weight bytes over HBM bandwidth.
+These kernels give each program `BLOCK_N` output features and stream their weight rows
+with 16-byte loads, and fold in whatever computes the input vector, so it never makes
+a trip through memory of its own:
+
+- `plain`:      y = W x
+- `norm`:       y = W rmsnorm(x)                         (the first layer's input norm)
+- `add_norm`:   y = W rmsnorm(x + residual); residual' = x + residual
+- `silu_mul`:   y = W (silu(gate) * up) for x = [gate | up]
+
+The input ops round exactly like the unfused kernels in triton_ops.py (and transformers),
+and accumulate in float32. Rows (sequences) are the grid's first axis, so the programs of
+one weight tile run side by side and share it through L2 (yet cuBLAS wins from 2 rows on).
+On Hopper each program issues its first weight loads before waiting for the kernel ahead
+of it to finish (programmatic dependent launch, triton_pdl.py): weights never depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
+
+PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3
+MAX_ROWS = 1  # measured on H200: from 2 rows on, cuBLAS beats re-reading tiles from L2
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch's tile: output features per program, the K chunk, warps per program."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+def gemv_config(n: int, k: int) -> GemvConfig:
+    """8K weights (16 KB of bf16) per program and chunk, and enough programs for 132 SMs.
+
+    From a sweep on H200 (bench/native_gemv.py): 8 x 1024 for K = 2048 (q/k/v, gate/up,
+    LM head); 4 x 2048 where 8-row tiles would leave too few programs: o_proj (N = 2048)
+    and down (K = 8192, with 8 warps).
+    """
+    if k >= 4096:
+        return GemvConfig(4, 2048, num_warps=8)
+    if n <= 2048:
+        return GemvConfig(4, min(triton.next_power_of_2(k), 2048), num_warps=4)
+    block_k = min(triton.next_power_of_2(k), 1024)
+    block_n = max(1, min(8192 // block_k, triton.next_power_of_2(n)))
+    return GemvConfig(block_n, block_k, num_warps=4)
+
+
+@triton.jit
+def _input_chunk(
+    x_row, r_row, r_out_row, nw_ptr, offs_k, k_mask, K, inv, write_residual,
+    PROLOGUE: tl.constexpr,
+):
+    """The input vector's elements `offs_k` in float32, rounded to the model dtype."""
+    dtype = x_row.dtype.element_ty
+    x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    if PROLOGUE == 3:  # silu(gate) * up
+        up = tl.load(x_row + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        act = (x * tl.sigmoid(x)).to(dtype).to(tl.float32)
+        return (act * up).to(dtype).to(tl.float32)
+    if PROLOGUE == 2:
+        r = tl.load(r_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        summed = (x + r).to(dtype)
+        tl.store(r_out_row + offs_k, summed, mask=k_mask & write_residual)
+        x = summed.to(tl.float32)
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        w = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        return ((x * inv).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _inv_rms(x_row, r_row, K, eps, PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / rms of the (x + residual) row, rounded like the model adds it."""
+    dtype = x_row.dtype.element_ty
+    total = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if PROLOGUE == 2:
+            r = tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
+            x = (x + r).to(dtype).to(tl.float32)
+        total += x * x
+    return tl.rsqrt(tl.sum(total, 0) / K + eps)
+
+
+@triton.jit
+def _weight_chunk(w_rows, n_mask, k0, K, BLOCK_K: tl.constexpr):
+    """Weight columns k0 .. k0 + BLOCK_K of this program's rows; streamed once, so not cached."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = n_mask[:, None] & (offs_k < K)[None, :]
+    return tl.load(w_rows + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, r_ptr, r_out_ptr, nw_ptr, w_ptr, b_ptr, y_ptr,
+    N, K, stride_xm, stride_rm, stride_rom, stride_wn, stride_ym, eps,
+    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    dtype = x_ptr.dtype.element_ty
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    x_row = x_ptr + row * stride_xm
+    r_row = r_ptr + row * stride_rm
+    r_out_row = r_out_ptr + row * stride_rom
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    w_next = _weight_chunk(w_rows, n_mask, 0, K, BLOCK_K)  # in flight while the last kernel ends
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # from here on, the inputs the kernels before wrote are visible
+    inv = 1.0
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        inv = _inv_rms(x_row, r_row, K, eps, PROLOGUE, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = w_next
+        w_next = _weight_chunk(w_rows, n_mask, k0 + BLOCK_K, K, BLOCK_K)  # prefetch (masked at the end)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        h = _input_chunk(x_row, r_row, r_out_row, nw_ptr, offs_k, k_mask, K, inv, pid_n == 0,
+                         PROLOGUE)
+        acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    out = acc.to(dtype).to(y_ptr.dtype.element_ty)  # rounded like a model-dtype matmul
+    tl.store(y_ptr + row * stride_ym + offs_n, out, mask=n_mask)
+
+
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, *, prologue: int = PLAIN,
+    residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+    config: GemvConfig | None = None, pdl: bool = PDL,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y [M, N], the new residual for ADD_NORM else None); x is [M, K] ([M, 2K] for SILU_MUL)."""
+    rows = x.shape[0]
+    n, k = weight.shape
+    assert weight.stride(1) == 1 and x.stride(-1) == 1, "gemv needs rows contiguous along K"
+    assert x.shape[1] == (2 * k if prologue == SILU_MUL else k)
+    y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
+    r_in = residual if residual is not None else x
+    r_out = torch.empty_like(x) if prologue == ADD_NORM else x
+    cfg = config or gemv_config(n, k)
+    _gemv_kernel[(rows, triton.cdiv(n, cfg.block_n))](
+        x, r_in, r_out, norm_weight if norm_weight is not None else weight,
+        weight, bias if bias is not None else weight, y,
+        n, k, x.stride(0), r_in.stride(0), r_out.stride(0), weight.stride(0), y.stride(0), eps,
+        PROLOGUE=prologue, HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_PDL=pdl, num_warps=cfg.num_warps,
+        **launch_options(pdl),
+    )
+    return y, (r_out if prologue == ADD_NORM else None)
