@@ -37,12 +37,14 @@ from kvflow.router.cost import RoutingDecision
 from kvflow.router.router import KvRouter
 from kvflow.router.sync import ROUTER_SYNC_SUBJECT, RoutingSyncMessage, decode_sync, encode_sync
 from kvflow.runtime.context import Context
+from kvflow.runtime.discovery.base import PUT
 from kvflow.runtime.errors import KvflowError
 
 if TYPE_CHECKING:
     from kvflow.runtime.runtime import DistributedRuntime
 
 log = logging.getLogger(__name__)
+ROUTER_REPLICAS_PREFIX = "v1/routers/"
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,14 @@ class KvRoutedClient:
         self._generate: Any = None
         self._snapshots: Any = None
         self._outbox: asyncio.Queue[RoutingSyncMessage] = asyncio.Queue()
+        self._peers: set[str] = set()  # other router replicas of the same workers
+        self._replica_key = ""
+        self._runtime = runtime
         self._subscriptions: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.router = KvRouter(config, self._fetch_snapshot,
                                registry=runtime.metrics_registry, name=name,
-                               publish_sync=self._outbox.put_nowait)
+                               publish_sync=self._queue_sync)
 
     @classmethod
     async def start(
@@ -108,7 +113,32 @@ class KvRoutedClient:
         self._feed(w.load_metrics_subject, self._on_load_payload)
         self._feed(w.sync_subject, self._on_sync_payload)
         self._tasks.append(asyncio.ensure_future(self._publish_sync()))
+        await self._join_replicas(runtime)
         return self
+
+    # --- replicas ------------------------------------------------------------------
+    def _replicas_prefix(self) -> str:
+        w = self.wiring
+        return f"{ROUTER_REPLICAS_PREFIX}{w.namespace}/{w.component}/{w.generate_endpoint}/"
+
+    async def _join_replicas(self, runtime: DistributedRuntime) -> None:
+        """Announce this replica (leased) and follow the others: sync only when there are any."""
+        prefix = self._replicas_prefix()
+        self._replica_key = prefix + self.router.replica_id
+        await runtime.discovery.put(self._replica_key, b"", lease=True)
+        watch = runtime.discovery.watch_prefix(prefix)
+        self._tasks.append(asyncio.ensure_future(self._follow_replicas(watch, prefix)))
+
+    async def _follow_replicas(self, watch: Any, prefix: str) -> None:
+        async for event in watch:
+            replica = event.key[len(prefix):]
+            if replica == self.router.replica_id:
+                continue
+            if event.kind == PUT:
+                self._peers.add(replica)
+            else:
+                self._peers.discard(replica)
+                self.router.on_replica_removed(replica)
 
     # --- requests ------------------------------------------------------------------
     async def generate(
@@ -199,12 +229,19 @@ class KvRoutedClient:
     def _on_sync_payload(self, payload: bytes) -> None:
         self.router.apply_sync(decode_sync(payload))
 
+    def _queue_sync(self, message: RoutingSyncMessage) -> None:
+        if self._peers:  # a lone replica has nobody to agree with
+            self._outbox.put_nowait(message)
+
     async def _publish_sync(self) -> None:
         while True:
             message = await self._outbox.get()
             await self._namespace.events.publish(self.wiring.sync_subject, encode_sync(message))
 
     async def close(self) -> None:
+        if self._replica_key:
+            with contextlib.suppress(Exception):
+                await self._runtime.discovery.delete(self._replica_key)
         for subscription in self._subscriptions:
             subscription.close()
         for task in self._tasks:

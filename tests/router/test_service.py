@@ -185,3 +185,24 @@ async def test_standalone_router_service(fleet: Fleet) -> None:
         service.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await service
+
+
+async def test_replicas_find_each_other_and_a_lone_one_sends_no_sync(fleet: Fleet) -> None:
+    config = KvRouterConfig(block_size=BLOCK, seed=0)
+    a = await KvRoutedClient.start(fleet.runtime, config, WIRING, name="lone-a")
+    await a._generate.wait_for_instances(timeout=5, count=2)
+    await a.schedule(PreprocessedRequest("lone-1", list(range(16))))
+    assert a._outbox.empty()  # nobody to agree with
+    b = await KvRoutedClient.start(fleet.runtime, config, WIRING, name="lone-b")
+    for _ in range(100):
+        if a._peers and b._peers:
+            break
+        await asyncio.sleep(0.01)
+    assert a._peers == {b.router.replica_id} and b._peers == {a.router.replica_id}
+    await b.close()
+    for _ in range(100):
+        if not a._peers:
+            break
+        await asyncio.sleep(0.01)
+    assert not a._peers
+    await a.close()
