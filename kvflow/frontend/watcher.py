@@ -4,6 +4,7 @@ The first worker registering a model name creates its pool (tokenizer, template,
 a KV-aware routed engine client); later workers of the same name join it; a
 worker whose card conflicts with its pool (other tokenizer) is refused with a
 logged reason; when the last worker leaves, the model is no longer listed.
+Each pool's engine client migrates requests off lost workers (frontend.migration).
 """
 
 from __future__ import annotations
@@ -13,52 +14,120 @@ import contextlib
 import dataclasses
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from kvflow.frontend.engine_client import EngineUnavailable
+from kvflow.frontend.admission import EngineOverloaded
+from kvflow.frontend.engine_client import EngineClient, EngineUnavailable
+from kvflow.frontend.migration import MigratingClient, WorkerLost
 from kvflow.frontend.models import ModelManager
 from kvflow.llm.model_card import ModelCard, materialize_card
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
 from kvflow.llm.register import MODELS_PREFIX, ModelEntry, fetch_card_file
 from kvflow.router.config import KvRouterConfig
-from kvflow.router.errors import RouterOverloadedError
+from kvflow.router.errors import RouterError, RouterOverloadedError
 from kvflow.router.service import KvRoutedClient, RouterWiring
 from kvflow.runtime import Context, DistributedRuntime, NoInstancesError, WorkerUnavailableError
+from kvflow.runtime.component import Client
 from kvflow.runtime.discovery.base import PUT
 
 log = logging.getLogger(__name__)
+DEFAULT_MIGRATION_LIMIT = 3
 
 
 class RoutedEngineClient:
-    """EngineClient over the runtime: routing by policy, errors mapped for the frontend."""
+    """EngineClient over the runtime: the KV router picks a worker, the request streams from it.
 
-    def __init__(self, routed: KvRoutedClient) -> None:
+    `routed` follows the workers and feeds the router; `workers` (a runtime client of the
+    same generate endpoint) streams from the chosen one. `exclude` keeps a request away
+    from workers it already lost; a lost worker raises WorkerLost naming it, and new
+    requests avoid it for `down_s` (until discovery drops it, or it proves alive).
+    """
+
+    def __init__(self, routed: KvRoutedClient, workers: Client, down_s: float = 2.0) -> None:
         self.routed = routed
+        self.workers = workers
+        self.down_s = down_s
+        self._down: dict[int, float] = {}  # worker id -> monotonic time it may be tried again
 
-    async def generate(self, request: PreprocessedRequest, context: Context) -> AsyncIterator[EngineOutput]:
-        if self.routed.live_workers() == 0:
-            raise EngineUnavailable("no live worker")
+    async def generate(
+        self, request: PreprocessedRequest, context: Context, exclude: Collection[int] = ()
+    ) -> AsyncIterator[EngineOutput]:
+        worker = await self._schedule(request, exclude)
+        router, request_id = self.routed.router, request.request_id
+        waiting_first = True
         try:
-            async for out in self.routed.generate(request, context):
+            async for out in self.workers.direct(request, worker, context):
+                if waiting_first and (out.token_ids or out.finish_reason):
+                    router.on_first_token(request_id)
+                    waiting_first = False
                 yield out
+        except (WorkerUnavailableError, NoInstancesError) as exc:
+            self._down[worker] = time.monotonic() + self.down_s
+            raise WorkerLost(f"worker {worker:x} was lost ({exc})", worker) from exc
+        finally:
+            router.on_finished(request_id)
+
+    def _candidates(self, exclude: Collection[int]) -> tuple[list[int], list[int]]:
+        """(live workers, those this request may use): not excluded, and not recently lost
+        unless only recently lost ones remain."""
+        ids = self.workers.instance_ids()
+        usable = [w for w in ids if w not in exclude] if exclude else ids
+        if self._down:
+            now = time.monotonic()
+            self._down = {w: t for w, t in self._down.items() if t > now}
+            usable = [w for w in usable if w not in self._down] or usable
+        return ids, usable
+
+    async def _schedule(self, request: PreprocessedRequest, exclude: Collection[int]) -> int:
+        ids, candidates = self._candidates(exclude)
+        if not candidates:
+            raise EngineUnavailable(
+                "no live worker" if not ids else f"every live worker ({len(ids)}) was lost by "
+                "this request already")
+        hints = request.routing
+        try:
+            decision = await self.routed.router.schedule(
+                request.token_ids, request.request_id,
+                lora_name=hints.lora_name if hints else None, worker_ids=candidates,
+                pinned_worker=hints.worker_id if hints else None,
+                block_hashes=hints.block_hashes if hints else None,
+            )
         except RouterOverloadedError as exc:
-            raise EngineUnavailable(f"all workers are busy; retry in {exc.retry_after_s:.0f}s") from exc
-        except (NoInstancesError, WorkerUnavailableError) as exc:
+            raise EngineOverloaded(str(exc), exc.retry_after_s) from exc
+        except (RouterError, NoInstancesError) as exc:
             raise EngineUnavailable(str(exc)) from exc
+        return decision.worker_id
 
     def live_workers(self) -> int:
-        return self.routed.live_workers()
+        return len(self.workers.instances)
+
+    async def close(self) -> None:
+        await self.routed.close()
+        await self.workers.close()
+
+
+@dataclass(frozen=True)
+class MigrationSettings:
+    """How pools migrate requests: `limit` unless the card sets one; `on_migration(model)`."""
+
+    limit: int = DEFAULT_MIGRATION_LIMIT
+    on_migration: Callable[[str], None] | None = None
+
+    def limit_for(self, card: ModelCard) -> int:
+        return card.migration_limit if card.migration_limit > 0 else self.limit
 
 
 @dataclass
 class ModelPool:
     card: ModelCard
-    client: RoutedEngineClient
+    routed: RoutedEngineClient
+    client: EngineClient
     instances: set[str] = field(default_factory=set)
 
 
@@ -71,10 +140,12 @@ class ModelWatcher:
         models: ModelManager,
         router_config: KvRouterConfig,
         cache_dir: str | None = None,
+        migration: MigrationSettings | None = None,
     ) -> None:
         self.runtime = runtime
         self.models = models
         self.router_config = router_config
+        self.migration = migration or MigrationSettings()
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="kvflow-cards-"))
         self.pools: dict[str, ModelPool] = {}
         self._task: asyncio.Task | None = None
@@ -91,7 +162,7 @@ class ModelWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for pool in self.pools.values():
-            await pool.client.routed.close()
+            await pool.routed.close()
         self.pools.clear()
 
     async def _follow(self, watch: Any) -> None:
@@ -128,9 +199,19 @@ class ModelWatcher:
         ns, component, endpoint = entry.endpoint.split(".")
         wiring = RouterWiring(namespace=ns, component=component, generate_endpoint=endpoint)
         routed = await KvRoutedClient.start(self.runtime, self._router_config(card), wiring)
-        client = RoutedEngineClient(routed)
+        generate = self.runtime.namespace(ns).component(component).endpoint(endpoint)
+        workers = await generate.client(EngineOutput)
+        engine = RoutedEngineClient(routed, workers)
+        client = self._migrating(card, engine)
         await asyncio.to_thread(self.models.add_model, card, client)
-        return ModelPool(card, client)
+        return ModelPool(card, engine, client)
+
+    def _migrating(self, card: ModelCard, engine: RoutedEngineClient) -> EngineClient:
+        limit = self.migration.limit_for(card)
+        count = self.migration.on_migration
+        name = card.name
+        on_migration = (lambda: count(name)) if count is not None else None
+        return MigratingClient(engine, limit, on_migration)
 
     def _router_config(self, card: ModelCard) -> KvRouterConfig:
         return dataclasses.replace(self.router_config, block_size=card.kv_block_size)
@@ -154,5 +235,5 @@ class ModelWatcher:
         if not pool.instances:
             del self.pools[name]  # type: ignore[arg-type]
             self.models.remove_model(name)  # type: ignore[arg-type]
-            await pool.client.routed.close()
+            await pool.routed.close()
             log.info("frontend: model %s has no workers left; no longer listed", name)

@@ -63,6 +63,11 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
     eos_token_ids: list[int] = []
     routing: RoutingHints | None = None
     protocol_version: int = ENGINE_PROTOCOL_VERSION
+    # Migration: the last `prior_output_tokens` of `token_ids` were generated for this same
+    # request (same request_id) by a worker that was lost; `stop` already counts them off.
+    # An engine whose outputs depend on the output position (the mocker) continues at that
+    # position; any other engine may treat them as prompt.
+    prior_output_tokens: int = 0
 
 
 class TopLogprob(msgspec.Struct, array_like=True):

@@ -119,6 +119,13 @@ class MockerEngine:
 
     def _make_sequence(self, request: PreprocessedRequest) -> Sequence:
         seq = Sequence.from_request(request, seed=sequence_seed(request, self.config.seed))
+        prior = min(max(request.prior_output_tokens, 0), seq.num_tokens - 1)
+        if prior:  # a migrated request continues at its output position, with its limits
+            seq.prompt_len -= prior
+            stop = seq.stop
+            seq.stop = dataclasses.replace(
+                stop, min_tokens=stop.min_tokens + prior,
+                max_tokens=None if stop.max_tokens is None else stop.max_tokens + prior)
         if self.config.role == "prefill":  # a prefill worker returns after the first token
             seq.stop = dataclasses.replace(seq.stop, max_tokens=1, min_tokens=0)
         return seq

@@ -61,10 +61,15 @@ def make_output(name: str, vocab_size: int) -> OutputMode:
 
 
 def sequence_seed(request: PreprocessedRequest, engine_seed: int) -> int:
-    """A request's token seed: from its prompt when greedy or seeded, else from its id."""
+    """A request's token seed: from its prompt when greedy or seeded, else from its id.
+
+    A migrated request's prompt ends with the tokens it generated before
+    (`prior_output_tokens`); only the original prompt counts, so it keeps its seed.
+    """
     sampling = request.sampling
     seed = (engine_seed ^ HASH_SEED) & _U64
     if sampling.temperature == 0 or sampling.seed is not None:
-        key = (local_block_hash(request.token_ids) ^ (sampling.seed or 0)) & _U64
+        prompt = request.token_ids[: len(request.token_ids) - request.prior_output_tokens]
+        key = (local_block_hash(prompt) ^ (sampling.seed or 0)) & _U64
         return xxhash.xxh3_64_intdigest(key.to_bytes(8, "little"), seed=seed)
     return xxhash.xxh3_64_intdigest(request.request_id.encode(), seed=seed)

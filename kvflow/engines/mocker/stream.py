@@ -19,7 +19,7 @@ class OutputStream:
     def __init__(self, seq: Sequence) -> None:
         self.seq = seq
         self._tokens: list[int] = []
-        self._num_taken = 0
+        self._num_taken = seq.num_output_tokens  # a migrated request's earlier outputs
         self._finish: str | None = None
         self._error: str | None = None
         self._waiter: asyncio.Future[None] | None = None
