@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Metric
 
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
-from kvflow.frontend.watcher import ModelWatcher
+from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
 from kvflow.runtime import DistributedRuntime
@@ -37,6 +37,25 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", dest="http_tls_cert", default=None)
     g.add_argument("--tls-key", dest="http_tls_key", default=None)
     g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes)
+    g = parser.add_argument_group("overload and migration")
+    g.add_argument(
+        "--max-inflight-per-model", type=int, default=FrontendConfig.max_inflight_per_model,
+        help="requests in flight per model before new ones queue (default: 0 = no limit)")
+    g.add_argument(
+        "--max-queued-per-model", type=int, default=FrontendConfig.max_queued_per_model,
+        help="requests that may wait for a slot; beyond them 429 + Retry-After (default: 0)")
+    g.add_argument(
+        "--queue-timeout", dest="queue_timeout_s", type=float,
+        default=FrontendConfig.queue_timeout_s,
+        help="seconds a queued request waits before 429 (default: %(default)s)")
+    g.add_argument(
+        "--overload-retry-after", dest="overload_retry_after_s", type=float,
+        default=FrontendConfig.overload_retry_after_s,
+        help="Retry-After seconds sent with 429 (default: %(default)s)")
+    g.add_argument(
+        "--migration-limit", type=int, default=DEFAULT_MIGRATION_LIMIT,
+        help="times a request may move to another worker when its worker is lost; a "
+        "worker's --migration-limit overrides it for its model (default: %(default)s)")
     g.add_argument(
         "--router-mode",
         choices=sorted(ROUTER_MODES),
@@ -54,6 +73,10 @@ def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
         tls_cert=ns.http_tls_cert,
         tls_key=ns.http_tls_key,
         max_body_bytes=ns.max_body_bytes,
+        max_inflight_per_model=ns.max_inflight_per_model,
+        max_queued_per_model=ns.max_queued_per_model,
+        queue_timeout_s=ns.queue_timeout_s,
+        overload_retry_after_s=ns.overload_retry_after_s,
     )
 
 
@@ -71,11 +94,12 @@ async def serve_frontend(
 ) -> None:
     """Run the frontend until the runtime shuts down."""
     models = ModelManager()
-    watcher = ModelWatcher(runtime, models, router_config(ns))
-    await watcher.start()
     frontend = HttpFrontend(frontend_config(ns), models)
     # One /metrics page: the router's and request plane's metrics live on the runtime.
     frontend.metrics.registry.register(RegistryForwarder(runtime.metrics_registry))
+    migration = MigrationSettings(ns.migration_limit, frontend.metrics.count_migration)
+    watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration)
+    await watcher.start()
     await frontend.start()
     log.info("frontend: listening on %s", frontend.base_url)
     if on_ready is not None:

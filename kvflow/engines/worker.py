@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from prometheus_client import CollectorRegistry, Gauge
 
 from kvflow.engines.base import Engine, EngineHooks, EngineSpec, engine_names, get_engine
 from kvflow.llm.kv_events import (
@@ -78,12 +79,36 @@ def worker_args(ns: argparse.Namespace) -> WorkerArgs:
     return WorkerArgs(**{k: getattr(ns, k) for k in names})
 
 
+class LoadGauges:
+    """Each engine's latest LoadMetrics as gauges on the worker's status port (/metrics)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"kvflow_worker_{name}", doc, ["worker_id"], registry=registry)
+
+        self.active_blocks = gauge("kv_active_blocks", "KV blocks in use")
+        self.total_blocks = gauge("kv_total_blocks", "KV blocks in the engine's cache")
+        self.running = gauge("requests_running", "Requests the engine is running")
+        self.waiting = gauge("requests_waiting", "Requests waiting in the engine's queue")
+
+    def update(self, metrics: LoadMetrics) -> None:
+        worker = f"{metrics.worker_id:x}"
+        self.active_blocks.labels(worker).set(metrics.active_blocks)
+        self.total_blocks.labels(worker).set(metrics.total_blocks)
+        self.running.labels(worker).set(metrics.num_running)
+        self.waiting.labels(worker).set(metrics.num_waiting)
+
+
 class EventPublisher:
     """Sends an engine's KV events and load metrics on the namespace event plane."""
 
-    def __init__(self, runtime: DistributedRuntime, namespace: str, worker_id: int) -> None:
+    def __init__(
+        self, runtime: DistributedRuntime, namespace: str, worker_id: int,
+        gauges: LoadGauges | None = None,
+    ) -> None:
         self.events = runtime.namespace(namespace).events
         self.worker_id = worker_id
+        self.gauges = gauges
         self._encode = msgspec.msgpack.Encoder().encode
 
     def hooks(self) -> EngineHooks:
@@ -95,6 +120,8 @@ class EventPublisher:
             asyncio.ensure_future(self.events.publish(KV_EVENTS_SUBJECT, payload))
 
     def publish_load(self, metrics: LoadMetrics) -> None:
+        if self.gauges is not None:
+            self.gauges.update(metrics)
         asyncio.ensure_future(self.events.publish(LOAD_METRICS_SUBJECT, self._encode(metrics)))
 
 
@@ -116,10 +143,11 @@ def _snapshot_handler(engine: Engine) -> Any:
 
 
 async def serve_instance(
-    runtime: DistributedRuntime, spec: EngineSpec, ns: argparse.Namespace, args: WorkerArgs, instance_id: int
+    runtime: DistributedRuntime, spec: EngineSpec, ns: argparse.Namespace, args: WorkerArgs,
+    instance_id: int, gauges: LoadGauges | None = None,
 ) -> None:
     namespace = runtime.config.namespace
-    publisher = EventPublisher(runtime, namespace, instance_id)
+    publisher = EventPublisher(runtime, namespace, instance_id, gauges)
     engine = spec.build(ns, publisher.hooks())
     await engine.start()
     component = runtime.namespace(namespace).component(args.component)
@@ -155,7 +183,8 @@ async def run_worker(runtime: DistributedRuntime, ns: argparse.Namespace) -> Non
     spec = get_engine(args.engine)
     ids = [runtime.lease_id] + [runtime.new_instance_id() for _ in range(args.num_workers - 1)]
     log.info("worker: engine=%s model=%s instances=%d", args.engine, args.model_path, len(ids))
-    await asyncio.gather(*(serve_instance(runtime, spec, ns, args, iid) for iid in ids))
+    gauges = LoadGauges(runtime.metrics_registry)
+    await asyncio.gather(*(serve_instance(runtime, spec, ns, args, iid, gauges) for iid in ids))
 
 
 def runtime_config(ns: argparse.Namespace) -> RuntimeConfig:

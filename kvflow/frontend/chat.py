@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import msgspec
 
+from kvflow.frontend import limits
 from kvflow.frontend import preprocess as pre
 from kvflow.frontend.errors import ApiError
 from kvflow.frontend.generation import Generation, ResponseIds, api_error_event
 from kvflow.frontend.handlers import (
     FrontendState,
+    claim_request_id,
     decode_body,
     in_own_task,
     new_id,
@@ -48,7 +50,7 @@ async def handle_chat(state: FrontendState, request: HttpRequest, responder: Res
     body: ChatCompletionRequest = decode_body(_DECODER, request.body)
     pre.validate_chat(body)
     model = resolve_model(state.models, body.model, "chat")
-    record = state.metrics.request(model.name, "chat_completions")
+    limits.check_chat(state.config, model, body)
 
     async def serve() -> None:
         chars = pre.chat_prompt_chars(body)
@@ -68,7 +70,10 @@ async def handle_chat(state: FrontendState, request: HttpRequest, responder: Res
         else:
             await _collect(gen, responder, prepared.options.logprobs)
 
-    await tracked(record, serve())
+    with claim_request_id(state, request):
+        async with state.admission.slot(model.name):
+            record = state.metrics.request(model.name, "chat_completions")
+            await tracked(record, serve())
 
 
 # ---------------------------------------------------------------- streaming

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import msgspec
 
+from kvflow.frontend import limits
 from kvflow.frontend import preprocess as pre
 from kvflow.frontend.errors import ApiError
 from kvflow.frontend.generation import Generation, ResponseIds, api_error_event
 from kvflow.frontend.handlers import (
     FrontendState,
+    claim_request_id,
     decode_body,
     in_own_task,
     new_id,
@@ -42,7 +44,7 @@ async def handle_completion(
     body: CompletionRequest = decode_body(_DECODER, request.body)
     pre.validate_completion(body)
     model = resolve_model(state.models, body.model, "completions")
-    record = state.metrics.request(model.name, "completions")
+    limits.check_completion(state.config, model, body)
 
     async def serve() -> None:
         prompts = await pre.run_maybe_offloaded(
@@ -62,7 +64,10 @@ async def handle_completion(
         else:
             await _collect(gen, responder, texts)
 
-    await tracked(record, serve())
+    with claim_request_id(state, request):
+        async with state.admission.slot(model.name):
+            record = state.metrics.request(model.name, "completions")
+            await tracked(record, serve())
 
 
 class _Texts:

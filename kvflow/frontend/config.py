@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvflow.frontend.admission import AdmissionLimits
+
 
 @dataclass(frozen=True)
 class FrontendConfig:
@@ -24,9 +26,28 @@ class FrontendConfig:
     # Requests a connection may have queued (pipelined) before reading pauses.
     max_pipelined_requests: int = 16
     backlog: int = 2048
+    # Request line + headers over this size get 431 (they are never buffered beyond it).
+    max_header_bytes: int = 64 * 1024
+    # Overload: requests in flight per model (0 = no limit), how many more may wait for a
+    # slot (first come, first served) and for how long; refused ones get 429 + Retry-After.
+    max_inflight_per_model: int = 0
+    max_queued_per_model: int = 0
+    queue_timeout_s: float = 30.0
+    overload_retry_after_s: float = 1.0
+    # Hostile-input bounds, checked before any tokenizing.
+    max_stop_strings: int = 64
+    max_stop_chars: int = 1024
+    max_choices: int = 1024  # engine requests one HTTP request may start (prompts x n)
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both tls_cert and tls_key; pass both or neither")
-        if self.max_body_bytes <= 0:
-            raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
+        for name in ("max_body_bytes", "max_header_bytes", "max_stop_strings", "max_stop_chars",
+                     "max_choices"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.admission_limits()  # checks the overload settings now
+
+    def admission_limits(self) -> AdmissionLimits:
+        return AdmissionLimits(self.max_inflight_per_model, self.max_queued_per_model,
+                               self.queue_timeout_s, self.overload_retry_after_s)

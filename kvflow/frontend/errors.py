@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import msgspec
@@ -25,6 +26,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -32,10 +34,21 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        # Sent as a Retry-After header (whole seconds, at least 1) when set.
+        self.retry_after_s = retry_after_s
 
     def body(self) -> bytes:
         err = ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
         return _ENCODER.encode(ErrorResponse(error=err))
+
+    def headers(self) -> tuple[bytes, ...]:
+        """Extra response header lines: WWW-Authenticate on 401, Retry-After when set."""
+        lines: list[bytes] = []
+        if self.status == 401:
+            lines.append(b"www-authenticate: Bearer\r\n")
+        if self.retry_after_s is not None:
+            lines.append(b"retry-after: %d\r\n" % max(1, math.ceil(self.retry_after_s)))
+        return tuple(lines)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -69,10 +82,11 @@ def model_not_found(name: str, available: list[str]) -> ApiError:
     )
 
 
-def no_workers(name: str) -> ApiError:
+def no_workers(name: str, detail: str = "") -> ApiError:
+    why = f" ({detail})" if detail else ""
     return ApiError(
         503,
-        f"No live worker is serving model '{name}' right now; retry once a worker is up.",
+        f"No live worker is serving model '{name}' right now{why}; retry once a worker is up.",
         type="service_unavailable_error",
         code="no_workers",
     )
@@ -82,3 +96,24 @@ def engine_failed(detail: str) -> ApiError:
     return ApiError(
         500, f"The engine failed while generating: {detail}", type="server_error", code="engine"
     )
+
+
+def overloaded(name: str, detail: str, retry_after_s: float) -> ApiError:
+    return ApiError(
+        503,
+        f"Every worker serving model '{name}' is busy ({detail}); retry after "
+        f"{retry_after_s:g} s.",
+        type="service_unavailable_error",
+        code="overloaded",
+        retry_after_s=retry_after_s,
+    )
+
+
+def too_many_requests(message: str, retry_after_s: float) -> ApiError:
+    return ApiError(429, message, type="rate_limit_error", code="rate_limit_exceeded",
+                    retry_after_s=retry_after_s)
+
+
+def worker_lost(detail: str) -> ApiError:
+    """The request's worker went away and the request could not be moved to another one."""
+    return ApiError(503, detail, type="service_unavailable_error", code="worker_lost")

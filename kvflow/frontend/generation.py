@@ -11,9 +11,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from kvflow.frontend.admission import EngineOverloaded
 from kvflow.frontend.engine_client import EngineUnavailable
-from kvflow.frontend.errors import ApiError, engine_failed, no_workers
+from kvflow.frontend.errors import ApiError, engine_failed, no_workers, overloaded, worker_lost
 from kvflow.frontend.metrics import RequestRecord
+from kvflow.frontend.migration import MigrationFailed
 from kvflow.frontend.models import ServedModel
 from kvflow.frontend.postprocess import ChoiceDelta, ChoiceProcessor, EngineError
 from kvflow.frontend.preprocess import Prepared
@@ -56,7 +58,8 @@ class Generation:
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Every choice's deltas in arrival order; each choice's last one has finish_reason.
 
-        Raises ApiError (503 when no worker takes the request, 500 on an engine error).
+        Raises ApiError: 503 when no worker takes the request, when every worker is busy
+        (with Retry-After) or when a lost request cannot move on; 500 on an engine error.
         """
         processors, streams, record = self.processors, self.streams, self.record
         single = next(iter(processors.values())) if len(processors) == 1 else None
@@ -78,8 +81,12 @@ class Generation:
                 tail = proc.finish()
                 if tail is not None:
                     yield tail
+        except EngineOverloaded as exc:
+            raise overloaded(self.model.name, str(exc), exc.retry_after_s) from exc
+        except MigrationFailed as exc:
+            raise worker_lost(str(exc)) from exc
         except EngineUnavailable as exc:
-            raise no_workers(self.model.name) from exc
+            raise no_workers(self.model.name, str(exc)) from exc
         except EngineError as exc:
             raise engine_failed(str(exc)) from exc
         finally:

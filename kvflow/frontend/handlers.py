@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
 
+from kvflow.frontend.admission import AdmissionControl
 from kvflow.frontend.config import FrontendConfig
 from kvflow.frontend.errors import ApiError, from_decode_error, model_not_found, no_workers
 from kvflow.frontend.http_response import JSON, HttpRequest, Responder
@@ -20,6 +22,7 @@ from kvflow.frontend.models import ModelManager, ServedModel
 from kvflow.llm.openai import ModelList, ModelObject
 
 T = TypeVar("T")
+MAX_REQUEST_ID_CHARS = 256
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -32,6 +35,9 @@ class FrontendState:
     metrics: FrontendMetrics
     executor: Executor | None
     openapi: bytes
+    admission: AdmissionControl
+    # X-Request-Id values of requests in flight (see claim_request_id).
+    caller_ids: set[str] = field(default_factory=set)
 
 
 Handler = Callable[[FrontendState, HttpRequest, Responder], Awaitable[None]]
@@ -44,6 +50,13 @@ def decode_body(decoder: msgspec.json.Decoder, body: bytes) -> T:  # type: ignor
         return decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise from_decode_error(exc) from None
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400, f"Request body is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+            "send UTF-8 encoded JSON.") from None
+    except RecursionError:
+        raise ApiError(
+            400, "Request body nests JSON arrays/objects too deeply; flatten it.") from None
 
 
 def resolve_model(models: ModelManager, name: str, kind: str) -> ServedModel:
@@ -66,6 +79,28 @@ def resolve_model(models: ModelManager, name: str, kind: str) -> ServedModel:
 def request_id(request: HttpRequest, response_id: str) -> str:
     """The id the engine sees: the caller's X-Request-Id when given, else the response id."""
     return request.headers.get("x-request-id") or response_id
+
+
+@contextmanager
+def claim_request_id(state: FrontendState, request: HttpRequest) -> Iterator[None]:
+    """Hold the caller's X-Request-Id while the request runs: engines and routers key
+    requests by id, so a second request with an id in flight gets 409, not a clash."""
+    rid = request.headers.get("x-request-id")
+    if not rid:
+        yield
+        return
+    if len(rid) > MAX_REQUEST_ID_CHARS:
+        raise ApiError(400, f"X-Request-Id is longer than {MAX_REQUEST_ID_CHARS} characters; "
+                       "send a shorter id.", param="x-request-id")
+    if rid in state.caller_ids:
+        raise ApiError(409, f"A request with X-Request-Id '{rid}' is already in flight; give "
+                       "every request its own id.", param="x-request-id",
+                       code="duplicate_request_id")
+    state.caller_ids.add(rid)
+    try:
+        yield
+    finally:
+        state.caller_ids.discard(rid)
 
 
 def new_id(prefix: str) -> str:

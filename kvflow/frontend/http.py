@@ -2,8 +2,8 @@
 
 Each connection parses requests as bytes arrive and serves them strictly in order, one
 at a time, so pipelined responses cannot interleave. A request whose body would exceed
-the limit gets 413 and the connection is closed after the rest of its upload has been
-drained (so the client reads the 413 instead of a reset). A client that disconnects
+the limit gets 413 (headers over theirs, 431) and the connection is closed after the rest
+of its upload has been drained (so the client reads the error instead of a reset). A client that disconnects
 mid-response has its request's disconnect callbacks run and its handler task cancelled.
 """
 
@@ -113,21 +113,38 @@ class HttpConnection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
+        self._head_size = 0
 
     def on_message_begin(self) -> None:
         self._cancel_idle_timer()
         self._reset_message()
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        if self._head_fits(len(url)):
+            self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_fits(len(name) + len(value)):
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         old = self._headers.get(key)
         self._headers[key] = text if old is None else f"{old}, {text}"
 
+    def _head_fits(self, size: int) -> bool:
+        """Count request-line and header bytes; past the limit, refuse the request (431)."""
+        self._head_size += size
+        if self._head_size <= self._server.max_header_bytes:
+            return True
+        if self._reject is None:
+            self._reject = ApiError(
+                431, f"Request line and headers exceed the {self._server.max_header_bytes}-byte "
+                "limit; send fewer or shorter headers.", code="headers_too_large")
+        return False
+
     def on_headers_complete(self) -> None:
+        if self._reject is not None:
+            return
         length = self._headers.get("content-length")
         limit = self._server.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
@@ -208,8 +225,7 @@ class HttpConnection(asyncio.Protocol):
             responder.keep_alive = False
             self._close_after_flush()
             return
-        headers = (b"www-authenticate: Bearer\r\n",) if exc.status == 401 else ()
-        responder.send(exc.status, exc.body(), headers=headers)
+        responder.send(exc.status, exc.body(), headers=exc.headers())
 
     def _maybe_resume_reading(self) -> None:
         if self._reading_paused and len(self._queue) < self._server.max_pipelined // 2:
@@ -294,9 +310,11 @@ class HttpServer:
         max_body_bytes: int,
         keepalive_timeout_s: float,
         max_pipelined: int,
+        max_header_bytes: int = 64 * 1024,
     ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
         self.keepalive_timeout_s = keepalive_timeout_s
         self.max_pipelined = max_pipelined
         self.connections: set[HttpConnection] = set()

@@ -57,6 +57,20 @@ class FrontendMetrics:
             f"{ns}_cached_tokens", "Prompt tokens served from the KV prefix cache", ["model"],
             registry=r,
         )
+        self.migrations = Counter(
+            f"{ns}_migrations", "Requests sent again to another worker after theirs was lost",
+            ["model"], registry=r,
+        )
+        self.rejected = Counter(
+            f"{ns}_rejected_requests", "Requests refused by overload control (429)",
+            ["model", "reason"], registry=r,
+        )
+
+    def count_migration(self, model: str) -> None:
+        self.migrations.labels(model=model).inc()
+
+    def count_rejected(self, model: str, reason: str) -> None:
+        self.rejected.labels(model=model, reason=reason).inc()
 
     def request(self, model: str, endpoint: str) -> RequestRecord:
         self.inflight.labels(model=model).inc()

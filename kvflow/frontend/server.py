@@ -6,6 +6,7 @@ import ssl
 from concurrent.futures import ThreadPoolExecutor
 
 from kvflow.frontend import handlers
+from kvflow.frontend.admission import AdmissionControl
 from kvflow.frontend.chat import handle_chat
 from kvflow.frontend.completions import handle_completion
 from kvflow.frontend.config import FrontendConfig
@@ -38,12 +39,15 @@ class HttpFrontend:
         self._executor = ThreadPoolExecutor(
             max_workers=config.preprocess_threads, thread_name_prefix="kvflow-preprocess"
         )
-        self._state = FrontendState(config, models, self.metrics, self._executor, openapi_bytes())
+        self.admission = AdmissionControl(config.admission_limits(), self.metrics.count_rejected)
+        self._state = FrontendState(config, models, self.metrics, self._executor, openapi_bytes(),
+                                    self.admission)
         self._server = HttpServer(
             self._dispatch,
             max_body_bytes=config.max_body_bytes,
             keepalive_timeout_s=config.keepalive_timeout_s,
             max_pipelined=config.max_pipelined_requests,
+            max_header_bytes=config.max_header_bytes,
         )
         self.address: tuple[str, int] | None = None
 
