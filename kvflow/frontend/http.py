@@ -254,8 +254,14 @@ class HttpConnection(asyncio.Protocol):
             transport.close()
 
     def _close_after_flush(self) -> None:
+        self._flush_responder()
         if self.transport is not None and not self.is_closed:
             self.transport.close()
+
+    def _flush_responder(self) -> None:
+        """Send chunks a responder batched this loop turn before the transport closes."""
+        if self._responder is not None:
+            self._responder.flush()
 
     def _arm_idle_timer(self) -> None:
         if self.is_closed or self._task is not None:
@@ -275,6 +281,7 @@ class HttpConnection(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Close after flushing what is written; a request in flight sees a disconnect."""
+        self._flush_responder()
         if self.transport is not None and not self.is_closed:
             self.transport.close()
 

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from kvflow.frontend import FrontendConfig
@@ -225,3 +226,33 @@ async def test_tls(tls_files, card):
         assert served.frontend.base_url.startswith("https://")
     finally:
         await served.close()
+
+
+class _BreaksAfterTokens:
+    """Yields some tokens in one loop turn, then fails: a mid-stream engine error."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    async def generate(self, request, context):
+        for token in self.ids:
+            yield EngineOutput([token])
+        raise RuntimeError("engine broke mid-stream")
+
+    def live_workers(self) -> int:
+        return 1
+
+
+async def test_tokens_before_a_mid_stream_engine_error_all_arrive(served: Served, card, tokenizer):
+    ids = tokenizer.encode(" alpha beta gamma delta")
+    served.add(msgspec.structs.replace(card, name="breaks"), _BreaksAfterTokens(ids))
+    body = json.dumps({"model": "breaks", "prompt": "x", "stream": True, "max_tokens": 50}).encode()
+    reader, writer = await asyncio.open_connection(served.host, served.port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%b" % (len(body), body))
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)  # the server closes the connection
+    writer.close()
+    text = "".join(json.loads(line[6:])["choices"][0]["text"]
+                   for line in raw.decode().splitlines() if line.startswith("data: {"))
+    assert text == tokenizer.decode(ids)
