@@ -33,7 +33,6 @@ from kvflow.router.config import KvRouterConfig
 from kvflow.router.errors import RouterError, RouterOverloadedError
 from kvflow.router.service import KvRoutedClient, RouterWiring
 from kvflow.runtime import Context, DistributedRuntime, NoInstancesError, WorkerUnavailableError
-from kvflow.runtime.component import Client
 from kvflow.runtime.discovery.base import PUT
 
 log = logging.getLogger(__name__)
@@ -43,15 +42,14 @@ DEFAULT_MIGRATION_LIMIT = 3
 class RoutedEngineClient:
     """EngineClient over the runtime: the KV router picks a worker, the request streams from it.
 
-    `routed` follows the workers and feeds the router; `workers` (a runtime client of the
-    same generate endpoint) streams from the chosen one. `exclude` keeps a request away
-    from workers it already lost; a lost worker raises WorkerLost naming it, and new
-    requests avoid it for `down_s` (until discovery drops it, or it proves alive).
+    `routed` follows the workers, feeds the router and streams from the chosen worker.
+    `exclude` keeps a request away from workers it already lost; a lost worker raises
+    WorkerLost naming it, and new requests avoid it for `down_s` (until discovery drops
+    it, or it proves alive).
     """
 
-    def __init__(self, routed: KvRoutedClient, workers: Client, down_s: float = 2.0) -> None:
+    def __init__(self, routed: KvRoutedClient, down_s: float = 2.0) -> None:
         self.routed = routed
-        self.workers = workers
         self.down_s = down_s
         self._down: dict[int, float] = {}  # worker id -> monotonic time it may be tried again
 
@@ -59,24 +57,17 @@ class RoutedEngineClient:
         self, request: PreprocessedRequest, context: Context, exclude: Collection[int] = ()
     ) -> AsyncIterator[EngineOutput]:
         worker = await self._schedule(request, exclude)
-        router, request_id = self.routed.router, request.request_id
-        waiting_first = True
         try:
-            async for out in self.workers.direct(request, worker, context):
-                if waiting_first and (out.token_ids or out.finish_reason):
-                    router.on_first_token(request_id)
-                    waiting_first = False
+            async for out in self.routed.stream(request, worker, context):
                 yield out
         except (WorkerUnavailableError, NoInstancesError) as exc:
             self._down[worker] = time.monotonic() + self.down_s
             raise WorkerLost(f"worker {worker:x} was lost ({exc})", worker) from exc
-        finally:
-            router.on_finished(request_id)
 
     def _candidates(self, exclude: Collection[int]) -> tuple[list[int], list[int]]:
         """(live workers, those this request may use): not excluded, and not recently lost
         unless only recently lost ones remain."""
-        ids = self.workers.instance_ids()
+        ids = self.routed.instance_ids()
         usable = [w for w in ids if w not in exclude] if exclude else ids
         if self._down:
             now = time.monotonic()
@@ -90,14 +81,8 @@ class RoutedEngineClient:
             raise EngineUnavailable(
                 "no live worker" if not ids else f"every live worker ({len(ids)}) was lost by "
                 "this request already")
-        hints = request.routing
         try:
-            decision = await self.routed.router.schedule(
-                request.token_ids, request.request_id,
-                lora_name=hints.lora_name if hints else None, worker_ids=candidates,
-                pinned_worker=hints.worker_id if hints else None,
-                block_hashes=hints.block_hashes if hints else None,
-            )
+            decision = await self.routed.schedule(request, candidates)
         except RouterOverloadedError as exc:
             raise EngineOverloaded(str(exc), exc.retry_after_s) from exc
         except (RouterError, NoInstancesError) as exc:
@@ -105,11 +90,10 @@ class RoutedEngineClient:
         return decision.worker_id
 
     def live_workers(self) -> int:
-        return len(self.workers.instances)
+        return self.routed.live_workers()
 
     async def close(self) -> None:
         await self.routed.close()
-        await self.workers.close()
 
 
 @dataclass(frozen=True)
@@ -199,9 +183,7 @@ class ModelWatcher:
         ns, component, endpoint = entry.endpoint.split(".")
         wiring = RouterWiring(namespace=ns, component=component, generate_endpoint=endpoint)
         routed = await KvRoutedClient.start(self.runtime, self._router_config(card), wiring)
-        generate = self.runtime.namespace(ns).component(component).endpoint(endpoint)
-        workers = await generate.client(EngineOutput)
-        engine = RoutedEngineClient(routed, workers)
+        engine = RoutedEngineClient(routed)
         client = self._migrating(card, engine)
         await asyncio.to_thread(self.models.add_model, card, client)
         return ModelPool(card, engine, client)

@@ -146,10 +146,17 @@ class KvRoutedClient:
     ) -> AsyncIterator[EngineOutput]:
         """Route `request`, then stream the chosen worker's outputs; books load meanwhile."""
         decision = await self.schedule(request)
+        async for out in self.stream(request, decision.worker_id, context):
+            yield out
+
+    async def stream(
+        self, request: PreprocessedRequest, worker_id: int, context: Context
+    ) -> AsyncIterator[EngineOutput]:
+        """Stream from a scheduled worker; the router books the load until the stream ends."""
         request_id = request.request_id
         waiting_first = True
         try:
-            async for out in self._generate.direct(request, decision.worker_id, context):
+            async for out in self._generate.direct(request, worker_id, context):
                 if waiting_first and (out.token_ids or out.finish_reason):
                     self.router.on_first_token(request_id)
                     waiting_first = False
@@ -157,12 +164,18 @@ class KvRoutedClient:
         finally:
             self.router.on_finished(request_id)
 
-    async def schedule(self, request: PreprocessedRequest) -> RoutingDecision:
+    def instance_ids(self) -> list[int]:
+        return self._generate.instance_ids()
+
+    async def schedule(
+        self, request: PreprocessedRequest, worker_ids: list[int] | None = None
+    ) -> RoutingDecision:
+        """Pick a worker among `worker_ids` (default: every live one) and book the request."""
         hints = request.routing
         return await self.router.schedule(
             request.token_ids, request.request_id,
             lora_name=hints.lora_name if hints else None,
-            worker_ids=self._generate.instance_ids(),
+            worker_ids=self._generate.instance_ids() if worker_ids is None else worker_ids,
             pinned_worker=hints.worker_id if hints else None,
             block_hashes=hints.block_hashes if hints else None,
         )
