@@ -15,6 +15,7 @@ from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, 
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
 from kvflow.runtime import DistributedRuntime
+from kvflow.runtime.component import parse_endpoint_path
 from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
 from kvflow.runtime.logs import setup_logging
 from kvflow.runtime.worker import install_uvloop, run_with_runtime
@@ -33,6 +34,8 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("http")
     g.add_argument("--http-host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     g.add_argument("--http-port", type=int, default=8000)
+    g.add_argument("--endpoint", default=None,
+                   help="serve only models registered on this endpoint (dyn://ns.component.ep)")
     g.add_argument("--api-key", action="append", default=[], help="accepted Bearer token (repeatable)")
     g.add_argument("--tls-cert", dest="http_tls_cert", default=None)
     g.add_argument("--tls-key", dest="http_tls_key", default=None)
@@ -98,7 +101,8 @@ async def serve_frontend(
     # One /metrics page: the router's and request plane's metrics live on the runtime.
     frontend.metrics.registry.register(RegistryForwarder(runtime.metrics_registry))
     migration = MigrationSettings(ns.migration_limit, frontend.metrics.count_migration)
-    watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration)
+    only = ".".join(parse_endpoint_path(ns.endpoint)) if ns.endpoint else None
+    watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only)
     await watcher.start()
     await frontend.start()
     log.info("frontend: listening on %s", frontend.base_url)

@@ -49,7 +49,7 @@ def split_io(argv: list[str]) -> tuple[RunSpec, list[str]]:
 
 
 def start_worker(spec: RunSpec, worker_argv: list[str], config: RuntimeConfig) -> subprocess.Popen | None:
-    if spec.output.startswith(("dyn://", "kvflow://")) or spec.output.count(".") == 2:
+    if spec.output.startswith(("dyn://", "kvflow://")):
         return None
     env = dict(os.environ)
     env.update(
@@ -114,6 +114,8 @@ def main(argv: list[str]) -> int:
     add_frontend_args(parser)
     add_config_args(parser.add_argument_group("runtime"), RuntimeConfig)  # type: ignore[arg-type]
     ns, worker_argv = parser.parse_known_args(rest)
+    if spec.output.startswith(("dyn://", "kvflow://")):
+        ns.endpoint = spec.output
     if spec.input != "http":
         ns.http_port = 0
     setup_logging()

@@ -125,8 +125,11 @@ class ModelWatcher:
         router_config: KvRouterConfig,
         cache_dir: str | None = None,
         migration: MigrationSettings | None = None,
+        endpoint: str | None = None,
     ) -> None:
         self.runtime = runtime
+        # Serve only models registered on this endpoint ("ns.comp.ep"); None = every model.
+        self.endpoint = endpoint
         self.models = models
         self.router_config = router_config
         self.migration = migration or MigrationSettings()
@@ -160,6 +163,8 @@ class ModelWatcher:
                 log.exception("frontend: failed to apply model event for %s", event.key)
 
     async def _on_put(self, key: str, entry: ModelEntry) -> None:
+        if self.endpoint is not None and entry.endpoint != self.endpoint:
+            return
         pool = self.pools.get(entry.name)
         if pool is None:
             pool = await self._new_pool(entry)

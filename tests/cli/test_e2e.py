@@ -142,3 +142,16 @@ async def test_sixty_four_mocker_instances_in_one_process(stack, model_dir) -> N
     assert all(o.usage.completion_tokens == 16 for o in outs)
     await client.close()
     assert worker.alive()
+
+
+async def test_run_out_dyn_serves_only_that_endpoint(stack, model_dir) -> None:
+    workers = [stack.start("worker", "--engine", "echo", "--model-path", str(model_dir),
+                           "--model-name", name, "--component", comp)
+               for name, comp in (("here", "chosen"), ("there", "other"))]
+    for worker in workers:
+        worker.wait_for_output("instances=1", timeout=60)
+    ns = stack.env["KVFLOW_NAMESPACE"]
+    proc = stack.start("run", "in=http", f"out=dyn://{ns}.chosen.generate", "--http-port", "0")
+    base = _ready_url(proc).removesuffix("/v1")
+    await asyncio.sleep(0.5)  # both workers are registered by now; only one is served
+    assert await _wait_models(base, {"here"}, timeout=3) == {"here"}
