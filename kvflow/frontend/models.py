@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvflow.frontend.engine_client import EngineClient
@@ -18,6 +19,7 @@ from kvflow.llm.chat_template import ChatTemplate
 from kvflow.llm.model_card import ModelCard
 from kvflow.llm.parsers.reasoning import ReasoningParser, get_reasoning_parser
 from kvflow.llm.parsers.tool_calls import ToolParser, get_tool_parser
+from kvflow.llm.protocol import PreprocessedRequest
 from kvflow.llm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     reasoning_parser: type[ReasoningParser] | None = None
     tool_parser: type[ToolParser] | None = None
+    explain: Callable[[PreprocessedRequest], bytes] | None = None
 
     def __post_init__(self) -> None:
         if self.card.reasoning_parser:
@@ -67,13 +70,18 @@ class ModelManager:
         *,
         tokenizer: Tokenizer | None = None,
         template: ChatTemplate | None = None,
+        explain: Callable[[PreprocessedRequest], bytes] | None = None,
     ) -> ServedModel:
-        """Serve `card.name` through `engine_client`; tokenizer/template load from the card."""
+        """Serve `card.name` through `engine_client`; tokenizer/template load from the card.
+
+        `explain` (routed models) answers /debug/route with a routing decision as JSON.
+        """
         model = ServedModel(
             card=card,
             engine=engine_client,
             tokenizer=tokenizer or _load_tokenizer(card),
             template=template or _load_template(card),
+            explain=explain,
         )
         if card.name in self._models:
             log.info("model %s replaced", card.name)

@@ -32,7 +32,10 @@ def _json(name: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model",
-            413: "Request body too large", 503: "No live worker for the model"}
+            409: "X-Request-Id already in flight", 413: "Request body too large",
+            429: "Model at its in-flight limit and queue; see Retry-After",
+            431: "Request headers too large",
+            503: "No live worker for the model, or all busy; see Retry-After"}
     return {str(c): {"description": text[c], "content": _json("ErrorResponse")} for c in codes}
 
 
@@ -49,7 +52,7 @@ def _generation(summary: str, request: str, response: str, chunk: str) -> dict[s
         "post": {
             "summary": summary,
             "requestBody": {"required": True, "content": _json(request)},
-            "responses": {"200": ok, **_errors(400, 401, 404, 413, 503)},
+            "responses": {"200": ok, **_errors(400, 401, 404, 409, 413, 429, 431, 503)},
         }
     }
 
@@ -86,6 +89,16 @@ def build_openapi() -> dict[str, Any]:
         "/live": _plain("Alive: 200 while the process serves HTTP", "application/json"),
         "/metrics": _plain("Prometheus metrics", "text/plain"),
         "/openapi.json": _plain("This document", "application/json"),
+        "/debug/route": {
+            "post": {
+                "summary": "Explain where a prompt would be routed now (each worker's cached "
+                "overlap, load and cost); changes nothing",
+                "requestBody": {"required": True, "content": _json("CompletionRequest")},
+                "responses": {"200": {"description": "The routing decision",
+                                      "content": {"application/json": {}}},
+                              **_errors(400, 404, 503)},
+            }
+        },
     }
     return {
         "openapi": "3.1.0",

@@ -10,6 +10,7 @@ from kvflow.frontend.admission import AdmissionControl
 from kvflow.frontend.chat import handle_chat
 from kvflow.frontend.completions import handle_completion
 from kvflow.frontend.config import FrontendConfig
+from kvflow.frontend.debug import explain_route
 from kvflow.frontend.errors import ApiError
 from kvflow.frontend.handlers import FrontendState, Handler
 from kvflow.frontend.http import HttpServer
@@ -26,6 +27,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/live": {"GET": handlers.live},
     "/metrics": {"GET": handlers.metrics},
     "/openapi.json": {"GET": handlers.openapi},
+    "/debug/route": {"POST": explain_route},
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import tempfile
 import time
@@ -190,7 +191,8 @@ class ModelWatcher:
         routed = await KvRoutedClient.start(self.runtime, self._router_config(card), wiring)
         engine = RoutedEngineClient(routed)
         client = self._migrating(card, engine)
-        await asyncio.to_thread(self.models.add_model, card, client)
+        await asyncio.to_thread(functools.partial(
+            self.models.add_model, card, client, explain=lambda r: routed.explain(r).as_json()))
         return ModelPool(card, engine, client)
 
     def _migrating(self, card: ModelCard, engine: RoutedEngineClient) -> EngineClient:

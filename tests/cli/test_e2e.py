@@ -155,3 +155,27 @@ async def test_run_out_dyn_serves_only_that_endpoint(stack, model_dir) -> None:
     base = _ready_url(proc).removesuffix("/v1")
     await asyncio.sleep(0.5)  # both workers are registered by now; only one is served
     assert await _wait_models(base, {"here"}, timeout=3) == {"here"}
+
+
+async def test_debug_route_explains_a_decision(stack, model_dir) -> None:
+    import json
+    import urllib.request
+
+    base = stack.frontend()
+    stack.start("worker", "--engine", "mocker", "--model-path", str(model_dir), "--model-name", "m",
+                "--num-workers", "3", "--speedup-ratio", "0", "--block-size", "4")
+    assert await _wait_models(base, {"m"}) == {"m"}
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused")
+    prompt = "the same long prefix for every request " * 4
+    for _ in range(40):  # until all three instances are in the pool
+        await client.completions.create(model="m", prompt=prompt, max_tokens=2)
+        body = json.dumps({"model": "m", "prompt": prompt}).encode()
+        req = urllib.request.Request(base + "/debug/route", body, {"Content-Type": "application/json"})
+        decision = json.loads(await asyncio.to_thread(lambda r=req: urllib.request.urlopen(r).read()))
+        if len(decision["costs"]) == 3:
+            break
+        await asyncio.sleep(0.1)
+    await client.close()
+    assert len(decision["costs"]) == 3 and len(decision["overlaps"]) == 3
+    chosen = str(decision["worker_id"])
+    assert decision["overlaps"][chosen] == decision["overlap_blocks"] > 0  # goes where the cache is

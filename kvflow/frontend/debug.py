@@ -1,0 +1,46 @@
+"""POST /debug/route: where a request would be routed now, and why (changes nothing).
+
+Body: {"model": ..., "prompt": "..."} or {"model": ..., "messages": [...]}. The
+answer is the router's decision for that prompt: the chosen worker, and for every
+worker its cached-prefix overlap, load and cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+from kvflow.frontend.errors import ApiError
+from kvflow.frontend.handlers import FrontendState, decode_body, resolve_model
+from kvflow.frontend.http_response import HttpRequest, Responder
+from kvflow.frontend.preprocess import tokenize_chat, tokenize_completion
+from kvflow.llm.openai import ChatCompletionRequest, CompletionRequest
+from kvflow.llm.protocol import PreprocessedRequest
+
+Explainer = Callable[[PreprocessedRequest], bytes]
+
+
+class _Probe(msgspec.Struct):
+    model: str
+    messages: list | None = None
+
+
+_probe = msgspec.json.Decoder(_Probe)
+_chat = msgspec.json.Decoder(ChatCompletionRequest)
+_completion = msgspec.json.Decoder(CompletionRequest)
+
+
+async def explain_route(state: FrontendState, request: HttpRequest, responder: Responder) -> None:
+    probe = decode_body(_probe, request.body)
+    kind = "chat" if probe.messages is not None else "completions"
+    model = resolve_model(state.models, probe.model, kind)
+    if model.explain is None:
+        raise ApiError(404, f"Model '{probe.model}' is not served through a router; nothing to "
+                       "explain.", param="model", code="not_routed")
+    if kind == "chat":
+        ids = tokenize_chat(model, decode_body(_chat, request.body)).ids
+    else:
+        ids = tokenize_completion(model, decode_body(_completion, request.body))[0]
+    decision = model.explain(PreprocessedRequest("debug-route", ids, model=model.name))
+    responder.send(200, decision)
