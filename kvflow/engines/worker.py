@@ -26,7 +26,7 @@ from kvflow.llm.kv_events import (
     KvEventBatch,
     LoadMetrics,
 )
-from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
+from kvflow.llm.protocol import PreprocessedRequest
 from kvflow.llm.register import ModelInput, ModelType, register_llm
 from kvflow.runtime import Context, DistributedRuntime
 from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
@@ -125,14 +125,6 @@ class EventPublisher:
         asyncio.ensure_future(self.events.publish(LOAD_METRICS_SUBJECT, self._encode(metrics)))
 
 
-def _generate_handler(engine: Engine) -> Any:
-    async def generate(request: PreprocessedRequest, context: Context) -> AsyncIterator[EngineOutput]:
-        async for out in engine.generate(request, context):
-            yield out
-
-    return generate
-
-
 def _snapshot_handler(engine: Engine) -> Any:
     async def kv_snapshot(request: Any, context: Context) -> AsyncIterator[Any]:
         snap = engine.cache_snapshot()
@@ -170,7 +162,7 @@ async def serve_instance(
     try:
         await asyncio.gather(
             generate.serve(
-                _generate_handler(engine), instance_id=instance_id, request_type=PreprocessedRequest
+                engine.generate, instance_id=instance_id, request_type=PreprocessedRequest
             ),
             snapshot.serve(_snapshot_handler(engine), instance_id=instance_id),
         )
