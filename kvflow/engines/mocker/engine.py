@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.core.block_pool import BlockPool
+from kvflow.engines.core.outputs import follow_outputs
 from kvflow.engines.core.scheduler import FinishedSeq, RequestRejected, Scheduler, SchedulerOutput
 from kvflow.engines.core.sequence import Sequence
 from kvflow.engines.mocker.config import MockerConfig
@@ -82,21 +83,11 @@ class MockerEngine:
     def cache_snapshot(self) -> CacheSnapshot:
         return self.pool.snapshot()
 
-    async def generate(
+    def generate(
         self, request: PreprocessedRequest, context: Context
     ) -> AsyncIterator[EngineOutput]:
         stream = self._open(request)
-        cancel = functools.partial(self._cancel, stream)
-        context.on_stop(cancel)
-        try:
-            while True:
-                out = await stream.next_output()
-                yield out
-                if out.finish_reason is not None:
-                    return
-        finally:
-            context.remove_on_stop(cancel)
-            self._cancel(stream)
+        return follow_outputs(stream, functools.partial(self._cancel, stream), context)
 
     # ---- requests -----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ loop with `call_soon_threadsafe`; KV events and load metrics are published from 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.core.block_pool import BlockPool
+from kvflow.engines.core.outputs import follow_outputs
 from kvflow.engines.core.scheduler import (
     FinishedSeq,
     RequestRejected,
@@ -93,21 +95,11 @@ class NativeEngine:
         with self._lock:
             return self.pool.snapshot()
 
-    async def generate(
+    def generate(
         self, request: PreprocessedRequest, context: Context
     ) -> AsyncIterator[EngineOutput]:
         stream = self._open(request)
-        cancel = lambda: self._cancel(stream)  # noqa: E731
-        context.on_stop(cancel)
-        try:
-            while True:
-                out = await stream.next_output()
-                yield out
-                if out.finish_reason is not None:
-                    return
-        finally:
-            context.remove_on_stop(cancel)
-            self._cancel(stream)
+        return follow_outputs(stream, functools.partial(self._cancel, stream), context)
 
     # ---- requests (event loop side) -------------------------------------------------
 
