@@ -7,7 +7,7 @@ import msgspec
 from kvflow.frontend import limits
 from kvflow.frontend import preprocess as pre
 from kvflow.frontend.errors import ApiError
-from kvflow.frontend.generation import Generation, ResponseIds, api_error_event
+from kvflow.frontend.generation import ChunkPrefixes, Generation, ResponseIds, api_error_event
 from kvflow.frontend.handlers import (
     FrontendState,
     claim_request_id,
@@ -86,19 +86,10 @@ class ChatChunkEncoder:
         self.ids = ids
         self._tokenizer = tokenizer
         self._top = top_logprobs
-        self._head = (
-            b'data: {"id":' + _encode_str(ids.id)
-            + b',"object":"chat.completion.chunk","created":' + str(ids.created).encode()
-            + b',"model":' + _encode_str(ids.model) + b',"choices":[{"index":'
-        )
-        self._content_heads: dict[int, bytes] = {}
+        self._prefix = ChunkPrefixes(ids, b"chat.completion.chunk", b'"delta":{"content":')
 
     def content(self, index: int, text: str) -> bytes:
-        head = self._content_heads.get(index)
-        if head is None:
-            head = self._head + b'%d,"delta":{"content":' % index
-            self._content_heads[index] = head
-        return head + _encode_str(text) + _CONTENT_TAIL
+        return self._prefix(index) + _encode_str(text) + _CONTENT_TAIL
 
     def role(self, index: int) -> bytes:
         return self._chunk([ChatChunkChoice(index, ChatDelta(role="assistant", content=""))])

@@ -7,7 +7,7 @@ import msgspec
 from kvflow.frontend import limits
 from kvflow.frontend import preprocess as pre
 from kvflow.frontend.errors import ApiError
-from kvflow.frontend.generation import Generation, ResponseIds, api_error_event
+from kvflow.frontend.generation import ChunkPrefixes, Generation, ResponseIds, api_error_event
 from kvflow.frontend.handlers import (
     FrontendState,
     claim_request_id,
@@ -93,19 +93,10 @@ class CompletionChunkEncoder:
 
     def __init__(self, ids: ResponseIds) -> None:
         self.ids = ids
-        self._head = (
-            b'data: {"id":' + _encode_str(ids.id)
-            + b',"object":"text_completion","created":' + str(ids.created).encode()
-            + b',"model":' + _encode_str(ids.model) + b',"choices":[{"index":'
-        )
-        self._text_heads: dict[int, bytes] = {}
+        self._prefix = ChunkPrefixes(ids, b"text_completion", b'"text":')
 
     def text(self, index: int, text: str) -> bytes:
-        head = self._text_heads.get(index)
-        if head is None:
-            head = self._head + b'%d,"text":' % index
-            self._text_heads[index] = head
-        return head + _encode_str(text) + _TEXT_TAIL
+        return self._prefix(index) + _encode_str(text) + _TEXT_TAIL
 
     def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         ids = self.ids

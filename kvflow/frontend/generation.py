@@ -11,6 +11,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
+
 from kvflow.frontend.admission import EngineOverloaded
 from kvflow.frontend.engine_client import EngineUnavailable
 from kvflow.frontend.errors import ApiError, engine_failed, no_workers, overloaded, worker_lost
@@ -31,6 +33,26 @@ class ResponseIds:
     id: str
     created: int
     model: str
+
+
+class ChunkPrefixes:
+    """The constant bytes of one response's streamed chunks up to a choice's text field,
+    built once per choice index, so a plain text chunk is prefix + one string encode + tail."""
+
+    def __init__(self, ids: ResponseIds, object_name: bytes, text_field: bytes) -> None:
+        encode = msgspec.json.encode
+        self._head = (
+            b'data: {"id":' + encode(ids.id) + b',"object":"' + object_name + b'","created":'
+            + str(ids.created).encode() + b',"model":' + encode(ids.model) + b',"choices":[{"index":'
+        )
+        self._field = text_field
+        self._by_index: dict[int, bytes] = {}
+
+    def __call__(self, index: int) -> bytes:
+        prefix = self._by_index.get(index)
+        if prefix is None:
+            prefix = self._by_index[index] = self._head + b"%d," % index + self._field
+        return prefix
 
 
 class Generation:
