@@ -94,11 +94,10 @@ class StreamOptions(msgspec.Struct):
 # ---------------------------------------------------------------- requests
 
 
-class ChatCompletionRequest(msgspec.Struct, kw_only=True):
-    """Body of POST /v1/chat/completions."""
+class _GenerationFields(msgspec.Struct, kw_only=True):
+    """Fields chat and text completions share: model, streaming, sampling and stopping."""
 
     model: str
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
@@ -107,63 +106,47 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     min_p: Probability | None = None
     seed: int | None = None
     max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
     min_tokens: NonNegativeInt | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] = 1
-    logprobs: bool = False
-    top_logprobs: TopLogprobCount | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
-    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None
+
+
+class ChatCompletionRequest(_GenerationFields, kw_only=True):
+    """Body of POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobCount | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 Prompt = str | list[str | int | list[int]]
 
 
-class CompletionRequest(msgspec.Struct, kw_only=True):
+class CompletionRequest(_GenerationFields, kw_only=True):
     """Body of POST /v1/completions. `prompt`: text, texts, token ids, or lists of ids."""
 
-    model: str
     prompt: Prompt
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
-    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
-    min_p: Probability | None = None
-    seed: int | None = None
-    max_tokens: PositiveInt | None = None
-    min_tokens: NonNegativeInt | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    n: Annotated[int, msgspec.Meta(ge=1, le=128)] = 1
     best_of: PositiveInt | None = None
     logprobs: TopLogprobCount | None = None
     echo: bool = False
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
-    response_format: ResponseFormat | None = None
-    user: str | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 # ---------------------------------------------------------------- response parts
