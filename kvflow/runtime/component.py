@@ -17,7 +17,7 @@ from kvflow.runtime.context import Context
 from kvflow.runtime.discovery.base import PUT
 from kvflow.runtime.errors import NoInstancesError, WorkerUnavailableError
 from kvflow.runtime.events.base import ScopedEvents
-from kvflow.runtime.request_plane.tcp_client import ResponseStream
+from kvflow.runtime.request_plane.stream import ResponseStream
 
 if TYPE_CHECKING:
     from kvflow.runtime.runtime import DistributedRuntime
