@@ -66,7 +66,7 @@ case "${1:-}" in
     log "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
     log "    -d '{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
     exec "$VPY" -m kvflow.cli.main run in=http out=mocker --model-path "$model" --model-name tiny \
-      --speedup-ratio 10 "$@"
+      --speedup-ratio 10 --mocker-output echo "$@"
     ;;
   test)
     shift
