@@ -22,10 +22,25 @@ from kvflow.engines.native.ops import make_ops
 
 HIDDEN, INTER, VOCAB, Q_KV = 2048, 8192, 32000, 2048 + 2 * 512
 C = tg.GemvConfig
-CONFIGS = {2048: [C(8, 1024, 4), C(16, 1024, 8), C(4, 1024, 2), C(8, 512, 4), C(16, 512, 4),
-                  C(4, 2048, 4)],
-           8192: [C(4, 2048, 8), C(2, 2048, 4), C(4, 2048, 4), C(8, 1024, 8), C(2, 4096, 8),
-                  C(4, 4096, 8)]}
+
+
+def num_sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def configs(k: int) -> list[tg.GemvConfig]:
+    """Tiled launches (the one-tile-per-program defaults among them) and persistent ones."""
+    sms = num_sms()
+    if k >= 4096:
+        return [C(4, 2048, 8), C(8, 1024, 8), C(2, k, 8, sms), C(2, k, 8, 2 * sms),
+                C(4, k, 8, sms)]
+    return [C(8, 1024, 4), C(4, 2048, 4), C(4, k, 4, 2 * sms), C(8, k, 4, 2 * sms),
+            C(4, k, 4, 4 * sms), C(4, k, 4, 6 * sms)]
+
+
+def label(cfg: tg.GemvConfig) -> str:
+    tile = f"{cfg.block_n}xP{cfg.programs}" if cfg.programs else f"{cfg.block_n}x{cfg.block_k}"
+    return f"{tile} w{cfg.num_warps}"
 
 
 @dataclass(frozen=True)
@@ -89,10 +104,12 @@ def variants(shape: Shape, rows: int) -> dict[str, Callable[[torch.Tensor], obje
                                  eps=1e-6, config=cfg, pdl=pdl)
 
     out: dict[str, Callable[[torch.Tensor], object]] = {"cublas (+ triton_ops)": unfused}
-    default = tg.gemv_config(shape.n, shape.k)
-    out[f"gemv {default.block_n}x{default.block_k} w{default.num_warps} no-pdl"] = fused(default, False)
-    for cfg in CONFIGS[shape.k]:
-        out[f"gemv {cfg.block_n}x{cfg.block_k} w{cfg.num_warps}"] = fused(cfg, tg.PDL)
+    default = tg.gemv_config(shape.n, shape.k, num_sms() if rows == 1 else 0)
+    out["default no-pdl"] = fused(default, False)
+    out[f"default {label(default)}"] = fused(default, tg.PDL)
+    for cfg in configs(shape.k):
+        if cfg != default and (rows == 1 or not cfg.programs):
+            out[f"gemv {label(cfg)}"] = fused(cfg, tg.PDL)
     return out
 
 
@@ -100,8 +117,7 @@ def check(shape: Shape, rows: int) -> float:
     """Relative error of the default-config GEMV against the unfused path (which adds in place)."""
     fns = variants(shape, rows)
     w = torch.randn(shape.n, shape.k, device="cuda", dtype=torch.bfloat16) * shape.k**-0.5
-    cfg = tg.gemv_config(shape.n, shape.k)
-    y = fns[f"gemv {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} no-pdl"](w)[0]  # type: ignore[index]
+    y = fns["default no-pdl"](w)[0]  # type: ignore[index]
     ref = fns["cublas (+ triton_ops)"](w)
     assert isinstance(ref, torch.Tensor) and isinstance(y, torch.Tensor)
     return float((y.float() - ref.float()).norm() / ref.float().norm())
@@ -110,11 +126,12 @@ def check(shape: Shape, rows: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1])
+    parser.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES])
     args = parser.parse_args()
     copy_bandwidth()  # warm-up: clocks ramp up
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s", flush=True)
-    for shape in SHAPES:
+    for shape in (s for s in SHAPES if s.name in args.shapes):
         nbytes = shape.n * shape.k * 2
         copies = max(4, -(-(256 << 20) // nbytes))
         weights = [torch.randn(shape.n, shape.k, device="cuda", dtype=torch.bfloat16)

@@ -181,7 +181,7 @@ def decode_breakdown(runner, batch: int, isl: int, osl: int, sync: bool) -> dict
                                       max_model_len=runner.max_model_len), pool)
     for i, p in enumerate(prompts(batch, isl, 50 + batch)):
         sched.add(Sequence(f"x{i}", p, StopRule(max_tokens=osl, ignore_eos=True)))
-    phases = dict.fromkeys(("schedule", "prepare", "forward", "sample", "update"), 0.0)
+    phases = dict.fromkeys(("schedule", "prepare", "launch", "collect", "update"), 0.0)
     steps = 0
     while sched.has_work():
         t = [time.perf_counter()]
@@ -189,11 +189,11 @@ def decode_breakdown(runner, batch: int, isl: int, osl: int, sync: bool) -> dict
         t.append(time.perf_counter())
         inputs = runner.prepare(out.scheduled)
         t.append(time.perf_counter())
-        logits = runner.logits(inputs)
+        launched = runner.launch(inputs, {})
         if sync:
             torch.cuda.synchronize()
         t.append(time.perf_counter())
-        result = runner.sample(inputs, logits, {})
+        result = runner.collect(launched)
         t.append(time.perf_counter())
         sched.update(result.sampled)
         t.append(time.perf_counter())
@@ -278,6 +278,7 @@ def profiles(runner, prefill_len: int) -> None:  # type: ignore[no-untyped-def]
 
 
 def breakdown(engine: NativeEngine, args: argparse.Namespace) -> None:
+    """Per-phase host timings (synchronous loop), graph replay time, kernel profiles."""
     runner = engine.runner
     for batch in args.batches:  # before the profiler: it leaves every later launch slower
         print(f"b={batch}: graph replay {graph_replay_ms(runner, batch):.3f} ms", flush=True)
@@ -286,7 +287,8 @@ def breakdown(engine: NativeEngine, args: argparse.Namespace) -> None:
             text = " ".join(f"{k}={v:.3f}" for k, v in phases.items())
             print(f"  sync={sync}: {text}", flush=True)
     profiles(runner, args.prefill_len)
-    prefill_breakdown(runner, args.prefill_len)
+    if args.prefill_tilings:
+        prefill_breakdown(runner, args.prefill_len)
 
 
 async def run(args: argparse.Namespace) -> list[Row]:
@@ -305,10 +307,6 @@ async def run(args: argparse.Namespace) -> list[Row]:
     print(f"engine start {time.perf_counter() - start:.1f}s, "
           f"{engine.runner.num_blocks} blocks", flush=True)  # type: ignore[union-attr]
     rows: list[Row] = []
-    if args.breakdown:
-        await engine.stop()
-        breakdown(engine, args)
-        return rows
     for batch in args.batches:
         ours = await engine_decode(engine, batch, args.isl, args.osl, seed=batch)
         theirs = hf_decode(hf, batch, args.isl, args.osl) if not args.skip_hf else 0.0
@@ -319,6 +317,8 @@ async def run(args: argparse.Namespace) -> list[Row]:
     rows.append(Row(f"prefill {args.prefill_len}", ours, hf_prefill(hf, args.prefill_len),
                     prefill_floor(hf, args.prefill_len, peak)))
     await engine.stop()
+    if args.breakdown:
+        breakdown(engine, args)
     return rows
 
 
@@ -329,7 +329,10 @@ def main() -> None:
     parser.add_argument("--osl", type=int, default=256)
     parser.add_argument("--prefill-len", type=int, default=8192)
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--breakdown", action="store_true", help="per-phase timings instead")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="then per-phase timings, graph replay times and kernel profiles")
+    parser.add_argument("--prefill-tilings", action="store_true",
+                        help="with --breakdown: time the prefill attention tilings too")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = asyncio.run(run(args))

@@ -16,6 +16,15 @@ can supply (host tier, remote prefill) — all of it just computed tokens. When
 blocks run out the most recently admitted running sequence is preempted by
 recompute: its blocks are freed, it goes back to the front of `waiting`.
 
+Async output (opt-in, `SchedulerConfig(async_output=True)`), for an engine whose device
+feeds one step's sampled tokens into the next: step k+1 is planned (at most one step in
+flight) before step k's tokens reach the host. `schedule()` counts the KV as computed at
+once and each sampled token as a placeholder (sequence.py); `update()` reconciles the
+oldest step: placeholders become tokens, then blocks commit and stop rules run as usual.
+A sequence ending there had one more step planned; its token is dropped (its KV lands in
+freed blocks before any later step, on the same device stream, reuses them). A sequence
+whose pending token surely ends it by length gets no further step.
+
 Ownership: the scheduler owns every block it takes from the pool and frees it on
 finish, abort or preemption. `abort` frees at once even while a step is in flight;
 freed blocks are not handed out again before the next `schedule()`, which comes after
@@ -48,6 +57,7 @@ class SchedulerConfig:
     block_size: int = 16
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None  # None: limited only by the block pool
+    async_output: bool = False  # plan a step before the last one's tokens are known
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.block_size) < 1:
@@ -120,7 +130,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
-        self._inflight: SchedulerOutput | None = None
+        self._inflight: deque[SchedulerOutput] = deque()
+        self._max_inflight = 2 if config.async_output else 1
 
     # ---- requests -----------------------------------------------------------------
 
@@ -169,19 +180,24 @@ class Scheduler:
     # ---- schedule -----------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        assert self._inflight is None, "schedule() called again before update()"
+        assert len(self._inflight) < self._max_inflight, "schedule() called again before update()"
         out = SchedulerOutput([], [])
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
-        self._inflight = out
+        if self.config.async_output:
+            _count_as_computed(out)
+        self._inflight.append(out)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_placeholders and self._ends_by_length(seq):
+                i += 1  # its pending token finishes it: no step after that
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             assert n > 0, "a running sequence with nothing to compute"
             if not self._reserve(seq, seq.num_computed_tokens + n, out):
@@ -221,6 +237,7 @@ class Scheduler:
             budget -= scheduled.num_new_tokens
 
     def _try_admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ScheduledSeq | None:
+        assert not seq.num_placeholders, "admitted before its last step was reconciled"
         cached = self._match_local(seq)
         external = self._match_external(seq)
         n = self._admission_chunk(seq.num_tokens - seq.num_computed_tokens, budget, out)
@@ -269,33 +286,55 @@ class Scheduler:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_size)
 
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        """Its tokens, pending ones included, reach max_tokens or the context length."""
+        limit = seq.stop.max_tokens
+        return seq.num_tokens >= self.max_model_len or (
+            limit is not None and seq.num_tokens - seq.prompt_len >= limit
+        )
+
     # ---- update -------------------------------------------------------------------
 
     def update(self, sampled: Mapping[str, list[int]]) -> list[FinishedSeq]:
-        """Advance computed tokens, commit full blocks, append samples, detect finishes."""
-        out, self._inflight = self._inflight, None
-        assert out is not None, "update() without a schedule() in flight"
+        """Advance computed tokens, commit full blocks, append samples, detect finishes.
+
+        With async output this reconciles the oldest step in flight: its computed tokens
+        were counted by `schedule`, and a sequence preempted since still takes its token."""
+        assert self._inflight, "update() without a schedule() in flight"
+        out = self._inflight.popleft()
         finished: list[FinishedSeq] = []
         for s in out.scheduled:
             seq = s.seq
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # aborted while the step ran
-            seq.num_computed_tokens += s.num_new_tokens
-            self._commit_full_blocks(seq)
-            reason = self._append(seq, sampled[seq.request_id]) if s.samples else None
+            if seq.status is SeqStatus.FINISHED:
+                continue  # aborted while the step ran (async: or ended by the step before)
+            if seq.status is SeqStatus.RUNNING:
+                if not self.config.async_output:
+                    seq.num_computed_tokens += s.num_new_tokens
+                self._commit_full_blocks(seq)
+            if not s.samples:
+                continue
+            if self.config.async_output:
+                seq.num_placeholders -= 1
+            reason = self._append(seq, sampled[seq.request_id])
             if reason is not None:
-                del self.requests[seq.request_id]
-                self._release(seq)
-                finished.append(FinishedSeq(seq, reason))
+                self._finish(seq, reason, finished)
         if finished:
             self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
         return finished
 
+    def _finish(self, seq: Sequence, reason: str, finished: list[FinishedSeq]) -> None:
+        if seq.status is SeqStatus.WAITING:  # async: preempted after its step was planned
+            self.waiting.remove(seq)
+        del self.requests[seq.request_id]
+        self._release(seq)
+        finished.append(FinishedSeq(seq, reason))
+
     def _commit_full_blocks(self, seq: Sequence) -> None:
+        """Commit blocks whose KV is computed (or queued on the device) and tokens are known."""
         if not self.pool.enable_prefix_caching:
             return
         bs = self.config.block_size
-        n_full = seq.num_computed_tokens // bs
+        n_full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
         for i in range(seq.num_committed_blocks, n_full):
             parent = seq.block_hash(i - 1, bs) if i else seq.parent_hash_seed
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
@@ -308,7 +347,7 @@ class Scheduler:
         for token in tokens:
             seq.token_ids.append(token)
             reason = seq.stop.finish_reason(token, seq.num_output_tokens)
-            if reason is None and seq.num_tokens >= self.max_model_len:
+            if reason is None and len(seq.token_ids) >= self.max_model_len:
                 reason = FINISH_LENGTH
             if reason is not None:
                 return reason
@@ -331,6 +370,14 @@ class Scheduler:
             num_running=len(self.running),
             prefill_tokens_inflight=pending,
         )
+
+
+def _count_as_computed(out: SchedulerOutput) -> None:
+    """Async output: the step's KV counts as computed now, each sampled token as a placeholder."""
+    for s in out.scheduled:
+        s.seq.num_computed_tokens += s.num_new_tokens
+        if s.samples:
+            s.seq.num_placeholders += 1
 
 
 def _scheduled(

@@ -5,6 +5,10 @@ tokens generated so far) and `num_computed_tokens` (positions whose KV exists). 
 prefill, a prefill chunk, a prefix-cache hit and a remote prefill all just advance
 `num_computed_tokens`; a sampled token grows `num_tokens` by one.
 
+With async output (scheduler.py) a token can be counted before its value is known: it is
+a placeholder, counted in `num_tokens` but not yet in `token_ids`, until the step that
+samples it reports back. `token_ids` only ever holds real tokens.
+
 Ownership: the scheduler owns `block_ids` and `num_computed_tokens`; engines read
 them (e.g. to build a block table) but never change them.
 """
@@ -62,6 +66,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     num_committed_blocks: int = 0
     num_preemptions: int = 0
+    num_placeholders: int = 0  # sampled tokens scheduled on but not yet known (async output)
     _hashes: list[int] = field(default_factory=list)
     _hash_seed: int | None = None
 
@@ -92,7 +97,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:

@@ -6,14 +6,16 @@
 - attention.py: per-step attention layout, backend registry, gather backend (any device).
 - ops.py, triton_ops.py: norms, rope, SwiGLU, projections by name (torch / fused Triton).
 - triton_gemv.py: decode GEMVs with the input norm or activation folded in (GPU).
-- triton_attention.py: Triton paged decode (split-KV) and prefill kernels (GPU).
+- triton_attention.py: the Triton attention backend, paged prefill kernels (GPU).
+- triton_decode.py: fused decode attention: rope + K/V store + split-KV + merge in one launch.
 - triton_pdl.py: programmatic dependent launch for the decode kernels (Hopper).
 - kv_cache.py: KV cache sizing and allocation.
 - inputs.py: scheduler output -> batch tensors.
 - sampler.py: batched sampling, penalties, seeds, logprobs.
-- cuda_graphs.py: captured decode graphs, inputs staged straight into pinned buffers.
-- runner.py: ModelRunner (execute one step).
-- stream.py, engine.py: NativeEngine, the threaded schedule -> execute -> update loop.
+- cuda_graphs.py: captured decode graphs (forward, logits, argmax), inputs staged in one upload.
+- runner.py: ModelRunner: prepare / launch / collect a step; sampled ids stay on the device.
+- stream.py, engine.py: NativeEngine, the threaded schedule -> execute -> update loop
+  (async output: step k+1 launches before step k's tokens reach the host).
 """
 
 from __future__ import annotations

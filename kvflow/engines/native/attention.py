@@ -40,6 +40,26 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+RopeFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, torch.Tensor],
+]
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding still to apply to q and k: positions [T], the float32 cos/sin tables
+    [positions, D/2], and the op that applies it (`Ops.rope`) for backends that do not fuse it."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    apply: RopeFn
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(self.positions, q, k, self.cos, self.sin)
+
+
 class AttentionBackend(Protocol):
     """Computes attention for one layer, after storing the step's new K/V in the cache."""
 
@@ -52,8 +72,10 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         window: int | None,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, KVH, D]; returns [T, H, D]."""
+        """q: [T, H, D]; k, v: [T, KVH, D]; returns [T, H, D]. With `rope`, q and k are
+        rotated first (a backend may fuse that into its kernels)."""
         ...
 
 
@@ -121,7 +143,10 @@ class TorchGatherBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int | None,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
+        if rope is not None:
+            q, k = rope(q, k)
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         starts = meta.query_start_host

@@ -44,6 +44,9 @@ class NativeEngineConfig:
     attention_backend: str = "auto"  # "torch" (gather) or "triton" (GPU)
     ops: str = "auto"  # elementwise kernels: "torch" or "triton" (GPU, fused)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    # Plan and launch each step before the last one's tokens reach the host (scheduler.py);
+    # None: on where CUDA graphs run, where it hides the host's work behind the GPU's.
+    async_output: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -1,21 +1,26 @@
-"""CUDA graphs for decode steps: the model forward plus logits captured once per padded batch size.
+"""CUDA graphs for decode steps: the model forward, logits and argmax captured once per padded batch size.
 
 A decode step of `B` sequences replays the graph of the smallest captured size >= B. Its
-inputs are written straight from the scheduler's output into pinned host buffers laid out
-like the graphs' static inputs, and reach the GPU in two asynchronous copies: no device
+inputs are written straight from the scheduler's output into a pinned host buffer laid
+out like the graphs' static inputs, and reach the GPU in one asynchronous copy: no device
 tensors are built per step and nothing is copied on the device. Padding rows read and
 write only the padding block, and their logits are dropped.
+
+Each graph starts by taking input tokens the host does not know yet from the last step's
+sampled ids (async output, Ops.chain_ids) and ends by writing its rows' argmax there, so
+a greedy step feeds the next without a trip through the host.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvflow.engines.core.scheduler import ScheduledSeq
+from kvflow.engines.core.sequence import Sequence as Seq
 from kvflow.engines.native.attention import AttentionMetadata
 from kvflow.engines.native.kv_cache import KvCacheLayout
 from kvflow.engines.native.model import CausalLM
@@ -31,47 +36,57 @@ class GraphStep:
 
 
 class _Inputs:
-    """The static inputs every graph reads (sliced per size), on one device and pinned on the host.
+    """The static inputs every graph reads (sliced per size): one int64 buffer on the device,
+    mirrored in pinned host memory.
 
-    `longs` is int64 [3, top]: token ids, positions, cache slots. `ints` is int32: the
-    sequence lengths [top], then the block table [top, max_blocks] row by row.
+    int64 rows [4, top]: token ids, positions, cache slots, and the row of the last step's
+    sampled ids that replaces the token id (-1: none). Then, as int32, the sequence lengths
+    [top] and the block table [top, max_blocks] row by row.
     """
 
     def __init__(self, top: int, max_blocks: int, layout: KvCacheLayout, device: torch.device):
         self.top, self.max_blocks, self.layout = top, max_blocks, layout
-        longs = torch.zeros(3, top, dtype=torch.int64)
-        longs[2] = layout.pad_slot
-        ints = torch.full((top + top * max_blocks,), layout.pad_block, dtype=torch.int32)
-        ints[:top] = 1
-        self.host_longs, self.host_ints = longs.pin_memory(), ints.pin_memory()
-        self.longs, self.ints = longs.to(device), ints.to(device)
-        self.np_longs = self.host_longs.numpy()
-        self.np_seq_lens = self.host_ints[:top].numpy()
-        self.np_tables = self.host_ints[top:].view(top, max_blocks).numpy()
-        self.copied = torch.cuda.Event()  # the last upload has read the host buffers
+        n_ints = top + top * max_blocks
+        host = torch.zeros(4 * top + (n_ints + 1) // 2, dtype=torch.int64).pin_memory()
+        self.host = host
+        self.np_longs = host[: 4 * top].numpy().reshape(4, top)
+        ints = host[4 * top :].numpy().view("int32")[:n_ints]
+        self.np_seq_lens, self.np_tables = ints[:top], ints[top:].reshape(top, max_blocks)
+        self.np_longs[2], self.np_longs[3] = layout.pad_slot, -1
+        self.np_seq_lens[:], self.np_tables[:] = 1, layout.pad_block
+        self.dev = host.to(device)
+        self.longs = self.dev[: 4 * top].view(4, top)
+        self.ints = self.dev[4 * top :].view(torch.int32)[:n_ints]
+        self.copied = torch.cuda.Event()  # the last upload has read the host buffer
 
     def block_tables(self) -> torch.Tensor:
         return self.ints[self.top :].view(self.top, self.max_blocks)
 
-    def write(self, scheduled: Sequence[ScheduledSeq], size: int) -> None:
+    def write(self, scheduled: Sequence[ScheduledSeq], size: int, last_rows: Mapping[Seq, int]) -> None:
         """Fill rows 0..size (padding after the real ones) on the host, then upload them."""
         self.copied.synchronize()
         bs = self.layout.block_size
-        longs, seq_lens, tables = self.np_longs, self.np_seq_lens, self.np_tables
+        longs, tables = self.np_longs, self.np_tables
+        rows: list[tuple[int, int, int, int]] = []
         for i, s in enumerate(scheduled):
             seq, pos = s.seq, s.start
             blocks = seq.block_ids
-            longs[:, i] = (seq.token_ids[pos], pos, blocks[pos // bs] * bs + pos % bs)
-            seq_lens[i] = pos + 1
+            slot = blocks[pos // bs] * bs + pos % bs
+            if pos < len(seq.token_ids):
+                rows.append((seq.token_ids[pos], pos, slot, -1))
+            else:  # a placeholder: the device has the token
+                rows.append((0, pos, slot, last_rows[seq]))
             tables[i, : len(blocks)] = blocks
         batch = len(scheduled)
+        longs[:, :batch] = list(zip(*rows, strict=True))
         longs[:2, batch:size] = 0
         longs[2, batch:size] = self.layout.pad_slot
-        seq_lens[batch:size] = 1
+        longs[3, batch:size] = -1
+        self.np_seq_lens[:batch] = longs[1, :batch] + 1
+        self.np_seq_lens[batch:size] = 1
         tables[batch:size, 0] = self.layout.pad_block
-        used = self.top + size * self.max_blocks
-        self.longs.copy_(self.host_longs, non_blocking=True)
-        self.ints[:used].copy_(self.host_ints[:used], non_blocking=True)
+        used = 4 * self.top + (self.top + size * self.max_blocks + 1) // 2
+        self.dev[:used].copy_(self.host[:used], non_blocking=True)
         self.copied.record()
 
 
@@ -80,9 +95,10 @@ class DecodeGraphs:
 
     def __init__(
         self, model: CausalLM, layout: KvCacheLayout, max_blocks_per_seq: int,
-        sizes: tuple[int, ...], device: torch.device,
+        sizes: tuple[int, ...], device: torch.device, sampled: torch.Tensor,
     ) -> None:
         self.model, self.layout = model, layout
+        self.sampled = sampled  # int64 [>= top]: the last step's sampled ids, read and written
         self.sizes = sorted(sizes)
         self.inputs = _Inputs(self.sizes[-1], max_blocks_per_seq, layout, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -120,8 +136,11 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         longs = self.inputs.longs
+        self.model.ops.chain_ids(longs[0, :size], longs[3, :size], self.sampled)
         hidden = self.model(longs[0, :size], longs[1, :size], self._meta(size))
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        torch.argmax(logits, dim=-1, out=self.sampled[:size])
+        return logits
 
     def accepts(self, scheduled: Sequence[ScheduledSeq]) -> bool:
         """A graph runs steps of one new token per sequence, each sampling, up to the largest size."""
@@ -129,15 +148,17 @@ class DecodeGraphs:
             s.num_new_tokens == 1 and s.samples for s in scheduled
         )
 
-    def stage(self, scheduled: Sequence[ScheduledSeq]) -> GraphStep:
-        """Upload the step's inputs for the smallest graph that holds it (see `accepts`)."""
+    def stage(self, scheduled: Sequence[ScheduledSeq], last_rows: Mapping[Seq, int]) -> GraphStep:
+        """Upload the step's inputs for the smallest graph that holds it (see `accepts`);
+        `last_rows`: each sequence's sampling row in the step before."""
         batch = len(scheduled)
         size = self.sizes[bisect_left(self.sizes, batch)]
-        self.inputs.write(scheduled, size)
+        self.inputs.write(scheduled, size, last_rows)
         return GraphStep(size, batch, list(scheduled))
 
     def replay(self, step: GraphStep) -> torch.Tensor:
-        """Logits [B, V] of the staged step (a view, valid until the next replay)."""
+        """Logits [B, V] of the staged step (a view, valid until the next replay); the rows'
+        argmax is in `sampled[:B]`."""
         self.graphs[step.size].replay()
         return self.outputs[step.size][: step.batch]
 

@@ -2,9 +2,15 @@
 
 The engine thread runs the loop `schedule -> execute -> update`. The scheduler and block
 pool are shared with the event loop (admissions, cancellations, snapshots) under one lock,
-which the thread holds only around `schedule` and `update`, never during a forward pass:
-a cancellation frees its blocks at once, even mid-step. Results cross back to the event
-loop with `call_soon_threadsafe`; KV events and load metrics are published from there.
+which the thread holds only around `schedule`, staging the inputs, and `update`, never
+while it waits for the device: a cancellation frees its blocks at once, even mid-step.
+Results cross back to the event loop with `call_soon_threadsafe`; KV events and load
+metrics are published from there.
+
+With async output (on with CUDA graphs) execute is split: the loop schedules and launches
+step k+1, then collects and updates step k while the device runs k+1, so the host's work
+hides behind the device's. A step whose sampling needs the real previous tokens
+(penalties) waits for them first.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.core.block_pool import BlockPool
@@ -26,9 +33,9 @@ from kvflow.engines.core.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
-from kvflow.engines.core.sequence import Sequence
+from kvflow.engines.core.sequence import SeqStatus, Sequence
 from kvflow.engines.native.config import NativeEngineConfig
-from kvflow.engines.native.runner import ModelRunner, StepResult
+from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
@@ -40,6 +47,14 @@ log = logging.getLogger(__name__)
 LOAD_INTERVAL_S = 0.05
 
 
+@dataclass
+class InFlight:
+    """A scheduled step not yet updated: what was planned and what the device is doing."""
+
+    out: SchedulerOutput
+    launched: Launched | None  # None: nothing ran (nothing fit, or the launch failed)
+
+
 class NativeEngine:
     """The native PyTorch engine, implementing kvflow.engines.base.Engine."""
 
@@ -49,6 +64,9 @@ class NativeEngine:
         self._lock = threading.Condition()
         self._streams: dict[str, RequestStream] = {}
         self._sampling: dict[str, RequestSampling] = {}
+        self._num_penalized = 0  # requests whose sampling reads their past tokens
+        self._inflight: InFlight | None = None
+        self._async = False
         self._stopping = False
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
@@ -67,6 +85,8 @@ class NativeEngine:
         self.runner = runner
         self.pool = BlockPool(runner.num_blocks, self.config.block_size,
                               worker_id=self.hooks.worker_id)
+        chosen = self.config.async_output
+        self._async = runner.graphs is not None if chosen is None else chosen
         self.scheduler = Scheduler(self._scheduler_config(runner), self.pool)
         self._thread = threading.Thread(target=self._run, name="native-engine", daemon=True)
         self._thread.start()
@@ -78,6 +98,7 @@ class NativeEngine:
             max_num_batched_tokens=max(c.max_num_batched_tokens, c.max_num_seqs),
             block_size=c.block_size,
             max_model_len=runner.max_model_len,
+            async_output=self._async,
         )
 
     async def stop(self) -> None:
@@ -122,6 +143,8 @@ class NativeEngine:
                 return stream
             self._streams[seq.request_id] = stream
             self._sampling[seq.request_id] = params
+            if params.penalized:
+                self._num_penalized += 1
             self._lock.notify_all()
         return stream
 
@@ -150,7 +173,9 @@ class NativeEngine:
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._sampling.pop(request_id, None)
+        params = self._sampling.pop(request_id, None)
+        if params is not None and params.penalized:
+            self._num_penalized -= 1
 
     def _fail_all(self, message: str) -> None:
         self._failure = message
@@ -160,6 +185,7 @@ class NativeEngine:
                 if self.scheduler is not None:
                     self.scheduler.abort(request_id)
             self._sampling.clear()
+            self._num_penalized = 0
         for stream in streams.values():
             stream.fail(message)
 
@@ -168,9 +194,14 @@ class NativeEngine:
     def _run(self) -> None:
         while self._wait_for_work():
             self.step()
+        self._complete()
 
     def _wait_for_work(self) -> bool:
         assert self.scheduler is not None
+        with self._lock:
+            if self.scheduler.has_work() or self._stopping:
+                return not self._stopping
+        self._complete()  # idle from here on: finish the step in flight first
         with self._lock:
             if not self.scheduler.has_work() and not self._stopping:
                 self._publish(self._drain())  # idle: let routers see the empty state
@@ -179,27 +210,55 @@ class NativeEngine:
             return not self._stopping
 
     def step(self) -> None:
-        """One iteration: schedule -> execute -> update."""
-        assert self.scheduler is not None and self.runner is not None
+        """One iteration: schedule -> execute -> update (async output: execute this step,
+        then update the one before while the device runs this one)."""
+        assert self.scheduler is not None
         with self._lock:
             out = self.scheduler.schedule()
-        result = self._execute(out)
-        with self._lock:
-            finished = self.scheduler.update(result.sampled)
-            deliveries = self._deliveries(out, result, finished)
-            published = self._drain()
-        self._hand_over(deliveries, published)
-
-    def _execute(self, out: SchedulerOutput) -> StepResult:
-        assert self.runner is not None and self.scheduler is not None
-        if not out.scheduled:
+        if self._num_penalized:  # penalties read the real tokens of the step in flight
+            self._complete()
+        launched = self._launch(out)
+        if not out.scheduled and self._inflight is None:
             time.sleep(0.001)  # nothing fits right now; let cancellations free blocks
-            return StepResult({}, {})
+        self._complete()
+        self._inflight = InFlight(out, launched)
+        if not self._async:
+            self._complete()
+
+    def _launch(self, out: SchedulerOutput) -> Launched | None:
+        assert self.runner is not None
         try:
-            return self.runner.execute(out.scheduled, self._sampling)
+            with self._lock:  # the event loop may cancel (and free) sequences meanwhile
+                live = [s for s in out.scheduled if s.seq.status is not SeqStatus.FINISHED]
+                inputs = self.runner.prepare(live) if live else None
+            return None if inputs is None else self.runner.launch(inputs, self._sampling)
         except Exception as exc:  # a failed step fails its requests, not the worker
             log.exception("native engine step failed")
             self._fail_step(out, f"the model step failed: {exc!r}; retry the request")
+            return None
+
+    def _complete(self) -> None:
+        """Collect and update the step in flight, if any, and hand its tokens over."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        assert self.scheduler is not None
+        result = self._collect(inflight)
+        with self._lock:
+            finished = self.scheduler.update(result.sampled)
+            deliveries = self._deliveries(inflight.out, result, finished)
+            published = self._drain()
+        self._hand_over(deliveries, published)
+
+    def _collect(self, inflight: InFlight) -> StepResult:
+        assert self.runner is not None
+        if inflight.launched is None:
+            return StepResult({}, {})
+        try:
+            return self.runner.collect(inflight.launched)
+        except Exception as exc:
+            log.exception("native engine step failed")
+            self._fail_step(inflight.out, f"the model step failed: {exc!r}; retry the request")
             return StepResult({}, {})
 
     def _fail_step(self, out: SchedulerOutput, message: str) -> None:
@@ -224,6 +283,8 @@ class NativeEngine:
             stream = self._streams.get(rid)
             if rid not in result.sampled or stream is None:
                 continue
+            if s.seq.status is SeqStatus.FINISHED and rid not in reasons:
+                continue  # ended by the step before (async output): this token is dropped
             deliveries.append(self._delivery(stream, s.seq, result, reasons.get(rid)))
             if rid in reasons:
                 self._forget(rid)

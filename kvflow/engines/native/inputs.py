@@ -3,17 +3,21 @@
 All integer inputs travel in two packed copies (int64 and int32) and are sliced on the device.
 Sequence `i` of the step computes tokens `start .. start + n` of its token list; they are
 stored in the cache slots its block list names, and attend to the whole context
-`0 .. start + n`. Rows that reach the end of a sequence (`samples`) get logits.
+`0 .. start + n`. Rows that reach the end of a sequence (`samples`) get logits. With async
+output the last input token may still be a placeholder (sequence.py): its row then names
+the row of the step before whose sampled id it is (`chain_rows`, see Ops.chain_ids).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from kvflow.engines.core.scheduler import ScheduledSeq
+from kvflow.engines.core.sequence import Sequence
 from kvflow.engines.native.attention import AttentionMetadata
 
 
@@ -26,6 +30,7 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # int64 [S]: rows whose next token is sampled
     sampling_seqs: list[ScheduledSeq]  # the S sequences that sample, in row order
+    chain_rows: torch.Tensor | None = None  # int64 [T]: last step's sampled row, or -1
 
     @property
     def num_tokens(self) -> int:
@@ -33,10 +38,13 @@ class StepInputs:
 
 
 def build_inputs(
-    scheduled: list[ScheduledSeq], block_size: int, device: torch.device
+    scheduled: list[ScheduledSeq], block_size: int, device: torch.device,
+    last_rows: Mapping[Sequence, int] | None = None,
 ) -> StepInputs:
-    """Flatten the scheduled sequences into one batch, in scheduling order."""
+    """Flatten the scheduled sequences into one batch, in scheduling order; `last_rows`
+    gives each sequence's sampling row in the step before (for placeholder tokens)."""
     ids: list[int] = []
+    chained: list[tuple[int, int]] = []  # (row, row of the step before)
     positions: list[int] = []
     slots: list[int] = []
     starts = [0]
@@ -45,6 +53,10 @@ def build_inputs(
     for s in scheduled:
         seq, lo, hi = s.seq, s.start, s.start + s.num_new_tokens
         ids += seq.token_ids[lo:hi]
+        if hi > len(seq.token_ids):  # the last input is a placeholder
+            assert hi == len(seq.token_ids) + 1 and last_rows is not None
+            chained.append((len(ids), last_rows[seq]))
+            ids.append(0)
         positions += range(lo, hi)
         slots += _slots(seq.block_ids, lo, hi, block_size)
         starts.append(starts[-1] + s.num_new_tokens)
@@ -52,9 +64,11 @@ def build_inputs(
         if s.samples:
             logits_rows.append(starts[-1] - 1)
     tables = block_table_array([s.seq.block_ids for s in scheduled], pad=0)
-    longs = _to(np.array(ids + positions + slots + logits_rows, dtype=np.int64), device)
-    ints = _to(np.concatenate([starts, seq_lens, tables.ravel()]).astype(np.int32), device)
     t, b = len(ids), len(scheduled)
+    longs = _to(np.array(ids + positions + slots + logits_rows + _chain(chained, t),
+                         dtype=np.int64), device)
+    ints = _to(np.concatenate([starts, seq_lens, tables.ravel()]).astype(np.int32), device)
+    s_end = 3 * t + len(logits_rows)
     meta = AttentionMetadata(
         slot_mapping=longs[2 * t : 3 * t],
         query_start_loc=ints[: b + 1],
@@ -69,9 +83,19 @@ def build_inputs(
         input_ids=longs[:t],
         positions=longs[t : 2 * t],
         meta=meta,
-        logits_indices=longs[3 * t :],
+        logits_indices=longs[3 * t : s_end],
         sampling_seqs=[s for s in scheduled if s.samples],
+        chain_rows=longs[s_end:] if chained else None,
     )
+
+
+def _chain(chained: list[tuple[int, int]], num_tokens: int) -> list[int]:
+    if not chained:
+        return []
+    rows = [-1] * num_tokens
+    for row, last in chained:
+        rows[row] = last
+    return rows
 
 
 def _slots(block_ids: list[int], lo: int, hi: int, block_size: int) -> list[int]:

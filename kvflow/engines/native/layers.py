@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from kvflow.engines.native.attention import AttentionBackend, AttentionMetadata
+from kvflow.engines.native.attention import AttentionBackend, AttentionMetadata, Rope
 from kvflow.engines.native.config import ModelConfig, RopeConfig
 from kvflow.engines.native.ops import Ops, Projected
 
@@ -116,8 +116,8 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.ops.rope(positions, q, k, self.rotary.cos, self.rotary.sin)
-        out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.window)
+        rope = Rope(positions, self.rotary.cos, self.rotary.sin, self.ops.rope)
+        out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.window, rope)
         return self.ops.linear(out.reshape(-1, self.q_size), self.o_proj.weight)
 
 

@@ -62,6 +62,11 @@ class Ops(Protocol):
         """linear(x) rounded to the model dtype, as float32."""
         ...
 
+    def chain_ids(self, ids: torch.Tensor, src_rows: torch.Tensor, sampled: torch.Tensor) -> None:
+        """In place, ids[i] = sampled[src_rows[i]] where src_rows[i] >= 0: input tokens the
+        device sampled in the step before, which the host has not seen yet (async output)."""
+        ...
+
 
 _OPS: dict[str, Callable[[], Ops]] = {}
 
@@ -142,3 +147,6 @@ class TorchOps:
 
     def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight).float()
+
+    def chain_ids(self, ids: torch.Tensor, src_rows: torch.Tensor, sampled: torch.Tensor) -> None:
+        ids.copy_(torch.where(src_rows >= 0, sampled[src_rows.clamp(min=0)], ids))

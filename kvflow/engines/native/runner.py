@@ -1,7 +1,11 @@
 """The model runner: loads the model, sizes the KV cache, captures graphs, and executes steps.
 
-`execute(scheduled)` is the middle of the engine loop: build the batch tensors, run the
-model (a CUDA graph for decode batches), sample, and return the new tokens per request.
+A step is `prepare` (stage the inputs: host work, under the scheduler's lock), `launch`
+(queue the model, a CUDA graph for decode batches, and sampling on the device) and
+`collect` (wait for the sampled tokens on the host); `execute` is the three in a row.
+Between `launch` and `collect` of one step the engine may prepare and launch the next:
+every step's sampled ids stay in `sampled` on the device, where the next step's inputs
+take the tokens the host has not seen yet (async output).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvflow.engines.core.scheduler import ScheduledSeq
+from kvflow.engines.core.sequence import Sequence
 from kvflow.engines.native.attention import AttentionMetadata, make_backend
 from kvflow.engines.native.config import ModelConfig, NativeEngineConfig
 from kvflow.engines.native.cuda_graphs import DecodeGraphs, GraphStep
@@ -51,6 +56,50 @@ class StepResult:
     logprobs: dict[str, TokenLogprobs]
 
 
+@dataclass
+class PendingTokens:
+    """Sampled ids on their way to the host; `wait()` returns them."""
+
+    host: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+    def wait(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+class TokenReadback:
+    """Copies sampled ids to pinned host memory without blocking. Two buffers: one step's
+    ids are read while the next step's copy is already queued."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.buffers = [torch.empty(size, dtype=torch.int64, pin_memory=self.cuda)
+                        for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else []
+        self.turn = 0
+
+    def fetch(self, ids: torch.Tensor) -> PendingTokens:
+        if not self.cuda:
+            return PendingTokens(ids.clone())
+        i, self.turn = self.turn, 1 - self.turn
+        host = self.buffers[i][: ids.numel()]
+        host.copy_(ids, non_blocking=True)
+        self.events[i].record()
+        return PendingTokens(host, self.events[i])
+
+
+@dataclass
+class Launched:
+    """A step queued on the device: the rows that sample, and their tokens (pending, or
+    already on the host when the step needed them there, e.g. for logprobs)."""
+
+    seqs: list[ScheduledSeq]
+    tokens: PendingTokens | None = None
+    result: StepResult | None = None
+
+
 class ModelRunner:
     """Owns the model, its KV cache and the sampler on one device."""
 
@@ -63,6 +112,9 @@ class ModelRunner:
         self.block_size = engine.block_size
         self.max_model_len = max_model_len
         self.sampler = Sampler(device, engine.seed)
+        self.sampled = torch.zeros(engine.max_num_seqs, dtype=torch.int64, device=device)
+        self.readback = TokenReadback(engine.max_num_seqs, device)
+        self._rows: dict[Sequence, int] = {}  # sampling row of each sequence, last launch
         self.layout = self._size_cache()
         self.kv_caches = allocate_kv_cache(self.layout, device)
         model.set_kv_caches(self.kv_caches)
@@ -128,40 +180,58 @@ class ModelRunner:
         if not sizes:
             return None
         graphs = DecodeGraphs(self.model, self.layout, cdiv(self.max_model_len, self.block_size),
-                              sizes, self.device)
+                              sizes, self.device, self.sampled)
         with torch.inference_mode():
             graphs.capture()
         return graphs
 
     # ---- one step -----------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(
         self, scheduled: list[ScheduledSeq], sampling: Mapping[str, RequestSampling]
     ) -> StepResult:
         """Build the batch, run the model, sample: the new token of every sampling sequence."""
-        inputs = self.prepare(scheduled)
-        logits = self.logits(inputs)
-        return self.sample(inputs, logits, sampling)
+        return self.collect(self.launch(self.prepare(scheduled), sampling))
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs | GraphStep:
-        """Decode steps a captured graph can run are staged into its inputs; others get tensors."""
+        """Decode steps a captured graph can run are staged into its inputs; others get tensors.
+        Reads the sequences' tokens and blocks: call it where they cannot change."""
         if self.graphs is not None and self.graphs.accepts(scheduled):
-            return self.graphs.stage(scheduled)
-        return build_inputs(scheduled, self.block_size, self.device)
+            return self.graphs.stage(scheduled, self._rows)
+        return build_inputs(scheduled, self.block_size, self.device, self._rows)
 
     @torch.inference_mode()
-    def sample(
-        self, inputs: StepInputs | GraphStep, logits: torch.Tensor,
-        sampling: Mapping[str, RequestSampling],
-    ) -> StepResult:
-        if not inputs.sampling_seqs:
-            return StepResult({}, {})
-        rows = [_sample_row(s, sampling) for s in inputs.sampling_seqs]
-        out = self.sampler(logits, rows)
-        ids = [s.seq.request_id for s in inputs.sampling_seqs]
-        sampled = {rid: [tok] for rid, tok in zip(ids, out.token_ids, strict=True)}
-        return StepResult(sampled, _logprobs_by_request(ids, out))
+    def launch(
+        self, inputs: StepInputs | GraphStep, sampling: Mapping[str, RequestSampling]
+    ) -> Launched:
+        """Queue the model and sampling; the sampled ids land in `sampled` on the device."""
+        logits = self.logits(inputs)
+        seqs = inputs.sampling_seqs
+        self._rows = {s.seq: i for i, s in enumerate(seqs)}
+        if not seqs:
+            return Launched(seqs, result=StepResult({}, {}))
+        rows = [_sample_row(s, sampling) for s in seqs]
+        ids = self._sample(inputs, logits, rows)
+        if any(r.params.logprobs is not None for r in rows):
+            return Launched(seqs, result=_result(seqs, self.sampler.collect(logits, ids, rows)))
+        return Launched(seqs, tokens=self.readback.fetch(ids))
+
+    def _sample(self, inputs: StepInputs | GraphStep, logits: torch.Tensor,
+                rows: list[SampleRow]) -> torch.Tensor:
+        if isinstance(inputs, GraphStep) and all(r.params.greedy and r.params.plain for r in rows):
+            return self.sampled[: len(rows)]  # the graph's own argmax
+        ids = self.sampler.sample_ids(logits, rows)
+        self.sampled[: len(rows)].copy_(ids)
+        return ids
+
+    def collect(self, launched: Launched) -> StepResult:
+        """The step's sampled tokens on the host (waits for the device)."""
+        if launched.result is not None:
+            return launched.result
+        assert launched.tokens is not None
+        tokens = launched.tokens.wait()
+        pairs = zip(launched.seqs, tokens, strict=True)
+        return StepResult({s.seq.request_id: [t] for s, t in pairs}, {})
 
     @torch.inference_mode()
     def logits(self, inputs: StepInputs | GraphStep) -> torch.Tensor:
@@ -169,17 +239,25 @@ class ModelRunner:
         if isinstance(inputs, GraphStep):
             assert self.graphs is not None
             return self.graphs.replay(inputs)
+        if inputs.chain_rows is not None:
+            self.model.ops.chain_ids(inputs.input_ids, inputs.chain_rows, self.sampled)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+
+def _result(seqs: list[ScheduledSeq], out: SamplerOutput) -> StepResult:
+    ids = [s.seq.request_id for s in seqs]
+    sampled = {rid: [tok] for rid, tok in zip(ids, out.token_ids, strict=True)}
+    return StepResult(sampled, _logprobs_by_request(ids, out))
 
 
 def _sample_row(s: ScheduledSeq, sampling: Mapping[str, RequestSampling]) -> SampleRow:
     seq = s.seq
     params = sampling.get(seq.request_id) or _DEFAULT_SAMPLING
+    num_output = s.start + s.num_new_tokens - seq.prompt_len  # before this row's token
     if not params.penalized:  # token lists are only read by penalties
-        return SampleRow(params, [], [], seq.num_output_tokens)
-    return SampleRow(params, seq.token_ids[: seq.prompt_len], seq.output_token_ids,
-                     seq.num_output_tokens)
+        return SampleRow(params, [], [], num_output)
+    return SampleRow(params, seq.token_ids[: seq.prompt_len], seq.output_token_ids, num_output)
 
 
 _DEFAULT_SAMPLING = RequestSampling()

@@ -109,19 +109,18 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
+        return self.collect(logits, self.sample_ids(logits, rows), rows)
+
+    def sample_ids(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """One token id per row, int64 on the device."""
         params = [r.params for r in rows]
         if all(p.greedy and p.plain for p in params):  # the common decode case: one argmax
-            return SamplerOutput(token_ids=logits.argmax(dim=-1).tolist(),
-                                 rows_with_logprobs=[False] * len(rows))
-        raw = logits
-        want_logprobs = [p.logprobs is not None for p in params]
+            return logits.argmax(dim=-1)
         logits = self._penalize(logits, rows)
         logits = self._mask_min_tokens(logits, rows)
         if all(p.greedy for p in params):
-            sampled = logits.argmax(dim=-1)
-        else:
-            sampled = self._sample(logits, params)
-        return self._collect(raw, sampled, params, want_logprobs)
+            return logits.argmax(dim=-1)
+        return self._sample(logits, params)
 
     def _penalize(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         idx = [i for i, r in enumerate(rows) if r.params.penalized]
@@ -191,13 +190,10 @@ class Sampler:
                 noise[i].exponential_(generator=p.generator)
         return noise
 
-    def _collect(
-        self,
-        raw: torch.Tensor,
-        sampled: torch.Tensor,
-        params: list[RequestSampling],
-        want: list[bool],
-    ) -> SamplerOutput:
+    def collect(self, raw: torch.Tensor, sampled: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
+        """The sampled ids on the host, with logprobs (of the unpenalized `raw` logits) where asked."""
+        params = [r.params for r in rows]
+        want = [p.logprobs is not None for p in params]
         if not any(want):
             return SamplerOutput(token_ids=sampled.tolist(), rows_with_logprobs=want)
         logprobs = torch.log_softmax(raw, dim=-1)

@@ -1,10 +1,8 @@
-"""Triton paged-attention kernels (GPU): split-KV decode and varlen causal prefill, reading blocks in place.
+"""The Triton attention backend (GPU): varlen causal prefill over paged blocks; decode: triton_decode.py.
 
 Keys and values are gathered tile by tile through the block table straight from the paged
-cache; nothing is copied into a contiguous buffer. Decode splits each context over several
-programs (flash-decoding) so a small batch still fills the GPU, then a second kernel merges
-the splits. The decode launch depends only on the batch size, so CUDA graphs can capture it.
-The decode-path kernels launch early on Hopper and wait for the kernel ahead (triton_pdl.py).
+cache; nothing is copied into a contiguous buffer. Prefill steps rotate q and k, store the
+new K/V (`store_kv`), then attend; a decode step is one fused launch (triton_decode.py).
 """
 
 from __future__ import annotations
@@ -15,96 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.engines.native.attention import AttentionMetadata, register_backend
+from kvflow.engines.native.attention import AttentionMetadata, Rope, register_backend
+from kvflow.engines.native.triton_decode import SplitCounters, decode_splits, paged_decode, precision
 from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
-
-_DECODE_BLOCK_N = 64
-_MAX_SPLITS = 32
-
-
-@triton.jit
-def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, part_out_ptr, part_lse_ptr,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_bt,
-    scale, window, num_splits,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    if USE_PDL:  # triton_pdl.py: start early, wait for the kernel ahead
-        gdc_launch_dependents()
-        gdc_wait()
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    start = 0
-    if HAS_WINDOW:
-        start = tl.maximum(seq_len - window, 0)
-    span = seq_len - start
-    per_split = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
-    lo = start + split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
-
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    heads = kv_head * GROUP + offs_g
-    q = tl.load(
-        q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=offs_g[:, None] < GROUP, other=0.0,
-    )
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < hi
-        block = tl.load(bt_ptr + seq * stride_bt + offs_n // BLOCK_SIZE, mask=valid, other=0)
-        slots = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        kv_off = slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-    part = (seq * tl.num_programs(1) * GROUP + heads) * MAX_SPLITS + split
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    row_ok = offs_g < GROUP
-    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
-    tl.store(part_lse_ptr + part, lse, mask=row_ok)
-
-
-@triton.jit
-def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_splits,
-    HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    if USE_PDL:  # triton_pdl.py: start early, wait for the kernel ahead
-        gdc_launch_dependents()
-        gdc_wait()
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row = seq * tl.num_programs(1) + head
-    offs_s = tl.arange(0, MAX_SPLITS)
-    offs_d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + row * MAX_SPLITS + offs_s, mask=offs_s < num_splits,
-                  other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0)
-    parts = tl.load(
-        part_out_ptr + (row * MAX_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-        mask=(offs_s < num_splits)[:, None], other=0.0,
-    )
-    denom = tl.sum(w, 0)
-    out = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -215,47 +126,6 @@ def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: to
     )
 
 
-def _precision(q: torch.Tensor) -> str:
-    """Full float32 products for float32 models (tf32 would drift from the reference)."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
-    """Enough splits that the launch covers the GPU about twice, but only for small batches."""
-    want = (2 * num_sms + num_seqs * num_kv_heads - 1) // (num_seqs * num_kv_heads)
-    return max(1, min(_MAX_SPLITS, want))
-
-
-def paged_decode(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-    window: int | None, num_splits: int,
-) -> torch.Tensor:
-    """One query token per sequence; q: [B, H, D]."""
-    num_seqs, num_heads, head_dim = q.shape
-    _, _, block_size, num_kv_heads, _ = kv_cache.shape
-    group = num_heads // num_kv_heads
-    parts = torch.empty(num_seqs * num_heads * _MAX_SPLITS, head_dim, device=q.device,
-                        dtype=torch.float32)
-    lse = torch.empty(num_seqs * num_heads * _MAX_SPLITS, device=q.device, dtype=torch.float32)
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, parts, lse,
-        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
-        scale, window or 0, num_splits,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, MAX_SPLITS=_MAX_SPLITS,
-        PRECISION=_precision(q), HAS_WINDOW=window is not None,
-        num_warps=4, num_stages=2, USE_PDL=PDL, **launch_options(),
-    )
-    out = torch.empty_like(q)
-    _decode_merge_kernel[(num_seqs, num_heads)](
-        parts, lse, out, out.stride(0), out.stride(1), num_splits,
-        HEAD_DIM=head_dim, MAX_SPLITS=_MAX_SPLITS, num_warps=1, USE_PDL=PDL,
-        **launch_options(),
-    )
-    return out
-
-
 def prefill_tiles(meta: AttentionMetadata, block_m: int) -> tuple[list[int], list[int]]:
     """(sequence, first query row) of every BLOCK_M tile of queries, in launch order."""
     seqs: list[int] = []
@@ -302,7 +172,7 @@ def paged_prefill(
         out.stride(0), out.stride(1),
         scale, window or 0,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), HAS_WINDOW=window is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision(q), HAS_WINDOW=window is not None,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out
@@ -310,13 +180,14 @@ def paged_prefill(
 
 @register_backend("triton")
 class TritonPagedBackend:
-    """GPU: decode batches through the split-KV kernel, anything else through the prefill kernel."""
+    """GPU: decode batches through the fused split-KV kernel, anything else through the prefill kernel."""
 
     def __init__(self) -> None:
         self.num_sms = (
             torch.cuda.get_device_properties(0).multi_processor_count
             if torch.cuda.is_available() else 8
         )
+        self.counters = SplitCounters()
 
     def forward(
         self,
@@ -327,6 +198,7 @@ class TritonPagedBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int | None,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
         head_dim = q.shape[-1]
         if head_dim & (head_dim - 1):
@@ -334,8 +206,12 @@ class TritonPagedBackend:
                 f"the Triton attention kernels need a power-of-two head_dim, got {head_dim}; "
                 "run with the 'torch' attention backend"
             )
-        store_kv(kv_cache, k, v, meta.slot_mapping)
         if meta.is_decode:
-            splits = decode_splits(meta.num_seqs, kv_cache.shape[3], self.num_sms)
-            return paged_decode(q, kv_cache, meta, scale, window, splits)
+            num_kv_heads = kv_cache.shape[3]
+            splits = decode_splits(meta.num_seqs, num_kv_heads, self.num_sms)
+            counters = self.counters.get(meta.num_seqs * num_kv_heads, q.device)
+            return paged_decode(q, k, v, kv_cache, meta, scale, window, rope, splits, counters)
+        if rope is not None:
+            q, k = rope(q, k)
+        store_kv(kv_cache, k, v, meta.slot_mapping)
         return paged_prefill(q, kv_cache, meta, scale, window)

@@ -4,7 +4,9 @@ One decode token per sequence makes every projection a GEMV: it reads the whole 
 once and does two flops per weight, so its floor is the weight bytes over HBM bandwidth.
 These kernels give each program `BLOCK_N` output features and stream their weight rows
 with 16-byte loads, and fold in whatever computes the input vector, so it never makes
-a trip through memory of its own:
+a trip through memory of its own. For one row on a GPU the large projections run as a
+persistent launch (a few programs per SM, each computing the input vector once and
+walking many tiles); otherwise each program owns one tile:
 
 - `plain`:      y = W x
 - `norm`:       y = W rmsnorm(x)                         (the first layer's input norm)
@@ -20,6 +22,7 @@ of it to finish (programmatic dependent launch, triton_pdl.py): weights never de
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,20 +37,30 @@ MAX_ROWS = 1  # measured on H200: from 2 rows on, cuBLAS beats re-reading tiles 
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """One launch's tile: output features per program, the K chunk, warps per program."""
+    """One launch's tile: output features per program, the K chunk, warps per program.
+
+    `programs` > 0: a persistent launch of that many programs, each computing the whole
+    input vector once (block_k is then all of K) and walking every programs-th tile."""
 
     block_n: int
     block_k: int
     num_warps: int
+    programs: int = 0
 
 
-def gemv_config(n: int, k: int) -> GemvConfig:
-    """8K weights (16 KB of bf16) per program and chunk, and enough programs for 132 SMs.
+def gemv_config(n: int, k: int, num_sms: int = 0) -> GemvConfig:
+    """The launch for an N x K weight; persistent for one row where `num_sms` is known.
 
-    From a sweep on H200 (bench/native_gemv.py): 8 x 1024 for K = 2048 (q/k/v, gate/up,
-    LM head); 4 x 2048 where 8-row tiles would leave too few programs: o_proj (N = 2048)
-    and down (K = 8192, with 8 warps).
+    From sweeps on H200 (bench/native_gemv.py, 1.1B Llama shapes): persistent launches
+    keep the input in registers and cut the tail: down (K = 8192) 2 rows x 2 programs per
+    SM, 12.2 -> 10.3 us; q/k/v, gate/up and LM head 4 rows x 4 programs per SM (gate/up
+    21.3 -> 19.1 us). Tiled: 8 x 1024 for K = 2048; 4 x 2048 where 8-row tiles would leave
+    too few programs: o_proj (N = 2048) and down (K = 8192, with 8 warps).
     """
+    if num_sms and k >= 4096:
+        return GemvConfig(2, k, num_warps=8, programs=2 * num_sms)
+    if num_sms and n > 2048:
+        return GemvConfig(4, k, num_warps=4, programs=4 * num_sms)
     if k >= 4096:
         return GemvConfig(4, 2048, num_warps=8)
     if n <= 2048:
@@ -142,6 +155,54 @@ def _gemv_kernel(
     tl.store(y_ptr + row * stride_ym + offs_n, out, mask=n_mask)
 
 
+@triton.jit
+def _weight_tile(w_ptr, rows, N, offs_k, k_mask, stride_wn):
+    mask = (rows < N)[:, None] & k_mask[None, :]
+    ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _gemv_persistent_kernel(
+    x_ptr, r_ptr, r_out_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, eps,
+    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_PAD: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """One row: the input vector (with its prologue) once per program, then tiles
+    pid, pid + P, ... of BLOCK_N output features, each tile prefetched a turn ahead."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    dtype = x_ptr.dtype.element_ty
+    offs_k = tl.arange(0, K_PAD)
+    k_mask = offs_k < K
+    offs_n = tl.arange(0, BLOCK_N)
+    w_next = _weight_tile(w_ptr, pid * BLOCK_N + offs_n, N, offs_k, k_mask, stride_wn)
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    inv = 1.0
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        inv = _inv_rms(x_ptr, r_ptr, K, eps, PROLOGUE, K_PAD)
+    h = _input_chunk(x_ptr, r_ptr, r_out_ptr, nw_ptr, offs_k, k_mask, K, inv, pid == 0, PROLOGUE)
+    for tile in range(pid, tl.cdiv(N, BLOCK_N), nprog):
+        w = w_next
+        w_next = _weight_tile(w_ptr, (tile + nprog) * BLOCK_N + offs_n, N, offs_k, k_mask,
+                              stride_wn)
+        rows = tile * BLOCK_N + offs_n
+        acc = tl.sum(w.to(tl.float32) * h[None, :], 1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, acc.to(dtype).to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (0 elsewhere: no persistent launches)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, *, prologue: int = PLAIN,
     residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
@@ -156,7 +217,17 @@ def gemv(
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
     r_in = residual if residual is not None else x
     r_out = torch.empty_like(x) if prologue == ADD_NORM else x
-    cfg = config or gemv_config(n, k)
+    cfg = config or gemv_config(n, k, _num_sms(x.device) if rows == 1 else 0)
+    if cfg.programs:
+        assert rows == 1, "the persistent GEMV takes one row"
+        _gemv_persistent_kernel[(cfg.programs,)](
+            x, r_in, r_out, norm_weight if norm_weight is not None else weight,
+            weight, bias if bias is not None else weight, y, n, k, weight.stride(0), eps,
+            PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
+            K_PAD=triton.next_power_of_2(k), USE_PDL=pdl, num_warps=cfg.num_warps,
+            **launch_options(pdl),
+        )
+        return y, (r_out if prologue == ADD_NORM else None)
     _gemv_kernel[(rows, triton.cdiv(n, cfg.block_n))](
         x, r_in, r_out, norm_weight if norm_weight is not None else weight,
         weight, bias if bias is not None else weight, y,

@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the model's work on GPU: add + RMSNorm, RoPE in place, silu * up, decode GEMVs."""
+"""Fused Triton kernels for the model's work on GPU: add + RMSNorm, RoPE in place, silu * up, decode GEMVs,
+and the one that feeds the last step's sampled ids into the next step's inputs."""
 
 from __future__ import annotations
 
@@ -77,6 +78,15 @@ def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr)
     up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
     act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)  # silu rounded, then the product
     tl.store(out_ptr + row * stride_o + cols, (act * up).to(dtype), mask=mask)
+
+
+@triton.jit
+def _chain_ids_kernel(ids_ptr, src_ptr, sampled_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    src = tl.load(src_ptr + offs, mask=offs < n, other=-1)
+    chained = src >= 0
+    token = tl.load(sampled_ptr + tl.maximum(src, 0), mask=chained, other=0)
+    tl.store(ids_ptr + offs, token, mask=chained)
 
 
 def _norm(
@@ -169,3 +179,10 @@ class TritonOps(TorchOps):
         if not _few_rows(x):
             return super().logits(x, weight)
         return tg.gemv(x, weight, out_dtype=torch.float32)[0]
+
+    def chain_ids(self, ids: torch.Tensor, src_rows: torch.Tensor, sampled: torch.Tensor) -> None:
+        n = ids.shape[0]
+        assert ids.stride(0) == 1 and src_rows.stride(0) == 1 and sampled.stride(0) == 1
+        block = min(triton.next_power_of_2(n), 1024)
+        _chain_ids_kernel[(triton.cdiv(n, block),)](ids, src_rows, sampled, n, BLOCK=block,
+                                                    num_warps=4)

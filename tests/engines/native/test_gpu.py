@@ -53,6 +53,7 @@ async def test_cuda_greedy_batch_matches_transformers(
     engine = await _engine(path, enforce_eager=eager)
     try:
         assert (engine.runner.graphs is None) == eager  # type: ignore[union-attr]
+        assert engine.scheduler.config.async_output != eager  # type: ignore[union-attr]
         prompts = [_prompt(n, seed=n) for n in (1, 9, 40, 130)]  # chunked: 64-token budget
         outs = await asyncio.gather(
             *(_generate(engine, f"g{i}", p, 12) for i, p in enumerate(prompts))
@@ -101,6 +102,28 @@ async def test_cuda_bf16_logprobs_close_to_transformers(
         await engine.stop()
 
 
+async def test_cuda_graph_async_sampling_equals_eager(tiny_models: Callable[[str], Path]) -> None:
+    """Penalties (steps wait for real tokens), logprobs, seeds and greedy rows in one batch:
+    the graph + async output engine gives the eager synchronous engine's tokens."""
+    path = tiny_models("llama")
+    requests = [
+        ("pen", _prompt(9, seed=11), {"repetition_penalty": 1.3, "frequency_penalty": 0.5}),
+        ("lp", _prompt(5, seed=12), {"logprobs": 2}),
+        ("seed", _prompt(7, seed=13), {"temperature": 1.0, "top_p": 0.9, "seed": 77}),
+        ("plain", _prompt(12, seed=14), {}),
+        ("plain2", _prompt(30, seed=15), {}),
+    ]
+    results = []
+    for eager in (True, False):
+        engine = await _engine(path, enforce_eager=eager)
+        try:
+            results.append(await asyncio.gather(
+                *(_generate(engine, rid, p, 16, **kw) for rid, p, kw in requests)))
+        finally:
+            await engine.stop()
+    assert results[0] == results[1]
+
+
 def test_graph_inputs_staged_like_build_inputs() -> None:
     """The pinned-buffer upload of a decode step equals the generic tensors; padding rows pad."""
     from kvflow.engines.core import Sequence, StopRule
@@ -117,7 +140,7 @@ def test_graph_inputs_staged_like_build_inputs() -> None:
         seq.block_ids = [(7 * i + j) % 100 for j in range((n + 3) // 4)]
         scheduled.append(ScheduledSeq(seq, 1, n - 1, False, True))
     for size in (8, 4):
-        staged.write(scheduled, size)
+        staged.write(scheduled, size, {})
         ref = build_inputs(scheduled, 4, torch.device("cuda"))
         assert torch.equal(staged.longs[0, :3], ref.input_ids)
         assert torch.equal(staged.longs[1, :3], ref.positions)
@@ -128,3 +151,17 @@ def test_graph_inputs_staged_like_build_inputs() -> None:
             n = len(s.seq.block_ids)
             assert torch.equal(staged.block_tables()[i, :n], ref.meta.block_tables[i, :n])
         assert (staged.block_tables()[3:size, 0] == layout.pad_block).all()
+        assert (staged.longs[3, :size] == -1).all()
+    pending = scheduled[1].seq  # its last token still on the device: row 5 of the last step
+    pending.token_ids.pop()
+    pending.num_placeholders = 1
+    staged.write(scheduled, 4, {pending: 5})
+    assert staged.longs[3, :4].tolist() == [-1, 5, -1, -1] and staged.longs[0, 1] == 0
+    sampled = torch.arange(100, 108, device="cuda")
+    ids = staged.longs[0, :4].clone()
+    from kvflow.engines.native.ops import make_ops
+
+    for ops in ("torch", "triton"):
+        chained = ids.clone()
+        make_ops(ops, torch.device("cuda")).chain_ids(chained, staged.longs[3, :4], sampled)
+        assert chained.tolist() == [ids[0].item(), 105, ids[2].item(), ids[3].item()]

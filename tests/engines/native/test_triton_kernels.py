@@ -81,6 +81,37 @@ def test_triton_matches_gather_backend(
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
 
 
+@pytest.mark.parametrize(("ctx_lens", "window"), [([0, 37, 130, 5], None), ([200, 5], 16)])
+def test_fused_decode_applies_rope_and_stores_kv(ctx_lens: list[int], window: int | None) -> None:
+    """Decode in one launch (rope on q and the new k, K/V store, splits merged by the last
+    program) against rope, then the gather backend; the split counters end at zero."""
+    from kvflow.engines.native.attention import Rope
+    from kvflow.engines.native.ops import make_ops
+    from kvflow.engines.native.triton_attention import TritonPagedBackend
+
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    q, k, v, cache, meta = _random_batch(
+        [1] * len(ctx_lens), ctx_lens, heads=8, kv_heads=2, head_dim=32, block_size=16,
+        dtype=dtype, seed=5,
+    )
+    positions = torch.tensor(ctx_lens, device=DEVICE)
+    gen = torch.Generator().manual_seed(6)
+    cos, sin = (torch.randn(256, 16, generator=gen).to(DEVICE) for _ in range(2))
+    ref_cache = cache.clone()
+    ref_rope = Rope(positions, cos, sin, make_ops("torch", DEVICE).rope)
+    ref = make_backend("torch", DEVICE).forward(q.clone(), k.clone(), v, ref_cache, meta, 0.2,
+                                                window, ref_rope)
+    backend = TritonPagedBackend()
+    rope = Rope(positions, cos, sin, make_ops("triton", DEVICE).rope)
+    q_before, k_before = q.clone(), k.clone()
+    out = backend.forward(q, k, v, cache, meta, 0.2, window, rope)
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)  # inputs left as they were
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((cache.float() - ref_cache.float()).norm() / ref_cache.float().norm()) < tol
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()) < tol
+    assert all(int(b.count_nonzero()) == 0 for b in backend.counters.buffers)
+
+
 def test_fused_ops_match_torch_ops() -> None:
     from kvflow.engines.native.ops import make_ops
 
@@ -113,6 +144,17 @@ def test_fused_ops_match_torch_ops() -> None:
 
     gate_up = rand(3, 2 * 1500)
     assert close(triton_ops.silu_mul(gate_up), torch_ops.silu_mul(gate_up))
+
+    ids = torch.arange(1500, device=DEVICE)  # over one program's block
+    src = torch.full((1500,), -1, device=DEVICE)
+    src[[0, 7, 1499]] = torch.tensor([2, 0, 1], device=DEVICE)
+    sampled = torch.tensor([70, 71, 72], device=DEVICE)
+    expected = torch.arange(1500, device=DEVICE)
+    expected[[0, 7, 1499]] = torch.tensor([72, 70, 71], device=DEVICE)
+    for ops in (torch_ops, triton_ops):
+        chained = ids.clone()
+        ops.chain_ids(chained, src, sampled)
+        assert torch.equal(chained, expected)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -151,6 +193,39 @@ def test_decode_gemvs_match_torch_ops(rows: int) -> None:
     assert close(triton_ops.linear(x, w), torch_ops.linear(x, w))
     logits = triton_ops.logits(x, w)
     assert logits.dtype == torch.float32 and close(logits, torch_ops.logits(x, w))
+
+
+def test_persistent_gemv_matches_torch_ops() -> None:
+    """Every prologue through the persistent launch: 20 tiles over 3 programs, K padded."""
+    from kvflow.engines.native import triton_gemv as tg
+    from kvflow.engines.native.ops import make_ops
+
+    ops = make_ops("torch", DEVICE)
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(9)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=gen)).to(dtype).to(DEVICE)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        return a.shape == b.shape and bool(((a.float() - b.float()).norm() / b.float().norm()) < tol)
+
+    k, n = 2100, 77
+    cfg = tg.GemvConfig(4, 0, 4, programs=3)
+    x, res, norm_w, bias = rand(1, k), rand(1, k), rand(k), rand(n)
+    w = rand(n, k, scale=k**-0.5)
+    ref = ops.norm_linear(x, res.clone(), norm_w, 1e-6, w, bias)
+    out, summed = tg.gemv(x, w, prologue=tg.ADD_NORM, residual=res, norm_weight=norm_w, eps=1e-6,
+                          bias=bias, config=cfg)
+    assert close(out, ref.out) and summed is not None and close(summed, ref.residual)
+    out, _ = tg.gemv(x, w, prologue=tg.NORM, norm_weight=norm_w, eps=1e-6, config=cfg)
+    assert close(out, ops.norm_linear(x, None, norm_w, 1e-6, w, None).out)
+    gate_up = rand(1, 2 * k)
+    out, _ = tg.gemv(gate_up, w, prologue=tg.SILU_MUL, config=cfg)
+    assert close(out, ops.silu_mul_linear(gate_up, w))
+    out, _ = tg.gemv(x, w, out_dtype=torch.float32, config=cfg)
+    assert out.dtype == torch.float32 and close(out, ops.logits(x, w))
 
 
 async def test_engine_on_triton_kernels_matches_transformers(
