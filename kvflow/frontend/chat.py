@@ -6,8 +6,7 @@ import msgspec
 
 from kvflow.frontend import limits
 from kvflow.frontend import preprocess as pre
-from kvflow.frontend.errors import ApiError
-from kvflow.frontend.generation import ChunkPrefixes, Generation, ResponseIds, api_error_event
+from kvflow.frontend.generation import ChunkPrefixes, Generation, ResponseIds, stream_sse
 from kvflow.frontend.handlers import (
     FrontendState,
     claim_request_id,
@@ -42,7 +41,6 @@ from kvflow.runtime.context import Context
 _DECODER = msgspec.json.Decoder(ChatCompletionRequest)
 _ENCODER = msgspec.json.Encoder()
 _encode_str = _ENCODER.encode
-DONE = b"data: [DONE]\n\n"
 _CONTENT_TAIL = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 
 
@@ -126,28 +124,11 @@ async def _stream(
     gen: Generation, responder: Responder, include_usage: bool, top: int | None
 ) -> None:
     enc = ChatChunkEncoder(gen.ids, gen.model.tokenizer, top)
-    started = False
-    try:
-        async for delta in gen.deltas():
-            data = enc.delta(delta)
-            if not started:
-                started = True
-                responder.start_stream()
-                data = b"".join(enc.role(i) for i in sorted(gen.processors)) + data
-            if responder.write(data):
-                await responder.drain()
-    except ApiError as exc:
-        if not started:
-            raise
-        gen.record.finish("error")
-        responder.write(api_error_event(exc) + DONE)
-        responder.end()
-        return
-    if not started:
-        responder.start_stream()
-    tail = enc.usage(gen.usage()) if include_usage else b""
-    responder.write(tail + DONE)
-    responder.end()
+    await stream_sse(
+        gen, responder, enc.delta,
+        opening=lambda: b"".join(enc.role(i) for i in sorted(gen.processors)),
+        closing=lambda: enc.usage(gen.usage()) if include_usage else b"",
+    )
 
 
 # ---------------------------------------------------------------- whole response

@@ -6,8 +6,7 @@ import msgspec
 
 from kvflow.frontend import limits
 from kvflow.frontend import preprocess as pre
-from kvflow.frontend.errors import ApiError
-from kvflow.frontend.generation import ChunkPrefixes, Generation, ResponseIds, api_error_event
+from kvflow.frontend.generation import ChunkPrefixes, Generation, ResponseIds, stream_sse
 from kvflow.frontend.handlers import (
     FrontendState,
     claim_request_id,
@@ -34,7 +33,6 @@ from kvflow.runtime.context import Context
 _DECODER = msgspec.json.Decoder(CompletionRequest)
 _ENCODER = msgspec.json.Encoder()
 _encode_str = _ENCODER.encode
-DONE = b"data: [DONE]\n\n"
 _TEXT_TAIL = b',"finish_reason":null,"logprobs":null}]}\n\n'
 
 
@@ -108,31 +106,17 @@ async def _stream(
     gen: Generation, responder: Responder, texts: _Texts, include_usage: bool
 ) -> None:
     enc = CompletionChunkEncoder(gen.ids)
-    started = False
-    try:
-        async for d in gen.deltas():
-            if d.finish_reason is None and d.logprobs is None:
-                data = enc.text(d.index, d.text) if d.text else b""
-            else:
-                data = enc.chunk([texts.choice(d)])
-            if not started:
-                started = True
-                responder.start_stream()
-                data = _echo_chunks(enc, texts) + data
-            if responder.write(data):
-                await responder.drain()
-    except ApiError as exc:
-        if not started:
-            raise
-        gen.record.finish("error")
-        responder.write(api_error_event(exc) + DONE)
-        responder.end()
-        return
-    if not started:
-        responder.start_stream()
-    tail = enc.chunk([], gen.usage()) if include_usage else b""
-    responder.write(tail + DONE)
-    responder.end()
+
+    def encode(d: ChoiceDelta) -> bytes:
+        if d.finish_reason is None and d.logprobs is None:
+            return enc.text(d.index, d.text) if d.text else b""
+        return enc.chunk([texts.choice(d)])
+
+    await stream_sse(
+        gen, responder, encode,
+        opening=lambda: _echo_chunks(enc, texts),
+        closing=lambda: enc.chunk([], gen.usage()) if include_usage else b"",
+    )
 
 
 def _echo_chunks(enc: CompletionChunkEncoder, texts: _Texts) -> bytes:

@@ -8,7 +8,7 @@ Usage and metrics are derived from the processors when the request ends.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -16,6 +16,7 @@ import msgspec
 from kvflow.frontend.admission import EngineOverloaded
 from kvflow.frontend.engine_client import EngineUnavailable
 from kvflow.frontend.errors import ApiError, engine_failed, no_workers, overloaded, worker_lost
+from kvflow.frontend.http_response import Responder
 from kvflow.frontend.metrics import RequestRecord
 from kvflow.frontend.migration import MigrationFailed
 from kvflow.frontend.models import ServedModel
@@ -139,3 +140,40 @@ class Generation:
 def api_error_event(exc: ApiError) -> bytes:
     """An SSE event carrying an error (what OpenAI clients raise on mid-stream)."""
     return b"data: " + exc.body() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+async def stream_sse(
+    gen: Generation,
+    responder: Responder,
+    encode: Callable[[ChoiceDelta], bytes],
+    opening: Callable[[], bytes],
+    closing: Callable[[], bytes],
+) -> None:
+    """Write `gen` as server-sent events: `opening()` before the first delta's chunk,
+    `encode(delta)` per delta, then `closing()` (e.g. a usage chunk) and `[DONE]`. An error
+    after the stream started becomes an error event; before that it propagates (a plain
+    HTTP error response)."""
+    started = False
+    try:
+        async for delta in gen.deltas():
+            data = encode(delta)
+            if not started:
+                started = True
+                responder.start_stream()
+                data = opening() + data
+            if responder.write(data):
+                await responder.drain()
+    except ApiError as exc:
+        if not started:
+            raise
+        gen.record.finish("error")
+        responder.write(api_error_event(exc) + DONE)
+        responder.end()
+        return
+    if not started:
+        responder.start_stream()
+    responder.write(closing() + DONE)
+    responder.end()
