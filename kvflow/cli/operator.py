@@ -61,12 +61,12 @@ def _run(ns: argparse.Namespace) -> int:
         print(f"kvflow operator run needs the operator extra (pip install 'kvflow[operator]'): {exc}",
               file=sys.stderr)
         return 2
-    from kvflow.runtime.kube import KubeApiError, KubeConfig
+    from kvflow.runtime.kube import KubeConfig, KubeConfigError
     from kvflow.runtime.logs import setup_logging
 
     try:
         config = KubeConfig(ns.api_server) if ns.api_server else KubeConfig.in_cluster()
-    except KubeApiError as exc:
+    except KubeConfigError as exc:
         print(f"kvflow operator run: {exc}", file=sys.stderr)
         return 2
     setup_logging()

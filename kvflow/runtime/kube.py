@@ -35,6 +35,10 @@ class KubeApiError(RuntimeError):
         self.status = status
 
 
+class KubeConfigError(ValueError):
+    """No way to reach the API server was given; the message says what to pass."""
+
+
 @dataclass(frozen=True)
 class ApiRequest:
     method: str
@@ -87,7 +91,7 @@ class KubeConfig:
     def in_cluster(cls) -> KubeConfig:
         host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
         if not host or not (SA_DIR / "token").exists():
-            raise KubeApiError(0, "not in a pod with a service account: pass --api-server URL "
+            raise KubeConfigError("not in a pod with a service account: pass --api-server URL "
                                   "(e.g. run `kubectl proxy` and use http://127.0.0.1:8001)")
         server = f"https://{host}:{port or 443}"
         return cls(server, (SA_DIR / "token").read_text().strip(), str(SA_DIR / "ca.crt"))
