@@ -166,8 +166,8 @@ def _check_pools(pools: tuple[Pool, ...]) -> None:
     if not pools:
         raise SpecError("spec.pools is empty: add at least one pool (role: aggregated)")
     names = [p.pool_name for p in pools]
-    for pool in pools:
-        _check_choice(f"pools[{pool.pool_name}].role", pool.role, ROLES)
+    for i, pool in enumerate(pools):
+        _check_choice(f"pools[{i}].role", pool.role, ROLES)
         if not DNS_LABEL.match(pool.pool_name) or len(pool.pool_name) > 30:
             raise SpecError(f"pool name {pool.pool_name!r}: use lowercase letters, digits and '-' (<= 30)")
         if pool.replicas < 0 or pool.gpus < 0:

@@ -10,9 +10,8 @@ from kvflow.cli.frontend import build_parser as frontend_parser
 from kvflow.engines.worker import parse_args as worker_args
 from kvflow.operator.manifests import to_yaml
 from kvflow.operator.objects import LABEL_INSTANCE, LABEL_MANAGED_BY
-from kvflow.operator.reconcile import SEED_MANAGER, SEEDED, Observed, ObservedPool, desired_state, observe
+from kvflow.operator.reconcile import SEEDED, Observed, ObservedPool, desired_state, observe
 from kvflow.runtime.config import RuntimeConfig, load_config
-
 from kvflow.testing.k8s import GOLDEN, SHAPES, example_resource, validate
 
 
@@ -118,7 +117,7 @@ def pool_replicas(observed: Observed) -> tuple[int, list]:
 def test_cr_replicas_seed_the_pool_then_the_pool_rules() -> None:
     replicas, seeds = pool_replicas(Observed())
     assert replicas == 2 and seeds[0]["spec"] == {"replicas": 2}
-    assert seeds[0]["metadata"]["annotations"] == {SEEDED: "2"} and SEED_MANAGER
+    assert seeds[0]["metadata"]["annotations"] == {SEEDED: "2"}
     scaled = Observed(pools={"tiny-agg-aggregated": ObservedPool(replicas=5, seeded=2)})
     assert pool_replicas(scaled) == (5, [])  # the planner scaled the pool to 5: it stays 5
 
