@@ -154,3 +154,13 @@ async def test_kopf_handlers_reconcile_through_the_same_function(api) -> None:
 def test_kopf_login_uses_the_configured_server() -> None:
     info = handlers.login(memo=handlers.Memo(KubeConfig("https://10.0.0.1:6443", token="t")))
     assert (info.server, info.token, info.scheme) == ("https://10.0.0.1:6443", "t", "Bearer")
+
+
+async def test_kopf_startup_keeps_its_bookkeeping_in_annotations(api) -> None:
+    server, _ = api
+    settings, memo = kopf.OperatorSettings(), handlers.Memo(KubeConfig(server.url))
+    handlers.configure(settings=settings, memo=memo)
+    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    assert memo.client is not None
+    await handlers.close(memo=memo)
