@@ -43,7 +43,7 @@ def login(memo: Memo, **_: Any) -> kopf.ConnectionInfo:
 
 
 @kopf.on.startup(registry=registry)
-def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     # Our status has a schema; kopf keeps its own bookkeeping in annotations instead.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -92,10 +92,10 @@ async def _reconcile(memo: Memo, body: dict[str, Any]) -> None:
 
 
 async def run_operator(config: KubeConfig, *, namespaces: tuple[str, ...], lease_namespace: str,
-                       lease_name: str, identity: str) -> int:
+                       lease_name: str, identity: str, lease_duration_s: int = 15) -> int:
     """Wait for the Lease, run kopf while it is held; returns 1 when leadership is lost."""
     client = KubeClient(config)
-    holder = LeaseHolder(client, lease_namespace, lease_name, identity)
+    holder = LeaseHolder(client, lease_namespace, lease_name, identity, lease_duration_s)
     keeper = asyncio.create_task(holder.run())
     try:
         await _first(holder.leading.wait(), keeper)

@@ -6,6 +6,8 @@ few calls made (see its docstring for what it does not do).
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import datetime as dt
 
 import kopf
@@ -38,8 +40,7 @@ async def api():
 def stored_cr(server: ScriptedApi) -> dict:
     cr = example("aggregated")
     cr["metadata"].update(namespace="default", uid="uid-1", generation=1)
-    server.objects[CR_PATH] = cr
-    return cr
+    return server.store(CR_PATH, cr)
 
 
 def play_controllers(server: ScriptedApi) -> None:
@@ -159,8 +160,43 @@ def test_kopf_login_uses_the_configured_server() -> None:
 async def test_kopf_startup_keeps_its_bookkeeping_in_annotations(api) -> None:
     server, _ = api
     settings, memo = kopf.OperatorSettings(), handlers.Memo(KubeConfig(server.url))
-    handlers.configure(settings=settings, memo=memo)
+    await handlers.configure(settings=settings, memo=memo)
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
     assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
     assert memo.client is not None
     await handlers.close(memo=memo)
+
+
+async def wait_for(check, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def replicas_of(server: ScriptedApi, name: str) -> int | None:
+    obj = server.objects.get(f"{DEP_PATH}/{name}")
+    return None if obj is None else obj["spec"]["replicas"]
+
+
+async def test_kopf_operator_with_lease_reconciles_follows_scale_and_stops_when_lease_is_lost(api) -> None:
+    """kopf's own machinery (discovery, list, watch, handlers) against the scripted API."""
+    server, client = api
+    stored_cr(server)
+    run = asyncio.create_task(handlers.run_operator(
+        KubeConfig(server.url), namespaces=(), lease_namespace="kvflow-system",
+        lease_name="kvflow-operator", identity="op-a", lease_duration_s=3))
+    try:
+        await wait_for(lambda: replicas_of(server, "tiny-agg-aggregated") == 2)
+        target = ScaleTarget.parse("kvflowpools.kvflow.dev/tiny-agg-aggregated", "default")
+        await set_replicas(client, target, 4)  # the planner's call; kopf's pool handler reacts
+        await wait_for(lambda: replicas_of(server, "tiny-agg-aggregated") == 4)
+        lease = resource_path("coordination.k8s.io/v1", "Lease", "kvflow-system", "kvflow-operator")
+        assert server.objects[lease]["spec"]["holderIdentity"] == "op-a"
+        taken = copy.deepcopy(server.objects[lease])
+        taken["spec"].update(holderIdentity="op-b", renewTime="2999-01-01T00:00:00.000000Z")
+        server.store(lease, taken)
+        assert await asyncio.wait_for(run, 20) == 1  # another holder: this one steps down
+    finally:
+        run.cancel()
