@@ -40,7 +40,7 @@ class Observed:
     """What the handlers read before reconciling; empty = nothing exists yet."""
 
     pools: Mapping[str, ObservedPool] = field(default_factory=dict)  # by KvflowPool name
-    workloads: Mapping[str, Obj] = field(default_factory=dict)  # "Kind/name" → object as read
+    objects: Mapping[str, Obj] = field(default_factory=dict)  # "Kind/name" → owned object as read
 
 
 @dataclass(frozen=True)
@@ -50,17 +50,17 @@ class Desired:
     pool_replicas: Mapping[str, int] = field(default_factory=dict)  # KvflowPool name → replicas
 
 
-def observe(pools: list[Obj], workloads: list[Obj]) -> Observed:
-    """Raw objects listed from the API → Observed."""
+def observe(pools: list[Obj], objects: list[Obj]) -> Observed:
+    """Raw objects listed from the API (pools, and every other kind the operator makes) → Observed."""
     seen = {}
     for pool in pools:
         raw = (pool["metadata"].get("annotations") or {}).get(SEEDED)
         seeded = int(raw) if raw is not None and raw.isdigit() else None
         seen[pool["metadata"]["name"]] = ObservedPool(int(pool["spec"].get("replicas", 0)), seeded)
-    return Observed(pools=seen, workloads={workload_key(x): x for x in workloads})
+    return Observed(pools=seen, objects={object_key(x): x for x in [*pools, *objects]})
 
 
-def workload_key(obj: Obj) -> str:
+def object_key(obj: Obj) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
 
@@ -84,6 +84,13 @@ def desired_state(resource: Resource, observed: Observed | None = None, *, owned
         targets = [scale_target(owner, w.component_name(owner, p.pool_name)) for p in resource.spec.pools]
         objects += w.planner(owner, targets, planner_rules(owner, list(replicas)))
     return Desired(tuple(objects), tuple(seeds), replicas)
+
+
+def stale(resource: Resource, desired: Desired, observed: Observed) -> list[Obj]:
+    """Objects this resource made that it no longer wants (a pool removed, the planner turned off)."""
+    wanted = {object_key(o) for o in desired.objects}
+    return [o for key, o in sorted(observed.objects.items()) if key not in wanted
+            and any(ref.get("uid") == resource.uid for ref in o["metadata"].get("ownerReferences", []))]
 
 
 def _pool_replicas(owner: Owner, pool: Pool, seen: ObservedPool | None) -> tuple[int, Obj | None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvflow.operator.objects import SPEC_HASH, Obj
-from kvflow.operator.reconcile import Desired, Observed, workload_key
+from kvflow.operator.reconcile import Desired, Observed, object_key
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def readiness(desired: Desired, observed: Observed) -> list[WorkloadReadiness]:
     out = []
     for obj in desired.objects:
         if obj["kind"] in ("Deployment", "StatefulSet"):
-            out.append(workload_readiness(obj, observed.workloads.get(workload_key(obj))))
+            out.append(workload_readiness(obj, observed.objects.get(object_key(obj))))
     return out
 
 

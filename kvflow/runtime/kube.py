@@ -75,6 +75,11 @@ def status_patch_request(obj: dict[str, Any], status: dict[str, Any]) -> ApiRequ
     return ApiRequest("PATCH", object_path(obj, "status"), {"status": status}, MERGE_PATCH)
 
 
+def delete_request(obj: dict[str, Any]) -> ApiRequest:
+    """Delete one object; its dependents go in the background (garbage collector)."""
+    return ApiRequest("DELETE", f"{object_path(obj)}?propagationPolicy=Background")
+
+
 def list_request(api_version: str, kind: str, namespace: str, selector: dict[str, str]) -> ApiRequest:
     query = urlencode({"labelSelector": ",".join(f"{k}={v}" for k, v in sorted(selector.items()))})
     return ApiRequest("GET", f"{resource_path(api_version, kind, namespace)}?{query}")

@@ -4,7 +4,7 @@ It keeps objects in a dict and answers what the operator and kopf call:
 discovery (/version, /api, /apis), list (by namespace or cluster-wide, by
 label), watch (a stream of ADDED/MODIFIED events after each write), get,
 server-side apply and merge patches as a deep merge (status and scale too),
-create, PUT with resourceVersion checks; it records every request. It is not
+create, PUT with resourceVersion checks, delete; it records every request. It is not
 Kubernetes: no admission, defaulting, field managers or conflicts, no
 garbage collection, no controllers (tests play the Deployment controller by
 writing status with `put_status`).
@@ -128,6 +128,12 @@ class ScriptedApi:
                 queue.put_nowait({"type": "ADDED" if old is None else event, "object": obj})
         return obj
 
+    def delete(self, key: str) -> None:
+        obj = self.objects.pop(key)
+        for route, queue in self._watchers:
+            if route.collects(key):
+                queue.put_nowait({"type": "DELETED", "object": obj})
+
     def put_status(self, key: str, status: Obj) -> None:
         self.store(key, {**copy.deepcopy(self.objects[key]), "status": status})
 
@@ -181,6 +187,11 @@ class ScriptedApi:
             if key in self.objects:
                 return _error(409, "already exists")
             return web.json_response(self.store(key, copy.deepcopy(body)), status=201)
+        if method == "DELETE":
+            if old is None:
+                return _error(404, f"{key} not found")
+            self.delete(key)
+            return web.json_response({"kind": "Status", "status": "Success"})
         if method == "PUT":
             if old and old["metadata"]["resourceVersion"] != body["metadata"].get("resourceVersion"):
                 return _error(409, "the object has been modified")

@@ -105,6 +105,23 @@ def test_scale_request_is_a_merge_patch_of_the_scale_subresource() -> None:
         ScaleTarget.parse("demo-decode", "llm")
 
 
+async def test_turning_the_planner_off_deletes_what_it_needed(api) -> None:
+    server, client = api
+    cr = example("planner")
+    cr["metadata"].update(namespace="default", uid="uid-9", generation=1)
+    path = CR_PATH.replace("tiny-agg", "llama-sla")
+    await reconcile_once(client, server.store(path, cr))
+    assert f"{DEP_PATH}/llama-sla-planner" in server.objects
+    off = copy.deepcopy(server.objects[path])
+    off["spec"]["planner"]["enabled"] = False
+    server.requests.clear()
+    await reconcile_once(client, server.store(path, off))
+    deleted = sorted(r.path.rsplit("/", 2)[-2] for r in server.requests if r.method == "DELETE")
+    assert deleted == ["deployments", "rolebindings", "roles", "serviceaccounts"]
+    assert f"{DEP_PATH}/llama-sla-planner" not in server.objects
+    assert f"{DEP_PATH}/llama-sla-decode" in server.objects
+
+
 async def test_invalid_spec_is_reported_in_status(api) -> None:
     server, client = api
     cr = stored_cr(server)

@@ -22,7 +22,8 @@ def test_generated_deploy_files_are_current() -> None:
     assert stale == [], "run: python scripts/gen_deploy.py --write"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "deploy").rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "deploy").rglob("*.yaml")),
+                         ids=lambda p: str(p.relative_to(ROOT / "deploy")))
 def test_every_deploy_file_validates(path) -> None:
     for obj in load_yaml(path.read_text()):
         validate(obj)

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import os
 
+import msgspec
 import pytest
 
 from kvflow.cli.frontend import build_parser as frontend_parser
 from kvflow.engines.worker import parse_args as worker_args
 from kvflow.operator.manifests import to_yaml
 from kvflow.operator.objects import LABEL_INSTANCE, LABEL_MANAGED_BY
-from kvflow.operator.reconcile import SEEDED, Observed, ObservedPool, desired_state, observe
+from kvflow.operator.reconcile import (
+    SEEDED,
+    Observed,
+    ObservedPool,
+    desired_state,
+    object_key,
+    observe,
+    stale,
+)
 from kvflow.runtime.config import RuntimeConfig, load_config
 from kvflow.testing.k8s import GOLDEN, SHAPES, example_resource, validate
 
@@ -128,8 +137,24 @@ def test_editing_the_cr_replicas_reseeds() -> None:
     assert replicas == 2 and seeds[0]["spec"]["replicas"] == 2
 
 
-def test_observe_reads_pools_and_workloads() -> None:
-    pool = {"metadata": {"name": "p", "annotations": {SEEDED: "3"}}, "spec": {"replicas": 4}}
+def test_observe_reads_pools_and_objects() -> None:
+    pool = {"kind": "KvflowPool", "metadata": {"name": "p", "annotations": {SEEDED: "3"}},
+            "spec": {"replicas": 4}}
     dep = {"kind": "Deployment", "metadata": {"name": "d"}}
     got = observe([pool], [dep])
-    assert got.pools == {"p": ObservedPool(4, 3)} and got.workloads == {"Deployment/d": dep}
+    assert got.pools == {"p": ObservedPool(4, 3)}
+    assert got.objects == {"KvflowPool/p": pool, "Deployment/d": dep}
+
+
+def test_objects_no_longer_wanted_are_stale() -> None:
+    with_planner = example_resource("planner")
+    made = desired_state(with_planner).objects
+    off = msgspec.structs.replace(with_planner, spec=msgspec.structs.replace(
+        with_planner.spec, planner=msgspec.structs.replace(with_planner.spec.planner, enabled=False)))
+    foreign = {"kind": "ConfigMap", "metadata": {"name": "mine", "ownerReferences": [{"uid": "other"}]}}
+    observed = observe([], [*made, foreign])
+    gone = stale(off, desired_state(off, observed), observed)
+    assert sorted(object_key(o) for o in gone) == [
+        "Deployment/llama-sla-planner", "Role/llama-sla-planner", "RoleBinding/llama-sla-planner",
+        "ServiceAccount/llama-sla-planner"]
+    assert stale(with_planner, desired_state(with_planner, observed), observed) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from kvflow.operator.objects import SPEC_HASH
-from kvflow.operator.reconcile import Observed, desired_state, workload_key
+from kvflow.operator.reconcile import Observed, desired_state, object_key
 from kvflow.operator.status import deployment_status, keep_transition_time, pool_status, workload_readiness
 from kvflow.testing.k8s import example_resource
 
@@ -29,7 +29,7 @@ def as_running(obj: dict, **status: int) -> dict:
 
 def all_running(d) -> Observed:
     objs = [o for o in d.objects if o["kind"] in ("Deployment", "StatefulSet")]
-    return Observed(workloads={workload_key(o): as_running(o) for o in objs})
+    return Observed(objects={object_key(o): as_running(o) for o in objs})
 
 
 def test_ready_when_every_workload_is_rolled_out() -> None:
