@@ -160,12 +160,12 @@ def planner(owner: Owner, targets: list[str], rbac_rules: list[Obj]) -> list[Obj
                        ports=[{"name": "system", "containerPort": SYSTEM_PORT}],
                        livenessProbe=o.http_probe("/live", SYSTEM_PORT, period=10))
     deployment = _deployment(owner, "planner", _pod_spec(owner, main, [], service_account=name), 1)
-    meta = o.metadata(owner, name, "planner")
-    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
-    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
-            "rules": rbac_rules}
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": o.metadata(owner, name, "planner")}
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": o.metadata(owner, name, "planner"), "rules": rbac_rules}
     binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": o.metadata(owner, name, "planner"),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
     }
