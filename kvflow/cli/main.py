@@ -5,6 +5,9 @@ kvflow frontend [--http-port 8000]               the OpenAI-compatible frontend
 kvflow worker --engine mocker --model-path DIR   an engine worker
 kvflow router                                    the standalone KV router service
 kvflow make-test-model DIR [--weights]           a tiny random model for trying things
+kvflow planner [--apply]                         size worker pools to TTFT/ITL targets
+kvflow replay TRACE --url URL | --simulate       replay a timestamped trace, report SLA attainment
+kvflow profile --out PERF.json ENGINE [ARGS]     measure a worker for the planner
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ COMMANDS = {
     "worker": "kvflow.cli.worker",
     "router": "kvflow.cli.router",
     "make-test-model": "kvflow.cli.test_model",
+    "planner": "kvflow.cli.planner",
+    "replay": "kvflow.cli.replay",
+    "profile": "kvflow.cli.profile",
 }
 
 

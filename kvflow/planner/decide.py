@@ -105,7 +105,7 @@ def choose(load: Load, perf: PerfModel, rules: Rules, calib: Calibration | None 
     if meeting:
         best = min(meeting, key=lambda o: (o.gpus, -o.slack(sla.ttft_s, sla.itl_s)))
     else:
-        best = max(options, key=lambda o: (o.slack(sla.ttft_s, sla.itl_s), -o.gpus))
+        best = max(options, key=lambda o: (o.slack(sla.ttft_s, sla.itl_s), o.gpus))
     ranked = sorted(options, key=lambda o: (not o.meets, o.gpus, -o.slack(sla.ttft_s, sla.itl_s)))
     return best, tuple(ranked[:5])
 
