@@ -6,6 +6,9 @@ kvflow worker --engine mocker --model-path DIR   an engine worker
 kvflow router                                    the standalone KV router service
 kvflow make-test-model DIR [--weights]           a tiny random model for trying things
 kvflow operator run|crds|render                  the Kubernetes operator (docs/kubernetes.md)
+kvflow planner [--apply]                         size worker pools to TTFT/ITL targets
+kvflow replay TRACE --url URL | --simulate       replay a timestamped trace, report SLA attainment
+kvflow profile --out PERF.json ENGINE [ARGS]     measure a worker for the planner
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ COMMANDS = {
     "router": "kvflow.cli.router",
     "make-test-model": "kvflow.cli.test_model",
     "operator": "kvflow.cli.operator",
+    "planner": "kvflow.cli.planner",
+    "replay": "kvflow.cli.replay",
+    "profile": "kvflow.cli.profile",
 }
 
 

@@ -141,24 +141,27 @@ def pool_deployment(owner: Owner, pool: Pool, replicas: int) -> Obj:
 
 
 def planner_command(owner: Owner, targets: list[str]) -> list[str]:
-    p = owner.resource.spec.planner
-    command = ["kvflow", "planner", "--connector", "kubernetes", "--kubernetes-namespace", owner.namespace]
-    for target in targets:
-        command += ["--scale-target", target]
+    """`kvflow planner` scaling this resource's pools (targets in pool order) through their scale."""
+    spec = owner.resource.spec
+    p = spec.planner
+    roles = [pool.role for pool in spec.pools]
+    mode = "aggregated" if set(roles) == {"aggregated"} else "disaggregated"
+    pairs = ",".join(f"{role}={target}" for role, target in zip(roles, targets, strict=True))
+    frontend = f"http://{component_name(owner, 'frontend')}.{owner.namespace}.svc:{spec.frontend.port}"
     return [
-        *command,
-        "--ttft-ms", f"{p.ttft_ms:g}", "--itl-ms", f"{p.itl_ms:g}",
-        "--adjustment-interval", f"{p.interval_s:g}",
-        "--min-replicas", str(p.min_replicas), "--max-replicas", str(p.max_replicas),
+        "kvflow", "planner", "--connector", "kubernetes", "--apply", "--mode", mode,
+        "--k8s-namespace", owner.namespace, "--k8s-scale-targets", pairs, "--frontend-urls", frontend,
+        "--ttft-p90-s", f"{p.ttft_ms / 1000:g}", "--itl-p90-s", f"{p.itl_ms / 1000:g}",
+        "--interval-s", f"{p.interval_s:g}",
+        "--min-workers", str(p.min_replicas), "--max-workers", str(p.max_replicas),
     ]
 
 
 def planner(owner: Owner, targets: list[str], rbac_rules: list[Obj]) -> list[Obj]:
     """The planner Deployment, and the account that may patch only its pools' scale."""
     name = component_name(owner, "planner")
-    main = o.container("planner", owner.resource.spec.image, planner_command(owner, targets),
-                       ports=[{"name": "system", "containerPort": SYSTEM_PORT}],
-                       livenessProbe=o.http_probe("/live", SYSTEM_PORT, period=10))
+    # The planner serves no HTTP: it reads the frontends' /metrics and patches scale.
+    main = o.container("planner", owner.resource.spec.image, planner_command(owner, targets))
     deployment = _deployment(owner, "planner", _pod_spec(owner, main, [], service_account=name), 1)
     account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": o.metadata(owner, name, "planner")}
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",

@@ -217,3 +217,20 @@ async def test_kopf_operator_with_lease_reconciles_follows_scale_and_stops_when_
         assert await asyncio.wait_for(run, 20) == 1  # another holder: this one steps down
     finally:
         run.cancel()
+
+
+async def test_the_planner_kubernetes_connector_scales_pools(api) -> None:
+    from kvflow.planner.connectors import make_connector
+    from kvflow.planner.model import Fleet
+
+    server, client = api
+    await reconcile_once(client, stored_cr(server))
+    connector = make_connector("kubernetes", targets="aggregated=kvflowpools.kvflow.dev/tiny-agg-aggregated",
+                               namespace="default", api_server=server.url)
+    await asyncio.to_thread(connector.apply, Fleet(aggregated=4))
+    assert server.objects[POOL_PATH]["spec"]["replicas"] == 4
+    assert await asyncio.to_thread(connector.current) == Fleet(aggregated=4)
+    with pytest.raises(ValueError, match="no prefill pool"):
+        await asyncio.to_thread(connector.apply, Fleet(prefill=1, decode=1))
+    with pytest.raises(ValueError, match="ROLE=<plural>"):
+        make_connector("kubernetes", targets="workers=deployments.apps/x")

@@ -1,0 +1,152 @@
+"""The planner's decision, a pure function: which fleet meets the SLA at least cost, and when to move.
+
+`choose` enumerates fleet shapes within the bounds and GPU budget and takes the
+cheapest that meets the SLA on the predicted load plus headroom. `plan_step` adds
+the rules that keep a fleet from oscillating: scale up (or fix a fleet that misses
+the SLA) at once; scale down only after `scale_down_intervals` intervals in a row
+want it and `cooldown_s` after the last change, by at most `max_scale_down_step`
+workers per pool; hold, and say so, when there is no fresh observation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from kvflow.planner.model import Estimate, Fleet, Load, estimate
+from kvflow.planner.perf import Calibration, PerfModel
+
+MODES = ("aggregated", "disaggregated", "auto")
+
+
+@dataclass(frozen=True)
+class Sla:
+    ttft_s: float = 1.0  # p90 time to first token
+    itl_s: float = 0.04  # p90 inter-token latency
+
+
+@dataclass(frozen=True)
+class Bounds:
+    min_workers: int = 1
+    max_workers: int = 16
+    gpu_budget: int = 0  # 0: no limit beyond max_workers
+    gpus_per_worker: int = 1
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Everything plan_step needs besides the state and the prediction."""
+
+    sla: Sla = Sla()
+    bounds: Bounds = Bounds()
+    mode: str = "aggregated"
+    headroom: float = 0.1  # plan for predicted load x (1 + headroom)
+    scale_down_intervals: int = 3
+    cooldown_s: float = 60.0
+    max_scale_down_step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"planner mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class PlanState:
+    fleet: Fleet
+    last_change_s: float = float("-inf")
+    down_votes: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One interval's verdict, with what it was based on (shown in logs and /fleet)."""
+
+    at_s: float
+    action: str  # "hold" | "scale_up" | "scale_down" | "resplit"
+    previous: Fleet
+    target: Fleet
+    reason: str
+    predicted: Load | None = None
+    chosen: Estimate | None = None
+    current: Estimate | None = None
+    options: tuple[Estimate, ...] = ()
+
+
+def _shapes(rules: Rules, mode: str) -> list[Fleet]:
+    b = rules.bounds
+    top = b.max_workers
+    if b.gpu_budget:
+        top = min(top, b.gpu_budget // b.gpus_per_worker)
+    shapes: list[Fleet] = []
+    if mode in ("aggregated", "auto"):
+        shapes += [Fleet(aggregated=n) for n in range(max(b.min_workers, 1), top + 1)]
+    if mode in ("disaggregated", "auto"):
+        shapes += [Fleet(prefill=p, decode=n - p) for n in range(max(b.min_workers, 2), top + 1)
+                   for p in range(1, n)]
+    return shapes
+
+
+def evaluate(fleet: Fleet, load: Load, perf: PerfModel, rules: Rules, calib: Calibration) -> Estimate:
+    ttft, itl = estimate(fleet, load, perf, calib)
+    meets = ttft <= rules.sla.ttft_s and itl <= rules.sla.itl_s
+    return Estimate(fleet, ttft, itl, fleet.workers * rules.bounds.gpus_per_worker, meets)
+
+
+def choose(load: Load, perf: PerfModel, rules: Rules, calib: Calibration | None = None,
+           mode: str | None = None) -> tuple[Estimate, tuple[Estimate, ...]]:
+    """The cheapest shape meeting the SLA (ties: most slack); else the biggest allowed."""
+    calib = calib or Calibration()
+    planned = load.scaled(1 + rules.headroom)
+    options = [evaluate(f, planned, perf, rules, calib) for f in _shapes(rules, mode or rules.mode)]
+    if not options:
+        raise ValueError(f"no fleet shape fits the bounds {rules.bounds}")
+    sla = rules.sla
+    meeting = [o for o in options if o.meets]
+    if meeting:
+        best = min(meeting, key=lambda o: (o.gpus, -o.slack(sla.ttft_s, sla.itl_s)))
+    else:
+        best = max(options, key=lambda o: (o.slack(sla.ttft_s, sla.itl_s), o.gpus))
+    ranked = sorted(options, key=lambda o: (not o.meets, o.gpus, -o.slack(sla.ttft_s, sla.itl_s)))
+    return best, tuple(ranked[:5])
+
+
+def _step_down(current: Fleet, target: Fleet, step: int) -> Fleet:
+    if current.disaggregated != target.disaggregated:
+        return target  # a change of mode is taken whole (cooldown and votes still apply)
+    return Fleet(*(max(t, c - step) for c, t in zip(dataclasses.astuple(current),
+                                                    dataclasses.astuple(target), strict=True)))
+
+
+def plan_step(state: PlanState, now: float, predicted: Load | None, perf: PerfModel, rules: Rules,
+              calib: Calibration | None = None) -> tuple[Decision, PlanState]:
+    """Decide this interval's target fleet and the planner's next state."""
+    calib = calib or Calibration()
+    fleet = state.fleet
+    if predicted is None:
+        reason = "no fresh metrics: holding the current fleet (never scaling down blind)"
+        return Decision(now, "hold", fleet, fleet, reason), dataclasses.replace(state, down_votes=0)
+    best, options = choose(predicted, perf, rules, calib)
+    current = evaluate(fleet, predicted.scaled(1 + rules.headroom), perf, rules, calib)
+    common = {"predicted": predicted, "chosen": best, "current": current, "options": options}
+    if best.fleet == fleet:
+        why = "the current fleet is the cheapest that meets the SLA" if best.meets else \
+            "no fleet within the bounds meets the SLA; this is the closest"
+        return Decision(now, "hold", fleet, fleet, why, **common), PlanState(fleet, state.last_change_s)
+    if best.gpus > current.gpus or not current.meets:
+        action = "scale_up" if best.gpus > current.gpus else "resplit"
+        verdict = "misses" if not current.meets else "meets"
+        why = (f"{fleet} predicts TTFT {current.ttft_s:.3f}s ITL {current.itl_s * 1e3:.1f}ms: "
+               f"{verdict} the SLA; {best.fleet} is the cheapest that meets it")
+        return Decision(now, action, fleet, best.fleet, why, **common), PlanState(best.fleet, now)
+    votes = state.down_votes + 1
+    waited = now - state.last_change_s
+    if votes < rules.scale_down_intervals or waited < rules.cooldown_s:
+        why = (f"{best.fleet} would meet the SLA at lower cost; waiting ({votes}/"
+               f"{rules.scale_down_intervals} intervals, {min(waited, rules.cooldown_s):.0f}/"
+               f"{rules.cooldown_s:.0f}s cool-down)")
+        held = PlanState(fleet, state.last_change_s, votes)
+        return Decision(now, "hold", fleet, fleet, why, **common), held
+    target = _step_down(fleet, best.fleet, rules.max_scale_down_step)
+    action = "scale_down" if target.workers < fleet.workers else "resplit"
+    why = f"{best.fleet} meets the SLA with the full predicted load; moving to {target}"
+    return Decision(now, action, fleet, target, why, **common), PlanState(target, now)

@@ -1,0 +1,132 @@
+"""Pure sizing math: predicted TTFT and ITL of a fleet shape under a load, from a PerfModel.
+
+Queueing is approximated per worker. Prefill is an M/D/1 queue (mean wait
+rho*p / 2(1-rho), and the 90th percentile taken as 2.3x the mean wait, the ratio
+for an exponential tail); decode batch size follows Little's law (a worker holds
+rate x OSL x ITL sequences), solved as a fixed point because ITL grows with batch.
+On aggregated workers, prefill steals a share rho_p of the step time from decode.
+The Calibration factors correct all of this with what the fleet really reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvflow.planner.perf import Calibration, PerfModel
+
+P90_WAIT = 2.3
+MAX_UTIL = 0.95
+INFEASIBLE = float("inf")
+
+
+@dataclass(frozen=True)
+class Load:
+    """Traffic of one interval: request rate and its average shape."""
+
+    rate: float  # requests per second
+    isl: float  # mean prompt tokens
+    osl: float  # mean output tokens
+    cached_fraction: float = 0.0  # of prompt tokens, served from caches
+
+    def scaled(self, factor: float) -> Load:
+        return Load(self.rate * factor, self.isl, self.osl, self.cached_fraction)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Worker counts by role; aggregated and disaggregated pools are not mixed."""
+
+    aggregated: int = 0
+    prefill: int = 0
+    decode: int = 0
+
+    @property
+    def workers(self) -> int:
+        return self.aggregated + self.prefill + self.decode
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill > 0 or self.decode > 0
+
+    def __str__(self) -> str:
+        if self.disaggregated:
+            return f"{self.prefill}P+{self.decode}D"
+        return f"{self.aggregated} aggregated"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a fleet shape would give under a load."""
+
+    fleet: Fleet
+    ttft_s: float
+    itl_s: float
+    gpus: int
+    meets: bool
+
+    def slack(self, ttft_sla: float, itl_sla: float) -> float:
+        """How far inside the SLA (1.0 = at it; larger is safer)."""
+        return min(ttft_sla / max(self.ttft_s, 1e-9), itl_sla / max(self.itl_s, 1e-9))
+
+
+def _decode_itl(perf: PerfModel, rate: float, load: Load, share: float) -> tuple[float, float]:
+    """(ITL, batch) of one worker getting `rate` req/s, with `share` of its time for decode."""
+    context = load.isl + load.osl / 2
+    batch = 1.0
+    for _ in range(60):
+        itl = perf.decode_step(batch, context) / share
+        nxt = max(rate * load.osl * itl, 1.0)
+        if nxt > perf.max_batch:
+            return INFEASIBLE, nxt
+        if abs(nxt - batch) < 1e-3:
+            break
+        batch = nxt
+    return perf.decode_step(batch, context) / share, batch
+
+
+def _prefill(perf: PerfModel, rate: float, load: Load) -> tuple[float, float]:
+    """(prefill time of one request, utilisation) of one worker getting `rate` req/s."""
+    p = perf.prefill_time(max(load.isl * (1 - load.cached_fraction), 1.0))
+    return p, rate * p
+
+
+def _queued(p: float, rho: float) -> float:
+    return p + P90_WAIT * rho * p / (2 * (1 - rho))
+
+
+def estimate(fleet: Fleet, load: Load, perf: PerfModel, calib: Calibration | None = None,
+             gpus_per_worker: int = 1) -> tuple[float, float]:
+    """Predicted (TTFT p90, ITL) of `fleet` under `load`; inf where it cannot keep up."""
+    calib = calib or Calibration()
+    if fleet.disaggregated:
+        ttft, itl = _disaggregated(fleet, load, perf)
+    else:
+        ttft, itl = _aggregated(fleet.aggregated, load, perf)
+    return ttft * calib.ttft, itl * calib.itl
+
+
+def _aggregated(n: int, load: Load, perf: PerfModel) -> tuple[float, float]:
+    if n <= 0:
+        return INFEASIBLE, INFEASIBLE
+    rate = load.rate / n
+    p, rho = _prefill(perf, rate, load)
+    if rho >= MAX_UTIL:
+        return INFEASIBLE, INFEASIBLE
+    itl, batch = _decode_itl(perf, rate, load, 1 - rho)
+    if itl == INFEASIBLE:
+        return INFEASIBLE, INFEASIBLE
+    step = perf.decode_step(batch, load.isl + load.osl / 2)
+    return step + _queued(p, rho), itl
+
+
+def _disaggregated(fleet: Fleet, load: Load, perf: PerfModel) -> tuple[float, float]:
+    if fleet.prefill <= 0 or fleet.decode <= 0:
+        return INFEASIBLE, INFEASIBLE
+    p, rho = _prefill(perf, load.rate / fleet.prefill, load)
+    if rho >= MAX_UTIL:
+        return INFEASIBLE, INFEASIBLE
+    itl, batch = _decode_itl(perf, load.rate / fleet.decode, load, 1.0)
+    if itl == INFEASIBLE:
+        return INFEASIBLE, INFEASIBLE
+    first_step = perf.decode_step(batch, load.isl + load.osl / 2)
+    return _queued(p, rho) + perf.transfer_time(load.isl) + first_step, itl

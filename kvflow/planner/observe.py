@@ -1,0 +1,135 @@
+"""What the planner observes each interval, and where it reads it: the frontends' /metrics.
+
+The frontends' Prometheus counters are exact (requests, prompt and output tokens,
+cached tokens: sums and counts), so rate, mean ISL/OSL and cached fraction over an
+interval are the differences between two scrapes. TTFT and ITL p90 come from the
+histogram buckets' differences, so they are as fine as the buckets (documented in
+docs/planner.md). Several frontends are summed. A scrape that fails leaves the
+observation missing: the planner then holds (it never scales down blind).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvflow.planner.model import Load
+
+PREFIX = "kvflow_frontend_"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One interval of traffic as the frontends saw it."""
+
+    at_s: float
+    interval_s: float
+    requests: int
+    load: Load
+    ttft_p90_s: float | None = None
+    itl_p90_s: float | None = None
+
+
+@dataclass
+class Totals:
+    """Cumulative counters of one scrape (summed over frontends and labels)."""
+
+    requests: float = 0.0
+    isl_sum: float = 0.0
+    isl_count: float = 0.0
+    osl_sum: float = 0.0
+    cached: float = 0.0
+    ttft_buckets: dict[float, float] = field(default_factory=dict)
+    itl_buckets: dict[float, float] = field(default_factory=dict)
+
+
+def parse_metrics(text: str, model: str | None, into: Totals | None = None) -> Totals:
+    totals = into or Totals()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if model is not None and s.labels.get("model", model) != model:
+                continue
+            _add(totals, s.name, s.labels, s.value)
+    return totals
+
+
+def _add(t: Totals, name: str, labels: dict[str, str], value: float) -> None:
+    if not name.startswith(PREFIX):
+        return
+    name = name[len(PREFIX):]
+    if name == "requests_total":
+        t.requests += value
+    elif name == "input_sequence_tokens_sum":
+        t.isl_sum += value
+    elif name == "input_sequence_tokens_count":
+        t.isl_count += value
+    elif name == "output_sequence_tokens_sum":
+        t.osl_sum += value
+    elif name == "cached_tokens_total":
+        t.cached += value
+    elif name in ("time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket"):
+        target = t.ttft_buckets if name.startswith("time") else t.itl_buckets
+        le = float(labels["le"])
+        target[le] = target.get(le, 0.0) + value
+
+
+def bucket_quantile(now: dict[float, float], before: dict[float, float], q: float) -> float | None:
+    """The q-quantile (0..1) of the observations between two cumulative-bucket scrapes."""
+    edges = sorted(now)
+    counts = [now[e] - before.get(e, 0.0) for e in edges]
+    if not counts or counts[-1] <= 0:
+        return None
+    want = q * counts[-1]
+    prev_edge, prev_count = 0.0, 0.0
+    for edge, count in zip(edges, counts, strict=True):
+        if count >= want:
+            if edge == float("inf"):
+                return prev_edge
+            frac = (want - prev_count) / max(count - prev_count, 1e-12)
+            return prev_edge + (edge - prev_edge) * frac
+        prev_edge, prev_count = edge, count
+    return prev_edge
+
+
+def diff(now: Totals, before: Totals, at_s: float, interval_s: float) -> Observation:
+    n = max(now.isl_count - before.isl_count, 0.0)
+    isl = (now.isl_sum - before.isl_sum) / n if n else 0.0
+    osl = (now.osl_sum - before.osl_sum) / n if n else 0.0
+    cached = (now.cached - before.cached) / (now.isl_sum - before.isl_sum) if n and isl else 0.0
+    load = Load(rate=n / interval_s, isl=isl, osl=osl, cached_fraction=min(max(cached, 0.0), 1.0))
+    return Observation(at_s, interval_s, int(n), load,
+                       bucket_quantile(now.ttft_buckets, before.ttft_buckets, 0.9),
+                       bucket_quantile(now.itl_buckets, before.itl_buckets, 0.9))
+
+
+class FrontendScraper:
+    """Scrapes each frontend's /metrics; `observe()` returns the last interval, or None on failure."""
+
+    def __init__(self, urls: list[str], model: str | None = None, timeout: float = 2.0) -> None:
+        self.urls = [u.rstrip("/") for u in urls]
+        self.model = model
+        self.timeout = timeout
+        self._last: tuple[float, Totals] | None = None
+        self.last_error = ""
+
+    def scrape(self) -> Totals:
+        totals = Totals()
+        for url in self.urls:
+            with urllib.request.urlopen(url + "/metrics", timeout=self.timeout) as resp:
+                parse_metrics(resp.read().decode(), self.model, totals)
+        return totals
+
+    def observe(self, now: float) -> Observation | None:
+        try:
+            totals = self.scrape()
+        except OSError as exc:
+            self.last_error = f"cannot scrape frontend metrics: {exc}"
+            self._last = None  # the next good scrape starts a fresh interval
+            return None
+        last, self._last = self._last, (now, totals)
+        if last is None or now <= last[0]:
+            self.last_error = "first scrape: no interval yet"
+            return None
+        return diff(totals, last[1], now, now - last[0])

@@ -1,0 +1,133 @@
+"""Planner decisions against hand-computed cases: a flat performance model makes the math checkable.
+
+Flat model: prefill of any prompt 0.1 s, any decode step 0.01 s, at most 64 sequences.
+Aggregated n workers at rate r: per worker lam = r/n, rho = 0.1 lam,
+ITL = 0.01 / (1 - rho), TTFT p90 = 0.01 + 0.1 + 2.3 rho 0.1 / (2 (1 - rho)).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvflow.planner.decide import Bounds, PlanState, Rules, Sla, choose, plan_step
+from kvflow.planner.model import Fleet, Load, estimate
+from kvflow.planner.perf import PerfModel
+
+FLAT = PerfModel([16, 16384], [0.1, 0.1], [1, 256], [128, 8192], [[0.01, 0.01], [0.01, 0.01]],
+                 max_batch=64, kv_transfer_bytes_per_s=1e12, kv_bytes_per_token=1e3)
+SLA = Sla(ttft_s=0.3, itl_s=0.026)
+
+
+def rules(**kw) -> Rules:
+    base = {"sla": SLA, "bounds": Bounds(min_workers=1, max_workers=8), "headroom": 0.0,
+            "scale_down_intervals": 2, "cooldown_s": 10.0}
+    return Rules(**{**base, **kw})
+
+
+def test_estimates_match_the_hand_computed_queueing_formulas() -> None:
+    ttft, itl = estimate(Fleet(aggregated=2), Load(10, 512, 100), FLAT)
+    assert itl == pytest.approx(0.02)  # rho = 0.5
+    assert ttft == pytest.approx(0.01 + 0.1 + 2.3 * 0.5 * 0.1 / 1.0)
+    assert estimate(Fleet(aggregated=1), Load(10, 512, 100), FLAT) == (float("inf"), float("inf"))
+    # 1P+1D at 5 req/s: prefill rho 0.5; decode alone, ITL 0.01; TTFT adds transfer + one step.
+    ttft, itl = estimate(Fleet(prefill=1, decode=1), Load(5, 512, 100), FLAT)
+    assert itl == pytest.approx(0.01)
+    assert ttft == pytest.approx(0.1 + 2.3 * 0.5 * 0.1 / 1.0 + 512 * 1e3 / 1e12 + 0.01)
+
+
+def test_chooses_the_cheapest_fleet_meeting_the_sla() -> None:
+    best, _ = choose(Load(10, 512, 100), FLAT, rules())
+    assert best.fleet == Fleet(aggregated=2) and best.meets  # n=1 cannot keep up
+    best, _ = choose(Load(30, 512, 100), FLAT, rules())
+    # n=4: rho 0.75, ITL 0.04 > 0.026; n=5: rho 0.6, ITL 0.025 (meets), TTFT 0.2825
+    assert best.fleet == Fleet(aggregated=5)
+
+
+def test_headroom_plans_for_more_than_the_prediction() -> None:
+    best, _ = choose(Load(10, 512, 100), FLAT, rules(headroom=0.25))  # 12.5 req/s
+    assert best.fleet == Fleet(aggregated=3)  # n=2: rho 0.625, ITL 0.0267 > 0.026
+
+
+def test_disaggregated_split_follows_the_mix() -> None:
+    prefill_heavy = choose(Load(18, 4096, 4), FLAT, rules(mode="disaggregated"))[0].fleet
+    decode_heavy = choose(Load(4, 64, 2000), FLAT, rules(mode="disaggregated"))[0].fleet
+    assert prefill_heavy.prefill > prefill_heavy.decode
+    assert decode_heavy.decode >= decode_heavy.prefill
+
+
+def test_bounds_and_gpu_budget_cap_the_fleet() -> None:
+    best, _ = choose(Load(100, 512, 100), FLAT, rules(bounds=Bounds(max_workers=8)))
+    assert best.fleet == Fleet(aggregated=8) and not best.meets  # closest within bounds
+    best, _ = choose(Load(100, 512, 100), FLAT,
+                     rules(bounds=Bounds(max_workers=8, gpu_budget=6, gpus_per_worker=2)))
+    assert best.fleet == Fleet(aggregated=3) and best.gpus == 6
+    best, _ = choose(Load(0.1, 512, 100), FLAT, rules(bounds=Bounds(min_workers=2, max_workers=8)))
+    assert best.fleet == Fleet(aggregated=2)
+
+
+def test_scale_up_is_immediate() -> None:
+    decision, state = plan_step(PlanState(Fleet(aggregated=2)), 100.0, Load(30, 512, 100), FLAT, rules())
+    assert decision.action == "scale_up" and decision.target == Fleet(aggregated=5)
+    assert state.fleet == Fleet(aggregated=5) and state.last_change_s == 100.0
+    assert "misses the SLA" in decision.reason
+
+
+def test_scale_down_waits_for_votes_and_cooldown_then_steps_by_one() -> None:
+    r = rules(scale_down_intervals=2, cooldown_s=10.0)
+    state = PlanState(Fleet(aggregated=5), last_change_s=0.0)
+    low = Load(10, 512, 100)  # 2 would do
+    d1, state = plan_step(state, 5.0, low, FLAT, r)
+    assert d1.action == "hold" and "waiting (1/2" in d1.reason
+    d2, state = plan_step(state, 8.0, low, FLAT, r)
+    assert d2.action == "hold" and "cool-down" in d2.reason  # 2 votes, but only 8 s since the change
+    d3, state = plan_step(state, 11.0, low, FLAT, r)
+    assert d3.action == "scale_down" and d3.target == Fleet(aggregated=4)
+    d4, state = plan_step(state, 12.0, low, FLAT, r)
+    assert d4.action == "hold"  # cooling down again after that change
+
+
+def test_scale_down_accounts_for_the_load_the_rest_absorbs() -> None:
+    # At 18 req/s, 3 workers: rho 0.6, ITL 0.025 (meets); 2 workers would get rho 0.9 (misses).
+    r = rules(scale_down_intervals=1, cooldown_s=0.0)
+    decision, _ = plan_step(PlanState(Fleet(aggregated=4)), 50.0, Load(18, 512, 100), FLAT, r)
+    assert decision.target == Fleet(aggregated=3)
+    decision, _ = plan_step(PlanState(Fleet(aggregated=3)), 50.0, Load(18, 512, 100), FLAT, r)
+    assert decision.action == "hold"
+
+
+def test_no_metrics_holds_and_says_so() -> None:
+    state = PlanState(Fleet(aggregated=6), 0.0, down_votes=1)
+    decision, after = plan_step(state, 100.0, None, FLAT, rules())
+    assert decision.action == "hold" and decision.target == Fleet(aggregated=6)
+    assert "never scaling down blind" in decision.reason and after.down_votes == 0
+
+
+def test_split_change_when_the_mix_moves() -> None:
+    r = rules(mode="disaggregated", scale_down_intervals=1, cooldown_s=0.0)
+    start = choose(Load(18, 4096, 4), FLAT, r)[0].fleet
+    decision, _ = plan_step(PlanState(start), 10.0, Load(4, 64, 2000), FLAT, r)
+    assert decision.target.decode > start.decode and decision.action in ("resplit", "scale_down")
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Rules(mode="both")
+
+
+def test_the_operator_s_planner_command_parses_as_a_planner_config() -> None:
+    import argparse
+
+    from kvflow.operator.reconcile import desired_state
+    from kvflow.planner.config import PlannerConfig
+    from kvflow.runtime.config import add_config_args, config_from_args
+    from kvflow.testing.k8s import example_resource
+
+    objects = [o for o in desired_state(example_resource("planner")).objects
+               if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-planner")]
+    command = objects[0]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["kvflow", "planner"]
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, PlannerConfig)
+    config = config_from_args(PlannerConfig, "planner", parser.parse_args(command[2:]))
+    assert config.connector == "kubernetes" and config.apply and config.mode == "disaggregated"
+    assert "prefill=" in config.k8s_scale_targets and "decode=" in config.k8s_scale_targets

@@ -1,0 +1,43 @@
+"""Observation from the frontends' /metrics: exact counter differences, p90 from histogram buckets."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvflow.frontend.metrics import FrontendMetrics
+from kvflow.planner.observe import bucket_quantile, diff, parse_metrics
+
+
+def _record(metrics: FrontendMetrics, ttft: float, isl: int, osl: int, cached: int) -> None:
+    metrics.ttft.labels(model="m").observe(ttft)
+    metrics.itl.labels(model="m").observe(0.02)
+    metrics.isl.labels(model="m").observe(isl)
+    metrics.osl.labels(model="m").observe(osl)
+    metrics.cached.labels(model="m").inc(cached)
+    metrics.requests.labels(model="m", endpoint="chat", status="success").inc()
+
+
+def test_interval_from_two_scrapes_of_a_real_frontend_registry() -> None:
+    metrics = FrontendMetrics()
+    _record(metrics, 0.05, 100, 10, 0)
+    before = parse_metrics(metrics.render().decode(), "m")
+    for i in range(20):
+        _record(metrics, 0.2 if i < 18 else 3.0, 1000, 50, 500)
+    _record_other = metrics.isl.labels(model="other")
+    _record_other.observe(99999)  # another model's traffic is not counted
+    now = parse_metrics(metrics.render().decode(), "m")
+    obs = diff(now, before, at_s=20.0, interval_s=10.0)
+    assert obs.requests == 20
+    assert obs.load.rate == pytest.approx(2.0)
+    assert (obs.load.isl, obs.load.osl) == (1000, 50)
+    assert obs.load.cached_fraction == pytest.approx(0.5)
+    assert 0.1 <= obs.ttft_p90_s <= 0.25  # 18 of 20 at 0.2 s: p90 within the 0.1-0.25 bucket
+    assert obs.itl_p90_s == pytest.approx(0.02, abs=0.01)
+
+
+def test_bucket_quantile_interpolates_and_handles_no_traffic() -> None:
+    before = {0.1: 0.0, 1.0: 0.0, float("inf"): 0.0}
+    now = {0.1: 50.0, 1.0: 100.0, float("inf"): 100.0}
+    assert bucket_quantile(now, before, 0.5) == pytest.approx(0.1)
+    assert bucket_quantile(now, before, 0.75) == pytest.approx(0.55)
+    assert bucket_quantile(before, before, 0.9) is None
