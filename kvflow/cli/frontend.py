@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Metric
 
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
+from kvflow.frontend.canary import add_canary_args, canary_config_from_args
+from kvflow.frontend.stalls import add_stall_args, stall_config_from_args
 from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
@@ -40,7 +42,7 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", dest="http_tls_cert", default=None)
     g.add_argument("--tls-key", dest="http_tls_key", default=None)
     g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes)
-    g = parser.add_argument_group("overload and migration")
+    g = parser.add_argument_group("overload, migration and worker health")
     g.add_argument(
         "--max-inflight-per-model", type=int, default=FrontendConfig.max_inflight_per_model,
         help="requests in flight per model before new ones queue (default: 0 = no limit)")
@@ -59,6 +61,8 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         "--migration-limit", type=int, default=DEFAULT_MIGRATION_LIMIT,
         help="times a request may move to another worker when its worker is lost; a "
         "worker's --migration-limit overrides it for its model (default: %(default)s)")
+    add_stall_args(g)
+    add_canary_args(g)
     g.add_argument(
         "--router-mode",
         choices=sorted(ROUTER_MODES),
@@ -100,7 +104,11 @@ async def serve_frontend(
     frontend = HttpFrontend(frontend_config(ns), models)
     # One /metrics page: the router's and request plane's metrics live on the runtime.
     frontend.metrics.registry.register(RegistryForwarder(runtime.metrics_registry))
-    migration = MigrationSettings(ns.migration_limit, frontend.metrics.count_migration)
+    m = frontend.metrics
+    migration = MigrationSettings(
+        ns.migration_limit, m.count_migration, m.count_stall_migration,
+        stalls=stall_config_from_args(ns), canary=canary_config_from_args(ns),
+        on_stall=m.count_stall, on_canary_failure=m.count_canary_failure)
     only = ".".join(parse_endpoint_path(ns.endpoint)) if ns.endpoint else None
     watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only)
     await watcher.start()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -150,13 +150,19 @@ class KvRoutedClient:
             yield out
 
     async def stream(
-        self, request: PreprocessedRequest, worker_id: int, context: Context
+        self, request: PreprocessedRequest, worker_id: int, context: Context,
+        watch: Callable[[Any], None] | None = None,
     ) -> AsyncIterator[EngineOutput]:
-        """Stream from a scheduled worker; the router books the load until the stream ends."""
+        """Stream from a scheduled worker; the router books the load until the stream ends.
+
+        `watch` is handed the request-plane stream first (stall detection watches it)."""
         request_id = request.request_id
         waiting_first = True
+        responses = self._generate.direct(request, worker_id, context)
+        if watch is not None:
+            watch(responses)
         try:
-            async for out in self._generate.direct(request, worker_id, context):
+            async for out in responses:
                 if waiting_first and (out.token_ids or out.finish_reason):
                     self.router.on_first_token(request_id)
                     waiting_first = False
@@ -166,6 +172,10 @@ class KvRoutedClient:
 
     def instance_ids(self) -> list[int]:
         return self._generate.instance_ids()
+
+    async def ping(self, worker_id: int, timeout: float) -> bool:
+        """Whether the worker answers a request-plane ping within `timeout` (the canary)."""
+        return await self._generate.ping(worker_id, timeout)
 
     async def schedule(
         self, request: PreprocessedRequest, worker_ids: list[int] | None = None

@@ -233,6 +233,29 @@ class Client:
             raise NoInstancesError(f"no reachable instance of {self.endpoint.path} (tried {len(tried)})")
         return pick(ids)
 
+    async def ping(self, instance_id: int, timeout: float) -> bool:
+        """Whether the instance answers a HELLO on the request plane within `timeout` s.
+
+        A canary: it touches neither the handler nor the engine. NATS instances are not
+        pinged (True). Connecting counts against the same timeout.
+        """
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            return False
+        if inst.transport == "nats":
+            return True
+
+        async def answer() -> None:
+            pool = self.runtime.connection_pool
+            conn = pool.get_nowait(inst.host, inst.port) or await pool.get(inst.host, inst.port)
+            await conn.ping()
+
+        try:
+            await asyncio.wait_for(answer(), timeout)
+        except (asyncio.TimeoutError, WorkerUnavailableError, OSError):
+            return False
+        return True
+
     def _mark_down(self, iid: int, seconds: float = 2.0) -> None:
         self._down[iid] = asyncio.get_running_loop().time() + seconds
 
