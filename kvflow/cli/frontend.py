@@ -42,6 +42,7 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", dest="http_tls_cert", default=None)
     g.add_argument("--tls-key", dest="http_tls_key", default=None)
     g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes)
+    add_connection_args(g)
     g = parser.add_argument_group("overload, migration and worker health")
     g.add_argument(
         "--max-inflight-per-model", type=int, default=FrontendConfig.max_inflight_per_model,
@@ -72,6 +73,22 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     add_router_args(parser)
 
 
+def add_connection_args(g: argparse._ArgumentGroup) -> None:
+    """HTTP connection timeouts and limit (defaults from FrontendConfig)."""
+    g.add_argument("--http-keepalive-timeout", dest="http_keepalive_timeout_s", type=float,
+                   default=FrontendConfig.keepalive_timeout_s,
+                   help="close a connection idle this long (default: %(default)s)")
+    g.add_argument("--http-header-timeout", dest="http_header_timeout_s", type=float,
+                   default=FrontendConfig.header_timeout_s,
+                   help="408 + close when a request's headers take longer (default: %(default)s)")
+    g.add_argument("--http-body-timeout", dest="http_body_timeout_s", type=float,
+                   default=FrontendConfig.body_timeout_s,
+                   help="408 + close when a request's body takes longer (default: %(default)s)")
+    g.add_argument("--max-connections", type=int, default=FrontendConfig.max_connections,
+                   help="open HTTP connections beyond which new ones get 503 (default: "
+                   "%(default)s)")
+
+
 def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
     return FrontendConfig(
         host=ns.http_host,
@@ -80,6 +97,10 @@ def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
         tls_cert=ns.http_tls_cert,
         tls_key=ns.http_tls_key,
         max_body_bytes=ns.max_body_bytes,
+        keepalive_timeout_s=ns.http_keepalive_timeout_s,
+        header_timeout_s=ns.http_header_timeout_s,
+        body_timeout_s=ns.http_body_timeout_s,
+        max_connections=ns.max_connections,
         max_inflight_per_model=ns.max_inflight_per_model,
         max_queued_per_model=ns.max_queued_per_model,
         queue_timeout_s=ns.queue_timeout_s,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,9 +16,12 @@ from kvflow.frontend.errors import ApiError
 from kvflow.frontend.handlers import FrontendState, Handler
 from kvflow.frontend.http import HttpServer
 from kvflow.frontend.http_response import HttpRequest, Responder
+from kvflow.frontend.http_timeouts import raise_fd_limit
 from kvflow.frontend.metrics import FrontendMetrics
 from kvflow.frontend.models import ModelManager
 from kvflow.frontend.openapi import openapi_bytes
+
+log = logging.getLogger(__name__)
 
 ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/chat/completions": {"POST": handle_chat},
@@ -29,6 +33,17 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/openapi.json": {"GET": handlers.openapi},
     "/debug/route": {"POST": explain_route},
 }
+
+
+def connection_limit(wanted: int, reserve: int = 256) -> int:
+    """`wanted`, or less if the open-file limit (raised to its hard limit first) is lower."""
+    files = raise_fd_limit()
+    log.info("frontend: open-file limit %d; at most %d HTTP connections", files,
+             min(wanted, max(files - reserve, 1)))
+    if files - reserve < wanted:
+        log.warning("frontend: the open-file limit (%d) allows only %d of the %d connections "
+                    "asked for; raise `ulimit -n`", files, max(files - reserve, 1), wanted)
+    return min(wanted, max(files - reserve, 1))
 
 
 class HttpFrontend:
@@ -47,10 +62,13 @@ class HttpFrontend:
         self._server = HttpServer(
             self._dispatch,
             max_body_bytes=config.max_body_bytes,
-            keepalive_timeout_s=config.keepalive_timeout_s,
+            timeouts=config.timeouts(),
             max_pipelined=config.max_pipelined_requests,
             max_header_bytes=config.max_header_bytes,
+            max_connections=connection_limit(config.max_connections),
+            on_close=self.metrics.count_closed,
         )
+        self.metrics.connections_open.set_function(lambda: len(self._server.connections))
         self.address: tuple[str, int] | None = None
 
     async def start(self) -> tuple[str, int]:
