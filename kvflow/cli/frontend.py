@@ -43,6 +43,7 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key", dest="http_tls_key", default=None)
     g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes)
     add_connection_args(g)
+    add_access_args(g)
     g = parser.add_argument_group("overload, migration and worker health")
     g.add_argument(
         "--max-inflight-per-model", type=int, default=FrontendConfig.max_inflight_per_model,
@@ -89,11 +90,29 @@ def add_connection_args(g: argparse._ArgumentGroup) -> None:
                    "%(default)s)")
 
 
+def add_access_args(g: argparse._ArgumentGroup) -> None:
+    """Who may call the routes besides /v1/* (see kvflow.frontend.routes)."""
+    g.add_argument("--admin-api-key", action="append", default=[],
+                   help="Bearer token for /debug/* (repeatable; default: the --api-key ones)")
+    g.add_argument("--debug-routes", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve /debug/* (they reveal which worker caches which prompt prefix)")
+    for name, what in (("metrics", "/metrics"), ("health", "/health and /live"),
+                       ("openapi", "/openapi.json")):
+        g.add_argument(f"--{name}-access", choices=("open", "keyed", "off"), default="open",
+                       help=f"{what}: open, needs an API key, or off on the HTTP port "
+                       "(default: %(default)s)")
+
+
 def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
     return FrontendConfig(
         host=ns.http_host,
         port=ns.http_port,
         api_keys=tuple(ns.api_key),
+        admin_api_keys=tuple(ns.admin_api_key),
+        debug_routes=ns.debug_routes,
+        metrics_access=ns.metrics_access,
+        health_access=ns.health_access,
+        openapi_access=ns.openapi_access,
         tls_cert=ns.http_tls_cert,
         tls_key=ns.http_tls_key,
         max_body_bytes=ns.max_body_bytes,

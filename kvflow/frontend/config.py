@@ -17,6 +17,13 @@ class FrontendConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     # Bearer tokens accepted on /v1/*; empty means no authentication.
     api_keys: tuple[str, ...] = ()
+    # Who may call the other routes (frontend.routes): /debug/* takes an admin key (else an
+    # API key) or is off; /metrics, /health + /live, /openapi.json: open, keyed or off.
+    admin_api_keys: tuple[str, ...] = ()
+    debug_routes: bool = True
+    metrics_access: str = "open"
+    health_access: str = "open"
+    openapi_access: str = "open"
     tls_cert: str | None = None
     tls_key: str | None = None
     # Idle connections (new, or keep-alive between requests) are closed after this long; a
@@ -52,6 +59,9 @@ class FrontendConfig:
                      "max_choices", "max_connections"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("metrics_access", "health_access", "openapi_access"):
+            if getattr(self, name) not in ("open", "keyed", "off"):
+                raise ValueError(f"{name} must be open, keyed or off; got {getattr(self, name)!r}")
         self.admission_limits()  # checks the overload settings now
         self.timeouts()
 

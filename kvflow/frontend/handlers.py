@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Executor
@@ -128,24 +127,6 @@ async def in_own_task(work: Coroutine[Any, Any, None]) -> None:
     caller cancels the task.
     """
     await asyncio.get_running_loop().create_task(work)
-
-
-def check_api_key(config: FrontendConfig, request: HttpRequest) -> None:
-    if not config.api_keys:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer":
-        supplied = token.strip().encode()
-        for key in config.api_keys:
-            if hmac.compare_digest(supplied, key.encode()):
-                return
-    raise ApiError(
-        401,
-        "Missing or invalid API key; send 'Authorization: Bearer <key>'.",
-        type="authentication_error",
-        code="invalid_api_key",
-    )
 
 
 # ---------------------------------------------------------------- small routes

@@ -6,33 +6,19 @@ import logging
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 
-from kvflow.frontend import handlers
 from kvflow.frontend.admission import AdmissionControl
-from kvflow.frontend.chat import handle_chat
-from kvflow.frontend.completions import handle_completion
 from kvflow.frontend.config import FrontendConfig
-from kvflow.frontend.debug import explain_route
 from kvflow.frontend.errors import ApiError
-from kvflow.frontend.handlers import FrontendState, Handler
+from kvflow.frontend.handlers import FrontendState
 from kvflow.frontend.http import HttpServer
 from kvflow.frontend.http_response import HttpRequest, Responder
 from kvflow.frontend.http_timeouts import raise_fd_limit
 from kvflow.frontend.metrics import FrontendMetrics
 from kvflow.frontend.models import ModelManager
 from kvflow.frontend.openapi import openapi_bytes
+from kvflow.frontend.routes import ROUTES, check_access
 
 log = logging.getLogger(__name__)
-
-ROUTES: dict[str, dict[str, Handler]] = {
-    "/v1/chat/completions": {"POST": handle_chat},
-    "/v1/completions": {"POST": handle_completion},
-    "/v1/models": {"GET": handlers.list_models},
-    "/health": {"GET": handlers.health},
-    "/live": {"GET": handlers.live},
-    "/metrics": {"GET": handlers.metrics},
-    "/openapi.json": {"GET": handlers.openapi},
-    "/debug/route": {"POST": explain_route},
-}
 
 
 def connection_limit(wanted: int, reserve: int = 256) -> int:
@@ -98,19 +84,18 @@ class HttpFrontend:
         return ctx
 
     async def _dispatch(self, request: HttpRequest, responder: Responder) -> None:
-        methods = ROUTES.get(request.path)
-        if methods is None:
+        route = ROUTES.get(request.path)
+        if route is None:
             raise ApiError(
                 404, f"No route {request.path}; see /openapi.json for the API.",
                 code="not_found",
             )
-        handler = methods.get(request.method)
+        check_access(route, self.config, request)
+        handler = route.methods.get(request.method)
         if handler is None:
-            allowed = ", ".join(sorted(methods))
+            allowed = ", ".join(sorted(route.methods))
             raise ApiError(
                 405, f"{request.method} is not allowed on {request.path}; use {allowed}.",
                 code="method_not_allowed",
             )
-        if request.path.startswith("/v1/"):
-            handlers.check_api_key(self.config, request)
         await handler(self._state, request, responder)
