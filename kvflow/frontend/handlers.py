@@ -22,6 +22,7 @@ from kvflow.llm.openai import ModelList, ModelObject
 
 T = TypeVar("T")
 MAX_REQUEST_ID_CHARS = 256
+MAX_CACHE_SALT_CHARS = 256
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -73,6 +74,17 @@ def resolve_model(models: ModelManager, name: str, kind: str) -> ServedModel:
     if model.engine.live_workers() <= 0:
         raise no_workers(name)
     return model
+
+
+def cache_salt(request: HttpRequest, body_salt: str | None) -> str | None:
+    """The request's cache salt: the `x-cache-salt` header (an auth proxy sets it per tenant)
+    and the body's `cache_salt`, each tagged, so a body cannot choose a header's salt."""
+    header = request.headers.get("x-cache-salt")
+    if header is not None and not 0 < len(header) <= MAX_CACHE_SALT_CHARS:
+        raise ApiError(400, f"x-cache-salt must be 1 to {MAX_CACHE_SALT_CHARS} characters.",
+                       param="x-cache-salt")
+    parts = [f"{tag}:{salt}" for tag, salt in (("h", header), ("b", body_salt)) if salt]
+    return "\n".join(parts) or None
 
 
 def request_id(request: HttpRequest, response_id: str) -> str:
