@@ -46,7 +46,7 @@ class RoutedEngineClient:
         self.routed = routed
         s = self.settings = settings or HealthSettings()
         self.health = WorkerHealth(s.avoidance, proof_by_ping=s.canary.enabled)
-        self.stalls = StallMonitor(s.stalls, self._registered, self._on_stall)
+        self.stalls = StallMonitor(s.stalls, routed.instance_ids, self._on_stall)
         self.canary = Canary(s.canary, routed.instance_ids, routed.ping, self.health,
                              s.on_canary_failure)
         self.canary.start()
@@ -67,9 +67,6 @@ class RoutedEngineClient:
                              stalled=bool(watch.stalled)) from exc
         finally:
             self.stalls.unwatch(watch)
-
-    def _registered(self, worker: int) -> bool:
-        return worker in self.routed.instance_ids()
 
     def _on_stall(self, watch: StallWatch) -> None:
         self.health.suspect(watch.worker)

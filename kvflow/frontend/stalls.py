@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -118,10 +118,10 @@ class StallWatch:
 class StallMonitor:
     """Sweeps the watched streams of one model; abandons stalled ones."""
 
-    def __init__(self, config: StallConfig, registered: Callable[[int], bool],
+    def __init__(self, config: StallConfig, registered: Callable[[], Collection[int]],
                  on_stall: Callable[[StallWatch], None]) -> None:
         self.config = config
-        self._registered = registered
+        self._registered = registered  # the workers in discovery now
         self._on_stall = on_stall
         self._watches: set[StallWatch] = set()
         self._task: asyncio.Task[None] | None = None
@@ -143,8 +143,11 @@ class StallMonitor:
             self.sweep(time.monotonic())
 
     def sweep(self, now: float) -> None:
+        if not self._watches:
+            return
+        registered = set(self._registered())
         for w in list(self._watches):
-            why = w.check(self.config, self._registered(w.worker), now)
+            why = w.check(self.config, w.worker in registered, now)
             if why is not None:
                 self._stall(w, why)
 
