@@ -94,7 +94,8 @@ class RoutedEngineClient:
         return decision.worker_id
 
     def live_workers(self) -> int:
-        return self.routed.live_workers()
+        """Workers in discovery that are not suspect (stalled, or silent to the canary)."""
+        return sum(not self.health.is_suspect(w) for w in self.routed.instance_ids())
 
     async def close(self) -> None:
         await self.canary.close()
