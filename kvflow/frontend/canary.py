@@ -19,10 +19,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from kvflow.frontend.worker_health import WorkerHealth
+from kvflow.runtime.component import PingResult
 
 log = logging.getLogger(__name__)
 
-Ping = Callable[[int, float], Awaitable[bool]]
+Ping = Callable[[int, float], Awaitable[PingResult]]
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,14 @@ class Canary:
     async def probe(self, workers: list[int]) -> None:
         """Ping `workers` at once; mark each suspect or alive by its answer."""
         answers = await asyncio.gather(*(self._ping(w, self.config.timeout_s) for w in workers))
-        for worker, answered in zip(workers, answers, strict=True):
-            if answered:
+        for worker, answer in zip(workers, answers, strict=True):
+            if answer.answered:
                 if self._health.is_suspect(worker):
                     log.info("worker %x answers the canary again; back in rotation", worker)
                 self._health.alive(worker)
             elif not self._health.is_suspect(worker):
-                log.warning("worker %x did not answer the canary within %.1fs; no new requests "
-                            "go to it until it does", worker, self.config.timeout_s)
+                log.warning("worker %x did not answer the canary (%s); no new requests go to "
+                            "it until it does", worker, answer.detail)
                 self._health.suspect(worker)
                 if self._on_failure is not None:
                     self._on_failure(worker)

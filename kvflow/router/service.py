@@ -36,6 +36,7 @@ from kvflow.router.config import KvRouterConfig
 from kvflow.router.cost import RoutingDecision
 from kvflow.router.router import KvRouter
 from kvflow.router.sync import ROUTER_SYNC_SUBJECT, RoutingSyncMessage, decode_sync, encode_sync
+from kvflow.runtime.component import PingResult
 from kvflow.runtime.context import Context
 from kvflow.runtime.discovery.base import PUT
 from kvflow.runtime.errors import KvflowError
@@ -173,7 +174,7 @@ class KvRoutedClient:
     def instance_ids(self) -> list[int]:
         return self._generate.instance_ids()
 
-    async def ping(self, worker_id: int, timeout: float) -> bool:
+    async def ping(self, worker_id: int, timeout: float) -> PingResult:
         """Whether the worker answers a request-plane ping within `timeout` (the canary)."""
         return await self._generate.ping(worker_id, timeout)
 
