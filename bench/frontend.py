@@ -3,6 +3,7 @@
     python bench/frontend.py                    # concurrency 1, 32, 128; ISL 128, OSL 256
     python bench/frontend.py --concurrency 128 --profile /tmp/frontend.prof
     python bench/frontend.py --no-inproc --trials 3
+    python bench/frontend.py --frontend-flags "--stall-timeout 0 --canary-period 0"
 
 Processes: this one (the load generator: keep-alive HTTP/1.1 connections, a minimal
 client that only looks for the first event and the end), the frontend (`kvflow frontend`'s
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import statistics
 import sys
@@ -47,14 +49,14 @@ SERVERS = ("frontend", "inproc", "baseline")
 # ---------------------------------------------------------------- servers (child processes)
 
 
-def serve_frontend(port_file: str, profile: str | None) -> None:
+def serve_frontend(port_file: str, profile: str | None, flags: str = "") -> None:
     """`kvflow frontend` as it runs in production, plus a port file and optional cProfile."""
     from kvflow.cli.frontend import build_parser
     from kvflow.cli.frontend import serve_frontend as serve
     from kvflow.runtime.config import RuntimeConfig, config_from_args
     from kvflow.runtime.worker import install_uvloop, run_with_runtime
 
-    ns = build_parser().parse_args(["--http-port", "0"])
+    ns = build_parser().parse_args(["--http-port", "0", *shlex.split(flags)])
     profiling = Profiling(profile)
 
     def ready(frontend: HttpFrontend, models: ModelManager) -> None:
@@ -346,6 +348,8 @@ class Stack:
     def _server(self, kind: str) -> Proc:
         cmd = [sys.executable, __file__, "--serve", kind, "--port-file", str(self.root / kind),
                "--osl", str(self.args.osl), "--model-dir", str(self.model_dir)]
+        if kind == "frontend" and self.args.frontend_flags:
+            cmd += [f"--frontend-flags={self.args.frontend_flags}"]
         if self.args.profile and kind == self.args.profile_server:
             cmd += ["--profile", self.args.profile]
         return Proc(cmd, self.env, self.root / f"{kind}.log")
@@ -439,6 +443,7 @@ def main() -> None:
     p.add_argument("--no-inproc", action="store_true", help="skip the in-process-engine baseline")
     p.add_argument("--profile", help="cProfile one server (after warm-up) into this file")
     p.add_argument("--profile-server", choices=SERVERS, default="frontend")
+    p.add_argument("--frontend-flags", default="", help="extra `kvflow frontend` flags")
     p.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
     p.add_argument("--port-file", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -471,7 +476,7 @@ def _serve(args: argparse.Namespace) -> None:
     import uvloop
 
     if args.serve == "frontend":
-        serve_frontend(args.port_file, args.profile)
+        serve_frontend(args.port_file, args.profile, args.frontend_flags)
     elif args.serve == "inproc":
         uvloop.run(serve_inproc(args.port_file, args.model_dir, args.profile))
     else:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Metric
 
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
+from kvflow.frontend.canary import add_canary_args, canary_config_from_args
+from kvflow.frontend.stalls import add_stall_args, stall_config_from_args
 from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
@@ -40,7 +42,9 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", dest="http_tls_cert", default=None)
     g.add_argument("--tls-key", dest="http_tls_key", default=None)
     g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes)
-    g = parser.add_argument_group("overload and migration")
+    add_connection_args(g)
+    add_access_args(g)
+    g = parser.add_argument_group("overload, migration and worker health")
     g.add_argument(
         "--max-inflight-per-model", type=int, default=FrontendConfig.max_inflight_per_model,
         help="requests in flight per model before new ones queue (default: 0 = no limit)")
@@ -59,6 +63,8 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         "--migration-limit", type=int, default=DEFAULT_MIGRATION_LIMIT,
         help="times a request may move to another worker when its worker is lost; a "
         "worker's --migration-limit overrides it for its model (default: %(default)s)")
+    add_stall_args(g)
+    add_canary_args(g)
     g.add_argument(
         "--router-mode",
         choices=sorted(ROUTER_MODES),
@@ -68,14 +74,52 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     add_router_args(parser)
 
 
+def add_connection_args(g: argparse._ArgumentGroup) -> None:
+    """HTTP connection timeouts and limit (defaults from FrontendConfig)."""
+    g.add_argument("--http-keepalive-timeout", dest="http_keepalive_timeout_s", type=float,
+                   default=FrontendConfig.keepalive_timeout_s,
+                   help="close a connection idle this long (default: %(default)s)")
+    g.add_argument("--http-header-timeout", dest="http_header_timeout_s", type=float,
+                   default=FrontendConfig.header_timeout_s,
+                   help="408 + close when a request's headers take longer (default: %(default)s)")
+    g.add_argument("--http-body-timeout", dest="http_body_timeout_s", type=float,
+                   default=FrontendConfig.body_timeout_s,
+                   help="408 + close when a request's body takes longer (default: %(default)s)")
+    g.add_argument("--max-connections", type=int, default=FrontendConfig.max_connections,
+                   help="open HTTP connections beyond which new ones get 503 (default: "
+                   "%(default)s)")
+
+
+def add_access_args(g: argparse._ArgumentGroup) -> None:
+    """Who may call the routes besides /v1/* (see kvflow.frontend.routes)."""
+    g.add_argument("--admin-api-key", action="append", default=[],
+                   help="Bearer token for /debug/* (repeatable; default: the --api-key ones)")
+    g.add_argument("--debug-routes", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve /debug/* (they reveal which worker caches which prompt prefix)")
+    for name, what in (("metrics", "/metrics"), ("health", "/health and /live"),
+                       ("openapi", "/openapi.json")):
+        g.add_argument(f"--{name}-access", choices=("open", "keyed", "off"), default="open",
+                       help=f"{what}: open, needs an API key, or off on the HTTP port "
+                       "(default: %(default)s)")
+
+
 def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
     return FrontendConfig(
         host=ns.http_host,
         port=ns.http_port,
         api_keys=tuple(ns.api_key),
+        admin_api_keys=tuple(ns.admin_api_key),
+        debug_routes=ns.debug_routes,
+        metrics_access=ns.metrics_access,
+        health_access=ns.health_access,
+        openapi_access=ns.openapi_access,
         tls_cert=ns.http_tls_cert,
         tls_key=ns.http_tls_key,
         max_body_bytes=ns.max_body_bytes,
+        keepalive_timeout_s=ns.http_keepalive_timeout_s,
+        header_timeout_s=ns.http_header_timeout_s,
+        body_timeout_s=ns.http_body_timeout_s,
+        max_connections=ns.max_connections,
         max_inflight_per_model=ns.max_inflight_per_model,
         max_queued_per_model=ns.max_queued_per_model,
         queue_timeout_s=ns.queue_timeout_s,
@@ -100,7 +144,11 @@ async def serve_frontend(
     frontend = HttpFrontend(frontend_config(ns), models)
     # One /metrics page: the router's and request plane's metrics live on the runtime.
     frontend.metrics.registry.register(RegistryForwarder(runtime.metrics_registry))
-    migration = MigrationSettings(ns.migration_limit, frontend.metrics.count_migration)
+    m = frontend.metrics
+    migration = MigrationSettings(
+        ns.migration_limit, m.count_migration, m.count_stall_migration,
+        stalls=stall_config_from_args(ns), canary=canary_config_from_args(ns),
+        on_stall=m.count_stall, on_canary_failure=m.count_canary_failure)
     only = ".".join(parse_endpoint_path(ns.endpoint)) if ns.endpoint else None
     watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only)
     await watcher.start()

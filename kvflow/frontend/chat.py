@@ -9,6 +9,7 @@ from kvflow.frontend import preprocess as pre
 from kvflow.frontend.generation import ChunkPrefixes, Generation, ResponseIds, stream_sse
 from kvflow.frontend.handlers import (
     FrontendState,
+    cache_salt,
     claim_request_id,
     decode_body,
     in_own_task,
@@ -49,6 +50,7 @@ async def handle_chat(state: FrontendState, request: HttpRequest, responder: Res
     pre.validate_chat(body)
     model = resolve_model(state.models, body.model, "chat")
     limits.check_chat(state.config, model, body)
+    salt = cache_salt(request, body.cache_salt)
 
     async def serve() -> None:
         chars = pre.chat_prompt_chars(body)
@@ -58,7 +60,7 @@ async def handle_chat(state: FrontendState, request: HttpRequest, responder: Res
         )
         response_id = new_id("chatcmpl-")
         engine_id = request_id(request, response_id)
-        prepared = pre.prepare_chat(model, body, prompt, engine_id)
+        prepared = pre.prepare_chat(model, body, prompt, engine_id, salt)
         context = Context(engine_id)
         responder.on_disconnect(context.stop_generating)
         gen = Generation(model, prepared, context, record, response_id)

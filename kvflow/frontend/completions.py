@@ -9,6 +9,7 @@ from kvflow.frontend import preprocess as pre
 from kvflow.frontend.generation import ChunkPrefixes, Generation, ResponseIds, stream_sse
 from kvflow.frontend.handlers import (
     FrontendState,
+    cache_salt,
     claim_request_id,
     decode_body,
     in_own_task,
@@ -43,6 +44,7 @@ async def handle_completion(
     pre.validate_completion(body)
     model = resolve_model(state.models, body.model, "completions")
     limits.check_completion(state.config, model, body)
+    salt = cache_salt(request, body.cache_salt)
 
     async def serve() -> None:
         prompts = await pre.run_maybe_offloaded(
@@ -51,7 +53,7 @@ async def handle_completion(
         )
         response_id = new_id("cmpl-")
         engine_id = request_id(request, response_id)
-        prepared = pre.prepare_completion(model, body, prompts, engine_id)
+        prepared = pre.prepare_completion(model, body, prompts, engine_id, salt)
         context = Context(engine_id)
         responder.on_disconnect(context.stop_generating)
         gen = Generation(model, prepared, context, record, response_id)

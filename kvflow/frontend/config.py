@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvflow.frontend.admission import AdmissionLimits
+from kvflow.frontend.http_timeouts import HttpTimeouts
 
 
 @dataclass(frozen=True)
@@ -16,10 +17,22 @@ class FrontendConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     # Bearer tokens accepted on /v1/*; empty means no authentication.
     api_keys: tuple[str, ...] = ()
+    # Who may call the other routes (frontend.routes): /debug/* takes an admin key (else an
+    # API key) or is off; /metrics, /health + /live, /openapi.json: open, keyed or off.
+    admin_api_keys: tuple[str, ...] = ()
+    debug_routes: bool = True
+    metrics_access: str = "open"
+    health_access: str = "open"
+    openapi_access: str = "open"
     tls_cert: str | None = None
     tls_key: str | None = None
-    # Idle keep-alive connections are closed after this many seconds.
-    keepalive_timeout_s: float = 75.0
+    # Idle connections (new, or keep-alive between requests) are closed after this long; a
+    # request whose line + headers, or whose body, takes longer than its limit gets 408.
+    keepalive_timeout_s: float = 30.0
+    header_timeout_s: float = 20.0
+    body_timeout_s: float = 60.0
+    # Open connections beyond this get 503 at once (clamped below the open-file limit).
+    max_connections: int = 8192
     # Prompts longer than this (characters) are templated and tokenized in a thread.
     offload_prompt_chars: int = 16_384
     preprocess_threads: int = 2
@@ -43,10 +56,17 @@ class FrontendConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both tls_cert and tls_key; pass both or neither")
         for name in ("max_body_bytes", "max_header_bytes", "max_stop_strings", "max_stop_chars",
-                     "max_choices"):
+                     "max_choices", "max_connections"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("metrics_access", "health_access", "openapi_access"):
+            if getattr(self, name) not in ("open", "keyed", "off"):
+                raise ValueError(f"{name} must be open, keyed or off; got {getattr(self, name)!r}")
         self.admission_limits()  # checks the overload settings now
+        self.timeouts()
+
+    def timeouts(self) -> HttpTimeouts:
+        return HttpTimeouts(self.keepalive_timeout_s, self.header_timeout_s, self.body_timeout_s)
 
     def admission_limits(self) -> AdmissionLimits:
         return AdmissionLimits(self.max_inflight_per_model, self.max_queued_per_model,

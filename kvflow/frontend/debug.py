@@ -12,7 +12,7 @@ from collections.abc import Callable
 import msgspec
 
 from kvflow.frontend.errors import ApiError
-from kvflow.frontend.handlers import FrontendState, decode_body, resolve_model
+from kvflow.frontend.handlers import FrontendState, cache_salt, decode_body, resolve_model
 from kvflow.frontend.http_response import HttpRequest, Responder
 from kvflow.frontend.preprocess import tokenize_chat, tokenize_completion
 from kvflow.llm.openai import ChatCompletionRequest, CompletionRequest
@@ -24,6 +24,7 @@ Explainer = Callable[[PreprocessedRequest], bytes]
 class _Probe(msgspec.Struct):
     model: str
     messages: list | None = None
+    cache_salt: str | None = None
 
 
 _probe = msgspec.json.Decoder(_Probe)
@@ -42,5 +43,7 @@ async def explain_route(state: FrontendState, request: HttpRequest, responder: R
         ids = tokenize_chat(model, decode_body(_chat, request.body)).ids
     else:
         ids = tokenize_completion(model, decode_body(_completion, request.body))[0]
-    decision = model.explain(PreprocessedRequest("debug-route", ids, model=model.name))
+    salt = cache_salt(request, probe.cache_salt)
+    decision = model.explain(PreprocessedRequest("debug-route", ids, model=model.name,
+                                                 cache_salt=salt))
     responder.send(200, decision)

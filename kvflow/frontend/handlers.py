@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Executor
@@ -23,6 +22,7 @@ from kvflow.llm.openai import ModelList, ModelObject
 
 T = TypeVar("T")
 MAX_REQUEST_ID_CHARS = 256
+MAX_CACHE_SALT_CHARS = 256
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -74,6 +74,17 @@ def resolve_model(models: ModelManager, name: str, kind: str) -> ServedModel:
     if model.engine.live_workers() <= 0:
         raise no_workers(name)
     return model
+
+
+def cache_salt(request: HttpRequest, body_salt: str | None) -> str | None:
+    """The request's cache salt: the `x-cache-salt` header (an auth proxy sets it per tenant)
+    and the body's `cache_salt`, each tagged, so a body cannot choose a header's salt."""
+    header = request.headers.get("x-cache-salt")
+    if header is not None and not 0 < len(header) <= MAX_CACHE_SALT_CHARS:
+        raise ApiError(400, f"x-cache-salt must be 1 to {MAX_CACHE_SALT_CHARS} characters.",
+                       param="x-cache-salt")
+    parts = [f"{tag}:{salt}" for tag, salt in (("h", header), ("b", body_salt)) if salt]
+    return "\n".join(parts) or None
 
 
 def request_id(request: HttpRequest, response_id: str) -> str:
@@ -128,24 +139,6 @@ async def in_own_task(work: Coroutine[Any, Any, None]) -> None:
     caller cancels the task.
     """
     await asyncio.get_running_loop().create_task(work)
-
-
-def check_api_key(config: FrontendConfig, request: HttpRequest) -> None:
-    if not config.api_keys:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer":
-        supplied = token.strip().encode()
-        for key in config.api_keys:
-            if hmac.compare_digest(supplied, key.encode()):
-                return
-    raise ApiError(
-        401,
-        "Missing or invalid API key; send 'Authorization: Bearer <key>'.",
-        type="authentication_error",
-        code="invalid_api_key",
-    )
 
 
 # ---------------------------------------------------------------- small routes

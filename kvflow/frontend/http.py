@@ -1,10 +1,12 @@
-"""A small HTTP/1.1 server: asyncio Protocol + httptools, keep-alive, pipelining, body limits.
+"""A small HTTP/1.1 server: asyncio Protocol + httptools, keep-alive, pipelining, limits.
 
 Each connection parses requests as bytes arrive and serves them strictly in order, one
 at a time, so pipelined responses cannot interleave. A request whose body would exceed
 the limit gets 413 (headers over theirs, 431) and the connection is closed after the rest
 of its upload has been drained (so the client reads the error instead of a reset). A client that disconnects
 mid-response has its request's disconnect callbacks run and its handler task cancelled.
+A connection idle too long is closed; one whose headers or body take too long gets 408
+and is closed (http_timeouts). Beyond `max_connections` open ones, a new client gets 503.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import httptools
 
 from kvflow.frontend.errors import ApiError
 from kvflow.frontend.http_response import HttpRequest, Responder
+from kvflow.frontend.http_timeouts import BODY, HEADER, IDLE, HttpTimeouts, PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class HttpConnection(asyncio.Protocol):
         self._reading_paused = False
         self.write_paused = False
         self._drain_waiter: asyncio.Future | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._timer = PhaseTimer(server.timeouts, self._on_timeout)
         self._reject: ApiError | None = None
         self._discarding = False
         self._reset_message()
@@ -56,8 +59,15 @@ class HttpConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._server.connections.add(self)
-        self._arm_idle_timer()
+        server = self._server
+        if len(server.connections) >= server.max_connections:
+            server.on_close("limit")
+            self._fail(ApiError(
+                503, f"The server has {server.max_connections} connections open, its limit; "
+                "retry in a moment.", type="server_error", code="too_many_connections"))
+            return
+        server.connections.add(self)
+        self._timer.start(IDLE)
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -77,7 +87,7 @@ class HttpConnection(asyncio.Protocol):
         self.is_closed = True
         self.write_paused = False
         self._server.connections.discard(self)
-        self._cancel_idle_timer()
+        self._timer.stop()
         self._queue.clear()
         if self._responder is not None:
             self._responder.notify_disconnect()
@@ -116,7 +126,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0
 
     def on_message_begin(self) -> None:
-        self._cancel_idle_timer()
+        self._timer.start(HEADER)
         self._reset_message()
 
     def on_url(self, url: bytes) -> None:
@@ -143,6 +153,7 @@ class HttpConnection(asyncio.Protocol):
         return False
 
     def on_headers_complete(self) -> None:
+        self._timer.start(BODY)
         if self._reject is not None:
             return
         length = self._headers.get("content-length")
@@ -165,6 +176,7 @@ class HttpConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._timer.stop()
         if self._reject is not None:
             return
         path, _, query = self._url.decode("latin-1").partition("?")
@@ -240,6 +252,7 @@ class HttpConnection(asyncio.Protocol):
 
         Called only when no response is in progress, so the error cannot interleave.
         """
+        self._timer.stop()
         self._discarding = True
         self._queue.clear()
         responder = Responder(self, keep_alive=False, chunked=True)
@@ -264,20 +277,23 @@ class HttpConnection(asyncio.Protocol):
             self._responder.flush()
 
     def _arm_idle_timer(self) -> None:
-        if self.is_closed or self._task is not None:
+        if self.is_closed or self._task is not None or self._timer.phase:
+            return  # a next request has begun: its header/body timer runs
+        self._timer.start(IDLE)
+
+    def _on_timeout(self, phase: str) -> None:
+        if self.is_closed:
             return
-        loop = asyncio.get_running_loop()
-        self._idle_timer = loop.call_later(self._server.keepalive_timeout_s, self._on_idle)
-
-    def _cancel_idle_timer(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
-    def _on_idle(self) -> None:
-        self._idle_timer = None
-        if self._task is None and not self._queue:
+        if self._task is not None or self._queue:  # a response is in progress: wait for it
+            self._timer.start(phase)
+            return
+        self._server.on_close(phase)
+        if phase == IDLE:
             self._close_after_flush()
+            return
+        limit = self._server.timeouts.limit(phase)
+        self._fail(ApiError(408, f"The request's {phase} did not arrive within {limit:g}s; "
+                            "send the whole request promptly.", code="request_timeout"))
 
     def shutdown(self) -> None:
         """Close after flushing what is written; a request in flight sees a disconnect."""
@@ -315,15 +331,19 @@ class HttpServer:
         handler: Handler,
         *,
         max_body_bytes: int,
-        keepalive_timeout_s: float,
+        timeouts: HttpTimeouts,
         max_pipelined: int,
         max_header_bytes: int = 64 * 1024,
+        max_connections: int = 8192,
+        on_close: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
-        self.keepalive_timeout_s = keepalive_timeout_s
+        self.timeouts = timeouts
         self.max_pipelined = max_pipelined
+        self.max_connections = max_connections
+        self.on_close = on_close  # on_close(reason): closed by a timeout phase, or "limit"
         self.connections: set[HttpConnection] = set()
         self._server: asyncio.Server | None = None
 

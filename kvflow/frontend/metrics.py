@@ -66,6 +66,38 @@ class FrontendMetrics:
             ["model", "reason"], registry=r,
         )
 
+        self.stalls = Counter(
+            f"{ns}_stalls", "Streams given up because their worker stalled (silent: sent "
+            "nothing too long; gone: lease expired)", ["model", "reason"], registry=r,
+        )
+        self.stall_migrations = Counter(
+            f"{ns}_stall_migrations", "Migrations caused by a stalled worker", ["model"],
+            registry=r,
+        )
+        self.canary_failures = Counter(
+            f"{ns}_canary_failures", "Workers taken out of rotation for missing a canary ping",
+            ["model"], registry=r,
+        )
+        self.connections_closed = Counter(
+            f"{ns}_connections_closed", "HTTP connections closed by a timeout (header, body, "
+            "idle) or refused over the connection limit (limit)", ["reason"], registry=r,
+        )
+        self.connections_open = Gauge(
+            f"{ns}_open_connections", "HTTP connections open now", registry=r,
+        )
+
+    def count_stall(self, model: str, reason: str) -> None:
+        self.stalls.labels(model=model, reason=reason).inc()
+
+    def count_stall_migration(self, model: str) -> None:
+        self.stall_migrations.labels(model=model).inc()
+
+    def count_canary_failure(self, model: str) -> None:
+        self.canary_failures.labels(model=model).inc()
+
+    def count_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason=reason).inc()
+
     def count_migration(self, model: str) -> None:
         self.migrations.labels(model=model).inc()
 

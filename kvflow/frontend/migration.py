@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 class WorkerLost(EngineUnavailable):
     """The worker serving a request went away (`worker_id`, when known)."""
 
-    def __init__(self, message: str, worker_id: int | None) -> None:
+    def __init__(self, message: str, worker_id: int | None, *, stalled: bool = False) -> None:
         super().__init__(message)
         self.worker_id = worker_id
+        self.stalled = stalled  # it hung (frontend.stalls) rather than dropped
 
 
 class MigrationFailed(EngineUnavailable):
@@ -131,13 +132,15 @@ class MigratingClient:
     """An EngineClient that moves requests off lost workers, up to `limit` times each."""
 
     def __init__(
-        self, inner: ExcludingClient, limit: int, on_migration: Callable[[], None] | None = None
+        self, inner: ExcludingClient, limit: int, on_migration: Callable[[], None] | None = None,
+        on_stall_migration: Callable[[], None] | None = None,
     ) -> None:
         if limit < 0:
             raise ValueError(f"migration limit must be >= 0, got {limit}")
         self.inner = inner
         self.limit = limit
         self._on_migration = on_migration
+        self._on_stall_migration = on_stall_migration  # also counted by on_migration
 
     def live_workers(self) -> int:
         return self.inner.live_workers()
@@ -159,6 +162,7 @@ class MigratingClient:
                     return  # the client is gone, or has its finish: nothing to continue
                 if progress.budget_left() != 0:
                     self._check(progress, lost, migrations)
+                stalled = lost.stalled
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]  # at once, not at GC
             if progress.budget_left() == 0:  # the last token arrived, its finish did not
@@ -169,6 +173,8 @@ class MigratingClient:
                      request.request_id, len(progress.generated), migrations, self.limit)
             if self._on_migration is not None:
                 self._on_migration()
+            if stalled and self._on_stall_migration is not None:
+                self._on_stall_migration()
             attempt = progress.continuation()
 
     def _check(self, progress: Progress, lost: WorkerLost, migrations: int) -> None:

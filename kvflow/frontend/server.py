@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 
-from kvflow.frontend import handlers
 from kvflow.frontend.admission import AdmissionControl
-from kvflow.frontend.chat import handle_chat
-from kvflow.frontend.completions import handle_completion
 from kvflow.frontend.config import FrontendConfig
-from kvflow.frontend.debug import explain_route
 from kvflow.frontend.errors import ApiError
-from kvflow.frontend.handlers import FrontendState, Handler
+from kvflow.frontend.handlers import FrontendState
 from kvflow.frontend.http import HttpServer
 from kvflow.frontend.http_response import HttpRequest, Responder
+from kvflow.frontend.http_timeouts import raise_fd_limit
 from kvflow.frontend.metrics import FrontendMetrics
 from kvflow.frontend.models import ModelManager
 from kvflow.frontend.openapi import openapi_bytes
+from kvflow.frontend.routes import ROUTES, check_access
 
-ROUTES: dict[str, dict[str, Handler]] = {
-    "/v1/chat/completions": {"POST": handle_chat},
-    "/v1/completions": {"POST": handle_completion},
-    "/v1/models": {"GET": handlers.list_models},
-    "/health": {"GET": handlers.health},
-    "/live": {"GET": handlers.live},
-    "/metrics": {"GET": handlers.metrics},
-    "/openapi.json": {"GET": handlers.openapi},
-    "/debug/route": {"POST": explain_route},
-}
+log = logging.getLogger(__name__)
+
+
+def connection_limit(wanted: int, reserve: int = 256) -> int:
+    """`wanted`, or less if the open-file limit (raised to its hard limit first) is lower."""
+    files = raise_fd_limit()
+    log.info("frontend: open-file limit %d; at most %d HTTP connections", files,
+             min(wanted, max(files - reserve, 1)))
+    if files - reserve < wanted:
+        log.warning("frontend: the open-file limit (%d) allows only %d of the %d connections "
+                    "asked for; raise `ulimit -n`", files, max(files - reserve, 1), wanted)
+    return min(wanted, max(files - reserve, 1))
 
 
 class HttpFrontend:
@@ -47,10 +48,13 @@ class HttpFrontend:
         self._server = HttpServer(
             self._dispatch,
             max_body_bytes=config.max_body_bytes,
-            keepalive_timeout_s=config.keepalive_timeout_s,
+            timeouts=config.timeouts(),
             max_pipelined=config.max_pipelined_requests,
             max_header_bytes=config.max_header_bytes,
+            max_connections=connection_limit(config.max_connections),
+            on_close=self.metrics.count_closed,
         )
+        self.metrics.connections_open.set_function(lambda: len(self._server.connections))
         self.address: tuple[str, int] | None = None
 
     async def start(self) -> tuple[str, int]:
@@ -80,19 +84,18 @@ class HttpFrontend:
         return ctx
 
     async def _dispatch(self, request: HttpRequest, responder: Responder) -> None:
-        methods = ROUTES.get(request.path)
-        if methods is None:
+        route = ROUTES.get(request.path)
+        if route is None:
             raise ApiError(
                 404, f"No route {request.path}; see /openapi.json for the API.",
                 code="not_found",
             )
-        handler = methods.get(request.method)
+        check_access(route, self.config, request)
+        handler = route.methods.get(request.method)
         if handler is None:
-            allowed = ", ".join(sorted(methods))
+            allowed = ", ".join(sorted(route.methods))
             raise ApiError(
                 405, f"{request.method} is not allowed on {request.path}; use {allowed}.",
                 code="method_not_allowed",
             )
-        if request.path.startswith("/v1/"):
-            handlers.check_api_key(self.config, request)
         await handler(self._state, request, responder)

@@ -15,86 +15,28 @@ import dataclasses
 import functools
 import logging
 import tempfile
-import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from kvflow.frontend.admission import EngineOverloaded
-from kvflow.frontend.engine_client import EngineClient, EngineUnavailable
-from kvflow.frontend.migration import MigratingClient, WorkerLost
+from kvflow.frontend.canary import CanaryConfig
+from kvflow.frontend.engine_client import EngineClient
+from kvflow.frontend.migration import MigratingClient
 from kvflow.frontend.models import ModelManager
+from kvflow.frontend.routed import HealthSettings, RoutedEngineClient
+from kvflow.frontend.stalls import StallConfig
 from kvflow.llm.model_card import ModelCard, materialize_card
-from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
 from kvflow.llm.register import MODELS_PREFIX, ModelEntry, fetch_card_file
 from kvflow.router.config import KvRouterConfig
-from kvflow.router.errors import RouterError, RouterOverloadedError
 from kvflow.router.service import KvRoutedClient, RouterWiring
-from kvflow.runtime import Context, DistributedRuntime, NoInstancesError, WorkerUnavailableError
+from kvflow.runtime import DistributedRuntime
 from kvflow.runtime.discovery.base import PUT
 
 log = logging.getLogger(__name__)
 DEFAULT_MIGRATION_LIMIT = 3
-
-
-class RoutedEngineClient:
-    """EngineClient over the runtime: the KV router picks a worker, the request streams from it.
-
-    `routed` follows the workers, feeds the router and streams from the chosen worker.
-    `exclude` keeps a request away from workers it already lost; a lost worker raises
-    WorkerLost naming it, and new requests avoid it for `down_s` (until discovery drops
-    it, or it proves alive).
-    """
-
-    def __init__(self, routed: KvRoutedClient, down_s: float = 2.0) -> None:
-        self.routed = routed
-        self.down_s = down_s
-        self._down: dict[int, float] = {}  # worker id -> monotonic time it may be tried again
-
-    async def generate(
-        self, request: PreprocessedRequest, context: Context, exclude: Collection[int] = ()
-    ) -> AsyncIterator[EngineOutput]:
-        worker = await self._schedule(request, exclude)
-        try:
-            async for out in self.routed.stream(request, worker, context):
-                yield out
-        except (WorkerUnavailableError, NoInstancesError) as exc:
-            self._down[worker] = time.monotonic() + self.down_s
-            raise WorkerLost(f"worker {worker:x} was lost ({exc})", worker) from exc
-
-    def _candidates(self, exclude: Collection[int]) -> tuple[list[int], list[int]]:
-        """(live workers, those this request may use): not excluded, and not recently lost
-        unless only recently lost ones remain."""
-        ids = self.routed.instance_ids()
-        usable = [w for w in ids if w not in exclude] if exclude else ids
-        if self._down:
-            now = time.monotonic()
-            self._down = {w: t for w, t in self._down.items() if t > now}
-            usable = [w for w in usable if w not in self._down] or usable
-        return ids, usable
-
-    async def _schedule(self, request: PreprocessedRequest, exclude: Collection[int]) -> int:
-        ids, candidates = self._candidates(exclude)
-        if not candidates:
-            raise EngineUnavailable(
-                "no live worker" if not ids else f"every live worker ({len(ids)}) was lost by "
-                "this request already")
-        try:
-            decision = await self.routed.schedule(request, candidates)
-        except RouterOverloadedError as exc:
-            raise EngineOverloaded(str(exc), exc.retry_after_s) from exc
-        except (RouterError, NoInstancesError) as exc:
-            raise EngineUnavailable(str(exc)) from exc
-        return decision.worker_id
-
-    def live_workers(self) -> int:
-        return self.routed.live_workers()
-
-    async def close(self) -> None:
-        await self.routed.close()
 
 
 @dataclass(frozen=True)
@@ -103,6 +45,20 @@ class MigrationSettings:
 
     limit: int = DEFAULT_MIGRATION_LIMIT
     on_migration: Callable[[str], None] | None = None
+    on_stall_migration: Callable[[str], None] | None = None
+    # Stall detection, canary and worker avoidance (the hooks get the model name first).
+    stalls: StallConfig = field(default_factory=StallConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
+    on_stall: Callable[[str, str], None] | None = None
+    on_canary_failure: Callable[[str], None] | None = None
+
+    def health_for(self, model: str) -> HealthSettings:
+        stall, canary = self.on_stall, self.on_canary_failure
+        return HealthSettings(
+            self.stalls, self.canary,
+            on_stall=(lambda w: stall(model, w.stalled.kind if w.stalled else "silent"))
+            if stall else None,
+            on_canary_failure=(lambda _w: canary(model)) if canary else None)
 
     def limit_for(self, card: ModelCard) -> int:
         return card.migration_limit if card.migration_limit > 0 else self.limit
@@ -189,7 +145,7 @@ class ModelWatcher:
         ns, component, endpoint = entry.endpoint.split(".")
         wiring = RouterWiring(namespace=ns, component=component, generate_endpoint=endpoint)
         routed = await KvRoutedClient.start(self.runtime, self._router_config(card), wiring)
-        engine = RoutedEngineClient(routed)
+        engine = RoutedEngineClient(routed, self.migration.health_for(card.name))
         client = self._migrating(card, engine)
         await asyncio.to_thread(functools.partial(
             self.models.add_model, card, client, explain=lambda r: routed.explain(r).as_json()))
@@ -197,10 +153,11 @@ class ModelWatcher:
 
     def _migrating(self, card: ModelCard, engine: RoutedEngineClient) -> EngineClient:
         limit = self.migration.limit_for(card)
-        count = self.migration.on_migration
+        count, stalls = self.migration.on_migration, self.migration.on_stall_migration
         name = card.name
         on_migration = (lambda: count(name)) if count is not None else None
-        return MigratingClient(engine, limit, on_migration)
+        on_stall = (lambda: stalls(name)) if stalls is not None else None
+        return MigratingClient(engine, limit, on_migration, on_stall)
 
     def _router_config(self, card: ModelCard) -> KvRouterConfig:
         return dataclasses.replace(self.router_config, block_size=card.kv_block_size)

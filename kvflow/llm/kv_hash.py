@@ -3,7 +3,8 @@
 A block is `block_size` consecutive tokens; only full blocks are hashed. The local
 hash is xxh3-64 (seed 1337) over the tokens as little-endian u32. The sequence
 hash of block i chains the sequence hash of block i-1 with the local hash of block
-i, so one value names a whole prefix. LoRA names and multimodal content hashes are
+i, so one value names a whole prefix. LoRA names, multimodal content hashes and a
+cache salt (tenant isolation: requests with different salts never share a block) are
 mixed into the first block's chain seed when present.
 """
 
@@ -39,15 +40,20 @@ def chain_hash(parent: int | None, local: int) -> int:
     return xxhash.xxh3_64_intdigest(_PAIR.pack(parent, local), seed=HASH_SEED)
 
 
-def extra_seed(lora_name: str | None = None, mm_hashes: Sequence[int] = ()) -> int | None:
-    """A parent hash for block 0 that separates LoRA adapters and multimodal inputs."""
-    if not lora_name and not mm_hashes:
+def extra_seed(
+    lora_name: str | None = None, mm_hashes: Sequence[int] = (), salt: str | None = None
+) -> int | None:
+    """A parent hash for block 0 that separates LoRA adapters, multimodal inputs and salts."""
+    if not lora_name and not mm_hashes and not salt:
         return None
     h = xxhash.xxh3_64(seed=HASH_SEED)
     if lora_name:
         h.update(b"lora:" + lora_name.encode())
     for mm in mm_hashes:
         h.update(b"mm:" + mm.to_bytes(8, "little"))
+    if salt:
+        data = salt.encode()
+        h.update(b"salt:" + len(data).to_bytes(4, "little") + data)
     return h.intdigest()
 
 
@@ -68,9 +74,10 @@ def sequence_hashes(
     *,
     lora_name: str | None = None,
     mm_hashes: Sequence[int] = (),
+    salt: str | None = None,
 ) -> list[int]:
     """Sequence hashes of every full block of `tokens` (one value per prefix)."""
-    parent = extra_seed(lora_name, mm_hashes)
+    parent = extra_seed(lora_name, mm_hashes, salt)
     out: list[int] = []
     for local in local_block_hashes(tokens, block_size):
         parent = chain_hash(parent, local)

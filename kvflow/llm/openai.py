@@ -116,6 +116,9 @@ class _GenerationFields(msgspec.Struct, kw_only=True):
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    # Tenant isolation of the prefix cache: requests with different salts share no cached
+    # KV blocks (the x-cache-salt header, set by an auth proxy, is mixed in as well).
+    cache_salt: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None

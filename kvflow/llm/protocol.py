@@ -68,6 +68,9 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
     # An engine whose outputs depend on the output position (the mocker) continues at that
     # position; any other engine may treat them as prompt.
     prior_output_tokens: int = 0
+    # Tenant isolation of the prefix cache: mixed into every block hash, so requests with
+    # different salts never share cached blocks (kv_hash.extra_seed). None = no salt.
+    cache_salt: str | None = None
 
 
 class TopLogprob(msgspec.Struct, array_like=True):

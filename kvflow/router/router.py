@@ -109,6 +109,7 @@ class KvRouter:
         *,
         pinned_worker: int | None = None,
         block_hashes: Sequence[int] | None = None,
+        cache_salt: str | None = None,
     ) -> RoutingDecision:
         """Pick a worker for the request and book its load there.
 
@@ -117,7 +118,8 @@ class KvRouter:
         queue is full or the wait times out, `NoWorkersError` / `UnknownWorkerError` when
         there is nothing (or not the named worker) to route to.
         """
-        request = self._prepare(token_ids, lora_name, worker_ids, pinned_worker, block_hashes)
+        request = self._prepare(token_ids, lora_name, worker_ids, pinned_worker, block_hashes,
+                                cache_salt)
         try:
             await self._admission.admit(lambda: self._has_room(request.candidates))
         except RouterOverloadedError:
@@ -139,9 +141,10 @@ class KvRouter:
         worker_ids: Sequence[int] | None = None,
         *,
         pinned_worker: int | None = None,
+        cache_salt: str | None = None,
     ) -> RoutingDecision:
         """The decision `schedule` would make now, without changing any state."""
-        request = self._prepare(token_ids, lora_name, worker_ids, pinned_worker, None)
+        request = self._prepare(token_ids, lora_name, worker_ids, pinned_worker, None, cache_salt)
         rng = random.Random()
         rng.setstate(self._rng.getstate())
         return self._decide(request, rng)
@@ -153,6 +156,7 @@ class KvRouter:
         worker_ids: Sequence[int] | None,
         pinned: int | None,
         block_hashes: Sequence[int] | None,
+        cache_salt: str | None = None,
     ) -> _Request:
         candidates = list(dict.fromkeys(self._workers if worker_ids is None else worker_ids))
         if not candidates:
@@ -164,7 +168,8 @@ class KvRouter:
                                          f"available; available workers: {sorted(candidates)}")
             candidates = [pinned]
         if block_hashes is None:
-            block_hashes = sequence_hashes(token_ids, self.config.block_size, lora_name=lora_name)
+            block_hashes = sequence_hashes(token_ids, self.config.block_size, lora_name=lora_name,
+                                           salt=cache_salt)
         return _Request(len(token_ids), list(block_hashes), candidates, pinned)
 
     def _has_room(self, candidates: Iterable[int]) -> bool:

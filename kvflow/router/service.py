@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ from kvflow.router.config import KvRouterConfig
 from kvflow.router.cost import RoutingDecision
 from kvflow.router.router import KvRouter
 from kvflow.router.sync import ROUTER_SYNC_SUBJECT, RoutingSyncMessage, decode_sync, encode_sync
+from kvflow.runtime.component import PingResult
 from kvflow.runtime.context import Context
 from kvflow.runtime.discovery.base import PUT
 from kvflow.runtime.errors import KvflowError
@@ -150,13 +151,19 @@ class KvRoutedClient:
             yield out
 
     async def stream(
-        self, request: PreprocessedRequest, worker_id: int, context: Context
+        self, request: PreprocessedRequest, worker_id: int, context: Context,
+        watch: Callable[[Any], None] | None = None,
     ) -> AsyncIterator[EngineOutput]:
-        """Stream from a scheduled worker; the router books the load until the stream ends."""
+        """Stream from a scheduled worker; the router books the load until the stream ends.
+
+        `watch` is handed the request-plane stream first (stall detection watches it)."""
         request_id = request.request_id
         waiting_first = True
+        responses = self._generate.direct(request, worker_id, context)
+        if watch is not None:
+            watch(responses)
         try:
-            async for out in self._generate.direct(request, worker_id, context):
+            async for out in responses:
                 if waiting_first and (out.token_ids or out.finish_reason):
                     self.router.on_first_token(request_id)
                     waiting_first = False
@@ -166,6 +173,10 @@ class KvRoutedClient:
 
     def instance_ids(self) -> list[int]:
         return self._generate.instance_ids()
+
+    async def ping(self, worker_id: int, timeout: float) -> PingResult:
+        """Whether the worker answers a request-plane ping within `timeout` (the canary)."""
+        return await self._generate.ping(worker_id, timeout)
 
     async def schedule(
         self, request: PreprocessedRequest, worker_ids: list[int] | None = None
@@ -178,6 +189,7 @@ class KvRoutedClient:
             worker_ids=self._generate.instance_ids() if worker_ids is None else worker_ids,
             pinned_worker=hints.worker_id if hints else None,
             block_hashes=hints.block_hashes if hints else None,
+            cache_salt=request.cache_salt,
         )
 
     def explain(self, request: PreprocessedRequest) -> RoutingDecision:
@@ -186,7 +198,8 @@ class KvRoutedClient:
         return self.router.explain(request.token_ids,
                                    lora_name=hints.lora_name if hints else None,
                                    worker_ids=self._generate.instance_ids(),
-                                   pinned_worker=hints.worker_id if hints else None)
+                                   pinned_worker=hints.worker_id if hints else None,
+                                   cache_salt=request.cache_salt)
 
     def live_workers(self) -> int:
         return len(self._generate.instances)

@@ -8,7 +8,7 @@ import itertools
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
@@ -53,6 +53,13 @@ def parse_endpoint_path(path: str) -> tuple[str, str, str]:
     if len(parts) != 3 or not all(parts):
         raise ValueError(f"endpoint path must look like 'namespace.component.endpoint', got {path!r}")
     return parts[0], parts[1], parts[2]
+
+
+class PingResult(NamedTuple):
+    """A ping's outcome: whether the instance answered, and if not, what happened."""
+
+    answered: bool
+    detail: str = ""
 
 
 class Namespace:
@@ -232,6 +239,31 @@ class Client:
         if not ids:
             raise NoInstancesError(f"no reachable instance of {self.endpoint.path} (tried {len(tried)})")
         return pick(ids)
+
+    async def ping(self, instance_id: int, timeout: float) -> PingResult:
+        """Whether the instance answers a HELLO on the request plane within `timeout` s.
+
+        A canary: it touches neither the handler nor the engine. NATS instances are not
+        pinged (answered). Connecting counts against the same timeout.
+        """
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            return PingResult(False, "it is not in discovery")
+        if inst.transport == "nats":
+            return PingResult(True)
+
+        async def answer() -> None:
+            pool = self.runtime.connection_pool
+            conn = pool.get_nowait(inst.host, inst.port) or await pool.get(inst.host, inst.port)
+            await conn.ping()
+
+        try:
+            await asyncio.wait_for(answer(), timeout)
+        except asyncio.TimeoutError:
+            return PingResult(False, f"no answer within {timeout:g}s")
+        except (WorkerUnavailableError, OSError) as exc:
+            return PingResult(False, str(exc))
+        return PingResult(True)
 
     def _mark_down(self, iid: int, seconds: float = 2.0) -> None:
         self._down[iid] = asyncio.get_running_loop().time() + seconds

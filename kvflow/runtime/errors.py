@@ -20,6 +20,10 @@ class WorkerUnavailableError(KvflowError):
         self.instance_id = instance_id
 
 
+class WorkerStalledError(WorkerUnavailableError):
+    """The worker sent nothing for too long (or left discovery mid-stream); the caller gave up."""
+
+
 class WorkerShuttingDownError(WorkerUnavailableError):
     """The worker refused a new stream because it is draining; retry elsewhere."""
 

@@ -77,8 +77,11 @@ async def test_a_plain_frontend_cannot_use_a_tls_worker(make_stack, cert) -> Non
     stack.start("worker", "--engine", "mocker", "--model-path", str(stack.model_dir),
                 "--model-name", "m", "--speedup-ratio", "0", name="worker",
                 request_plane_tls_cert=cert_file, request_plane_tls_key=key_file)
-    await stack.wait_workers(1)
     async with stack.client() as client:
+        for _ in range(600):  # the model is listed once the worker registers (the canary
+            if (await client.models.list()).data:  # then finds it does not answer: not live)
+                break
+            await asyncio.sleep(0.05)
         with pytest.raises(openai.APIStatusError) as info:
             await client.completions.create(model="m", prompt="plain", max_tokens=3)
     assert info.value.status_code == 503

@@ -12,7 +12,7 @@ import pytest
 import kvflow
 from kvflow.cli.frontend import build_parser, frontend_config
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
-from kvflow.frontend import handlers as frontend_handlers
+from kvflow.frontend import routes as frontend_routes
 from kvflow.frontend.testing import EchoEngineClient, raw_request, start_served
 
 MODEL = "test-model"
@@ -59,7 +59,7 @@ async def test_keys_are_compared_in_constant_time(keyed, monkeypatch) -> None:
         compared.append((a, b))
         return original(a, b)
 
-    monkeypatch.setattr(frontend_handlers.hmac, "compare_digest", recording)
+    monkeypatch.setattr(frontend_routes.hmac, "compare_digest", recording)
     assert (await _post(keyed, "Bearer nope")).status == 401
     assert compared == [(b"nope", b"k-one"), (b"nope", b"k-two")]  # every key, no == on str
 

@@ -51,3 +51,14 @@ def test_lora_and_multimodal_seed_change_hashes() -> None:
     assert lora != sequence_hashes(tokens, 4, lora_name="adapter-b")
     assert sequence_hashes(tokens, 4, mm_hashes=[123]) not in (plain, lora)
     assert lora == sequence_hashes(tokens, 4, lora_name="adapter-a")
+
+
+def test_cache_salt_separates_every_block_and_leaves_unsalted_hashes_alone() -> None:
+    tokens = list(range(1, 13))
+    plain = sequence_hashes(tokens, 4)
+    assert sequence_hashes(tokens, 4, salt=None) == sequence_hashes(tokens, 4, salt="") == plain
+    a, b = sequence_hashes(tokens, 4, salt="tenant-a"), sequence_hashes(tokens, 4, salt="tenant-b")
+    assert not {*a} & {*b} and not {*a} & {*plain}
+    assert sequence_hashes(tokens, 4, salt="tenant-a") == a  # stable
+    assert sequence_hashes(tokens, 4, lora_name="x", salt="tenant-a") != a
+    assert extra_seed(salt="ab") != extra_seed(lora_name="ab")

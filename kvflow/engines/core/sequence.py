@@ -58,6 +58,7 @@ class Sequence:
     stop: StopRule = field(default_factory=StopRule)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     lora_name: str | None = None
+    cache_salt: str | None = None
     seed: int = 0  # per-request sampling seed, chosen by the engine
     prompt_len: int = -1
     status: SeqStatus = SeqStatus.WAITING
@@ -73,7 +74,7 @@ class Sequence:
     def __post_init__(self) -> None:
         if self.prompt_len < 0:
             self.prompt_len = len(self.token_ids)
-        self._hash_seed = extra_seed(self.lora_name)
+        self._hash_seed = extra_seed(self.lora_name, salt=self.cache_salt)
 
     @classmethod
     def from_request(cls, request: PreprocessedRequest, *, seed: int = 0) -> Sequence:
@@ -92,6 +93,7 @@ class Sequence:
             rule,
             request.sampling,
             lora_name=lora,
+            cache_salt=request.cache_salt,
             seed=seed,
         )
 

@@ -168,7 +168,7 @@ class ResponseStream:
             return
         self._finish()
         if isinstance(exc, WorkerUnavailableError) and not isinstance(exc, WorkerShuttingDownError):
-            raise WorkerUnavailableError(
+            raise type(exc)(
                 f"{exc} after {self.received} responses",
                 responses_received=self.received,
                 instance_id=self.instance_id,
@@ -199,6 +199,19 @@ class ResponseStream:
 
     async def aclose(self) -> None:
         self._cancel_remote()
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the consumer is waiting for the worker's next response right now."""
+        return self._st.waiter is not None
+
+    def abandon(self, exc: Exception) -> None:
+        """Give up on the stream from outside (its worker stalled): CANCEL it on the worker,
+        so it frees the request when it wakes, and end the consumer's wait with `exc`."""
+        if self._closed:
+            return
+        self._cancel_remote()
+        self._st.on_error(exc)
 
     def __del__(self) -> None:
         # A consumer that broke out of `async for` drops its last reference here.

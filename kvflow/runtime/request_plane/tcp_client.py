@@ -12,6 +12,7 @@ import contextlib
 import logging
 import socket
 import ssl
+from collections import deque
 
 import msgspec
 
@@ -59,6 +60,10 @@ class ClientConnection(asyncio.Protocol):
         self.reading_paused = False
         self.close_error: Exception | None = None
         self._buffer = codec.FrameBuffer()  # an incomplete frame, between reads
+        # Pings: every HELLO we send is answered by one HELLO (servers of every version do).
+        self._hellos_sent = 0
+        self._hellos_got = 0
+        self._pings: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -66,8 +71,31 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._send_hello()
+
+    def _send_hello(self) -> None:
         hello = codec.encode(codec.HelloMsg(codec.PROTOCOL_VERSION, "client"))
-        transport.write(codec.frame(FrameKind.HELLO, 0, hello))
+        self.transport.write(codec.frame(FrameKind.HELLO, 0, hello))  # type: ignore[union-attr]
+        self._hellos_sent += 1
+
+    def ping(self) -> asyncio.Future[None]:
+        """A future done when the worker answers a HELLO sent now (its event loop runs)."""
+        fut = asyncio.get_running_loop().create_future()
+        if self.closed or self.transport is None:
+            fut.set_exception(self.close_error or WorkerUnavailableError("connection is closed"))
+            return fut
+        while self._pings and self._pings[0][1].done():  # pings whose caller gave up
+            self._pings.popleft()
+        self._send_hello()
+        self._pings.append((self._hellos_sent, fut))
+        return fut
+
+    def _on_hello(self) -> None:
+        self._hellos_got += 1
+        while self._pings and self._pings[0][0] <= self._hellos_got:
+            fut = self._pings.popleft()[1]
+            if not fut.done():
+                fut.set_result(None)
 
     def open_stream(self, sink: StreamSink, header: codec.RequestHeader) -> int:
         stream_id = self.next_id
@@ -135,7 +163,9 @@ class ClientConnection(asyncio.Protocol):
                 sink.on_end()
         elif kind == _ERROR:
             self._on_error_frame(stream_id, payload)
-        elif kind != _HELLO:
+        elif kind == _HELLO:
+            self._on_hello()
+        else:
             self._fail(FrameError(f"worker {self.key} sent unexpected frame kind {kind}"))
         return not self.closed
 
@@ -184,6 +214,10 @@ class ClientConnection(asyncio.Protocol):
         sinks, self.sinks = self.sinks, {}
         for sink in sinks.values():
             sink.on_error(self.close_error)
+        while self._pings:
+            fut = self._pings.popleft()[1]
+            if not fut.done():
+                fut.set_exception(self.close_error)
 
 
 class ConnectionPool:

@@ -1,0 +1,92 @@
+"""The route table: every HTTP route with its handlers and a declared access policy.
+
+A `Route` cannot be built without an `access` class, so a new route has to say who may
+call it. The classes, and what the config makes of them:
+
+    inference   /v1/*: the API key (`--api-key`), when keys are set
+    debug       /debug/*: the admin key (`--admin-api-key`), else the API key; off
+                (404) with `--no-debug-routes` — it reveals which worker caches
+                which prompt prefix, a probe of other users' prompts
+    metrics     /metrics: `--metrics-access open|keyed|off` (default open)
+    health      /health, /live: `--health-access open|keyed|off` (default open: probes)
+    openapi     /openapi.json: `--openapi-access open|keyed|off` (default open)
+
+"keyed" takes an API key or an admin key; "off" serves the route nowhere on the HTTP
+port (the status port, `--system-port`, still has /health, /live and /metrics).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from kvflow.frontend import handlers
+from kvflow.frontend.chat import handle_chat
+from kvflow.frontend.completions import handle_completion
+from kvflow.frontend.config import FrontendConfig
+from kvflow.frontend.debug import explain_route
+from kvflow.frontend.errors import ApiError
+from kvflow.frontend.handlers import Handler
+from kvflow.frontend.http_response import HttpRequest
+
+ACCESS_CLASSES = ("inference", "debug", "metrics", "health", "openapi")
+OPEN, KEYED, ADMIN, OFF = "open", "keyed", "admin", "off"
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    methods: dict[str, Handler]
+    access: str  # one of ACCESS_CLASSES; required
+
+    def __post_init__(self) -> None:
+        if self.access not in ACCESS_CLASSES:
+            raise ValueError(f"route {self.path}: access must be one of {ACCESS_CLASSES}, "
+                             f"got {self.access!r}")
+
+
+ROUTES: dict[str, Route] = {r.path: r for r in (
+    Route("/v1/chat/completions", {"POST": handle_chat}, "inference"),
+    Route("/v1/completions", {"POST": handle_completion}, "inference"),
+    Route("/v1/models", {"GET": handlers.list_models}, "inference"),
+    Route("/health", {"GET": handlers.health}, "health"),
+    Route("/live", {"GET": handlers.live}, "health"),
+    Route("/metrics", {"GET": handlers.metrics}, "metrics"),
+    Route("/openapi.json", {"GET": handlers.openapi}, "openapi"),
+    Route("/debug/route", {"POST": explain_route}, "debug"),
+)}
+
+
+def policy(route: Route, config: FrontendConfig) -> str:
+    """What `config` makes of the route's access class: open, keyed, admin or off."""
+    access = route.access
+    if access == "inference":
+        return KEYED
+    if access == "debug":
+        return ADMIN if config.debug_routes else OFF
+    return getattr(config, f"{access}_access")
+
+
+def check_access(route: Route, config: FrontendConfig, request: HttpRequest) -> None:
+    """Raise 404 (off) or 401 (no valid key) unless the request may use `route`."""
+    rule = policy(route, config)
+    if rule == OPEN:
+        return
+    if rule == OFF:
+        raise ApiError(404, f"No route {request.path}; it is switched off on this server.",
+                       code="not_found")
+    keys = config.admin_api_keys if rule == ADMIN and config.admin_api_keys else (
+        config.api_keys + config.admin_api_keys)
+    if keys and not _has_key(request, keys):
+        raise ApiError(
+            401, "Missing or invalid API key; send 'Authorization: Bearer <key>'"
+            + (" with an admin key." if rule == ADMIN and config.admin_api_keys else "."),
+            type="authentication_error", code="invalid_api_key")
+
+
+def _has_key(request: HttpRequest, keys: tuple[str, ...]) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    supplied = token.strip().encode()
+    return any(hmac.compare_digest(supplied, key.encode()) for key in keys)
