@@ -71,6 +71,17 @@ class Rig:
                 return 0, str(exc).encode()
         return self.c.call("client", fetch, timeout=10)
 
+    def route_overlap(self, prompt: str) -> int:
+        """KV blocks of `prompt` the frontend's router knows are cached on its pick (/debug/route)."""
+        body = json.dumps({"model": MODEL, "prompt": prompt}).encode()
+
+        def post() -> int:
+            req = urllib.request.Request(self.url + "/debug/route", body,
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return int(json.loads(resp.read())["overlap_blocks"])
+        return self.c.call("client", post, timeout=10)
+
     def live_workers(self) -> int:
         status, body = self.get("/health")
         if status not in (200, 503):
