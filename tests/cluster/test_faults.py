@@ -70,3 +70,22 @@ async def test_worker_cut_from_etcd_is_dropped_then_rejoins(rig) -> None:
     # And the rejoined worker serves again: a burst spreads over both workers.
     results = await _all_streams(rig, PROMPTS)
     assert [r[1:3] for r in results] == [("length", MAX_TOKENS)] * len(PROMPTS)
+
+
+async def test_worker_cut_from_the_frontend_only_fails_over_and_nothing_hangs(rig) -> None:
+    rig.frontend()
+    rig.worker("w1")
+    rig.worker("w2")
+    await rig.wait_workers(2)
+    await _all_streams(rig, PROMPTS)  # both workers have live connections from the frontend now
+    rig.c.partition("w1", "front")  # w1 still holds its etcd lease: discovery keeps listing it
+    started = time.monotonic()
+    results = await _all_streams(rig, PROMPTS + PROMPTS)
+    assert [r[1:3] for r in results] == [("length", MAX_TOKENS)] * 8
+    elapsed = time.monotonic() - started
+    assert elapsed < 60, f"failing over from the cut worker took {elapsed:.1f}s"
+    # Once avoided, new requests do not wait on the cut worker again.
+    started = time.monotonic()
+    again = await _all_streams(rig, PROMPTS)
+    assert [r[1:3] for r in again] == [("length", MAX_TOKENS)] * 4
+    assert time.monotonic() - started < 20
