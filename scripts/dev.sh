@@ -56,6 +56,16 @@ compat_venvs() {
   done
 }
 
+cluster_tools() {
+  # The cluster tests cut links with nftables (they fall back to blackhole routes
+  # without it) and need root for network namespaces; elsewhere they skip.
+  if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq nftables >/dev/null 2>&1 \
+      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nftables >/dev/null 2>&1)) \
+      || log "nftables not installed: cluster partitions use blackhole routes"
+  fi
+}
+
 case "${1:-}" in
   serve)
     shift
@@ -72,6 +82,7 @@ case "${1:-}" in
     shift
     install "dev"
     compat_venvs
+    cluster_tools
     set +e
     "$VPY" -m pytest "$@"
     rc=$?
