@@ -28,7 +28,7 @@ from kvflow.replay.report import attainment, windows
 from kvflow.replay.sim import SimEngine, Simulation
 from kvflow.replay.trace import TraceRequest, synthetic_day
 
-oracle_timeline: list[tuple[float, int]] = []  # the oracle's sizes, to start the fixed sweep near them
+oracle_timeline: list[tuple[float, int]] = []  # the oracle's sizes: the fixed sweep starts at its peak
 # A worker slower than the default H100 model (a smaller GPU): fewer steps to simulate,
 # and a fleet of several workers at a modest request rate.
 TIMING = TimingParams(hbm_bandwidth=1.0e12, matmul_flops=2.0e14, attn_flops=1.3e14)
@@ -97,18 +97,18 @@ def main() -> None:
     p.add_argument("--mean-rate", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-s", type=float, default=10.0)
-    p.add_argument("--interval-s", type=float, default=10.0)
+    p.add_argument("--interval-s", type=float, default=5.0)
     p.add_argument("--window-s", type=float, default=30.0)
     p.add_argument("--ttft", type=float, default=1.0, help="TTFT p90 target, s")
     p.add_argument("--itl", type=float, default=0.04, help="ITL p90 target, s")
     p.add_argument("--margin", type=float, default=0.8, help="the planner aims at margin x the SLA")
     p.add_argument("--headroom", type=float, default=0.15)
-    p.add_argument("--scale-down-intervals", type=int, default=3)
+    p.add_argument("--scale-down-intervals", type=int, default=6)
     p.add_argument("--cooldown-s", type=float, default=30.0)
     p.add_argument("--predictor", default="kalman")
     p.add_argument("--max-workers", type=int, default=12)
     p.add_argument("--fixed", type=int, nargs="*",
-                   help="fixed fleet sizes to run (default: from the oracle's peak - 2 up to the first "
+                   help="fixed fleet sizes to run (default: from the oracle's peak, down to the smallest "
                         "meeting 99%% of windows)")
     args = p.parse_args()
     trace = synthetic_day(seed=args.seed, day_s=args.day_s, mean_rate=args.mean_rate)
@@ -119,13 +119,20 @@ def main() -> None:
     oracle = run("oracle", trace, args, 1, oracle_controller(args, perf, trace))
     peak = max(n for _, n in oracle_timeline) if oracle_timeline else 1
     fixed: list[tuple[int, Row]] = []
-    for n in args.fixed or range(max(1, peak - 2), args.max_workers + 1):
-        row = run(f"fixed {n}", trace, args, n)
-        fixed.append((n, row))
-        if not args.fixed and row.attainment >= 0.99:
-            break
+    if args.fixed:
+        fixed = [(n, run(f"fixed {n}", trace, args, n)) for n in args.fixed]
+    else:  # from the oracle's peak: down while 99% holds, or up until it does
+        n = peak
+        fixed.append((n, run(f"fixed {n}", trace, args, n)))
+        step = -1 if fixed[-1][1].attainment >= 0.99 else 1
+        while 1 <= n + step <= args.max_workers:
+            n += step
+            fixed.append((n, run(f"fixed {n}", trace, args, n)))
+            if (fixed[-1][1].attainment >= 0.99) != (step == -1):
+                break
     planned = run(f"planner ({args.predictor})", trace, args, 1, planner_controller(args, perf, 1))
-    best = next((row for n, row in fixed if row.attainment >= 0.99), None)
+    best = min((row for n, row in fixed if row.attainment >= 0.99), key=lambda r: r.worker_seconds,
+               default=None)
     print(f"\nplanner: SLA met in {planned.attainment:.1%} of windows (target >= 99%); worker-seconds "
           f"{planned.worker_seconds / oracle.worker_seconds:.2f}x the oracle's (target <= 1.10x)")
     if best is not None:

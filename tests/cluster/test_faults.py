@@ -73,7 +73,8 @@ async def test_worker_cut_from_etcd_is_dropped_then_rejoins(rig) -> None:
 
 
 async def test_worker_cut_from_the_frontend_only_fails_over_and_nothing_hangs(rig) -> None:
-    rig.frontend()
+    # Streams already sent to the cut worker hear nothing more: stall detection moves them.
+    rig.frontend("--stall-timeout", "3", "--stall-first-output-timeout", "5")
     rig.worker("w1")
     rig.worker("w2")
     await rig.wait_workers(2)
