@@ -14,7 +14,7 @@ from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
 from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
-from kvflow.runtime import DistributedRuntime
+from kvflow.runtime import DistributedRuntime, tracing
 from kvflow.runtime.component import parse_endpoint_path
 from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
 from kvflow.runtime.logs import setup_logging
@@ -103,6 +103,7 @@ async def serve_frontend(
     migration = MigrationSettings(ns.migration_limit, frontend.metrics.count_migration)
     only = ".".join(parse_endpoint_path(ns.endpoint)) if ns.endpoint else None
     watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only)
+    tracing.setup_tracing(runtime.config, "kvflow-frontend")
     await watcher.start()
     await frontend.start()
     log.info("frontend: listening on %s", frontend.base_url)
@@ -113,6 +114,7 @@ async def serve_frontend(
     finally:
         await frontend.stop()
         await watcher.close()
+        tracing.shutdown_tracing()
 
 
 class RegistryForwarder:

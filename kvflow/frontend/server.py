@@ -18,10 +18,11 @@ from kvflow.frontend.http_response import HttpRequest, Responder
 from kvflow.frontend.metrics import FrontendMetrics
 from kvflow.frontend.models import ModelManager
 from kvflow.frontend.openapi import openapi_bytes
+from kvflow.frontend.timeline import observed
 
 ROUTES: dict[str, dict[str, Handler]] = {
-    "/v1/chat/completions": {"POST": handle_chat},
-    "/v1/completions": {"POST": handle_completion},
+    "/v1/chat/completions": {"POST": observed(handle_chat, "chat_completions")},
+    "/v1/completions": {"POST": observed(handle_completion, "completions")},
     "/v1/models": {"GET": handlers.list_models},
     "/health": {"GET": handlers.health},
     "/live": {"GET": handlers.live},

@@ -27,6 +27,7 @@ from kvflow.frontend.admission import EngineOverloaded
 from kvflow.frontend.engine_client import EngineClient, EngineUnavailable
 from kvflow.frontend.migration import MigratingClient, WorkerLost
 from kvflow.frontend.models import ModelManager
+from kvflow.frontend.timeline import Timeline, current_timeline
 from kvflow.llm.model_card import ModelCard, materialize_card
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
 from kvflow.llm.register import MODELS_PREFIX, ModelEntry, fetch_card_file
@@ -57,13 +58,20 @@ class RoutedEngineClient:
     async def generate(
         self, request: PreprocessedRequest, context: Context, exclude: Collection[int] = ()
     ) -> AsyncIterator[EngineOutput]:
-        worker = await self._schedule(request, exclude)
+        timeline = current_timeline()
+        worker = await self._schedule(request, exclude, timeline)
+        attempt = timeline.attempt(request, worker) if timeline is not None else None
+        error: str | None = None
         try:
             async for out in self.routed.stream(request, worker, context):
                 yield out
         except (WorkerUnavailableError, NoInstancesError) as exc:
             self._down[worker] = time.monotonic() + self.down_s
-            raise WorkerLost(f"worker {worker:x} was lost ({exc})", worker) from exc
+            error = f"worker {worker:x} was lost ({exc})"
+            raise WorkerLost(error, worker) from exc
+        finally:
+            if attempt is not None:
+                attempt.end(error=error)
 
     def _candidates(self, exclude: Collection[int]) -> tuple[list[int], list[int]]:
         """(live workers, those this request may use): not excluded, and not recently lost
@@ -76,7 +84,9 @@ class RoutedEngineClient:
             usable = [w for w in usable if w not in self._down] or usable
         return ids, usable
 
-    async def _schedule(self, request: PreprocessedRequest, exclude: Collection[int]) -> int:
+    async def _schedule(self, request: PreprocessedRequest, exclude: Collection[int],
+                        timeline: Timeline | None = None) -> int:
+        started = time.perf_counter()
         ids, candidates = self._candidates(exclude)
         if not candidates:
             raise EngineUnavailable(
@@ -88,6 +98,8 @@ class RoutedEngineClient:
             raise EngineOverloaded(str(exc), exc.retry_after_s) from exc
         except (RouterError, NoInstancesError) as exc:
             raise EngineUnavailable(str(exc)) from exc
+        if timeline is not None:
+            timeline.routed(started, decision)
         return decision.worker_id
 
     def live_workers(self) -> int:

@@ -68,6 +68,9 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
     # An engine whose outputs depend on the output position (the mocker) continues at that
     # position; any other engine may treat them as prompt.
     prior_output_tokens: int = 0
+    # W3C traceparent of the caller's span when tracing is on (kvflow.runtime.tracing);
+    # the worker's spans become its children. None when tracing is off.
+    trace_context: str | None = None
 
 
 class TopLogprob(msgspec.Struct, array_like=True):
