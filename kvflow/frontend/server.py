@@ -12,6 +12,7 @@ from kvflow.frontend.completions import handle_completion
 from kvflow.frontend.config import FrontendConfig
 from kvflow.frontend.debug import explain_route
 from kvflow.frontend.errors import ApiError
+from kvflow.frontend.fleet import fleet_events, fleet_page, fleet_snapshot
 from kvflow.frontend.handlers import FrontendState, Handler
 from kvflow.frontend.http import HttpServer
 from kvflow.frontend.http_response import HttpRequest, Responder
@@ -29,6 +30,9 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/metrics": {"GET": handlers.metrics},
     "/openapi.json": {"GET": handlers.openapi},
     "/debug/route": {"POST": explain_route},
+    "/fleet": {"GET": fleet_page},
+    "/fleet/events": {"GET": fleet_events},
+    "/fleet/snapshot": {"GET": fleet_snapshot},
 }
 
 
