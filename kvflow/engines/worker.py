@@ -89,13 +89,17 @@ class LoadGauges:
 
         self.active_blocks = gauge("kv_active_blocks", "KV blocks in use")
         self.total_blocks = gauge("kv_total_blocks", "KV blocks in the engine's cache")
-        self.running = gauge("requests_running", "Requests the engine is running")
-        self.waiting = gauge("requests_waiting", "Requests waiting in the engine's queue")
+        self.host_active_blocks = gauge("kv_host_active_blocks", "KV blocks in use in the host tier")
+        self.host_total_blocks = gauge("kv_host_total_blocks", "KV blocks in the host (CPU) tier")
+        self.running = gauge("running_requests", "Requests the engine is running")
+        self.waiting = gauge("waiting_requests", "Requests waiting in the engine's queue")
 
     def update(self, metrics: LoadMetrics) -> None:
         worker = f"{metrics.worker_id:x}"
         self.active_blocks.labels(worker).set(metrics.active_blocks)
         self.total_blocks.labels(worker).set(metrics.total_blocks)
+        self.host_active_blocks.labels(worker).set(metrics.host_active_blocks)
+        self.host_total_blocks.labels(worker).set(metrics.host_total_blocks)
         self.running.labels(worker).set(metrics.num_running)
         self.waiting.labels(worker).set(metrics.num_waiting)
 
