@@ -5,6 +5,7 @@ kvflow frontend [--http-port 8000]               the OpenAI-compatible frontend
 kvflow worker --engine mocker --model-path DIR   an engine worker
 kvflow router                                    the standalone KV router service
 kvflow make-test-model DIR [--weights]           a tiny random model for trying things
+kvflow top [--url http://127.0.0.1:8000]         the live fleet view in a terminal
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ COMMANDS = {
     "worker": "kvflow.cli.worker",
     "router": "kvflow.cli.router",
     "make-test-model": "kvflow.cli.test_model",
+    "top": "kvflow.cli.top",
 }
 
 
