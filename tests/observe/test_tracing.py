@@ -102,3 +102,17 @@ def test_tracing_is_off_without_an_endpoint() -> None:
     tracing.shutdown_tracing()
     assert tracing.tracer() is None
     logging.getLogger(__name__).debug("ok")
+
+
+def test_nothing_of_opentelemetry_is_imported_when_off() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, kvflow.cli.frontend, kvflow.engines.worker, kvflow.frontend.timeline;"
+            "from kvflow.runtime import tracing; from kvflow.runtime.config import RuntimeConfig;"
+            "assert not tracing.setup_tracing(RuntimeConfig(discovery='memory'), 'x');"
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "KVFLOW_"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
