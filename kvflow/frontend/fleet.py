@@ -53,11 +53,15 @@ class TokenRates:
         samples.append(_Sample(now, totals))
         while len(samples) > 2 and now - samples[1].at >= RATE_WINDOW_S:
             samples.popleft()
-        first = samples[0]
-        span = now - first.at
-        if span <= 0:
-            return dict.fromkeys(totals, 0.0)
-        return {w: max(n - first.tokens.get(w, n), 0) / span for w, n in totals.items()}
+        return {w: self._rate(w, n, now) for w, n in totals.items()}
+
+    def _rate(self, worker: str, tokens: int, now: float) -> float:
+        """Since the oldest sample in the window that knew the worker (it may be new)."""
+        for sample in self._samples:
+            if worker in sample.tokens:
+                span = now - sample.at
+                return max(tokens - sample.tokens[worker], 0) / span if span > 0 else 0.0
+        return 0.0
 
 
 def _worker(model: str, w: WorkerView, rate: float) -> dict[str, Any]:
