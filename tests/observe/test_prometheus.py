@@ -141,17 +141,21 @@ async def test_dashboard_panels_have_series_in_a_real_prometheus(stack, model_di
         prom.stop()
 
 
-def _check_every_metric_seen(prom: Prometheus) -> None:
+def _check_every_metric_seen(prom: Prometheus, timeout_s: float = 15) -> None:
     """Every documented metric has a non-zero sample at some scrape (or a test elsewhere)."""
     import runpy
+    import time
 
     catalog = runpy.run_path(str(ROOT / "scripts" / "metrics_doc.py"))["catalog"]()
-    never = []
     for doc in catalog:
         if doc.name in ELSEWHERE:
             assert doc.name in (ROOT / ELSEWHERE[doc.name]).read_text(), doc.name
-            continue
-        name = doc.name + ("_count" if doc.type == "histogram" else "")
-        if not prom.query(f"max_over_time({name}[5m]) > 0"):
-            never.append(doc.name)
+    names = {d.name: d.name + ("_count" if d.type == "histogram" else "")
+             for d in catalog if d.name not in ELSEWHERE}
+    deadline = time.monotonic() + timeout_s  # the last traffic may not be scraped yet
+    while True:
+        never = [n for n, q in names.items() if not prom.query(f"max_over_time({q}[5m]) > 0")]
+        if not never or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert never == [], f"metrics never seen non-zero: {never}"
