@@ -37,6 +37,12 @@ async def _tiles(page: object, count: int, timeout_s: float = 30) -> list[str]:
     raise TimeoutError(f"the page never showed {count} worker tiles (last: {ids})")
 
 
+async def _load(client: openai.AsyncOpenAI) -> None:
+    while True:
+        await client.completions.create(model="m", prompt="a shared system prompt " * 6 + "load",
+                                        max_tokens=32)
+
+
 async def test_fleet_page_in_headless_chromium(stack, model_dir, tmp_path: Path) -> None:
     playwright_api = pytest.importorskip("playwright.async_api", reason="needs playwright")
     base = stack.frontend("--api-key", KEY)
@@ -69,11 +75,15 @@ async def test_fleet_page_in_headless_chromium(stack, model_dir, tmp_path: Path)
         assert joined in decisions and first[0] in decisions
         assert "a shared system prompt" in await page.inner_text("#prefixes")
         updates = int(await page.inner_text("#updates"))
+        load = asyncio.ensure_future(_load(client))  # tokens flow while the page updates
         await asyncio.sleep(1.5)
         assert int(await page.inner_text("#updates")) >= updates + 2  # at least 1 per second
+        await page.wait_for_function(
+            r"[...document.querySelectorAll('.tile')].some(t => /\b[1-9][0-9.]* tok\/s/.test(t.innerText))")
         shot = Path(os.environ.get("KVFLOW_TEST_ARTIFACTS", tmp_path)) / "fleet.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(shot), full_page=True)
+        load.cancel()
         stack.procs[-1].kill()  # the second worker dies: its tile goes
         assert await _tiles(page, 1) == first
         await browser.close()
