@@ -25,6 +25,7 @@ class ReceivedSpan:
     start_ns: int
     end_ns: int
     attributes: dict[str, object] = field(default_factory=dict)
+    error: bool = False  # status ERROR
 
 
 def _value(v: object) -> object:
@@ -46,7 +47,7 @@ def decode_spans(body: bytes) -> list[ReceivedSpan]:
                 spans.append(ReceivedSpan(
                     service, s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(),
                     s.start_time_unix_nano, s.end_time_unix_nano,
-                    {a.key: _value(a.value) for a in s.attributes}))
+                    {a.key: _value(a.value) for a in s.attributes}, s.status.code == 2))
     return spans
 
 

@@ -116,3 +116,58 @@ def test_nothing_of_opentelemetry_is_imported_when_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _running(port: int) -> float:
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(v) for v in re.findall(r"^kvflow_worker_running_requests\{[^}]*\} (\S+)$",
+                                            text, re.MULTILINE))
+
+
+async def test_a_migrated_request_is_one_trace_with_two_attempts(stack, model_dir) -> None:
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    with OtlpReceiver() as receiver:
+        stack.env["KVFLOW_OTLP_ENDPOINT"] = receiver.endpoint
+        base = stack.frontend()
+        procs = [stack.mocker(model_dir, "--system-port", str(p), "--speedup-ratio", "1")
+                 for p in ports]
+        await stack.wait_workers(base, "m", 2)
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused")
+        stream = await client.completions.create(
+            model="m", prompt="move me", max_tokens=160, temperature=0, stream=True,
+            extra_headers={"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01"})
+        chunks, killed, finish = 0, None, None
+        async for chunk in stream:
+            chunks += 1
+            finish = chunk.choices[0].finish_reason or finish
+            if chunks == 30 and killed is None:
+                busy = [i for i, p in enumerate(ports) if _running(p) > 0]
+                assert len(busy) == 1
+                killed = busy[0]
+                procs[killed].kill()
+        await client.close()
+        assert killed is not None and finish == "length"
+        receiver.wait_for({tracing.SPAN_REQUEST, tracing.SPAN_WORKER, tracing.SPAN_DECODE})
+        spans = [s for s in receiver.spans if s.trace_id == TRACE_ID]
+
+    request = next(s for s in spans if s.name == tracing.SPAN_REQUEST)
+    attempts = sorted((s for s in spans if s.name == tracing.SPAN_ATTEMPT),
+                      key=lambda s: s.attributes["kvflow.attempt"])
+    assert [a.attributes["kvflow.attempt"] for a in attempts] == [1, 2]
+    assert all(a.parent_span_id == request.span_id for a in attempts)
+    assert attempts[0].error and not attempts[1].error  # the first worker was lost
+    assert attempts[0].attributes["kvflow.worker_id"] != attempts[1].attributes["kvflow.worker_id"]
+    routes = [s for s in spans if s.name == tracing.SPAN_ROUTE]
+    assert len(routes) == 2 and request.attributes["kvflow.attempts"] == 2
+    survivor = [s for s in spans if s.name == tracing.SPAN_WORKER
+                and s.parent_span_id == attempts[1].span_id]
+    assert len(survivor) == 1
