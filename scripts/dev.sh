@@ -38,6 +38,19 @@ install() {  # $1: pip extras
   "$VPY" -m pip install -q -e ".[$extras]"
 }
 
+observability_tools() {
+  # Debian's prometheus and chromium for the observability tests (a real Prometheus server,
+  # the fleet page in a headless browser). Installed only when missing; where apt cannot
+  # install them the tests skip and say so.
+  if command -v prometheus >/dev/null && command -v chromium >/dev/null; then return 0; fi
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo -n"; fi
+  if ! command -v apt-get >/dev/null; then log "no apt-get: Prometheus/Chromium tests will skip"; return 0; fi
+  { $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
+      --no-install-recommends prometheus chromium; } >/dev/null 2>&1 \
+    || log "could not install prometheus/chromium: their tests will skip"
+}
+
 compat_venvs() {
   # Interpreters for the cross-version wire test (worker on 3.10, client on 3.13).
   local root
@@ -83,6 +96,7 @@ case "${1:-}" in
     install "dev"
     compat_venvs
     cluster_tools
+    observability_tools
     set +e
     "$VPY" -m pytest "$@"
     rc=$?

@@ -16,7 +16,7 @@ from kvflow.frontend.stalls import add_stall_args, stall_config_from_args
 from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
-from kvflow.runtime import DistributedRuntime
+from kvflow.runtime import DistributedRuntime, tracing
 from kvflow.runtime.component import parse_endpoint_path
 from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
 from kvflow.runtime.logs import setup_logging
@@ -151,6 +151,7 @@ async def serve_frontend(
         on_stall=m.count_stall, on_canary_failure=m.count_canary_failure)
     only = ".".join(parse_endpoint_path(ns.endpoint)) if ns.endpoint else None
     watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only)
+    tracing.setup_tracing(runtime.config, "kvflow-frontend")
     await watcher.start()
     await frontend.start()
     log.info("frontend: listening on %s", frontend.base_url)
@@ -161,6 +162,7 @@ async def serve_frontend(
     finally:
         await frontend.stop()
         await watcher.close()
+        tracing.shutdown_tracing()
 
 
 class RegistryForwarder:

@@ -9,6 +9,7 @@ kvflow operator run|crds|render                  the Kubernetes operator (docs/k
 kvflow planner [--apply]                         size worker pools to TTFT/ITL targets
 kvflow replay TRACE --url URL | --simulate       replay a timestamped trace, report SLA attainment
 kvflow profile --out PERF.json ENGINE [ARGS]     measure a worker for the planner
+kvflow top [--url http://127.0.0.1:8000]         the live fleet view in a terminal
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ COMMANDS = {
     "planner": "kvflow.cli.planner",
     "replay": "kvflow.cli.replay",
     "profile": "kvflow.cli.profile",
+    "top": "kvflow.cli.top",
 }
 
 

@@ -60,6 +60,7 @@ def start_worker(spec: RunSpec, worker_argv: list[str], config: RuntimeConfig) -
             "KVFLOW_EVENT_PLANE": config.event_plane,
             "KVFLOW_ETCD_ENDPOINTS": config.etcd_endpoints,
             "KVFLOW_NATS_URL": config.nats_url,
+            "KVFLOW_OTLP_ENDPOINT": config.otlp_endpoint,
         }
     )
     cmd = [sys.executable, "-m", "kvflow.cli.main", "worker", "--engine", spec.output, *worker_argv]

@@ -19,6 +19,7 @@ import msgspec
 from prometheus_client import CollectorRegistry, Gauge
 
 from kvflow.engines.base import Engine, EngineHooks, EngineSpec, engine_names, get_engine
+from kvflow.engines.traced import traced
 from kvflow.llm.kv_events import (
     KV_EVENTS_SUBJECT,
     LOAD_METRICS_SUBJECT,
@@ -28,7 +29,7 @@ from kvflow.llm.kv_events import (
 )
 from kvflow.llm.protocol import PreprocessedRequest
 from kvflow.llm.register import ModelInput, ModelType, register_llm
-from kvflow.runtime import Context, DistributedRuntime
+from kvflow.runtime import Context, DistributedRuntime, tracing
 from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
 
 log = logging.getLogger(__name__)
@@ -88,13 +89,17 @@ class LoadGauges:
 
         self.active_blocks = gauge("kv_active_blocks", "KV blocks in use")
         self.total_blocks = gauge("kv_total_blocks", "KV blocks in the engine's cache")
-        self.running = gauge("requests_running", "Requests the engine is running")
-        self.waiting = gauge("requests_waiting", "Requests waiting in the engine's queue")
+        self.host_active_blocks = gauge("kv_host_active_blocks", "KV blocks in use in the host tier")
+        self.host_total_blocks = gauge("kv_host_total_blocks", "KV blocks in the host (CPU) tier")
+        self.running = gauge("running_requests", "Requests the engine is running")
+        self.waiting = gauge("waiting_requests", "Requests waiting in the engine's queue")
 
     def update(self, metrics: LoadMetrics) -> None:
         worker = f"{metrics.worker_id:x}"
         self.active_blocks.labels(worker).set(metrics.active_blocks)
         self.total_blocks.labels(worker).set(metrics.total_blocks)
+        self.host_active_blocks.labels(worker).set(metrics.host_active_blocks)
+        self.host_total_blocks.labels(worker).set(metrics.host_total_blocks)
         self.running.labels(worker).set(metrics.num_running)
         self.waiting.labels(worker).set(metrics.num_waiting)
 
@@ -162,7 +167,8 @@ async def serve_instance(
     try:
         await asyncio.gather(
             generate.serve(
-                engine.generate, instance_id=instance_id, request_type=PreprocessedRequest
+                traced(engine.generate, instance_id) if tracing.tracer() else engine.generate,
+                instance_id=instance_id, request_type=PreprocessedRequest,
             ),
             snapshot.serve(_snapshot_handler(engine), instance_id=instance_id),
         )
@@ -176,7 +182,11 @@ async def run_worker(runtime: DistributedRuntime, ns: argparse.Namespace) -> Non
     ids = [runtime.lease_id] + [runtime.new_instance_id() for _ in range(args.num_workers - 1)]
     log.info("worker: engine=%s model=%s instances=%d", args.engine, args.model_path, len(ids))
     gauges = LoadGauges(runtime.metrics_registry)
-    await asyncio.gather(*(serve_instance(runtime, spec, ns, args, iid, gauges) for iid in ids))
+    tracing.setup_tracing(runtime.config, "kvflow-worker")
+    try:
+        await asyncio.gather(*(serve_instance(runtime, spec, ns, args, iid, gauges) for iid in ids))
+    finally:
+        tracing.shutdown_tracing()
 
 
 def runtime_config(ns: argparse.Namespace) -> RuntimeConfig:

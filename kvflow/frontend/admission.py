@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from kvflow.frontend.engine_client import EngineUnavailable
 from kvflow.frontend.errors import ApiError, too_many_requests
+from kvflow.frontend.timeline import current_timeline
 
 
 class EngineOverloaded(EngineUnavailable):
@@ -128,12 +129,17 @@ class AdmissionControl:
     async def slot(self, model: str) -> AsyncIterator[None]:
         """Hold one of `model`'s slots for the body; raises ApiError 429 when refused."""
         gate = self.gate(model)
+        timeline = current_timeline()
+        if timeline is not None:
+            timeline.mark_queued()
         if gate.can_enter():
             gate.enter()
         elif not gate.can_queue():
             raise self._refuse(model, "queue_full")
         elif not await gate.wait():
             raise self._refuse(model, "queue_timeout")
+        if timeline is not None:
+            timeline.mark_admitted()
         try:
             yield
         finally:

@@ -143,7 +143,8 @@ async def _collect(gen: Generation, responder: Responder, top: int | None) -> No
     choices = [parts[i].choice(i) for i in sorted(parts)]
     ids = gen.ids
     response = ChatCompletionResponse(ids.id, ids.created, ids.model, choices, gen.usage())
-    responder.send(200, _ENCODER.encode(response))
+    body = _ENCODER.encode(response)
+    responder.send(200, gen.timeline.extend_json(body) if gen.timeline else body)
 
 
 class _Collected:

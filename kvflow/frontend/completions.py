@@ -143,4 +143,5 @@ async def _collect(gen: Generation, responder: Responder, texts: _Texts) -> None
     ]
     ids = gen.ids
     response = CompletionResponse(ids.id, ids.created, ids.model, choices, gen.usage())
-    responder.send(200, _ENCODER.encode(response))
+    body = _ENCODER.encode(response)
+    responder.send(200, gen.timeline.extend_json(body) if gen.timeline else body)

@@ -23,6 +23,7 @@ from kvflow.frontend.models import ServedModel
 from kvflow.frontend.postprocess import ChoiceDelta, ChoiceProcessor, EngineError
 from kvflow.frontend.preprocess import Prepared
 from kvflow.frontend.streams import ChoiceStreams
+from kvflow.frontend.timeline import current_timeline
 from kvflow.llm.openai import PromptTokensDetails, Usage
 from kvflow.runtime.context import Context
 
@@ -77,6 +78,9 @@ class Generation:
             for c in prepared.choices
         }
         self.streams = ChoiceStreams(model.engine, prepared.choices, context)
+        self.timeline = current_timeline()
+        if self.timeline is not None:
+            self.timeline.mark_tokenized(record)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Every choice's deltas in arrival order; each choice's last one has finish_reason.
@@ -175,5 +179,6 @@ async def stream_sse(
         return
     if not started:
         responder.start_stream()
-    responder.write(closing() + DONE)
+    timing = gen.timeline.sse_event() if gen.timeline is not None else b""
+    responder.write(closing() + timing + DONE)
     responder.end()

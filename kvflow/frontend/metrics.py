@@ -25,6 +25,7 @@ class FrontendMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._models: set[str] = set()
         ns = "kvflow_frontend"
         r = self.registry
         self.requests = Counter(
@@ -79,7 +80,7 @@ class FrontendMetrics:
             ["model"], registry=r,
         )
         self.connections_closed = Counter(
-            f"{ns}_connections_closed", "HTTP connections closed by a timeout (header, body, "
+            f"{ns}_closed_connections", "HTTP connections closed by a timeout (header, body, "
             "idle) or refused over the connection limit (limit)", ["reason"], registry=r,
         )
         self.connections_open = Gauge(
@@ -98,6 +99,13 @@ class FrontendMetrics:
     def count_closed(self, reason: str) -> None:
         self.connections_closed.labels(reason=reason).inc()
 
+    def _start_series(self, model: str) -> None:
+        """Show a model's event counters at 0 from its first request (so rates are defined)."""
+        self._models.add(model)
+        self.migrations.labels(model=model)
+        for reason in ("queue_full", "queue_timeout"):
+            self.rejected.labels(model=model, reason=reason)
+
     def count_migration(self, model: str) -> None:
         self.migrations.labels(model=model).inc()
 
@@ -105,6 +113,8 @@ class FrontendMetrics:
         self.rejected.labels(model=model, reason=reason).inc()
 
     def request(self, model: str, endpoint: str) -> RequestRecord:
+        if model not in self._models:
+            self._start_series(model)
         self.inflight.labels(model=model).inc()
         return RequestRecord(self, model, endpoint)
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvflow.frontend.engine_client import EngineClient
 from kvflow.llm.chat_template import ChatTemplate
@@ -21,6 +22,9 @@ from kvflow.llm.parsers.reasoning import ReasoningParser, get_reasoning_parser
 from kvflow.llm.parsers.tool_calls import ToolParser, get_tool_parser
 from kvflow.llm.protocol import PreprocessedRequest
 from kvflow.llm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kvflow.router.observe import RouterView
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ class ServedModel:
     reasoning_parser: type[ReasoningParser] | None = None
     tool_parser: type[ToolParser] | None = None
     explain: Callable[[PreprocessedRequest], bytes] | None = None
+    # Routed models: a snapshot of the router for the fleet view (/fleet).
+    fleet: Callable[[], RouterView] | None = None
 
     def __post_init__(self) -> None:
         if self.card.reasoning_parser:
@@ -71,6 +77,7 @@ class ModelManager:
         tokenizer: Tokenizer | None = None,
         template: ChatTemplate | None = None,
         explain: Callable[[PreprocessedRequest], bytes] | None = None,
+        fleet: Callable[[], RouterView] | None = None,
     ) -> ServedModel:
         """Serve `card.name` through `engine_client`; tokenizer/template load from the card.
 
@@ -82,6 +89,7 @@ class ModelManager:
             tokenizer=tokenizer or _load_tokenizer(card),
             template=template or _load_template(card),
             explain=explain,
+            fleet=fleet,
         )
         if card.name in self._models:
             log.info("model %s replaced", card.name)

@@ -9,6 +9,7 @@ another worker.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from kvflow.frontend.canary import Canary, CanaryConfig
 from kvflow.frontend.engine_client import EngineUnavailable
 from kvflow.frontend.migration import WorkerLost
 from kvflow.frontend.stalls import StallConfig, StallMonitor, StallWatch
+from kvflow.frontend.timeline import Timeline, current_timeline
 from kvflow.frontend.worker_health import Avoidance, WorkerHealth
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
 from kvflow.router.errors import RouterError, RouterOverloadedError
@@ -54,8 +56,11 @@ class RoutedEngineClient:
     async def generate(
         self, request: PreprocessedRequest, context: Context, exclude: Collection[int] = ()
     ) -> AsyncIterator[EngineOutput]:
-        worker = await self._schedule(request, exclude)
+        timeline = current_timeline()
+        worker = await self._schedule(request, exclude, timeline)
+        attempt = timeline.attempt(request, worker) if timeline is not None else None
         watch = self.stalls.watch(worker, len(request.token_ids))
+        error: str | None = None
         try:
             async for out in self.routed.stream(request, worker, context, watch.attach):
                 yield out
@@ -63,10 +68,12 @@ class RoutedEngineClient:
             if not watch.stalled:
                 self.health.lost(worker)
             what = f"stalled ({watch.stalled})" if watch.stalled else f"was lost ({exc})"
-            raise WorkerLost(f"worker {worker:x} {what}", worker,
-                             stalled=bool(watch.stalled)) from exc
+            error = f"worker {worker:x} {what}"
+            raise WorkerLost(error, worker, stalled=bool(watch.stalled)) from exc
         finally:
             self.stalls.unwatch(watch)
+            if attempt is not None:
+                attempt.end(error=error)
 
     def _on_stall(self, watch: StallWatch) -> None:
         self.health.suspect(watch.worker)
@@ -79,7 +86,9 @@ class RoutedEngineClient:
         self.health.forget(ids)
         return ids, self.health.usable(ids, exclude)
 
-    async def _schedule(self, request: PreprocessedRequest, exclude: Collection[int]) -> int:
+    async def _schedule(self, request: PreprocessedRequest, exclude: Collection[int],
+                        timeline: Timeline | None = None) -> int:
+        started = time.perf_counter()
         ids, candidates = self._candidates(exclude)
         if not candidates:
             raise EngineUnavailable(
@@ -91,6 +100,8 @@ class RoutedEngineClient:
             raise EngineOverloaded(str(exc), exc.retry_after_s) from exc
         except (RouterError, NoInstancesError) as exc:
             raise EngineUnavailable(str(exc)) from exc
+        if timeline is not None:
+            timeline.routed(started, decision)
         return decision.worker_id
 
     def live_workers(self) -> int:

@@ -10,6 +10,8 @@ call it. The classes, and what the config makes of them:
     metrics     /metrics: `--metrics-access open|keyed|off` (default open)
     health      /health, /live: `--health-access open|keyed|off` (default open: probes)
     openapi     /openapi.json: `--openapi-access open|keyed|off` (default open)
+    fleet       /fleet, /fleet/events, /fleet/snapshot: the API key, when keys are set; a
+                browser may pass it as `?key=` (EventSource cannot send headers)
 
 "keyed" takes an API key or an admin key; "off" serves the route nowhere on the HTTP
 port (the status port, `--system-port`, still has /health, /live and /metrics).
@@ -18,6 +20,7 @@ port (the status port, `--system-port`, still has /health, /live and /metrics).
 from __future__ import annotations
 
 import hmac
+import urllib.parse
 from dataclasses import dataclass
 
 from kvflow.frontend import handlers
@@ -26,10 +29,12 @@ from kvflow.frontend.completions import handle_completion
 from kvflow.frontend.config import FrontendConfig
 from kvflow.frontend.debug import explain_route
 from kvflow.frontend.errors import ApiError
+from kvflow.frontend.fleet import fleet_events, fleet_page, fleet_snapshot
 from kvflow.frontend.handlers import Handler
 from kvflow.frontend.http_response import HttpRequest
+from kvflow.frontend.timeline import observed
 
-ACCESS_CLASSES = ("inference", "debug", "metrics", "health", "openapi")
+ACCESS_CLASSES = ("inference", "debug", "metrics", "health", "openapi", "fleet")
 OPEN, KEYED, ADMIN, OFF = "open", "keyed", "admin", "off"
 
 
@@ -46,21 +51,24 @@ class Route:
 
 
 ROUTES: dict[str, Route] = {r.path: r for r in (
-    Route("/v1/chat/completions", {"POST": handle_chat}, "inference"),
-    Route("/v1/completions", {"POST": handle_completion}, "inference"),
+    Route("/v1/chat/completions", {"POST": observed(handle_chat, "chat_completions")}, "inference"),
+    Route("/v1/completions", {"POST": observed(handle_completion, "completions")}, "inference"),
     Route("/v1/models", {"GET": handlers.list_models}, "inference"),
     Route("/health", {"GET": handlers.health}, "health"),
     Route("/live", {"GET": handlers.live}, "health"),
     Route("/metrics", {"GET": handlers.metrics}, "metrics"),
     Route("/openapi.json", {"GET": handlers.openapi}, "openapi"),
     Route("/debug/route", {"POST": explain_route}, "debug"),
+    Route("/fleet", {"GET": fleet_page}, "fleet"),
+    Route("/fleet/events", {"GET": fleet_events}, "fleet"),
+    Route("/fleet/snapshot", {"GET": fleet_snapshot}, "fleet"),
 )}
 
 
 def policy(route: Route, config: FrontendConfig) -> str:
     """What `config` makes of the route's access class: open, keyed, admin or off."""
     access = route.access
-    if access == "inference":
+    if access in ("inference", "fleet"):
         return KEYED
     if access == "debug":
         return ADMIN if config.debug_routes else OFF
@@ -77,16 +85,18 @@ def check_access(route: Route, config: FrontendConfig, request: HttpRequest) -> 
                        code="not_found")
     keys = config.admin_api_keys if rule == ADMIN and config.admin_api_keys else (
         config.api_keys + config.admin_api_keys)
-    if keys and not _has_key(request, keys):
+    if keys and not _has_key(request, keys, query_key=route.access == "fleet"):
         raise ApiError(
             401, "Missing or invalid API key; send 'Authorization: Bearer <key>'"
             + (" with an admin key." if rule == ADMIN and config.admin_api_keys else "."),
             type="authentication_error", code="invalid_api_key")
 
 
-def _has_key(request: HttpRequest, keys: tuple[str, ...]) -> bool:
+def _has_key(request: HttpRequest, keys: tuple[str, ...], query_key: bool = False) -> bool:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer":
-        return False
+        if not query_key:
+            return False
+        token = urllib.parse.parse_qs(request.query).get("key", [""])[0]
     supplied = token.strip().encode()
     return any(hmac.compare_digest(supplied, key.encode()) for key in keys)

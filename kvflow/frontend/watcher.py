@@ -148,7 +148,8 @@ class ModelWatcher:
         engine = RoutedEngineClient(routed, self.migration.health_for(card.name))
         client = self._migrating(card, engine)
         await asyncio.to_thread(functools.partial(
-            self.models.add_model, card, client, explain=lambda r: routed.explain(r).as_json()))
+            self.models.add_model, card, client, explain=lambda r: routed.explain(r).as_json(),
+            fleet=routed.view))
         return ModelPool(card, engine, client)
 
     def _migrating(self, card: ModelCard, engine: RoutedEngineClient) -> EngineClient:

@@ -71,6 +71,9 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
     # Tenant isolation of the prefix cache: mixed into every block hash, so requests with
     # different salts never share cached blocks (kv_hash.extra_seed). None = no salt.
     cache_salt: str | None = None
+    # W3C traceparent of the caller's span when tracing is on (kvflow.runtime.tracing);
+    # the worker's spans become its children. None when tracing is off.
+    trace_context: str | None = None
 
 
 class TopLogprob(msgspec.Struct, array_like=True):

@@ -76,6 +76,9 @@ class ApproxIndex:
     def workers(self) -> list[int]:
         return self._table.workers()
 
+    def num_worker_blocks(self, worker_id: int) -> int:
+        return self._table.num_worker_blocks(worker_id)
+
     def num_blocks(self) -> int:
         self._expire(self._clock())
         return self._table.num_blocks()

@@ -40,6 +40,8 @@ class OverlapIndex(Protocol):
 
     def num_blocks(self) -> int: ...
 
+    def num_worker_blocks(self, worker_id: int) -> int: ...
+
 
 class BlockTable:
     """The shared store: hash → holders bitmask, worker → set of hashes."""

@@ -93,6 +93,10 @@ class ActiveLoad:
         self._metrics[metrics.worker_id] = metrics
         self._views.pop(metrics.worker_id, None)
 
+    def published(self, worker_id: int) -> LoadMetrics | None:
+        """The worker's latest published LoadMetrics, if any arrived."""
+        return self._metrics.get(worker_id)
+
     def remove_worker(self, worker_id: int) -> None:
         """Forget a departed worker's metrics and the requests routed to it."""
         self._metrics.pop(worker_id, None)

@@ -49,7 +49,7 @@ def _create(registry: CollectorRegistry) -> _Families:
         matched_blocks=Histogram("kvflow_router_matched_blocks",
                                  "Prompt blocks cached on the chosen worker", label,
                                  buckets=_BLOCK_BUCKETS, **r),
-        hit_rate=Histogram("kvflow_router_predicted_hit_rate",
+        hit_rate=Histogram("kvflow_router_predicted_hit_ratio",
                            "Predicted fraction of prompt tokens served from cache", label,
                            buckets=_RATE_BUCKETS, **r),
         chosen=Counter("kvflow_router_decisions", "Routing decisions by chosen worker",
@@ -59,7 +59,7 @@ def _create(registry: CollectorRegistry) -> _Families:
                           buckets=_LATENCY_BUCKETS, **r),
         waiting=Gauge("kvflow_router_waiting_requests",
                       "Requests waiting for a non-busy worker", label, **r),
-        rejected=Counter("kvflow_router_rejected",
+        rejected=Counter("kvflow_router_rejected_requests",
                          "Requests refused because every worker was busy", label, **r),
         index_blocks=Gauge("kvflow_router_index_blocks",
                            "Distinct KV blocks the router's index knows of", label, **r),
@@ -84,5 +84,5 @@ class RouterMetrics:
     def observe(self, decision: RoutingDecision, seconds: float) -> None:
         self.matched_blocks.observe(decision.overlap_blocks)
         self.hit_rate.observe(decision.predicted_hit_rate)
-        self._chosen.labels(router=self._name, worker_id=str(decision.worker_id)).inc()
+        self._chosen.labels(router=self._name, worker_id=f"{decision.worker_id:x}").inc()
         self.latency.observe(seconds)

@@ -31,9 +31,11 @@ from kvflow.llm.kv_events import (
     KvEventBatch,
     LoadMetrics,
 )
+from kvflow.llm.kv_hash import sequence_hashes
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
 from kvflow.router.config import KvRouterConfig
 from kvflow.router.cost import RoutingDecision
+from kvflow.router.observe import RouterObserver, RouterView, WorkerView
 from kvflow.router.router import KvRouter
 from kvflow.router.sync import ROUTER_SYNC_SUBJECT, RoutingSyncMessage, decode_sync, encode_sync
 from kvflow.runtime.component import PingResult
@@ -91,6 +93,7 @@ class KvRoutedClient:
         self.router = KvRouter(config, self._fetch_snapshot,
                                registry=runtime.metrics_registry, name=name,
                                publish_sync=self._queue_sync)
+        self.observer = RouterObserver(config.block_size)
 
     @classmethod
     async def start(
@@ -162,14 +165,17 @@ class KvRoutedClient:
         responses = self._generate.direct(request, worker_id, context)
         if watch is not None:
             watch(responses)
+        tokens = 0
         try:
             async for out in responses:
+                tokens += len(out.token_ids)
                 if waiting_first and (out.token_ids or out.finish_reason):
                     self.router.on_first_token(request_id)
                     waiting_first = False
                 yield out
         finally:
             self.router.on_finished(request_id)
+            self.observer.on_stream_end(worker_id, tokens)
 
     def instance_ids(self) -> list[int]:
         return self._generate.instance_ids()
@@ -183,14 +189,19 @@ class KvRoutedClient:
     ) -> RoutingDecision:
         """Pick a worker among `worker_ids` (default: every live one) and book the request."""
         hints = request.routing
-        return await self.router.schedule(
-            request.token_ids, request.request_id,
-            lora_name=hints.lora_name if hints else None,
+        lora = hints.lora_name if hints else None
+        hashes = hints.block_hashes if hints else None
+        if hashes is None:
+            hashes = sequence_hashes(request.token_ids, self.router.config.block_size,
+                                     lora_name=lora, salt=request.cache_salt)
+        decision = await self.router.schedule(
+            request.token_ids, request.request_id, lora_name=lora,
             worker_ids=self._generate.instance_ids() if worker_ids is None else worker_ids,
-            pinned_worker=hints.worker_id if hints else None,
-            block_hashes=hints.block_hashes if hints else None,
+            pinned_worker=hints.worker_id if hints else None, block_hashes=hashes,
             cache_salt=request.cache_salt,
         )
+        self.observer.on_decision(request.request_id, request.token_ids, hashes, decision)
+        return decision
 
     def explain(self, request: PreprocessedRequest) -> RoutingDecision:
         """Where `request` would go now, and why; changes nothing."""
@@ -204,6 +215,24 @@ class KvRoutedClient:
     def live_workers(self) -> int:
         return len(self._generate.instances)
 
+    def view(self) -> RouterView:
+        """A snapshot for the fleet page: workers, last decisions, hottest shared prefixes."""
+        router, observer = self.router, self.observer
+        workers = [self._worker_view(w) for w in sorted(self._generate.instance_ids())]
+        return RouterView(router.config.policy, router.config.block_size, workers,
+                          list(observer.decisions), observer.hot_prefixes(router.index))
+
+    def _worker_view(self, worker: int) -> WorkerView:
+        load = self.router.active_load
+        m = load.published(worker)
+        tokens = self.observer.tokens.get(worker, 0)
+        held = self.router.index.num_worker_blocks(worker)
+        active = load.load(worker).active_requests
+        if m is None:
+            return WorkerView(worker, 0, 0, 0, 0, held, 0, 0, active, tokens)
+        return WorkerView(worker, m.active_blocks, m.total_blocks, m.host_active_blocks,
+                          m.host_total_blocks, held, m.num_running, m.num_waiting, active, tokens)
+
     # --- discovery -----------------------------------------------------------------
     def _follow_workers(self) -> None:
         live = set(self._generate.instances)
@@ -212,6 +241,7 @@ class KvRoutedClient:
             self.router.on_worker_added(worker)
         for worker in known - live:
             self.router.on_worker_removed(worker)
+            self.observer.on_worker_removed(worker)
 
     async def _fetch_snapshot(self, worker_id: int) -> CacheSnapshot:
         stream = self._snapshots.direct(SnapshotRequest(worker_id), worker_id)

@@ -56,6 +56,9 @@ class RuntimeConfig:
     request_plane_tls_cert: str = ""
     request_plane_tls_key: str = ""
     request_plane_tls_ca: str = ""
+    # OpenTelemetry traces over OTLP/HTTP (e.g. http://127.0.0.1:4318); empty = off unless
+    # the standard OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT variables are set.
+    otlp_endpoint: str = ""
 
     def __post_init__(self) -> None:
         check_choice("discovery", self.discovery, ("memory", "file", "etcd"))
@@ -67,6 +70,26 @@ class RuntimeConfig:
     @classmethod
     def from_env(cls, **overrides: Any) -> RuntimeConfig:
         return load_config(cls, "runtime", overrides=overrides)
+
+
+def otel_env_endpoint(env: typing.Mapping[str, str] | None = None) -> str:
+    """The OTLP endpoint the standard OTEL_* variables name ("" when none, or disabled)."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return ""
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+        return ""
+    return env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+
+
+def log_levels_from_env(env: typing.Mapping[str, str] | None = None) -> dict[str, str]:
+    """KVFLOW_LOG_LEVEL: "DEBUG" (the root logger) or "kvflow.frontend.timing=DEBUG,name=LEVEL"."""
+    raw = (os.environ if env is None else env).get(ENV_PREFIX + "LOG_LEVEL", "")
+    levels: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        name, _, level = part.rpartition("=")
+        levels[name] = level.upper()
+    return levels
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -35,7 +35,7 @@ async def test_kill_9_mid_stream_continues_on_the_other_worker(chaos) -> None:
 
     def kill_the_busy_worker(chunks: int) -> None:
         if chunks == 40 and not killed:
-            busy = [w for w in workers if w.metric("requests_running") > 0]
+            busy = [w for w in workers if w.metric("running_requests") > 0]
             assert len(busy) == 1, "exactly one worker should be serving the stream"
             busy[0].proc.kill()  # SIGKILL: no drain, the connection just drops
             killed.append(busy[0].proc)

@@ -74,7 +74,7 @@ async def test_sigterm_under_load_fails_no_request(chaos) -> None:
     async with chaos.client() as client:
         load = Load(client, total=200, concurrency=12)
         running = asyncio.ensure_future(load.run())
-        await _until(lambda: load.completed >= 40 and doomed.metric("requests_running") >= 2, 20)
+        await _until(lambda: load.completed >= 40 and doomed.metric("running_requests") >= 2, 20)
         doomed.proc.terminate(timeout=10)
         await running
     assert not load.failures, load.failures[:5]

@@ -20,7 +20,7 @@ HEAD = (f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/
 def closed_metric(url: str, reason: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    found = re.search(rf'^kvflow_frontend_connections_closed_total\{{reason="{reason}"\}} (\S+)$',
+    found = re.search(rf'^kvflow_frontend_closed_connections_total\{{reason="{reason}"\}} (\S+)$',
                       text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 

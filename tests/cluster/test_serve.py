@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-
 PROMPT = "a shared system prompt that is long enough to fill several KV blocks " * 4
 
 

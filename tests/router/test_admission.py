@@ -61,7 +61,7 @@ async def test_full_queue_raises_overloaded_with_retry_after() -> None:
     with pytest.raises(RouterOverloadedError, match="busy") as err:
         await router.schedule(PROMPT, "d")
     assert err.value.retry_after_s == 2.5
-    assert registry.get_sample_value("kvflow_router_rejected_total", {"router": "default"}) == 1
+    assert registry.get_sample_value("kvflow_router_rejected_requests_total", {"router": "default"}) == 1
     assert registry.get_sample_value("kvflow_router_waiting_requests", {"router": "default"}) == 1
     router.on_finished("a")
     await parked

@@ -199,7 +199,7 @@ async def test_metrics_are_recorded() -> None:
 
     assert value("kvflow_router_decisions_total", worker_id="1") == 1
     assert value("kvflow_router_matched_blocks_sum") == 8
-    assert value("kvflow_router_predicted_hit_rate_sum") == 1.0
+    assert value("kvflow_router_predicted_hit_ratio_sum") == 1.0
     assert value("kvflow_router_decision_seconds_count") == 1
     assert value("kvflow_router_index_blocks") == 8
     assert value("kvflow_router_waiting_requests") == 0
