@@ -49,7 +49,7 @@ async def test_canary_takes_a_silent_worker_out_of_rotation(chaos) -> None:
     await discovery.put(f"v1/instances/{ns}/backend/generate/{iid:016x}", codec.encode(inst))
     try:
         deadline = time.monotonic() + 20
-        while frontend_metric(chaos.url, "canary_failures_total") < 1:  # seen, and silent
+        while frontend_metric(chaos.url, "kvflow_frontend_canary_failures_total") < 1:  # seen, and silent
             assert time.monotonic() < deadline, "the canary never gave up on the silent worker"
             await asyncio.sleep(0.05)
         assert SilentWorker.frames[FrameKind.HELLO] >= 2  # connect + at least one ping
@@ -60,7 +60,7 @@ async def test_canary_takes_a_silent_worker_out_of_rotation(chaos) -> None:
             assert out.choices[0].finish_reason == "length"
         await client.close()
         assert SilentWorker.frames[FrameKind.REQUEST] == 0  # no user request reached it
-        assert frontend_metric(chaos.url, "stalls_total") == 0
+        assert frontend_metric(chaos.url, "kvflow_frontend_stalls_total") == 0
     finally:
         await discovery.close()
         server.close()

@@ -31,9 +31,10 @@ async def _stream(client, tokens: list[int], index: int) -> tuple[str, str | Non
 
 
 def frontend_metric(url: str, name: str) -> float:
+    """The sum of the frontend metric `name` (full name) over its labels."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    found = re.findall(rf"^kvflow_frontend_{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+    found = re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
     return sum(float(v) for v in found)
 
 
@@ -73,8 +74,8 @@ async def test_sigstop_mid_stream_streams_finish_elsewhere_then_worker_rejoins(c
     # The stall is seen after STALL_S; the moved streams then share one worker.
     print(f"alone {alone_s:.2f}s; all 8 done {elapsed:.2f}s after SIGSTOP")
     assert elapsed < STALL_S + 2 * alone_s + 10, (elapsed, alone_s)
-    assert frontend_metric(chaos.url, "stall_migrations_total") >= 4
-    assert frontend_metric(chaos.url, "stalls_total") >= 4
+    assert frontend_metric(chaos.url, "kvflow_frontend_stall_migrations_total") >= 4
+    assert frontend_metric(chaos.url, "kvflow_frontend_stalls_total") >= 4
 
     # SIGCONT: its stale streams were cancelled (CANCEL was waiting in its socket), so it
     # stops at once instead of generating the rest of their MAX_TOKENS.
