@@ -12,7 +12,9 @@ same seeded workloads, one after another (kvflow.testing.routing_load):
   uniform        prefix-free prompts of one length (only load to balance).
 Reported per mode and workload: engine-reported cached fraction (cached / prompt tokens),
 the workload's ideal cached fraction, TTFT p50/p99, ITL p50, output tokens/s, requests/s.
-Ratios against round robin (same invocation) close the report, with the issue's targets.
+With `--repeat R` the modes run R times, interleaved (kv, rr, ll, kv, ...: a loaded
+machine's drift hits every mode alike), and each figure is the median over the repeats.
+Ratios against round robin (same invocation) close the report.
 `--trace FILE` also writes `/debug/route` answers for a few prompts probed mid-run.
 `--scale` multiplies request counts (keep the whole run to a few minutes on 2 cores).
 """
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import json
 import re
+import statistics
 import tempfile
 import time
 import urllib.request
@@ -151,6 +154,22 @@ async def run_mode(mode: str, args: argparse.Namespace, loads: dict[str, Workloa
     return results
 
 
+class MedianStats(LoadStats):
+    """Figures that are medians of several runs' figures."""
+
+    def __init__(self, runs: list[LoadStats]) -> None:
+        super().__init__()
+        self._figures = {k: statistics.median(r.figures()[k] for r in runs)
+                         for k in runs[0].figures()}
+
+    def figures(self) -> dict[str, float]:
+        return dict(self._figures)
+
+
+def median_stats(runs: list[LoadStats]) -> LoadStats:
+    return runs[0] if len(runs) == 1 else MedianStats(runs)
+
+
 def _row(figures: dict[str, float]) -> str:
     return " ".join(f"{k}={v}" for k, v in figures.items())
 
@@ -189,9 +208,12 @@ async def bench(args: argparse.Namespace) -> None:
         print(f"workload {name}: {len(w.prompts())} requests, {w.clients} clients, ideal cached "
               f"fraction {ideal_cached_fraction(w, BLOCK_SIZE):.3f}")
     traces: list[dict] = []
-    all_results = {}
-    for mode in args.modes:
-        all_results[mode] = await run_mode(mode, args, loads, traces)
+    runs: dict[str, list[dict[str, LoadStats]]] = {m: [] for m in args.modes}
+    for _ in range(args.repeat):
+        for mode in args.modes:
+            runs[mode].append(await run_mode(mode, args, loads, traces))
+    all_results = {m: {name: median_stats([r[name] for r in rs]) for name in loads}
+                   for m, rs in runs.items()}
     report(all_results, loads)
     if args.trace:
         Path(args.trace).write_text("\n".join(json.dumps(t) for t in traces) + "\n")
@@ -205,6 +227,7 @@ def main() -> None:
                     default=["shared_prefix", "multi_turn", "mixed", "uniform"])
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies request counts")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per mode (medians reported)")
     ap.add_argument("--trace", help="write /debug/route probes (JSON lines) to this file")
     asyncio.run(bench(ap.parse_args()))
 

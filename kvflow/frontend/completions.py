@@ -15,6 +15,7 @@ from kvflow.frontend.handlers import (
     new_id,
     request_id,
     resolve_model,
+    routing_hints,
     tracked,
 )
 from kvflow.frontend.http_response import HttpRequest, Responder
@@ -43,6 +44,7 @@ async def handle_completion(
     pre.validate_completion(body)
     model = resolve_model(state.models, body.model, "completions")
     limits.check_completion(state.config, model, body)
+    hints = routing_hints(request, body.user)
 
     async def serve() -> None:
         prompts = await pre.run_maybe_offloaded(
@@ -51,7 +53,7 @@ async def handle_completion(
         )
         response_id = new_id("cmpl-")
         engine_id = request_id(request, response_id)
-        prepared = pre.prepare_completion(model, body, prompts, engine_id)
+        prepared = pre.prepare_completion(model, body, prompts, engine_id, hints)
         context = Context(engine_id)
         responder.on_disconnect(context.stop_generating)
         gen = Generation(model, prepared, context, record, response_id)

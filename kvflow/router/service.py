@@ -178,6 +178,7 @@ class KvRoutedClient:
             worker_ids=self._generate.instance_ids() if worker_ids is None else worker_ids,
             pinned_worker=hints.worker_id if hints else None,
             block_hashes=hints.block_hashes if hints else None,
+            session_id=hints.session_id if hints else None,
         )
 
     def explain(self, request: PreprocessedRequest) -> RoutingDecision:
@@ -186,7 +187,8 @@ class KvRoutedClient:
         return self.router.explain(request.token_ids,
                                    lora_name=hints.lora_name if hints else None,
                                    worker_ids=self._generate.instance_ids(),
-                                   pinned_worker=hints.worker_id if hints else None)
+                                   pinned_worker=hints.worker_id if hints else None,
+                                   session_id=hints.session_id if hints else None)
 
     def live_workers(self) -> int:
         return len(self._generate.instances)
