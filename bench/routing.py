@@ -17,6 +17,10 @@ machine's drift hits every mode alike), and each figure is the median over the r
 Ratios against round robin (same invocation) close the report.
 `--trace FILE` also writes `/debug/route` answers for a few prompts probed mid-run.
 `--scale` multiplies request counts (keep the whole run to a few minutes on 2 cores).
+Each worker's KV cache is `--gpu-blocks` (1024 blocks of 16 tokens): the workloads'
+working sets fit when each prefix lives on one worker, not when every worker copies
+every prefix, the pressure a fleet's cache is under when traffic is many times larger
+than these few hundred requests.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def workloads(scale: float) -> dict[str, Workload]:
 class Stack:
     """A frontend and mocker workers as child processes, on a private discovery dir."""
 
-    def __init__(self, tmp: Path, workers: int, mode: str) -> None:
+    def __init__(self, tmp: Path, workers: int, mode: str, gpu_blocks: int) -> None:
+        self.gpu_blocks = gpu_blocks
         self.model_dir = make_model_dir(tmp / "model", max_position_embeddings=32768)
         self.env = runtime_env(discovery="file", discovery_path=tmp / "discovery",
                                namespace="routing" + uuid.uuid4().hex[:6],
@@ -82,7 +87,9 @@ class Stack:
         self.url = ""
 
     def start(self) -> None:
-        front = kvflow_proc("frontend", "--http-port", "0", "--router-mode", self.mode,
+        mode, _, extra = self.mode.partition(":")  # "kv:--router-pending-ttl-s=0,..."
+        flags = [f for f in extra.split(",") if f]
+        front = kvflow_proc("frontend", "--http-port", "0", "--router-mode", mode, *flags,
                             env=self.env, log_dir=self.log_dir, name="frontend")
         self.procs.append(front)
         front.wait_for_output("frontend: listening on", timeout=60)
@@ -93,6 +100,7 @@ class Stack:
             self.procs.append(kvflow_proc(
                 "worker", "--engine", "mocker", "--model-path", str(self.model_dir),
                 "--model-name", MODEL, "--speedup-ratio", "1", "--block-size", str(BLOCK_SIZE),
+                "--num-gpu-blocks", str(self.gpu_blocks),
                 env=self.env, log_dir=self.log_dir, name="worker"))
 
     async def wait_workers(self, timeout: float = 90.0) -> None:
@@ -135,7 +143,8 @@ async def trace_decisions(stack: Stack, workload: Workload, out: list[dict]) -> 
 
 async def run_mode(mode: str, args: argparse.Namespace, loads: dict[str, Workload],
                    traces: list[dict]) -> dict[str, LoadStats]:
-    stack = Stack(Path(tempfile.mkdtemp(prefix="kvflow-routing-")), args.workers, mode)
+    stack = Stack(Path(tempfile.mkdtemp(prefix="kvflow-routing-")), args.workers, mode,
+                  args.gpu_blocks)
     results: dict[str, LoadStats] = {}
     try:
         stack.start()
@@ -222,11 +231,16 @@ async def bench(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--modes", nargs="+", default=["kv", "round-robin", "least-loaded"])
+    ap.add_argument("--modes", nargs="+", default=["kv", "round-robin", "least-loaded"],
+                    help="router modes; MODE:FLAG=V,FLAG=V adds frontend flags "
+                    "(e.g. kv:--router-decode-load-scale=1)")
     ap.add_argument("--workloads", nargs="+",
                     default=["shared_prefix", "multi_turn", "mixed", "uniform"])
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies request counts")
+    ap.add_argument("--gpu-blocks", type=int, default=1024,
+                    help="KV blocks per mocker worker: small, so that (as in production, "
+                    "where traffic outgrows caches) copying every prefix to every worker evicts")
     ap.add_argument("--repeat", type=int, default=1, help="runs per mode (medians reported)")
     ap.add_argument("--trace", help="write /debug/route probes (JSON lines) to this file")
     asyncio.run(bench(ap.parse_args()))

@@ -28,6 +28,8 @@ SESSION_HEADER = "x-session-id"
 class Turn:
     prompt: list[int]
     max_tokens: int
+    # Seconds the user thinks before sending this turn (after the previous one ended).
+    delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,10 @@ def shared_prefix(seed: int, groups: int, per_group: int, prefix: int, suffix: i
 
 
 def multi_turn(seed: int, users: int, turns: int, first: int, user_msg: int, reply: int,
-               max_tokens: int, clients: int, vocab: int = 500) -> Workload:
-    """Each user replays a conversation: every turn is the history plus a new message."""
+               max_tokens: int, clients: int, vocab: int = 500,
+               think_s: float = 0.3) -> Workload:
+    """Each user replays a conversation: every turn is the history plus a new message,
+    sent after a seeded think time of up to `think_s` (users do not move in lockstep)."""
     rng = random.Random(seed)
     sessions = []
     for u in range(users):
@@ -73,7 +77,7 @@ def multi_turn(seed: int, users: int, turns: int, first: int, user_msg: int, rep
         convo = [Turn(list(history), max_tokens)]
         for _ in range(turns - 1):
             history += _tokens(rng, reply, vocab) + _tokens(rng, user_msg, vocab)
-            convo.append(Turn(list(history), max_tokens))
+            convo.append(Turn(list(history), max_tokens, rng.uniform(0, think_s)))
         sessions.append(Session(convo, key=f"user-{seed}-{u}"))
     return Workload("multi_turn", sessions, clients)
 
@@ -158,6 +162,8 @@ async def run_workload(base_url: str, model: str, workload: Workload) -> LoadSta
         async def worker() -> None:
             for session in pending:  # shared iterator: each session goes to one client
                 for turn in session.turns:
+                    if turn.delay_s:
+                        await asyncio.sleep(turn.delay_s)
                     await _one(client, model, turn, session.key, stats)
 
         start = time.perf_counter()
