@@ -133,6 +133,18 @@ def kv_costs(
     return {w: t.total for w, t in kv_terms(num_tokens, overlaps, loads, weights).items()}
 
 
+def kv_cost_totals(num_tokens: int, overlaps: Mapping[int, int],
+                   loads: Mapping[int, WorkerLoad], weights: CostWeights) -> dict[int, float]:
+    """`kv_terms(...)[w].total` per worker, without building the terms (the hot path)."""
+    bs, scale, dscale = weights.block_size, weights.prefill_load_scale, weights.decode_load_scale
+    costs: dict[int, float] = {}
+    for w, load in loads.items():
+        new = num_tokens - overlaps.get(w, 0) * bs
+        costs[w] = scale * (load.prefill_tokens + (new if new > 0 else 0)) / bs + (
+            dscale * load.decode_blocks)
+    return costs
+
+
 def kv_terms(num_tokens: int, overlaps: Mapping[int, int], loads: Mapping[int, WorkerLoad],
              weights: CostWeights) -> dict[int, CostTerms]:
     """Cost terms per worker in `loads` (workers absent from `overlaps` cache nothing)."""
@@ -164,15 +176,10 @@ def _cheapest(costs: Mapping[int, float], rng: random.Random, tie_key: TieKey | 
     return max(tied, key=tie_key) if tie_key is not None else rng.choice(tied)
 
 
-_MASK64 = (1 << 64) - 1
-
-
 def rendezvous(key: int, worker_id: int) -> int:
-    """A well-mixed 64-bit score of (key, worker): splitmix64 of their combination."""
-    z = (key ^ (worker_id * 0x9E3779B97F4A7C15)) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
+    """A score of (key, worker) for rendezvous hashing: the tuple's hash, which for ints
+    is the same in every process (no hash randomization) and costs one C call."""
+    return hash((key, worker_id))
 
 
 def softmax_probabilities(costs: Mapping[int, float], temperature: float) -> dict[int, float]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 
 
 class PendingBlocks:
@@ -41,7 +41,7 @@ class PendingBlocks:
         self._expiry.append((deadline, worker_id, block_hashes))
 
     def extend(self, block_hashes: Sequence[int], scores: Mapping[int, int],
-               candidates: Iterable[int]) -> dict[int, int]:
+               candidates: Container[int]) -> dict[int, int]:
         """Per candidate with pending blocks, how many more leading blocks past its score
         (`scores[w]`: leading blocks the exact index has) are pending there."""
         if not self._held:
@@ -49,9 +49,8 @@ class PendingBlocks:
         self._expire(self._clock())
         extra: dict[int, int] = {}
         n = len(block_hashes)
-        for w in candidates:
-            held = self._held.get(w)
-            if not held:
+        for w, held in self._held.items():
+            if w not in candidates:
                 continue
             start = i = scores.get(w, 0)
             while i < n and block_hashes[i] in held:

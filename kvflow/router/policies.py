@@ -16,6 +16,7 @@ from kvflow.router.config import KvRouterConfig
 from kvflow.router.cost import (
     CostTerms,
     CostWeights,
+    kv_cost_totals,
     kv_terms,
     load_cost,
     rendezvous,
@@ -57,7 +58,6 @@ class RoutingSnapshot:
 class PolicyChoice:
     worker_id: int
     costs: dict[int, float] = field(default_factory=dict)
-    terms: dict[int, CostTerms] = field(default_factory=dict)
 
 
 class RouterPolicy(Protocol):
@@ -107,12 +107,21 @@ class KvPolicy:
 
     def select(self, snapshot: RoutingSnapshot, rng: random.Random) -> PolicyChoice:
         cfg = self.config
-        weights = CostWeights(cfg.block_size, cfg.prefill_load_scale, cfg.decode_load_scale)
-        terms = kv_terms(snapshot.num_tokens, snapshot.overlap_scores(), snapshot.loads, weights)
-        costs = {w: t.total for w, t in terms.items()}
+        costs = kv_cost_totals(snapshot.num_tokens, snapshot.overlap_scores(), snapshot.loads,
+                               self.weights)
         key = snapshot.prefix_key
         worker = select_worker(costs, cfg.temperature, rng, lambda w: rendezvous(key, w))
-        return PolicyChoice(worker, costs, terms)
+        return PolicyChoice(worker, costs)
+
+    def terms(self, snapshot: RoutingSnapshot) -> dict[int, CostTerms]:
+        """What each candidate's cost is made of (for explain; `select` sums them only)."""
+        return kv_terms(snapshot.num_tokens, snapshot.overlap_scores(), snapshot.loads,
+                        self.weights)
+
+    @property
+    def weights(self) -> CostWeights:
+        cfg = self.config
+        return CostWeights(cfg.block_size, cfg.prefill_load_scale, cfg.decode_load_scale)
 
 
 @register_router_policy("least_loaded")

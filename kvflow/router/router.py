@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -29,7 +29,7 @@ from kvflow.router.indexer import KvIndex
 from kvflow.router.load import ActiveLoad, WorkerLoad, is_busy
 from kvflow.router.metrics import RouterMetrics
 from kvflow.router.pending import PendingBlocks
-from kvflow.router.policies import DirectPolicy, RoutingSnapshot, build_router_policy
+from kvflow.router.policies import DirectPolicy, KvPolicy, RoutingSnapshot, build_router_policy
 from kvflow.router.recovery import FetchSnapshot, GapRecovery, RecoveryStats
 from kvflow.router.sessions import SessionAffinity
 from kvflow.router.sync import RoutingSyncMessage, SyncKind, remote_key
@@ -156,7 +156,7 @@ class KvRouter:
                                 session_id)
         rng = random.Random()
         rng.setstate(self._rng.getstate())
-        return self._decide(request, rng)
+        return self._decide(request, rng, explain=True)
 
     def _prepare(
         self,
@@ -188,15 +188,16 @@ class KvRouter:
                                cfg.max_active_requests)
                    for w in candidates if w not in self._removed)
 
-    def _decide(self, request: _Request, rng: random.Random) -> RoutingDecision:
+    def _decide(self, request: _Request, rng: random.Random, explain: bool = False) -> (
+            RoutingDecision):
         cfg = self.config
         candidates = [w for w in request.candidates if w not in self._removed]
         if not candidates:  # they left while the request waited
             raise NoWorkersError(f"workers {sorted(request.candidates)} left before the request "
                                  "could be routed; retry it")
         hashes = request.block_hashes
-        overlaps, pending = self._match(hashes, candidates)
         loads = self._load.snapshot(candidates)
+        overlaps, pending = self._match(hashes, loads)
         eligible = self._eligible(loads)
         hint = self._sessions.lookup(request.session_id, hashes) if request.session_id else None
         snapshot = RoutingSnapshot(request.num_tokens, eligible, overlaps,
@@ -208,6 +209,7 @@ class KvRouter:
         choice = policy.select(snapshot, rng)
         scores = snapshot.overlap_scores()
         overlap = scores.get(choice.worker_id, 0)
+        terms = policy.terms(snapshot) if explain and isinstance(policy, KvPolicy) else {}
         return RoutingDecision(
             worker_id=choice.worker_id,
             overlap_blocks=overlap,
@@ -218,14 +220,14 @@ class KvRouter:
             costs=choice.costs,
             overlaps={w: scores.get(w, 0) for w in loads},
             loads=loads,
-            terms=choice.terms,
+            terms=terms,
             pending=pending,
             session_worker=snapshot.session_worker,
             session_blocks=snapshot.session_blocks,
         )
 
-    def _match(self, hashes: list[int], candidates: list[int]) -> tuple[OverlapScores,
-                                                                        dict[int, int]]:
+    def _match(self, hashes: list[int], candidates: Container[int]) -> tuple[OverlapScores,
+                                                                             dict[int, int]]:
         """Leading blocks per worker: the index's, extended by blocks pending there."""
         overlaps = self._index.find_matches(hashes)
         if self._pending is None:

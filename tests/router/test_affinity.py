@@ -66,7 +66,9 @@ def test_decode_load_does_not_swamp_a_long_cached_prefix() -> None:
     snap = RoutingSnapshot(136 * BS, loads, OverlapScores({1: 128}))
     choice = policy.select(snap, random.Random(0))
     assert choice.worker_id == 1
-    assert choice.terms[1].saved == 128 and choice.terms[1].decode == pytest.approx(40.8)
+    terms = policy.terms(snap)  # type: ignore[attr-defined]
+    assert terms[1].saved == 128 and terms[1].decode == pytest.approx(40.8)
+    assert choice.costs == pytest.approx({w: t.total for w, t in terms.items()})
 
 
 def test_ties_are_deterministic_and_spread_prefixes() -> None:
