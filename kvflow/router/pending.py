@@ -17,6 +17,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 
+from kvflow.llm.kv_events import AllCleared, BlocksRemoved, BlocksStored, KvEvent
+
 
 class PendingBlocks:
     """worker → {block hash: expiry}, with expiry in booking order."""
@@ -67,6 +69,17 @@ class PendingBlocks:
                 held.pop(h, None)
 
     refute = confirm
+
+    def apply(self, events: Iterable[KvEvent]) -> None:
+        """Settle pending blocks from a worker's KV events."""
+        for event in events:
+            data = event.data
+            if isinstance(data, BlocksStored):
+                self.confirm(event.worker_id, [b.block_hash for b in data.blocks])
+            elif isinstance(data, BlocksRemoved):
+                self.refute(event.worker_id, data.block_hashes)
+            elif isinstance(data, AllCleared):
+                self.clear_worker(event.worker_id)
 
     def clear_worker(self, worker_id: int) -> None:
         self._held.pop(worker_id, None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from kvflow.llm.kv_events import AllCleared, BlocksRemoved, BlocksStored, KvEvent, KvEventBatch, LoadMetrics
+from kvflow.llm.kv_events import KvEvent, KvEventBatch, LoadMetrics
 from kvflow.llm.kv_hash import sequence_hashes
 from kvflow.router.admission import AdmissionQueue, AdmissionStats
 from kvflow.router.approximate import ApproxIndex
@@ -293,25 +293,10 @@ class KvRouter:
         if self._recovery is None:
             return  # approximate mode ignores KV events
         events = [e for e in events if e.worker_id not in self._removed]
-        self._settle(events)
+        if self._pending is not None:
+            self._pending.apply(events)  # stored blocks confirm, removed ones refute
+        self._sessions.apply(events)  # an evicted history refutes its session
         self._recovery.handle(events)
-
-    def _settle(self, events: list[KvEvent]) -> None:
-        """Events confirm or refute pending blocks, and refute evicted session histories."""
-        pending, sessions = self._pending, self._sessions
-        for event in events:
-            data, worker = event.data, event.worker_id
-            if isinstance(data, BlocksStored):
-                if pending is not None:
-                    pending.confirm(worker, [b.block_hash for b in data.blocks])
-            elif isinstance(data, BlocksRemoved):
-                if pending is not None:
-                    pending.refute(worker, data.block_hashes)
-                sessions.refute(worker, data.block_hashes)
-            elif isinstance(data, AllCleared):
-                if pending is not None:
-                    pending.clear_worker(worker)
-                sessions.remove_worker(worker)
 
     def on_load_metrics(self, metrics: LoadMetrics) -> None:
         if metrics.worker_id in self._removed:

@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from kvflow.llm.kv_events import AllCleared, BlocksRemoved, KvEvent
+
 
 @dataclass(frozen=True, slots=True)
 class SessionEntry:
@@ -78,6 +80,14 @@ class SessionAffinity:
         for h in removed:
             for key in self._by_block.pop((worker_id, h), ()):
                 self._entries.pop(key, None)
+
+    def apply(self, events: Iterable[KvEvent]) -> None:
+        """Evictions in a worker's KV events refute the sessions whose history they end."""
+        for event in events:
+            if isinstance(event.data, BlocksRemoved):
+                self.refute(event.worker_id, event.data.block_hashes)
+            elif isinstance(event.data, AllCleared):
+                self.remove_worker(event.worker_id)
 
     def remove_worker(self, worker_id: int) -> None:
         for key in [k for k, e in self._entries.items() if e.worker_id == worker_id]:
