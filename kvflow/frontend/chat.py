@@ -16,6 +16,7 @@ from kvflow.frontend.handlers import (
     new_id,
     request_id,
     resolve_model,
+    routing_hints,
     tracked,
 )
 from kvflow.frontend.http_response import HttpRequest, Responder
@@ -51,6 +52,7 @@ async def handle_chat(state: FrontendState, request: HttpRequest, responder: Res
     model = resolve_model(state.models, body.model, "chat")
     limits.check_chat(state.config, model, body)
     salt = cache_salt(request, body.cache_salt)
+    hints = routing_hints(request, body.user)
 
     async def serve() -> None:
         chars = pre.chat_prompt_chars(body)
@@ -60,7 +62,7 @@ async def handle_chat(state: FrontendState, request: HttpRequest, responder: Res
         )
         response_id = new_id("chatcmpl-")
         engine_id = request_id(request, response_id)
-        prepared = pre.prepare_chat(model, body, prompt, engine_id, salt)
+        prepared = pre.prepare_chat(model, body, prompt, engine_id, salt, hints)
         context = Context(engine_id)
         responder.on_disconnect(context.stop_generating)
         gen = Generation(model, prepared, context, record, response_id)

@@ -16,6 +16,7 @@ from kvflow.frontend.handlers import (
     new_id,
     request_id,
     resolve_model,
+    routing_hints,
     tracked,
 )
 from kvflow.frontend.http_response import HttpRequest, Responder
@@ -45,6 +46,7 @@ async def handle_completion(
     model = resolve_model(state.models, body.model, "completions")
     limits.check_completion(state.config, model, body)
     salt = cache_salt(request, body.cache_salt)
+    hints = routing_hints(request, body.user)
 
     async def serve() -> None:
         prompts = await pre.run_maybe_offloaded(
@@ -53,7 +55,7 @@ async def handle_completion(
         )
         response_id = new_id("cmpl-")
         engine_id = request_id(request, response_id)
-        prepared = pre.prepare_completion(model, body, prompts, engine_id, salt)
+        prepared = pre.prepare_completion(model, body, prompts, engine_id, salt, hints)
         context = Context(engine_id)
         responder.on_disconnect(context.stop_generating)
         gen = Generation(model, prepared, context, record, response_id)

@@ -19,10 +19,13 @@ from kvflow.frontend.http_response import JSON, HttpRequest, Responder
 from kvflow.frontend.metrics import CONTENT_TYPE, FrontendMetrics, RequestRecord
 from kvflow.frontend.models import ModelManager, ServedModel
 from kvflow.llm.openai import ModelList, ModelObject
+from kvflow.llm.protocol import RoutingHints
 
 T = TypeVar("T")
 MAX_REQUEST_ID_CHARS = 256
 MAX_CACHE_SALT_CHARS = 256
+MAX_SESSION_ID_CHARS = 256
+SESSION_HEADER = "x-session-id"
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -85,6 +88,19 @@ def cache_salt(request: HttpRequest, body_salt: str | None) -> str | None:
                        param="x-cache-salt")
     parts = [f"{tag}:{salt}" for tag, salt in (("h", header), ("b", body_salt)) if salt]
     return "\n".join(parts) or None
+
+
+def routing_hints(request: HttpRequest, user: str | None) -> RoutingHints | None:
+    """The router's hints from the request: its session key, from the X-Session-Id header
+    or else the OpenAI `user` field (a conversation's turns then go where its history is)."""
+    session = request.headers.get(SESSION_HEADER) or user
+    if not session:
+        return None
+    if len(session) > MAX_SESSION_ID_CHARS:
+        raise ApiError(400, f"The session key (X-Session-Id or user) is longer than "
+                       f"{MAX_SESSION_ID_CHARS} characters; send a shorter one.",
+                       param="x-session-id" if request.headers.get(SESSION_HEADER) else "user")
+    return RoutingHints(session_id=session)
 
 
 def request_id(request: HttpRequest, response_id: str) -> str:

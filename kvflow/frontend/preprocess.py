@@ -20,7 +20,12 @@ from kvflow.frontend.errors import ApiError, bad_request
 from kvflow.frontend.models import ServedModel
 from kvflow.llm.chat_template import TemplateError
 from kvflow.llm.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
-from kvflow.llm.protocol import PreprocessedRequest, SamplingOptions, StopConditions
+from kvflow.llm.protocol import (
+    PreprocessedRequest,
+    RoutingHints,
+    SamplingOptions,
+    StopConditions,
+)
 
 T = TypeVar("T")
 # Template variables the frontend sets itself; chat_template_kwargs may not override them.
@@ -194,6 +199,7 @@ def validate_chat(req: ChatCompletionRequest) -> None:
 def prepare_chat(
     model: ServedModel, req: ChatCompletionRequest, prompt: ChatPrompt, request_id: str,
     cache_salt: str | None = None,
+    routing: RoutingHints | None = None,
 ) -> Prepared:
     ids = prompt.ids
     max_tokens = req.max_completion_tokens or req.max_tokens
@@ -209,7 +215,7 @@ def prepare_chat(
         reasoning=reasoning is not None,
         reasoning_open=reasoning is not None and reasoning.prompt_opens_reasoning(prompt.text),
     )
-    base = _engine_request(model, req, ids, max_tokens, options.logprobs, cache_salt)
+    base = _engine_request(model, req, ids, max_tokens, options.logprobs, cache_salt, routing)
     choices = [ChoiceInput(i, _for_choice(base, request_id, i, req.n)) for i in range(req.n)]
     return Prepared(choices, options, len(ids), req.n)
 
@@ -255,6 +261,7 @@ def tokenize_completion(model: ServedModel, req: CompletionRequest) -> list[list
 def prepare_completion(
     model: ServedModel, req: CompletionRequest, prompts: list[list[int]], request_id: str,
     cache_salt: str | None = None,
+    routing: RoutingHints | None = None,
 ) -> Prepared:
     options = OutputOptions(
         stop=_stops(req.stop),
@@ -267,7 +274,7 @@ def prepare_completion(
     for p, ids in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{p}]"
         max_tokens = _fit_context(model, len(ids), req.max_tokens, param)
-        base = _engine_request(model, req, ids, max_tokens, options.logprobs, cache_salt)
+        base = _engine_request(model, req, ids, max_tokens, options.logprobs, cache_salt, routing)
         echo = _echo_text(model, req, p, ids)
         for i in range(req.n):
             index = p * req.n + i
@@ -337,6 +344,7 @@ def _engine_request(
     max_tokens: int,
     logprobs: int | None,
     cache_salt: str | None = None,
+    routing: RoutingHints | None = None,
 ) -> PreprocessedRequest:
     fmt = msgspec.to_builtins(req.response_format) if req.response_format else None
     if fmt and fmt.get("type", "text") != "text" and not model.card.guided_decoding:
@@ -370,6 +378,7 @@ def _engine_request(
         stop=stop,
         eos_token_ids=list(model.card.eos_token_ids),
         cache_salt=cache_salt,
+        routing=routing,
     )
 
 

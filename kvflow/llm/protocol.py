@@ -50,6 +50,9 @@ class RoutingHints(msgspec.Struct, omit_defaults=True):
     block_hashes: list[int] | None = None
     # Disaggregation: role-specific parameters (prefill result, transfer handle...).
     disagg: dict | None = None
+    # Session affinity: a conversation's key (x-session-id header or OpenAI `user`); the
+    # router sends its turns to the worker holding its history.
+    session_id: str | None = None
 
 
 class PreprocessedRequest(msgspec.Struct, omit_defaults=True):

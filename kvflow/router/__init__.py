@@ -7,7 +7,9 @@ Map:
   recovery.py    GapRecovery: snapshot fetch + event buffering for workers with gaps
   approximate.py ApproxIndex: TTL/LRU index fed by the router's own decisions
   load.py        ActiveLoad, WorkerLoad, is_busy
-  cost.py        cost formula, select_worker, RoutingDecision
+  pending.py     PendingBlocks: routed prompts' blocks, cached until KV events confirm them
+  sessions.py    SessionAffinity: a session's turns go where its history is
+  cost.py        cost formula (blocks of prefill work), select_worker, RoutingDecision
   policies.py    registry: kv, least_loaded, round_robin, random, direct
   admission.py   bounded FCFS wait queue while every worker is busy
   sync.py        RoutingSyncMessage between router replicas

@@ -14,8 +14,17 @@ class KvRouterConfig:
     policy: str = "kv"
     # Tokens per KV block; must equal the engines' block size or nothing ever matches.
     block_size: int = 16
-    # Weight of prefill work (in blocks) against active decode blocks in the cost.
+    # Weights of the cost (cost.py), whose unit is a block of prefill work: prefill blocks
+    # (queued and new) count `prefill_load_scale`, active decode blocks `decode_load_scale`.
     prefill_load_scale: float = 1.0
+    decode_load_scale: float = 0.1
+    # A routed prompt's blocks count as cached on its worker until KV events confirm or
+    # refute them, for at most this long (0 = off; approximate mode never books them).
+    pending_ttl_s: float = 5.0
+    # Session affinity (requests with a session key): idle sessions are forgotten after
+    # this long, the least recent beyond max_sessions first.
+    session_ttl_s: float = 600.0
+    max_sessions: int = 100_000
     # 0 picks the cheapest worker; > 0 samples by softmax over normalized costs.
     temperature: float = 0.0
     # True: follow engines' KV events. False: approximate mode (assume routed prompts stay
@@ -45,6 +54,11 @@ class KvRouterConfig:
         _check(self.block_size > 0, "block_size", self.block_size, "a positive token count")
         _check(self.prefill_load_scale >= 0, "prefill_load_scale", self.prefill_load_scale,
                "zero or more")
+        _check(self.decode_load_scale >= 0, "decode_load_scale", self.decode_load_scale,
+               "zero or more")
+        _check(self.pending_ttl_s >= 0, "pending_ttl_s", self.pending_ttl_s, "zero or more seconds")
+        _check(self.session_ttl_s > 0, "session_ttl_s", self.session_ttl_s, "positive seconds")
+        _check(self.max_sessions > 0, "max_sessions", self.max_sessions, "a positive count")
         _check(self.temperature >= 0, "temperature", self.temperature, "zero or more")
         _check(self.approx_ttl_s > 0, "approx_ttl_s", self.approx_ttl_s, "positive seconds")
         _check(self.approx_max_blocks > 0, "approx_max_blocks", self.approx_max_blocks,

@@ -13,7 +13,15 @@ from typing import Protocol, TypeVar
 
 from kvflow.router.blocks import OverlapScores
 from kvflow.router.config import KvRouterConfig
-from kvflow.router.cost import kv_costs, load_cost, select_worker
+from kvflow.router.cost import (
+    CostTerms,
+    CostWeights,
+    kv_cost_totals,
+    kv_terms,
+    load_cost,
+    rendezvous,
+    select_worker,
+)
 from kvflow.router.errors import UnknownWorkerError
 from kvflow.router.load import WorkerLoad
 
@@ -30,6 +38,20 @@ class RoutingSnapshot:
     decisions_made: int = 0
     # The worker the request names itself (RoutingHints.worker_id), if any.
     pinned_worker: int | None = None
+    # Session affinity: the worker holding the request's session history and how many of
+    # its leading prompt blocks that history covers (0: it no longer matches the prompt).
+    session_worker: int | None = None
+    session_blocks: int = 0
+    # Breaks ties between equally cheap workers (the prompt's first block hash).
+    prefix_key: int = 0
+
+    def overlap_scores(self) -> dict[int, int]:
+        """Cached leading blocks per worker: the index's, raised to the session history."""
+        scores = self.overlaps.scores
+        w = self.session_worker
+        if w is None or w not in self.loads or self.session_blocks <= scores.get(w, 0):
+            return scores
+        return {**scores, w: self.session_blocks}
 
 
 @dataclass(frozen=True)
@@ -77,16 +99,29 @@ def build_router_policy(config: KvRouterConfig) -> RouterPolicy:
 @register_router_policy("kv")
 @dataclass(frozen=True)
 class KvPolicy:
-    """Cheapest by cache overlap and load (see cost.py); softmax when temperature > 0."""
+    """Cheapest by wait + prefill left after the cached prefix + decode load (cost.py);
+    ties by rendezvous hash of the prefix; softmax when temperature > 0."""
 
     config: KvRouterConfig
     name: str = "kv"
 
     def select(self, snapshot: RoutingSnapshot, rng: random.Random) -> PolicyChoice:
         cfg = self.config
-        costs = kv_costs(snapshot.num_tokens, snapshot.overlaps.scores, snapshot.loads,
-                         cfg.block_size, cfg.prefill_load_scale)
-        return PolicyChoice(select_worker(costs, cfg.temperature, rng), costs)
+        costs = kv_cost_totals(snapshot.num_tokens, snapshot.overlap_scores(), snapshot.loads,
+                               self.weights)
+        key = snapshot.prefix_key
+        worker = select_worker(costs, cfg.temperature, rng, lambda w: rendezvous(key, w))
+        return PolicyChoice(worker, costs)
+
+    def terms(self, snapshot: RoutingSnapshot) -> dict[int, CostTerms]:
+        """What each candidate's cost is made of (for explain; `select` sums them only)."""
+        return kv_terms(snapshot.num_tokens, snapshot.overlap_scores(), snapshot.loads,
+                        self.weights)
+
+    @property
+    def weights(self) -> CostWeights:
+        cfg = self.config
+        return CostWeights(cfg.block_size, cfg.prefill_load_scale, cfg.decode_load_scale)
 
 
 @register_router_policy("least_loaded")

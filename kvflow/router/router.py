@@ -1,9 +1,10 @@
 """`KvRouter`: the KV-cache-aware router — index, load, policy, admission and replica sync.
 
 One decision reads aloud: hash the prompt → wait for a non-busy worker → score the
-candidates (cache overlap + load) and pick one → book the request's load. Engines' KV
-events and load metrics, discovery changes and peer replicas' decisions flow in through
-the `on_*` methods; the caller owns every transport.
+candidates (cached prefix — exact, pending or session history — against load) and pick
+one → book the request's load, its prompt blocks as pending on the chosen worker, and
+its session. Engines' KV events and load metrics, discovery changes and peer replicas'
+decisions flow in through the `on_*` methods; the caller owns every transport.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -20,15 +21,17 @@ from kvflow.llm.kv_events import KvEvent, KvEventBatch, LoadMetrics
 from kvflow.llm.kv_hash import sequence_hashes
 from kvflow.router.admission import AdmissionQueue, AdmissionStats
 from kvflow.router.approximate import ApproxIndex
-from kvflow.router.blocks import OverlapIndex
+from kvflow.router.blocks import OverlapIndex, OverlapScores
 from kvflow.router.config import KvRouterConfig
 from kvflow.router.cost import RoutingDecision, predicted_hit_rate
 from kvflow.router.errors import NoWorkersError, RouterOverloadedError, UnknownWorkerError
 from kvflow.router.indexer import KvIndex
 from kvflow.router.load import ActiveLoad, WorkerLoad, is_busy
 from kvflow.router.metrics import RouterMetrics
-from kvflow.router.policies import DirectPolicy, RoutingSnapshot, build_router_policy
+from kvflow.router.pending import PendingBlocks
+from kvflow.router.policies import DirectPolicy, KvPolicy, RoutingSnapshot, build_router_policy
 from kvflow.router.recovery import FetchSnapshot, GapRecovery, RecoveryStats
+from kvflow.router.sessions import SessionAffinity
 from kvflow.router.sync import RoutingSyncMessage, SyncKind, remote_key
 
 PublishSync = Callable[[RoutingSyncMessage], None]
@@ -43,6 +46,7 @@ class _Request:
     block_hashes: list[int]
     candidates: list[int]
     pinned_worker: int | None
+    session_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ class KvRouter:
         self._approx: ApproxIndex | None = None
         self._recovery: GapRecovery | None = None
         self._index: OverlapIndex = self._build_index(fetch_snapshot, clock)
+        self._pending: PendingBlocks | None = None
+        if config.use_kv_events and config.pending_ttl_s > 0:
+            self._pending = PendingBlocks(config.pending_ttl_s, clock)
+        self._sessions = SessionAffinity(config.session_ttl_s, config.max_sessions, clock)
         self._load = ActiveLoad()
         self._policy = build_router_policy(config)
         self._direct = DirectPolicy(config)
@@ -110,6 +118,7 @@ class KvRouter:
         pinned_worker: int | None = None,
         block_hashes: Sequence[int] | None = None,
         cache_salt: str | None = None,
+        session_id: str | None = None,
     ) -> RoutingDecision:
         """Pick a worker for the request and book its load there.
 
@@ -119,7 +128,7 @@ class KvRouter:
         there is nothing (or not the named worker) to route to.
         """
         request = self._prepare(token_ids, lora_name, worker_ids, pinned_worker, block_hashes,
-                                cache_salt)
+                                cache_salt, session_id)
         try:
             await self._admission.admit(lambda: self._has_room(request.candidates))
         except RouterOverloadedError:
@@ -142,12 +151,14 @@ class KvRouter:
         *,
         pinned_worker: int | None = None,
         cache_salt: str | None = None,
+        session_id: str | None = None,
     ) -> RoutingDecision:
         """The decision `schedule` would make now, without changing any state."""
-        request = self._prepare(token_ids, lora_name, worker_ids, pinned_worker, None, cache_salt)
+        request = self._prepare(token_ids, lora_name, worker_ids, pinned_worker, None,
+                                cache_salt, session_id)
         rng = random.Random()
         rng.setstate(self._rng.getstate())
-        return self._decide(request, rng)
+        return self._decide(request, rng, explain=True)
 
     def _prepare(
         self,
@@ -157,6 +168,7 @@ class KvRouter:
         pinned: int | None,
         block_hashes: Sequence[int] | None,
         cache_salt: str | None = None,
+        session_id: str | None = None,
     ) -> _Request:
         candidates = list(dict.fromkeys(self._workers if worker_ids is None else worker_ids))
         if not candidates:
@@ -170,7 +182,7 @@ class KvRouter:
         if block_hashes is None:
             block_hashes = sequence_hashes(token_ids, self.config.block_size, lora_name=lora_name,
                                            salt=cache_salt)
-        return _Request(len(token_ids), list(block_hashes), candidates, pinned)
+        return _Request(len(token_ids), list(block_hashes), candidates, pinned, session_id or None)
 
     def _has_room(self, candidates: Iterable[int]) -> bool:
         cfg = self.config
@@ -180,20 +192,28 @@ class KvRouter:
                                cfg.max_active_requests)
                    for w in candidates if w not in self._removed)
 
-    def _decide(self, request: _Request, rng: random.Random) -> RoutingDecision:
+    def _decide(self, request: _Request, rng: random.Random, explain: bool = False) -> (
+            RoutingDecision):
         cfg = self.config
         candidates = [w for w in request.candidates if w not in self._removed]
         if not candidates:  # they left while the request waited
             raise NoWorkersError(f"workers {sorted(request.candidates)} left before the request "
                                  "could be routed; retry it")
-        overlaps = self._index.find_matches(request.block_hashes)
+        hashes = request.block_hashes
         loads = self._load.snapshot(candidates)
+        overlaps, pending = self._match(hashes, loads)
         eligible = self._eligible(loads)
+        hint = self._sessions.lookup(request.session_id, hashes) if request.session_id else None
         snapshot = RoutingSnapshot(request.num_tokens, eligible, overlaps,
-                                   self._decisions, request.pinned_worker)
+                                   self._decisions, request.pinned_worker,
+                                   session_worker=hint.worker_id if hint else None,
+                                   session_blocks=hint.blocks if hint else 0,
+                                   prefix_key=hashes[0] if hashes else 0)
         policy = self._policy if request.pinned_worker is None else self._direct
         choice = policy.select(snapshot, rng)
-        overlap = overlaps.score(choice.worker_id)
+        scores = snapshot.overlap_scores()
+        overlap = scores.get(choice.worker_id, 0)
+        terms = policy.terms(snapshot) if explain and isinstance(policy, KvPolicy) else {}
         return RoutingDecision(
             worker_id=choice.worker_id,
             overlap_blocks=overlap,
@@ -202,9 +222,27 @@ class KvRouter:
             predicted_hit_rate=predicted_hit_rate(overlap, request.num_tokens, cfg.block_size),
             policy=policy.name,
             costs=choice.costs,
-            overlaps={w: overlaps.score(w) for w in loads},
+            overlaps={w: scores.get(w, 0) for w in loads},
             loads=loads,
+            terms=terms,
+            pending=pending,
+            session_worker=snapshot.session_worker,
+            session_blocks=snapshot.session_blocks,
         )
+
+    def _match(self, hashes: list[int], candidates: Container[int]) -> tuple[OverlapScores,
+                                                                             dict[int, int]]:
+        """Leading blocks per worker: the index's, extended by blocks pending there."""
+        overlaps = self._index.find_matches(hashes)
+        if self._pending is None:
+            return overlaps, {}
+        extra = self._pending.extend(hashes, overlaps.scores, candidates)
+        if not extra:
+            return overlaps, extra
+        scores = dict(overlaps.scores)
+        for w, n in extra.items():
+            scores[w] = scores.get(w, 0) + n
+        return OverlapScores(scores, overlaps.frequencies), extra
 
     def _eligible(self, loads: dict[int, WorkerLoad]) -> dict[int, WorkerLoad]:
         """Candidates under the busy thresholds (all of them when none is, for explain)."""
@@ -219,14 +257,24 @@ class KvRouter:
         if self._load.worker_of(request_id) is not None:
             self.on_finished(request_id)  # routed again (migration): the old booking ends
         block_size = self.config.block_size
+        worker, hashes = decision.worker_id, request.block_hashes
         prefill = max(request.num_tokens - decision.overlap_blocks * block_size, 0)
         decode = -(-request.num_tokens // block_size)
-        self._load.add(request_id, decision.worker_id, prefill, decode)
+        self._load.add(request_id, worker, prefill, decode)
         self._decisions += 1
         if self._approx is not None:
-            self._approx.record(decision.worker_id, request.block_hashes)
-        hashes = request.block_hashes if self._approx is not None else []
-        self._send_sync("added", request_id, decision.worker_id, prefill, decode, hashes)
+            self._approx.record(worker, hashes)
+            shared = hashes
+        elif self._pending is not None:
+            shared = hashes[decision.overlap_blocks:]  # what the worker will newly store
+            self._pending.book(worker, shared)
+        else:
+            shared = []
+        session = request.session_id
+        if session:
+            self._sessions.record(session, worker, len(hashes), hashes[-1] if hashes else 0)
+        self._send_sync("added", request_id, worker, prefill, decode, shared, session,
+                        len(hashes), hashes[-1] if hashes else 0)
 
     # --- request lifecycle ---------------------------------------------------------
     def on_first_token(self, request_id: str) -> None:
@@ -248,7 +296,11 @@ class KvRouter:
         events = batch.events if isinstance(batch, KvEventBatch) else batch
         if self._recovery is None:
             return  # approximate mode ignores KV events
-        self._recovery.handle(e for e in events if e.worker_id not in self._removed)
+        events = [e for e in events if e.worker_id not in self._removed]
+        if self._pending is not None:
+            self._pending.apply(events)  # stored blocks confirm, removed ones refute
+        self._sessions.apply(events)  # an evicted history refutes its session
+        self._recovery.handle(events)
 
     def on_load_metrics(self, metrics: LoadMetrics) -> None:
         if metrics.worker_id in self._removed:
@@ -265,6 +317,9 @@ class KvRouter:
         """Forget the worker: its cached blocks, pending recovery and booked load."""
         self._workers.pop(worker_id, None)
         self._index.remove_worker(worker_id)
+        if self._pending is not None:
+            self._pending.clear_worker(worker_id)
+        self._sessions.remove_worker(worker_id)
         if self._recovery is not None:
             self._recovery.remove_worker(worker_id)
         self._load.remove_worker(worker_id)
@@ -275,11 +330,13 @@ class KvRouter:
 
     # --- replica sync --------------------------------------------------------------
     def _send_sync(self, kind: SyncKind, request_id: str, worker_id: int, prefill: int = 0,
-                   decode: int = 0, hashes: list[int] | None = None) -> None:
+                   decode: int = 0, hashes: list[int] | None = None, session: str | None = None,
+                   session_blocks: int = 0, session_hash: int = 0) -> None:
         if self._publish_sync is None:
             return
         self._publish_sync(RoutingSyncMessage(self.replica_id, request_id, kind, worker_id,
-                                              prefill, decode, hashes or []))
+                                              prefill, decode, hashes or [], session or "",
+                                              session_blocks, session_hash))
 
     def apply_sync(self, message: RoutingSyncMessage) -> None:
         """Apply a peer replica's decision or lifecycle change; our own are ignored."""
@@ -290,13 +347,24 @@ class KvRouter:
             if self._load.worker_of(key) is None:
                 self._load.add(key, message.worker_id, message.prefill_tokens,
                                message.decode_blocks)
-            if self._approx is not None and message.block_hashes:
-                self._approx.record(message.worker_id, message.block_hashes)
+            self._apply_peer_blocks(message)
         elif message.kind == "prefill_done":
             self._load.mark_prefill_done(key)
         else:
             self._load.free(key)
         self._admission.pump()
+
+    def _apply_peer_blocks(self, message: RoutingSyncMessage) -> None:
+        """A peer's decision: its prompt blocks (approximate index or pending) and session."""
+        worker = message.worker_id
+        if message.block_hashes:
+            if self._approx is not None:
+                self._approx.record(worker, message.block_hashes)
+            elif self._pending is not None:
+                self._pending.book(worker, message.block_hashes)
+        if message.session_id:
+            self._sessions.record(message.session_id, worker, message.session_blocks,
+                                  message.session_hash)
 
     def on_replica_removed(self, replica_id: str) -> None:
         """A peer replica left: drop the load it had booked."""

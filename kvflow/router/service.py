@@ -198,7 +198,7 @@ class KvRoutedClient:
             request.token_ids, request.request_id, lora_name=lora,
             worker_ids=self._generate.instance_ids() if worker_ids is None else worker_ids,
             pinned_worker=hints.worker_id if hints else None, block_hashes=hashes,
-            cache_salt=request.cache_salt,
+            cache_salt=request.cache_salt, session_id=hints.session_id if hints else None,
         )
         self.observer.on_decision(request.request_id, request.token_ids, hashes, decision)
         return decision
@@ -210,7 +210,8 @@ class KvRoutedClient:
                                    lora_name=hints.lora_name if hints else None,
                                    worker_ids=self._generate.instance_ids(),
                                    pinned_worker=hints.worker_id if hints else None,
-                                   cache_salt=request.cache_salt)
+                                   cache_salt=request.cache_salt,
+                                   session_id=hints.session_id if hints else None)
 
     def live_workers(self) -> int:
         return len(self._generate.instances)

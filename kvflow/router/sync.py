@@ -2,7 +2,8 @@
 
 Each replica publishes a `RoutingSyncMessage` when it routes a request, when the
 request's prefill ends and when it finishes; peers apply them to their `ActiveLoad`
-under a key scoped by the publishing replica. The event-plane transport is wired by the
+under a key scoped by the publishing replica, book the routed prompt's new blocks as
+pending on the chosen worker, and follow its session to that worker. The event-plane transport is wired by the
 caller (`ROUTER_SYNC_SUBJECT`, payloads from `encode_sync` / `decode_sync`).
 """
 
@@ -24,9 +25,14 @@ class RoutingSyncMessage(msgspec.Struct, omit_defaults=True):
     worker_id: int = 0
     prefill_tokens: int = 0
     decode_blocks: int = 0
-    # Approximate mode only: the routed prompt's block hashes, so peers' approximate
-    # indexes learn what the chosen worker caches.
+    # "added": the routed prompt's block hashes the chosen worker will newly store (all of
+    # them in approximate mode), so peers' approximate index or pending blocks learn them.
     block_hashes: list[int] = []
+    # "added" with a session key: the session's history is now on `worker_id`, covering
+    # `session_blocks` full prompt blocks, the last of which hashes to `session_hash`.
+    session_id: str = ""
+    session_blocks: int = 0
+    session_hash: int = 0
 
 
 _ENCODER = msgspec.msgpack.Encoder()

@@ -200,3 +200,17 @@ async def test_engine_unavailable_is_503(served: Served, card):
         await served.client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert info.value.status_code == 503
     assert "No live worker" in info.value.message
+
+
+async def test_session_key_becomes_a_routing_hint(served: Served, echo: EchoEngineClient):
+    # The X-Session-Id header wins; the OpenAI `user` field is the fallback; none: no hint.
+    await served.client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, user="alice", extra_headers={"X-Session-Id": "conv-7"})
+    assert echo.requests[-1].routing.session_id == "conv-7"
+    await served.client.completions.create(model=MODEL, prompt="hi", max_tokens=2, user="alice")
+    assert echo.requests[-1].routing.session_id == "alice"
+    await served.client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert echo.requests[-1].routing is None
+    with pytest.raises(openai.BadRequestError, match="session key"):
+        await served.client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, extra_headers={"X-Session-Id": "s" * 300})

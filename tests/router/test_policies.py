@@ -48,10 +48,13 @@ def test_duplicate_registration_is_refused() -> None:
 
 
 def test_kv_policy_uses_overlap_and_load() -> None:
-    # 4 request blocks. Costs: w1 = 4 + 4 = 8, w2 = (4-3) + 1 = 2, w3 = 4 + 4 queued = 8.
+    # 4 request blocks; decode blocks weigh 0.1. Costs: w1 = 4 + 0.1 * 4 = 4.4,
+    # w2 = (4-3) + 0.1 * 1 = 1.1, w3 = 4 + 4 queued = 8.
     choice = policy("kv").select(snapshot(overlaps=OverlapScores({2: 3})), random.Random(0))
     assert choice.worker_id == 2
-    assert choice.costs == {1: 8.0, 2: 2.0, 3: 8.0}
+    assert choice.costs == pytest.approx({1: 4.4, 2: 1.1, 3: 8.0})
+    terms = policy("kv").terms(snapshot(overlaps=OverlapScores({2: 3})))  # type: ignore[attr-defined]
+    assert terms[2].saved == 3.0 and terms[3].wait == 4.0
 
 
 def test_least_loaded_ignores_overlap() -> None:

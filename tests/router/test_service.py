@@ -123,8 +123,9 @@ async def test_requests_follow_the_cache_across_the_runtime(fleet: Fleet) -> Non
 
 
 async def test_lost_events_are_recovered_from_the_worker_snapshot(fleet: Fleet) -> None:
-    client = await KvRoutedClient.start(fleet.runtime, KvRouterConfig(block_size=BLOCK, seed=0),
-                                        WIRING)
+    # No pending blocks: the overlap seen below must come from the recovered exact index.
+    config = KvRouterConfig(block_size=BLOCK, seed=0, pending_ttl_s=0)
+    client = await KvRoutedClient.start(fleet.runtime, config, WIRING)
     try:
         await eventually(lambda: client.live_workers() == 2)
         fleet.drop_events.add(101)  # worker 101's next batches never reach the router
@@ -153,6 +154,27 @@ async def test_replicas_share_load_over_the_event_plane(fleet: Fleet) -> None:
         a.router.on_finished("a")
         await eventually(lambda: b.router.active_load.load(decision.worker_id).active_requests
                          == 0)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_replicas_share_sessions_over_the_event_plane(fleet: Fleet) -> None:
+    config = KvRouterConfig(block_size=BLOCK, seed=0)
+    a = await KvRoutedClient.start(fleet.runtime, config, WIRING, name="session-a")
+    b = await KvRoutedClient.start(fleet.runtime, config, WIRING, name="session-b")
+    try:
+        await eventually(lambda: a.live_workers() == 2 and b.live_workers() == 2)
+        await eventually(lambda: bool(a._peers and b._peers))
+        turn1 = list(range(1, 41))
+        hints = RoutingHints(session_id="conv-1")
+        first = await a.schedule(PreprocessedRequest("t1", turn1, routing=hints))
+        a.router.on_finished("t1")
+        turn2 = PreprocessedRequest("t2", [*turn1, 77, 78, 79, 80], routing=hints)
+        # Only replica a routed turn 1; b learns the session from a's sync message.
+        await eventually(lambda: b.explain(turn2).session_worker == first.worker_id)
+        decision = await b.schedule(turn2)
+        assert decision.worker_id == first.worker_id and decision.session_blocks == 10
     finally:
         await a.close()
         await b.close()
