@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvflow.kv.blocks import KvBlockIO
+from kvflow.llm.protocol import DisaggHint, KvTransferStats
 
 
 class ConnectorSeq(Protocol):
@@ -44,6 +45,7 @@ class ConnectorSeq(Protocol):
     request_id: str
     token_ids: list[int]
     prompt_len: int
+    disagg: DisaggHint | None
     num_computed_tokens: int
     num_preemptions: int
     block_ids: list[int]
@@ -74,6 +76,7 @@ class LoadResult:
     request_id: str
     ok: bool
     reason: str = ""
+    stats: KvTransferStats | None = None  # what moved (reported on the request's first output)
 
 
 class KvConnector(Protocol):
@@ -137,6 +140,10 @@ class EngineKv:
     io: KvBlockIO
     shm_name: str | None = None  # the /dev/shm region holding the KV, when it is shared
     wake: Callable[[], None] = lambda: None  # thread-safe: the engine should poll its connector
+    # Modelled seconds to move n tokens' KV (the mocker's clock; 0 for real engines).
+    modelled_s: Callable[[int], float] = lambda n: 0.0
+    # The engine's own connector (e.g. a host tier) for requests this one does not take.
+    fallback: KvConnector | None = None
 
 
 ConnectorFactory = Callable[[EngineKv], KvConnector]

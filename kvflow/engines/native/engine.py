@@ -319,6 +319,7 @@ class NativeEngine:
             d.logprobs, d.top_logprobs = [lp.logprob], [lp.top]
         if seq.num_output_tokens == 1:
             d.cached_tokens = max(seq.num_cached_tokens, 0)
+            d.kv_transfer = seq.kv_transfer
         return d
 
     def _drain(self) -> tuple[list[KvEvent], LoadMetrics | None]:
