@@ -7,8 +7,8 @@ hint (`DisaggHint` on `Sequence.disagg`):
   hold table under the transfer id (a lease releases them if nobody pulls).
 - decode half: at admission, every prompt token but the last one that the local prefix
   cache does not already hold is loaded asynchronously: the agent pulls the source's
-  blocks into the request's new blocks, then (the mocker) waits the modelled transfer
-  time. A failed pull makes the request recompute locally, and it is never retried.
+  blocks into the request's new blocks (the mocker first waits the modelled transfer
+  time). A failed pull makes the request recompute locally, and it is never retried.
 
 Anything else goes to the engine's own connector (`fallback`, e.g. the mocker's host
 tier). Loads run on the worker's event loop; results are queued for the scheduler and
@@ -115,8 +115,8 @@ class DisaggConnector(BaseConnector):
         hint = seq.disagg
         assert hint is not None
         try:
+            await asyncio.sleep(self.kv.modelled_s(n))  # the mocker's wire time, before the data
             stats = await self.agent.pull(hint.source_worker, hint.transfer_id, first, blocks)
-            await asyncio.sleep(self.kv.modelled_s(n))
             result = LoadResult(seq.request_id, True, stats=stats)
             self.num_remote_loads += 1
         except TransferFailed as exc:

@@ -93,10 +93,14 @@ class TransferAgent:
         self._warned_tcp = False
 
     def _describe(self, endpoint: str, worker_id: int, shm_name: str | None) -> AgentInfo:
-        draft = AgentInfo(worker_id, endpoint, self.io.layout, host_id(), [], shm_name)
-        served = [n for n in self.config.backends
-                  if n in backend_names() and get_backend(n).serves(draft, self.io)]
-        return msgspec.structs.replace(draft, backends=served)
+        info = AgentInfo(worker_id, endpoint, self.io.layout, host_id(), [], shm_name)
+        served: list[str] = []
+        for name in self.config.backends:
+            published = get_backend(name).publish(info, self.io) if name in backend_names() else None
+            if published is not None:
+                info = published
+                served.append(name)
+        return msgspec.structs.replace(info, backends=served)
 
     # ---- lifecycle ------------------------------------------------------------------
 

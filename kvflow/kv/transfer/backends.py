@@ -4,7 +4,8 @@
   (published once) and copies runs straight out of it. No bytes on any socket.
 - "tcp": anywhere: the holder streams the runs as chunks over the request plane.
   The fallback; used between GPUs it logs a warning and counts a metric (agent.py).
-- "cuda_ipc": same host, KV on GPUs (cuda_ipc.py, registered when torch has CUDA).
+- "cuda_ipc": same host, KV on GPUs: device-to-device copies out of the holder's cache
+  tensor, opened once from its published CUDA IPC handle (cuda_ipc.py).
 
 A backend pulls a `PullJob`: runs (src on the holder, dst here) that the agent already
 merged and validated against the hold; it returns the bytes it moved.
@@ -19,6 +20,7 @@ from typing import Protocol
 
 from kvflow.kv.blocks import BlockRun, KvBlockIO, copy_run, read_run_from
 from kvflow.kv.shm import SharedRegion
+from kvflow.kv.transfer.cuda_ipc import CudaIpcBackend
 from kvflow.kv.transfer.messages import AgentInfo, Chunk, Reply, TransferRequest
 
 
@@ -35,8 +37,8 @@ class PullJob:
 class TransferBackend(Protocol):
     name: str
 
-    def serves(self, info: AgentInfo, io: KvBlockIO) -> bool:
-        """Whether an agent with this memory can be pulled from with this backend."""
+    def publish(self, info: AgentInfo, io: KvBlockIO) -> AgentInfo | None:
+        """`info` plus what peers need to pull with this backend; None if it cannot serve."""
         ...
 
     def usable(self, local: AgentInfo, remote: AgentInfo) -> bool:
@@ -82,8 +84,8 @@ class TcpBackend:
 
     name = "tcp"
 
-    def serves(self, info: AgentInfo, io: KvBlockIO) -> bool:
-        return True
+    def publish(self, info: AgentInfo, io: KvBlockIO) -> AgentInfo | None:
+        return info
 
     def usable(self, local: AgentInfo, remote: AgentInfo) -> bool:
         return True
@@ -116,8 +118,8 @@ class ShmBackend:
     def __init__(self) -> None:
         self._attached: dict[str, SharedRegion] = {}
 
-    def serves(self, info: AgentInfo, io: KvBlockIO) -> bool:
-        return info.shm_name is not None
+    def publish(self, info: AgentInfo, io: KvBlockIO) -> AgentInfo | None:
+        return info if info.shm_name is not None else None
 
     def usable(self, local: AgentInfo, remote: AgentInfo) -> bool:
         return remote.shm_name is not None and remote.host_id == local.host_id
@@ -151,3 +153,4 @@ class ShmBackend:
 
 register_backend(TcpBackend())
 register_backend(ShmBackend())
+register_backend(CudaIpcBackend())
