@@ -7,6 +7,8 @@ import random
 import re
 import urllib.request
 
+import pytest
+
 # Tiny test model: ~1 token per 3-letter word; long enough prompts to take the remote path.
 ALWAYS = ("--disagg-mode", "always")
 
@@ -72,6 +74,7 @@ async def test_kill_9_prefill_worker_mid_transfer_recomputes_on_decode(chaos) ->
     assert frontend_metric(url, "kvflow_kv_transfer_bytes_total") == 0
 
 
+@pytest.mark.slow
 async def test_kill_9_prefill_worker_mid_prefill_prefills_elsewhere(chaos) -> None:
     chaos.frontend(*ALWAYS)
     slow = chaos.worker("--role", "prefill", speedup=0.05)  # a prefill of many seconds
@@ -126,3 +129,19 @@ async def _until_registered(worker) -> None:
     await _until(worker.registered, 30)
 
 
+
+
+async def test_mismatched_block_size_is_refused_at_registration(chaos) -> None:
+    chaos.frontend(*ALWAYS)
+    chaos.worker("--role", "decode", "--block-size", "16")
+    await chaos.wait_workers(1)
+    chaos.worker("--role", "prefill", "--block-size", "8")
+    frontend = chaos.procs[0]
+    await _until(lambda: "refusing prefill worker" in frontend.output(), 30)
+    line = next(x for x in frontend.output().splitlines() if "refusing prefill worker" in x)
+    assert "block_size: new 8 vs pool's 16" in line
+    assert "has prefill workers" not in frontend.output()  # requests stay aggregated
+    async with chaos.client() as client:
+        out = await client.completions.create(model="m", prompt=prompt(random.Random(4), 60),
+                                              max_tokens=3, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 3
