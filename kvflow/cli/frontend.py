@@ -87,13 +87,18 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
                    "waiting (default: %(default)s)")
     g.add_argument("--disagg-prefill-timeout-s", type=float, default=d.prefill_timeout_s,
                    help="give up on a prefill worker after this long (default: %(default)s)")
+    g.add_argument("--disagg-lend-prefill-workers", action=argparse.BooleanOptionalAction,
+                   default=d.lend_prefill_workers,
+                   help="conditional mode: requests prefilled in place may run whole on a "
+                   "prefill worker the router scores cheaper (default: %(default)s)")
 
 
 def disagg_config(ns: argparse.Namespace) -> DisaggConfig:
     return DisaggConfig(mode=ns.disagg_mode,
                         min_remote_prefill_tokens=ns.disagg_min_remote_prefill_tokens,
                         max_prefill_queue_tokens=ns.disagg_max_prefill_queue_tokens,
-                        prefill_timeout_s=ns.disagg_prefill_timeout_s)
+                        prefill_timeout_s=ns.disagg_prefill_timeout_s,
+                        lend_prefill_workers=ns.disagg_lend_prefill_workers)
 
 
 def frontend_config(ns: argparse.Namespace) -> FrontendConfig:

@@ -13,8 +13,11 @@ The rule (`plan_prefill`, flags `--disagg-*`): prefill remotely when the prompt'
 not already cached on the chosen decode worker are at least `min_remote_prefill_tokens`
 (short prompts cost less to prefill in place than to move), and the least loaded prefill
 worker has at most `max_prefill_queue_tokens` waiting (else the decode worker is faster).
-`mode` "always" / "never" force either side. A prefill worker that dies, errors or takes
-longer than `prefill_timeout_s` is avoided and the next one is tried, then local prefill.
+`mode` "always" / "never" force either side. In conditional mode a request prefilled in
+place runs whole on whichever pool's best worker the router scores cheaper
+(`lend_prefill_workers`), so short prompts use prefill workers too. A prefill worker
+that dies, errors or takes longer than `prefill_timeout_s` is avoided and the next one
+is tried, then local prefill.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ class DisaggConfig:
     max_prefill_queue_tokens: int = 16384  # least loaded prefill worker's queue, at most
     prefill_timeout_s: float = 30.0  # one prefill attempt, then the next worker / local
     max_prefill_attempts: int = 2
+    # conditional: a request prefilled in place may run whole on a prefill worker that
+    # costs less than the best decode worker (short prompts use the whole fleet)
+    lend_prefill_workers: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -162,21 +168,23 @@ class DisaggClient:
     async def generate(
         self, request: PreprocessedRequest, context: Context, exclude: Collection[int] = ()
     ) -> AsyncIterator[EngineOutput]:
-        decision = await self.decode.schedule(request, exclude)
         pool = self.prefill()
         if pool is None or pool.live_workers() == 0:
-            async for out in self.decode.stream(request, decision.worker_id, context):
+            async for out in self.decode.generate(request, context, exclude):
                 yield out
             return
-        plan = self.plan(request, decision, pool)
+        plan = self.plan(request, self.decode.routed.explain(request), pool)
         self.stats.decided(self.model, plan)
-        timing: RequestTiming | None = None
-        if plan.remote:
-            try:
-                request, timing = await self._prefill(pool, request, decision.worker_id, context)
-            except BaseException:
-                self.decode.unbook(request)  # the decode stream never opened
-                raise
+        if not plan.remote:
+            async for out in self._local_pool(request, pool).generate(request, context, exclude):
+                yield out
+            return
+        decision = await self.decode.schedule(request, exclude)
+        try:
+            request, timing = await self._prefill(pool, request, decision.worker_id, context)
+        except BaseException:
+            self.decode.unbook(request)  # the decode stream never opened
+            raise
         started = time.perf_counter()
         first = True
         async for out in self.decode.stream(request, decision.worker_id, context):
@@ -192,6 +200,17 @@ class DisaggClient:
         queue = min((load.prefill_tokens for load in loads), default=None)
         cached = decision.overlap_blocks * self.block_size
         return plan_prefill(len(request.token_ids), cached, queue, self.config)
+
+    def _local_pool(self, request: PreprocessedRequest, pool: RoutedEngineClient) -> RoutedEngineClient:
+        """Where a request prefilled in place runs whole: the decode pool, or (conditional
+        mode, `lend_prefill_workers`) the prefill pool when its best worker costs less."""
+        if self.config.mode != "conditional" or not self.config.lend_prefill_workers:
+            return self.decode
+        decode = self.decode.routed.explain(request)
+        prefill = pool.routed.explain(request)
+        if not decode.costs or not prefill.costs:
+            return self.decode
+        return pool if min(prefill.costs.values()) < min(decode.costs.values()) else self.decode
 
     def _first_output(self, out: EngineOutput, timing: RequestTiming, waited: float) -> None:
         stats = out.kv_transfer

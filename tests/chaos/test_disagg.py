@@ -99,6 +99,7 @@ async def test_decode_worker_killed_after_transfer_migrates(chaos) -> None:
     chaos.worker("--role", "prefill", speedup=20.0)
     decode = [chaos.worker("--role", "decode", speedup=1.0) for _ in range(2)]
     await chaos.wait_workers(2)
+    await _until(lambda: "has prefill workers" in chaos.procs[0].output(), 30)
     async with chaos.client(timeout=60) as client:
         stream = await client.completions.create(
             model="m", prompt=prompt(random.Random(2), 80), max_tokens=120, stream=True,
