@@ -22,7 +22,7 @@ from kvflow.engines.base import Engine, EngineHooks, EngineSpec, engine_names, g
 from kvflow.kv.disagg import disagg_connector_factory
 from kvflow.kv.transfer.agent import TransferAgent, TransferConfig
 from kvflow.kv.transfer.backends import backend_names
-from kvflow.kv.transfer.metrics import TransferMetrics
+from kvflow.kv.transfer.metrics import metrics_for
 from kvflow.llm.kv_events import (
     KV_EVENTS_SUBJECT,
     LOAD_METRICS_SUBJECT,
@@ -176,7 +176,7 @@ async def serve_instance(
     if args.role != ROLE_AGGREGATED:
         hooks.make_connector = disagg_connector_factory(
             runtime, args.component, instance_id, args.transfer_config,
-            transfer_metrics(runtime), agents)
+            metrics_for(runtime.metrics_registry), agents)
     engine = spec.build(ns, hooks)
     await engine.start()
     for agent in agents:
@@ -212,15 +212,6 @@ async def serve_instance(
         await engine.stop()
 
 
-def transfer_metrics(runtime: DistributedRuntime) -> TransferMetrics:
-    """One set of transfer metrics per process (several engine instances share them)."""
-    global _TRANSFER_METRICS
-    if _TRANSFER_METRICS is None or _TRANSFER_METRICS[0] is not runtime:
-        _TRANSFER_METRICS = (runtime, TransferMetrics(runtime.metrics_registry))
-    return _TRANSFER_METRICS[1]
-
-
-_TRANSFER_METRICS: tuple[DistributedRuntime, TransferMetrics] | None = None
 
 
 async def run_worker(runtime: DistributedRuntime, ns: argparse.Namespace) -> None:

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from kvflow.frontend.engine_client import EngineUnavailable
 from kvflow.frontend.routed import RoutedEngineClient
-from kvflow.kv.transfer.metrics import TransferMetrics
+from kvflow.kv.transfer.metrics import metrics_for
 from kvflow.llm.protocol import (
     FINISH_ERROR,
     PHASE_DECODE,
@@ -111,7 +111,7 @@ class DisaggStats:
     """Decisions, transfers (kvflow_kv_transfer_*) and recent timings, on one registry."""
 
     def __init__(self, registry: CollectorRegistry, keep: int = 64) -> None:
-        self.transfers = TransferMetrics(registry)
+        self.transfers = metrics_for(registry)
         self.decisions = Counter("kvflow_disagg_prefill_decisions",
                                  "Where requests were prefilled (remote / local) and why",
                                  ["model", "where", "reason"], registry=registry)
@@ -216,7 +216,8 @@ class DisaggClient:
         stats = out.kv_transfer
         if stats is not None:
             timing.transfer_s, timing.kv_bytes, timing.backend = stats.seconds, stats.bytes, stats.backend
-            self.stats.transfers.moved(stats.backend, stats.bytes, stats.blocks, stats.seconds)
+            self.stats.transfers.moved(stats.backend, stats.bytes, stats.blocks, stats.seconds,
+                                       reporter="frontend")
         timing.decode_first_s = max(waited - timing.transfer_s, 0.0)
         self.stats.finished(self.model, timing)
 

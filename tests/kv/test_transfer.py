@@ -12,7 +12,7 @@ from kvflow.engines.base import EngineHooks
 from kvflow.engines.mocker import MockerConfig, MockerEngine
 from kvflow.kv.disagg import DisaggConnector, disagg_connector_factory
 from kvflow.kv.transfer.agent import TransferAgent, TransferConfig
-from kvflow.kv.transfer.metrics import TransferMetrics
+from kvflow.kv.transfer.metrics import TransferMetrics, metrics_for
 from kvflow.llm.protocol import (
     PHASE_DECODE,
     PHASE_PREFILL,
@@ -43,7 +43,7 @@ class Pair:
 async def make_pair(backends: tuple[str, ...], lease_s: float = 30.0, **kw: object) -> Pair:
     runtime = await DistributedRuntime(RuntimeConfig(
         namespace="kvt", discovery="memory", event_plane="inproc")).start()
-    metrics = TransferMetrics(runtime.metrics_registry)
+    metrics = metrics_for(runtime.metrics_registry)
     config = TransferConfig(lease_s=lease_s, timeout_s=5.0, backends=backends)
     agents: list[TransferAgent] = []
     engines = []
@@ -103,8 +103,9 @@ async def test_blocks_move_and_holds_are_released(pair: Pair) -> None:
     stats = outs[0].kv_transfer
     assert stats is not None and stats.blocks == 8 and stats.bytes == 8 * 2 * BS
     backend = stats.backend
-    assert counter(pair, "kvflow_kv_transfer_bytes_total", backend=backend) == stats.bytes
-    assert counter(pair, "kvflow_kv_transfer_blocks_total", backend=backend) == 8
+    labels = {"backend": backend, "reporter": "worker"}
+    assert counter(pair, "kvflow_kv_transfer_bytes_total", **labels) == stats.bytes
+    assert counter(pair, "kvflow_kv_transfer_blocks_total", **labels) == 8
     await asyncio.sleep(0.05)
     assert len(pair.agents[0].holds) == 0
     assert pair.prefill.pool.num_active_blocks == 0  # the hold was freed by the scheduler

@@ -43,7 +43,7 @@ from kvflow.kv.transfer.messages import (
     TransferRequest,
     agent_key,
 )
-from kvflow.kv.transfer.metrics import TransferMetrics
+from kvflow.kv.transfer.metrics import TransferMetrics, metrics_for
 from kvflow.llm.protocol import KvTransferStats
 from kvflow.runtime import Context, DistributedRuntime
 
@@ -85,7 +85,7 @@ class TransferAgent:
         self.io = io
         self.namespace = runtime.config.namespace
         self.holds = HoldTable(self.config.lease_s, on_release)
-        self.metrics = metrics or TransferMetrics(runtime.metrics_registry)
+        self.metrics = metrics or metrics_for(runtime.metrics_registry)
         self.info = self._describe(f"{self.namespace}.{component}.{ENDPOINT}", worker_id, shm_name)
         self._peers: dict[int, AgentInfo] = {}
         self._clients: dict[str, Any] = {}
