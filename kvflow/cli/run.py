@@ -18,9 +18,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import msgspec
+
 from kvflow.cli.frontend import add_frontend_args, serve_frontend
 from kvflow.cli.interactive import run_batch, run_text
 from kvflow.frontend import HttpFrontend, ModelManager
+from kvflow.llm.register import MODELS_PREFIX, ROLE_DECODE, ROLE_PREFILL, ModelEntry
 from kvflow.runtime import DistributedRuntime
 from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
 from kvflow.runtime.logs import setup_logging
@@ -101,6 +104,7 @@ async def _main(
     frontend, models = await ready
     try:
         name = await _wait_for_model(models, workers)
+        await _wait_for_roles(runtime, ns.prefill_workers, ns.decode_workers, workers)
         print(f"kvflow: model {name!r} ready at {frontend.base_url}/v1", flush=True)
         if spec.input == "text":
             await run_text(frontend.base_url, name)
@@ -120,6 +124,23 @@ async def _wait_for_model(models: ModelManager, workers: list[subprocess.Popen])
                 raise SystemExit(f"kvflow run: a worker exited with code {worker.returncode}")
         await asyncio.sleep(0.05)
     return models.names()[0]
+
+
+async def _wait_for_roles(
+    runtime: DistributedRuntime, prefill: int, decode: int, workers: list[subprocess.Popen]
+) -> None:
+    """A disaggregated stack is ready once every prefill and decode worker registered."""
+    decoder = msgspec.msgpack.Decoder(ModelEntry)
+    while prefill or decode:
+        entries = [decoder.decode(v) for v in (await runtime.discovery.get_prefix(MODELS_PREFIX)).values()]
+        roles = [e.role for e in entries]
+        if roles.count(ROLE_PREFILL) >= prefill and roles.count(ROLE_DECODE) >= decode:
+            await asyncio.sleep(0.2)  # the frontend's watcher applies the last entries
+            return
+        for worker in workers:
+            if worker.poll() is not None:
+                raise SystemExit(f"kvflow run: a worker exited with code {worker.returncode}")
+        await asyncio.sleep(0.05)
 
 
 def main(argv: list[str]) -> int:
