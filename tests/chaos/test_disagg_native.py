@@ -13,8 +13,9 @@ pytest.importorskip("transformers")
 
 from kvflow.testing.models import make_tiny_model
 
-NATIVE = ("--engine", "native", "--device", "cpu", "--num-gpu-blocks", "128", "--block-size", "8",
+NATIVE = ("--engine", "native", "--num-gpu-blocks", "128", "--block-size", "8",
           "--max-num-seqs", "8", "--max-num-batched-tokens", "32")  # prompts span several chunks
+BACKENDS = {"cpu": "shm", "cuda": "cuda_ipc"}  # what same-host peers should use
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +23,14 @@ def native_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("disagg-native") / "llama")
 
 
-def native_worker(chaos, model: Path, name: str, *args: str):
+def native_worker(chaos, model: Path, name: str, device: str, *args: str):
     from kvflow.testing.servers import free_port
 
     from .conftest import Worker
 
     port = free_port()
-    proc = chaos.start("worker", *NATIVE, "--model-path", str(model), "--model-name", name, *args,
+    proc = chaos.start("worker", *NATIVE, "--device", device, "--model-path", str(model),
+                       "--model-name", name, *args,
                        name=f"native-{name}", system_port=port)
     return Worker(proc, port)
 
@@ -40,11 +42,14 @@ async def complete(client, model: str, ids: list[int]) -> str:
     return out.choices[0].text
 
 
-async def test_prefill_decode_split_matches_aggregated_greedy(chaos, native_model: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+async def test_prefill_decode_split_matches_aggregated_greedy(
+    chaos, native_model: Path, device: str
+) -> None:
     url = chaos.frontend("--disagg-mode", "always")
-    native_worker(chaos, native_model, "agg", "--component", "agg")
-    native_worker(chaos, native_model, "m", "--role", "prefill")
-    decode = native_worker(chaos, native_model, "m", "--role", "decode")
+    native_worker(chaos, native_model, "agg", device, "--component", "agg")
+    native_worker(chaos, native_model, "m", device, "--role", "prefill")
+    decode = native_worker(chaos, native_model, "m", device, "--role", "decode")
     await _until(lambda: "has prefill workers" in chaos.procs[0].output(), 90)
     await _until(lambda: decode.registered(), 90)
     rng = random.Random(5)
@@ -66,7 +71,7 @@ async def test_prefill_decode_split_matches_aggregated_greedy(chaos, native_mode
     blocks = decode.metric("kv_transfer_blocks_total", family="kvflow_")
     # 2 layers x (K, V) x 8 tokens x 2 kv heads x 16 dims x 4 bytes = 4 KiB per block
     assert blocks >= 9 and moved == blocks * 4096
-    assert 'backend="shm"' in decode._get("/metrics").decode()
+    assert f'backend="{BACKENDS[device]}"' in decode._get("/metrics").decode()
     assert decode.metric("kv_transfer_failures_total", family="kvflow_") == 0
     from .test_disagg import frontend_metric
 
