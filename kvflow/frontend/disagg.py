@@ -196,8 +196,10 @@ class DisaggClient:
     def plan(
         self, request: PreprocessedRequest, decision: RoutingDecision, pool: RoutedEngineClient
     ) -> PrefillPlan:
-        loads = pool.routed.explain(request).loads.values()
-        queue = min((load.prefill_tokens for load in loads), default=None)
+        queue: int | None = 0
+        if self.config.mode == "conditional":  # the prefill pool's load matters only here
+            loads = pool.routed.explain(request).loads.values()
+            queue = min((load.prefill_tokens for load in loads), default=None)
         cached = decision.overlap_blocks * self.block_size
         return plan_prefill(len(request.token_ids), cached, queue, self.config)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import urllib.request
@@ -17,6 +18,15 @@ def frontend_metric(url: str, name: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
     return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE))
+
+
+def debug_route(url: str, text: str) -> dict:
+    """POST /debug/route: both pools' decisions, the plan, recent time splits."""
+    body = json.dumps({"model": "m", "prompt": text}).encode()
+    req = urllib.request.Request(url + "/debug/route", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
 
 
 def prompt(rng: random.Random, words: int) -> str:
@@ -52,6 +62,10 @@ async def test_2p2d_serves_200_concurrent_requests_exactly(chaos) -> None:
     assert pulled > 200  # blocks really moved to the decode workers
     assert frontend_metric(url, "kvflow_kv_transfer_bytes_total") > 0
     assert frontend_metric(url, "kvflow_kv_transfer_failures_total") == 0
+    debug = debug_route(url, jobs[0][0])
+    assert debug["plan"]["remote"] and set(debug) >= {"decode", "prefill", "recent"}
+    split = debug["recent"][-1]
+    assert split["kv_bytes"] > 0 and split["prefill_s"] > 0 and split["backend"] == "shm"
 
 
 async def test_kill_9_prefill_worker_mid_transfer_recomputes_on_decode(chaos) -> None:

@@ -248,6 +248,3 @@ class TransferAgent:
         """Tell the holder it may free a transfer's blocks; whether it still held them."""
         remote = await self._peer(source)
         return (await self._one(remote, TransferRequest("release", transfer_id))).held
-
-    def forget_peer(self, worker_id: int) -> None:
-        self._peers.pop(worker_id, None)

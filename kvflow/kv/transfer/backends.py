@@ -145,11 +145,6 @@ class ShmBackend:
                 job.local_io.write_run(run.dst, run.count, read_run_from(rl, src, run.src, run.count))
         return sum(r.count for r in job.runs) * rl.block_bytes
 
-    def forget(self, name: str) -> None:
-        region = self._attached.pop(name, None)
-        if region is not None:
-            region.close()
-
 
 register_backend(TcpBackend())
 register_backend(ShmBackend())
