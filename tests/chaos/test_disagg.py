@@ -14,9 +14,13 @@ import pytest
 ALWAYS = ("--disagg-mode", "always")
 
 
-def frontend_metric(url: str, name: str) -> float:
+def metrics_text(url: str) -> str:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+        return resp.read().decode()
+
+
+def frontend_metric(url: str, name: str) -> float:
+    text = metrics_text(url)
     return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE))
 
 
@@ -160,3 +164,17 @@ async def test_mismatched_block_size_is_refused_at_registration(chaos) -> None:
         out = await client.completions.create(model="m", prompt=prompt(random.Random(4), 60),
                                               max_tokens=3, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 3
+
+
+async def test_prefill_timeout_falls_back_to_local_prefill(chaos) -> None:
+    url = chaos.frontend(*ALWAYS, "--disagg-prefill-timeout-s", "1")
+    chaos.worker("--role", "prefill", speedup=0.01)  # a 300-token prefill takes many seconds
+    chaos.worker("--role", "decode", speedup=20.0)
+    await chaos.wait_workers(1)
+    await _until(lambda: "has prefill workers" in chaos.procs[0].output(), 30)
+    async with chaos.client(timeout=60) as client:
+        out = await client.completions.create(model="m", prompt=prompt(random.Random(6), 300),
+                                              max_tokens=4, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4
+    assert re.search(r'kvflow_disagg_prefill_decisions_total\{[^}]*reason="prefill_failed"[^}]*\} 1',
+                     metrics_text(url))
