@@ -10,7 +10,9 @@ import pytest
 
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.mocker import MockerConfig, MockerEngine
+from kvflow.kv.blocks import RegionBlockIO
 from kvflow.kv.disagg import DisaggConnector, disagg_connector_factory
+from kvflow.kv.layout import KvLayout
 from kvflow.kv.transfer.agent import TransferAgent, TransferConfig
 from kvflow.kv.transfer.metrics import TransferMetrics, metrics_for
 from kvflow.llm.protocol import (
@@ -169,3 +171,35 @@ async def test_mismatched_layout_is_refused_naming_both_sizes() -> None:
         await decode8.stop()
     finally:
         await close(pair)
+
+
+async def test_tcp_between_gpu_workers_warns_and_counts(caplog: pytest.LogCaptureFixture) -> None:
+    """Two agents whose layouts say "cuda" but only share TCP: the fallback is flagged."""
+    runtime = await DistributedRuntime(RuntimeConfig(
+        namespace="kvgpu", discovery="memory", event_plane="inproc")).start()
+    layout = KvLayout(num_layers=2, block_size=BS, num_kv_heads=1, head_dim=2, dtype="float16",
+                      device="cuda:0", num_slots=16)
+    released: list[list[int]] = []
+    config = TransferConfig(backends=("tcp",))
+    memories = [bytearray(range(256)) * (layout.region_bytes // 256), bytearray(layout.region_bytes)]
+    holder, puller = (
+        TransferAgent(runtime, f"c{i}", 70 + i, RegionBlockIO(layout, memoryview(mem)),
+                      released.append, config=config)
+        for i, mem in enumerate(memories))
+    await holder.start()
+    await puller.start()
+    try:
+        holder.holds.add("t", [3, 4, 5, 9], 16)
+        stats = await puller.pull(70, "t", 1, [0, 1, 2])  # blocks 4, 5, 9 -> 0, 1, 2
+        assert (stats.backend, stats.blocks) == ("tcp", 3)
+        assert puller.io.read_run(0, 2) == holder.io.read_run(4, 2)
+        assert puller.io.read_run(2, 1) == holder.io.read_run(9, 1)
+        assert released == [[3, 4, 5, 9]]  # the release after the copy freed the hold
+        value = runtime.metrics_registry.get_sample_value(
+            "kvflow_kv_transfer_tcp_between_gpus_total")
+        assert value == 1
+        assert "moves over TCP" in caplog.text
+    finally:
+        await puller.close()
+        await holder.close()
+        await runtime.shutdown()
