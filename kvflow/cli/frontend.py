@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Metric
 
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
 from kvflow.frontend.canary import add_canary_args, canary_config_from_args
+from kvflow.frontend.disagg import MODES, DisaggConfig
 from kvflow.frontend.stalls import add_stall_args, stall_config_from_args
 from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
 from kvflow.router.config import add_router_args
@@ -72,6 +73,38 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         help="how requests pick a worker (default: kv)",
     )
     add_router_args(parser)
+    add_disagg_args(parser)
+
+
+def add_disagg_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of frontend.disagg's rule (defaults from DisaggConfig)."""
+    d = DisaggConfig()
+    g = parser.add_argument_group("disaggregated prefill (models with --role prefill workers)")
+    g.add_argument("--disagg-mode", choices=MODES, default=d.mode,
+                   help="conditional: prefill remotely when it pays (rule below); always / "
+                   "never (default: %(default)s)")
+    g.add_argument("--disagg-min-remote-prefill-tokens", type=int,
+                   default=d.min_remote_prefill_tokens,
+                   help="prompt tokens not cached on the decode worker needed for a remote "
+                   "prefill (default: %(default)s)")
+    g.add_argument("--disagg-max-prefill-queue-tokens", type=int,
+                   default=d.max_prefill_queue_tokens,
+                   help="prefill locally when the least loaded prefill worker has more tokens "
+                   "waiting (default: %(default)s)")
+    g.add_argument("--disagg-prefill-timeout-s", type=float, default=d.prefill_timeout_s,
+                   help="give up on a prefill worker after this long (default: %(default)s)")
+    g.add_argument("--disagg-lend-prefill-workers", action=argparse.BooleanOptionalAction,
+                   default=d.lend_prefill_workers,
+                   help="conditional mode: requests prefilled in place may run whole on a "
+                   "prefill worker the router scores cheaper (default: %(default)s)")
+
+
+def disagg_config(ns: argparse.Namespace) -> DisaggConfig:
+    return DisaggConfig(mode=ns.disagg_mode,
+                        min_remote_prefill_tokens=ns.disagg_min_remote_prefill_tokens,
+                        max_prefill_queue_tokens=ns.disagg_max_prefill_queue_tokens,
+                        prefill_timeout_s=ns.disagg_prefill_timeout_s,
+                        lend_prefill_workers=ns.disagg_lend_prefill_workers)
 
 
 def add_connection_args(g: argparse._ArgumentGroup) -> None:
@@ -150,7 +183,8 @@ async def serve_frontend(
         stalls=stall_config_from_args(ns), canary=canary_config_from_args(ns),
         on_stall=m.count_stall, on_canary_failure=m.count_canary_failure)
     only = ".".join(parse_endpoint_path(ns.endpoint)) if ns.endpoint else None
-    watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only)
+    watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only,
+                           disagg=disagg_config(ns))
     tracing.setup_tracing(runtime.config, "kvflow-frontend")
     await watcher.start()
     await frontend.start()

@@ -1,5 +1,9 @@
 """RoutedEngineClient: the frontend's engine client over the runtime, with worker health.
 
+Used for a model's decode (or aggregated) pool and for its prefill pool
+(frontend.disagg); `schedule` then `stream` is `generate` in two steps, so a caller can
+act between picking the worker and sending the request.
+
 The KV router picks a worker among those `WorkerHealth` allows; the request streams
 from it while a `StallMonitor` watches the stream; a `Canary` pings the workers
 between requests. A worker that is lost (connection dropped, refusal) or stalls
@@ -21,6 +25,7 @@ from kvflow.frontend.stalls import StallConfig, StallMonitor, StallWatch
 from kvflow.frontend.timeline import Timeline, current_timeline
 from kvflow.frontend.worker_health import Avoidance, WorkerHealth
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
+from kvflow.router.cost import RoutingDecision
 from kvflow.router.errors import RouterError, RouterOverloadedError
 from kvflow.router.service import KvRoutedClient
 from kvflow.runtime import Context, NoInstancesError, WorkerUnavailableError
@@ -57,12 +62,23 @@ class RoutedEngineClient:
         self, request: PreprocessedRequest, context: Context, exclude: Collection[int] = ()
     ) -> AsyncIterator[EngineOutput]:
         timeline = current_timeline()
-        worker = await self._schedule(request, exclude, timeline)
+        decision = await self.schedule(request, exclude, timeline)
+        async for out in self.stream(request, decision.worker_id, context, timeline):
+            yield out
+
+    async def stream(
+        self, request: PreprocessedRequest, worker: int, context: Context,
+        timeline: Timeline | None = None,
+    ) -> AsyncIterator[EngineOutput]:
+        """Stream from a scheduled worker; a lost or stalled worker raises WorkerLost."""
         attempt = timeline.attempt(request, worker) if timeline is not None else None
         watch = self.stalls.watch(worker, len(request.token_ids))
         error: str | None = None
         try:
             async for out in self.routed.stream(request, worker, context, watch.attach):
+                if out.finish_reason is not None and attempt is not None:
+                    attempt.end(error=None)  # the attempt is over with its last output
+                    attempt = None
                 yield out
         except (WorkerUnavailableError, NoInstancesError) as exc:
             if not watch.stalled:
@@ -75,6 +91,14 @@ class RoutedEngineClient:
             if attempt is not None:
                 attempt.end(error=error)
 
+    def unbook(self, request: PreprocessedRequest) -> None:
+        """Forget a scheduled request that will never be streamed (the router's load)."""
+        self.routed.router.on_finished(request.request_id)
+
+    def mark_down(self, worker: int) -> None:
+        """New requests avoid `worker` (it was lost, or timed out) until it proves alive."""
+        self.health.lost(worker)
+
     def _on_stall(self, watch: StallWatch) -> None:
         self.health.suspect(watch.worker)
         if self.settings.on_stall is not None:
@@ -86,8 +110,9 @@ class RoutedEngineClient:
         self.health.forget(ids)
         return ids, self.health.usable(ids, exclude)
 
-    async def _schedule(self, request: PreprocessedRequest, exclude: Collection[int],
-                        timeline: Timeline | None = None) -> int:
+    async def schedule(self, request: PreprocessedRequest, exclude: Collection[int] = (),
+                       timeline: Timeline | None = None) -> RoutingDecision:
+        """Pick a worker (KV overlap + load) among the usable ones and book the request there."""
         started = time.perf_counter()
         ids, candidates = self._candidates(exclude)
         if not candidates:
@@ -102,7 +127,7 @@ class RoutedEngineClient:
             raise EngineUnavailable(str(exc)) from exc
         if timeline is not None:
             timeline.routed(started, decision)
-        return decision.worker_id
+        return decision
 
     def live_workers(self) -> int:
         """Workers in discovery that are not suspect (stalled, or silent to the canary)."""

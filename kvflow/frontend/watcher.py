@@ -5,6 +5,8 @@ a KV-aware routed engine client); later workers of the same name join it; a
 worker whose card conflicts with its pool (other tokenizer) is refused with a
 logged reason; when the last worker leaves, the model is no longer listed.
 Each pool's engine client migrates requests off lost workers (frontend.migration).
+Workers registered with role "prefill" form the model's prefill pool instead
+(frontend.disagg_pools); with one, requests are prefilled there first (frontend.disagg).
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from typing import Any
 import msgspec
 
 from kvflow.frontend.canary import CanaryConfig
+from kvflow.frontend.disagg import DisaggClient, DisaggConfig, DisaggStats
+from kvflow.frontend.disagg_pools import DisaggPools
 from kvflow.frontend.engine_client import EngineClient
 from kvflow.frontend.migration import MigratingClient
 from kvflow.frontend.models import ModelManager
 from kvflow.frontend.routed import HealthSettings, RoutedEngineClient
 from kvflow.frontend.stalls import StallConfig
 from kvflow.llm.model_card import ModelCard, materialize_card
-from kvflow.llm.register import MODELS_PREFIX, ModelEntry, fetch_card_file
+from kvflow.llm.register import MODELS_PREFIX, ROLE_PREFILL, ModelEntry, fetch_card_file
 from kvflow.router.config import KvRouterConfig
 from kvflow.router.service import KvRoutedClient, RouterWiring
 from kvflow.runtime import DistributedRuntime
@@ -83,6 +87,7 @@ class ModelWatcher:
         cache_dir: str | None = None,
         migration: MigrationSettings | None = None,
         endpoint: str | None = None,
+        disagg: DisaggConfig | None = None,
     ) -> None:
         self.runtime = runtime
         # Serve only models registered on this endpoint ("ns.comp.ep"); None = every model.
@@ -95,6 +100,9 @@ class ModelWatcher:
         self._task: asyncio.Task | None = None
         self._decode = msgspec.msgpack.Decoder(ModelEntry).decode
         self._key_model: dict[str, str] = {}
+        self.disagg_config = disagg or DisaggConfig()
+        self.disagg_stats = DisaggStats(runtime.metrics_registry)
+        self.disagg = DisaggPools(runtime, router_config)
 
     async def start(self) -> None:
         watch = self.runtime.discovery.watch_prefix(MODELS_PREFIX)
@@ -108,6 +116,7 @@ class ModelWatcher:
         for pool in self.pools.values():
             await pool.routed.close()
         self.pools.clear()
+        await self.disagg.close()
 
     async def _follow(self, watch: Any) -> None:
         async for event in watch:
@@ -120,7 +129,13 @@ class ModelWatcher:
                 log.exception("frontend: failed to apply model event for %s", event.key)
 
     async def _on_put(self, key: str, entry: ModelEntry) -> None:
-        if self.endpoint is not None and entry.endpoint != self.endpoint:
+        prefill = entry.role == ROLE_PREFILL
+        if self.endpoint is not None and entry.endpoint != self.endpoint and not prefill:
+            return
+        if not await self.disagg.admit(entry):
+            return
+        if prefill:
+            await self.disagg.add(key, entry)
             return
         pool = self.pools.get(entry.name)
         if pool is None:
@@ -146,13 +161,15 @@ class ModelWatcher:
         wiring = RouterWiring(namespace=ns, component=component, generate_endpoint=endpoint)
         routed = await KvRoutedClient.start(self.runtime, self._router_config(card), wiring)
         engine = RoutedEngineClient(routed, self.migration.health_for(card.name))
-        client = self._migrating(card, engine)
+        name = card.name
+        split = DisaggClient(name, engine, lambda: self.disagg.prefill_for(name),
+                             self.disagg_config, self.disagg_stats, card.kv_block_size)
+        client = self._migrating(card, split)
         await asyncio.to_thread(functools.partial(
-            self.models.add_model, card, client, explain=lambda r: routed.explain(r).as_json(),
-            fleet=routed.view))
+            self.models.add_model, card, client, explain=split.explain, fleet=routed.view))
         return ModelPool(card, engine, client)
 
-    def _migrating(self, card: ModelCard, engine: RoutedEngineClient) -> EngineClient:
+    def _migrating(self, card: ModelCard, engine: DisaggClient) -> EngineClient:
         limit = self.migration.limit_for(card)
         count, stalls = self.migration.on_migration, self.migration.on_stall_migration
         name = card.name
@@ -174,6 +191,8 @@ class ModelWatcher:
         return msgspec.structs.replace(card, model_path=str(dest))
 
     async def _on_delete(self, key: str) -> None:
+        if await self.disagg.remove(key):
+            return
         name = self._key_model.pop(key, None)
         pool = self.pools.get(name or "")
         if pool is None:

@@ -12,9 +12,9 @@ Policy (vLLM v1 style): running sequences first (decodes, then the one partially
 prefilled sequence, which is always last in `running`), then FCFS admissions from
 `waiting` within the token budget, chunking the last prefill. A new admission first
 takes its longest cached prefix from the block pool, then whatever a `KvConnector`
-can supply (host tier, remote prefill) — all of it just computed tokens. When
-blocks run out the most recently admitted running sequence is preempted by
-recompute: its blocks are freed, it goes back to the front of `waiting`.
+(kvflow.kv.connector) supplies (host tier, remote prefill): all just computed tokens;
+tokens loaded in the background park the request (loads.py) until they arrive. When
+blocks run out the most recently admitted running sequence is preempted by recompute.
 
 Async output (opt-in, `SchedulerConfig(async_output=True)`), for an engine whose device
 feeds one step's sampled tokens into the next: step k+1 is planned (at most one step in
@@ -26,11 +26,10 @@ freed blocks before any later step, on the same device stream, reuses them). A s
 whose pending token surely ends it by length gets no further step.
 
 Ownership: the scheduler owns every block it takes from the pool and frees it on
-finish, abort or preemption. `abort` frees at once even while a step is in flight;
-freed blocks are not handed out again before the next `schedule()`, which comes after
-`update()`, so an executor may finish writing them. Neither the scheduler nor the
-pool is thread-safe: an engine stepping on its own thread holds one lock around
-`schedule`, `update`, `add` and `abort`.
+finish (unless the connector keeps it), abort or preemption. `abort` frees at once even
+mid-step: freed blocks are not handed out again before the next `schedule()`, after
+`update()`, so an executor may finish writing them. Not thread-safe: an engine stepping
+on its own thread holds one lock around `schedule`, `update`, `add` and `abort`.
 """
 
 from __future__ import annotations
@@ -38,10 +37,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from kvflow.engines.core.block_pool import BlockPool
+from kvflow.engines.core.loads import PARKED, KvLoads, Parked
 from kvflow.engines.core.sequence import SeqStatus, Sequence
+from kvflow.kv.connector import NO_EXTERNAL, ExternalMatch, KvConnector
 from kvflow.llm.kv_events import LoadMetrics
 from kvflow.llm.protocol import FINISH_LENGTH
 
@@ -67,26 +67,6 @@ class SchedulerConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode"
             )
-
-
-@dataclass(frozen=True)
-class ExternalMatch:
-    """Prompt tokens whose KV a connector brings in from outside the GPU pool."""
-
-    num_tokens: int = 0
-    num_cached_tokens: int = 0  # of those, served from a cache tier (not computed remotely)
-    transfer_s: float = 0.0  # modelled seconds to move them (a real engine may ignore it)
-
-
-NO_EXTERNAL = ExternalMatch()
-
-
-class KvConnector(Protocol):
-    """Supplies KV beyond the local prefix hit: a host tier, a remote prefill worker."""
-
-    def match_external(self, seq: Sequence, num_local_tokens: int) -> ExternalMatch:
-        """Tokens after `num_local_tokens` it can supply (at most num_tokens - 1 in all)."""
-        ...
 
 
 @dataclass(slots=True)
@@ -125,6 +105,9 @@ class Scheduler:
         self.config = config
         self.pool = pool
         self.connector = connector
+        self.loads = KvLoads(pool, connector)
+        if connector is not None:
+            pool.evict_hook = connector.before_evict
         pool_tokens = pool.num_blocks * pool.block_size
         self.max_model_len = min(config.max_model_len or pool_tokens, pool_tokens)
         self.waiting: deque[Sequence] = deque()
@@ -162,6 +145,9 @@ class Scheduler:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
+        if seq.status is SeqStatus.LOADING:
+            self.loads.abort(seq)  # its blocks are freed once the load reports
+            return seq
         if seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         else:
@@ -175,13 +161,14 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loads.has_pending())
 
     # ---- schedule -----------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         assert len(self._inflight) < self._max_inflight, "schedule() called again before update()"
         out = SchedulerOutput([], [])
+        self.waiting.extendleft(reversed(self.loads.poll()))
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
@@ -232,18 +219,26 @@ class Scheduler:
             if scheduled is None:
                 break
             self.waiting.popleft()
+            if scheduled is PARKED:
+                continue
             self.running.append(scheduled.seq)
             out.scheduled.append(scheduled)
             budget -= scheduled.num_new_tokens
 
-    def _try_admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ScheduledSeq | None:
+    def _try_admit(
+        self, seq: Sequence, budget: int, out: SchedulerOutput
+    ) -> ScheduledSeq | Parked | None:
         assert not seq.num_placeholders, "admitted before its last step was reconciled"
-        cached = self._match_local(seq)
-        external = self._match_external(seq)
+        loaded = seq.num_computed_tokens > 0  # its KV arrived through a connector load
+        cached = 0 if loaded else self._match_local(seq)
+        external = NO_EXTERNAL if loaded else self._match_external(seq)
+        if external.load_async:
+            return self._park(seq, cached, external)
         n = self._admission_chunk(seq.num_tokens - seq.num_computed_tokens, budget, out)
         need = self._blocks_for(seq.num_computed_tokens + n) - len(seq.block_ids)
         if n == 0 or not self.pool.can_allocate(need):
-            self._undo_admission(seq)
+            if not loaded:
+                self._undo_admission(seq)
             return None
         seq.block_ids.extend(self.pool.allocate(need))
         seq.status = SeqStatus.RUNNING
@@ -274,8 +269,20 @@ class Scheduler:
             return NO_EXTERNAL
         external = self.connector.match_external(seq, seq.num_computed_tokens)
         assert 0 <= external.num_tokens < seq.num_tokens - seq.num_computed_tokens
-        seq.num_computed_tokens += external.num_tokens
+        if not external.load_async:
+            seq.num_computed_tokens += external.num_tokens
         return external
+
+    def _park(self, seq: Sequence, cached: int, external: ExternalMatch) -> Parked | None:
+        """Blocks for the tokens a connector loads in the background, then wait for them."""
+        need = self._blocks_for(seq.num_computed_tokens + external.num_tokens) - len(seq.block_ids)
+        if not self.pool.can_allocate(need):
+            self._undo_admission(seq)
+            return None
+        if seq.num_cached_tokens < 0:
+            seq.num_cached_tokens = cached
+        self.loads.start(seq, self.pool.allocate(need), external.num_tokens)
+        return PARKED
 
     def _undo_admission(self, seq: Sequence) -> None:
         self.pool.free(seq.block_ids)
@@ -326,7 +333,11 @@ class Scheduler:
         if seq.status is SeqStatus.WAITING:  # async: preempted after its step was planned
             self.waiting.remove(seq)
         del self.requests[seq.request_id]
-        self._release(seq)
+        if self.connector is not None and self.connector.request_finished(seq):
+            seq.block_ids = []  # the connector holds them now (take_released frees them)
+            seq.status = SeqStatus.FINISHED
+        else:
+            self._release(seq)
         finished.append(FinishedSeq(seq, reason))
 
     def _commit_full_blocks(self, seq: Sequence) -> None:

@@ -8,8 +8,6 @@ from dataclasses import dataclass, fields
 from kvflow.engines.core.scheduler import SchedulerConfig
 from kvflow.engines.mocker.outputs import output_names
 
-ROLES = ("aggregated", "prefill", "decode")
-
 
 @dataclass(frozen=True)
 class MockerConfig:
@@ -28,13 +26,10 @@ class MockerConfig:
     vocab_size: int = 32000
     num_host_blocks: int = 0  # CPU tier for blocks evicted from the GPU; 0 = none
     host_bandwidth: float = 25e9  # bytes/s, host -> GPU (PCIe 5 x16, effective)
-    role: str = "aggregated"  # "aggregated" | "prefill" | "decode"
-    kv_transfer_bandwidth: float = 25e9  # bytes/s, prefill worker -> decode worker
+    kv_transfer_bandwidth: float = 25e9  # bytes/s, prefill worker -> decode worker (modelled)
     profile: str | None = None  # JSON file overriding kvflow.engines.mocker.timing params
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"unknown mocker role {self.role!r}; use one of {', '.join(ROLES)}")
         if self.output not in output_names():
             raise ValueError(
                 f"unknown mocker output {self.output!r}; use one of {', '.join(output_names())}"
@@ -72,7 +67,7 @@ _FLAGS = {
     "--num-host-blocks": "num_host_blocks",
     "--mocker-output": "output",
     "--mocker-profile": "profile",
-    "--mocker-role": "role",
+    "--kv-transfer-bandwidth": "kv_transfer_bandwidth",
 }
 
 _HELP = {
@@ -85,7 +80,7 @@ _HELP = {
     "num_host_blocks": "CPU-tier KV blocks that catch GPU evictions (0 = no host tier)",
     "output": "output tokens: 'random' (seeded) or 'echo' (repeat the prompt)",
     "profile": "JSON file overriding the timing model's coefficients",
-    "role": "aggregated, or the prefill / decode side of disaggregated serving",
+    "kv_transfer_bandwidth": "modelled bytes/s of KV moved from a prefill worker (--role decode)",
 }
 
 
@@ -96,7 +91,7 @@ def add_mocker_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("mocker engine")
     for flag, name in _FLAGS.items():
         kind = {"int": int, "float": float}.get(str(types[name]), str)
-        choices = {"output": output_names(), "role": list(ROLES)}.get(name)
+        choices = {"output": output_names()}.get(name)
         group.add_argument(
             flag,
             dest=f"mocker_{name}",

@@ -26,6 +26,10 @@ from kvflow.engines.mocker.outputs import make_output, sequence_seed
 from kvflow.engines.mocker.stream import OutputStream
 from kvflow.engines.mocker.tiers import HostTier, MockerConnector
 from kvflow.engines.mocker.timing import TimingModel, TimingParams, load_profile
+from kvflow.kv.blocks import RegionBlockIO
+from kvflow.kv.connector import EngineKv, KvConnector
+from kvflow.kv.layout import KvLayout
+from kvflow.kv.shm import SharedRegion, shm_available
 from kvflow.llm.kv_events import CacheSnapshot, LoadMetrics
 from kvflow.llm.protocol import FINISH_CANCELLED, EngineOutput, PreprocessedRequest
 from kvflow.runtime.context import Context
@@ -33,6 +37,12 @@ from kvflow.runtime.context import Context
 log = logging.getLogger(__name__)
 
 LOAD_INTERVAL_S = 0.05
+
+
+def mocker_kv_layout(config: MockerConfig) -> KvLayout:
+    """The mocker's transferable KV: one byte per token for keys and one for values."""
+    return KvLayout(num_layers=1, block_size=config.block_size, num_kv_heads=1, head_dim=1,
+                    dtype="uint8", device="sim", num_slots=config.num_gpu_blocks)
 
 
 class MockerEngine:
@@ -50,21 +60,38 @@ class MockerEngine:
             worker_id=self.hooks.worker_id,
         )
         self.host = HostTier(config.num_host_blocks) if config.num_host_blocks else None
-        self.connector = MockerConnector(
-            config.block_size,
-            params.kv_bytes_per_token,
-            self.host,
-            config.host_bandwidth,
-            config.kv_transfer_bandwidth,
-        )
+        self.connector: KvConnector = MockerConnector(
+            config.block_size, params.kv_bytes_per_token, self.host, config.host_bandwidth)
+        self._wakeup = asyncio.Event()
+        self.kv_memory: SharedRegion | None = None
+        if self.hooks.make_connector is not None:
+            self.connector = self.hooks.make_connector(self._engine_kv(params.kv_bytes_per_token))
         self.scheduler = Scheduler(config.scheduler_config(), self.pool, self.connector)
         self.output = make_output(config.output, config.vocab_size)
         self._streams: dict[str, OutputStream] = {}
-        self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failure: str | None = None
         self._last_load: LoadMetrics | None = None
         self._last_load_at = float("-inf")
+
+    def _engine_kv(self, kv_bytes_per_token: float) -> EngineKv:
+        """Sized blocks for transfers (2 bytes per token), in /dev/shm when it is there."""
+        layout = mocker_kv_layout(self.config)
+        region: memoryview
+        if shm_available():
+            self.kv_memory = SharedRegion.create(layout.region_bytes)
+            region = self.kv_memory.view
+        else:
+            region = memoryview(bytearray(layout.region_bytes))
+        seconds_per_token = kv_bytes_per_token / self.config.kv_transfer_bandwidth
+        speedup = self.config.speedup_ratio
+        return EngineKv(
+            RegionBlockIO(layout, region),
+            self.kv_memory.name if self.kv_memory is not None else None,
+            wake=self._wakeup.set,
+            modelled_s=lambda n: n * seconds_per_token / speedup if speedup else 0.0,
+            fallback=self.connector,
+        )
 
     # ---- Engine contract ----------------------------------------------------------
 
@@ -79,6 +106,8 @@ class MockerEngine:
             self._task = None
         self._failure = "the mocker engine stopped; retry the request on another worker"
         self._fail_all(self._failure)
+        if self.kv_memory is not None:
+            self.kv_memory.close()
 
     def cache_snapshot(self) -> CacheSnapshot:
         return self.pool.snapshot()
@@ -103,8 +132,6 @@ class MockerEngine:
             stream.fail(str(exc))
             return stream
         self._streams[seq.request_id] = stream
-        if self.config.role == "decode" and request.routing and request.routing.disagg is not None:
-            self.connector.mark_remote(seq.request_id)
         self._wakeup.set()
         return stream
 
@@ -117,8 +144,6 @@ class MockerEngine:
             seq.stop = dataclasses.replace(
                 stop, min_tokens=stop.min_tokens + prior,
                 max_tokens=None if stop.max_tokens is None else stop.max_tokens + prior)
-        if self.config.role == "prefill":  # a prefill worker returns after the first token
-            seq.stop = dataclasses.replace(seq.stop, max_tokens=1, min_tokens=0)
         return seq
 
     def _cancel(self, stream: OutputStream) -> None:
@@ -133,7 +158,6 @@ class MockerEngine:
 
     def _close(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self.connector.forget(request_id)
 
     def _fail_all(self, message: str) -> None:
         for request_id, stream in list(self._streams.items()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from kvflow.llm.protocol import FINISH_ERROR, EngineOutput, TopLogprob
+from kvflow.llm.protocol import FINISH_ERROR, EngineOutput, KvTransferStats, TopLogprob
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Delivery:
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int | None = None  # prompt tokens the prefix cache served (first delivery)
+    kv_transfer: KvTransferStats | None = None  # KV pulled from a prefill worker (first delivery)
 
 
 class RequestStream:
@@ -33,6 +34,7 @@ class RequestStream:
         self.request_id = request_id
         self.want_logprobs = want_logprobs
         self.cached_tokens = 0
+        self.kv_transfer: KvTransferStats | None = None
         self._tokens: list[int] = []
         self._logprobs: list[float] = []
         self._top: list[list[TopLogprob]] = []
@@ -57,6 +59,7 @@ class RequestStream:
             self._error = d.error
         if d.cached_tokens is not None:
             self.cached_tokens = d.cached_tokens
+            self.kv_transfer = d.kv_transfer
         if d.finish_reason is not None:
             self._finish = d.finish_reason
         self._wake()
@@ -89,4 +92,5 @@ class RequestStream:
         if not self._reported_cache:
             self._reported_cache = True
             out.cached_tokens = self.cached_tokens
+            out.kv_transfer = self.kv_transfer
         return out
