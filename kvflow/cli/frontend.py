@@ -40,6 +40,11 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", dest="http_tls_cert", default=None)
     g.add_argument("--tls-key", dest="http_tls_key", default=None)
     g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes)
+    g.add_argument(
+        "--anthropic-stable-prefix", action="store_true",
+        default=FrontendConfig.anthropic_stable_prefix,
+        help="/v1/messages: move system blocks after the last cache_control breakpoint to the "
+        "last user turn, so a per-request system tail does not defeat prefix caching")
     g = parser.add_argument_group("overload and migration")
     g.add_argument(
         "--max-inflight-per-model", type=int, default=FrontendConfig.max_inflight_per_model,
@@ -80,6 +85,7 @@ def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
         max_queued_per_model=ns.max_queued_per_model,
         queue_timeout_s=ns.queue_timeout_s,
         overload_retry_after_s=ns.overload_retry_after_s,
+        anthropic_stable_prefix=ns.anthropic_stable_prefix,
     )
 
 

@@ -131,18 +131,21 @@ async def in_own_task(work: Coroutine[Any, Any, None]) -> None:
 
 
 def check_api_key(config: FrontendConfig, request: HttpRequest) -> None:
+    """Accept `Authorization: Bearer <key>` (OpenAI clients) or `x-api-key: <key>`
+    (Anthropic clients); either must carry one of the configured keys."""
     if not config.api_keys:
         return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer":
-        supplied = token.strip().encode()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    supplied = [token.strip()] if scheme.lower() == "bearer" else []
+    if "x-api-key" in request.headers:
+        supplied.append(request.headers["x-api-key"].strip())
+    for value in supplied:
         for key in config.api_keys:
-            if hmac.compare_digest(supplied, key.encode()):
+            if hmac.compare_digest(value.encode(), key.encode()):
                 return
     raise ApiError(
         401,
-        "Missing or invalid API key; send 'Authorization: Bearer <key>'.",
+        "Missing or invalid API key; send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
         type="authentication_error",
         code="invalid_api_key",
     )

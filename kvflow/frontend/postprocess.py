@@ -73,6 +73,8 @@ class ChoiceProcessor:
         self.tool_call_count = 0
         # True when a stop string ended the choice: the caller must stop the engine.
         self.stopped_by_string = False
+        # The stop string that ended the choice (APIs that report it: Anthropic Messages).
+        self.stop_sequence: str | None = None
         self._detok = IncrementalDetokenizer(
             model.tokenizer, prompt_ids, skip_special_tokens=options.skip_special_tokens
         )
@@ -138,6 +140,7 @@ class ChoiceProcessor:
         if result.stopped and self.finish_reason is None:
             self.finish_reason = FINISH_STOP
             self.stopped_by_string = True
+            self.stop_sequence = result.matched
         return result.text
 
     def _flush_text(self) -> str:

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvflow.frontend import handlers
 from kvflow.frontend.admission import AdmissionControl
+from kvflow.frontend.anthropic import handle_count_tokens, handle_messages
 from kvflow.frontend.chat import handle_chat
 from kvflow.frontend.completions import handle_completion
 from kvflow.frontend.config import FrontendConfig
@@ -28,6 +29,9 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/metrics": {"GET": handlers.metrics},
     "/openapi.json": {"GET": handlers.openapi},
     "/debug/route": {"POST": explain_route},
+    # Other APIs, each translated onto the same pipeline in a module of its own.
+    "/v1/messages": {"POST": handle_messages},
+    "/v1/messages/count_tokens": {"POST": handle_count_tokens},
 }
 
 
