@@ -19,6 +19,7 @@ from kvflow.frontend.http_response import HttpRequest, Responder
 from kvflow.frontend.metrics import FrontendMetrics
 from kvflow.frontend.models import ModelManager
 from kvflow.frontend.openapi import openapi_bytes
+from kvflow.frontend.responses import handle_responses
 
 ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/chat/completions": {"POST": handle_chat},
@@ -32,6 +33,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     # Other APIs, each translated onto the same pipeline in a module of its own.
     "/v1/messages": {"POST": handle_messages},
     "/v1/messages/count_tokens": {"POST": handle_count_tokens},
+    "/v1/responses": {"POST": handle_responses},
 }
 
 
