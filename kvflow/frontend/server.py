@@ -20,6 +20,7 @@ from kvflow.frontend.metrics import FrontendMetrics
 from kvflow.frontend.models import ModelManager
 from kvflow.frontend.openapi import openapi_bytes
 from kvflow.frontend.responses import handle_responses
+from kvflow.frontend.tokenize import handle_detokenize, handle_tokenize
 
 ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/chat/completions": {"POST": handle_chat},
@@ -34,6 +35,8 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/messages": {"POST": handle_messages},
     "/v1/messages/count_tokens": {"POST": handle_count_tokens},
     "/v1/responses": {"POST": handle_responses},
+    "/tokenize": {"POST": handle_tokenize},
+    "/detokenize": {"POST": handle_detokenize},
 }
 
 
