@@ -224,3 +224,51 @@ def test_stable_prefix_keeps_earlier_turns_identical():
                                               "</system-reminder>")
     other = to_chat(request("2026-12-04", 2), True)
     assert chat.messages[:-1] == other.messages[:-1]
+
+
+async def test_stable_prefix_raises_cached_tokens_on_a_real_prefix_cache(tmp_path):
+    """The mocker's real scheduler and prefix-caching block pool behind the frontend."""
+    from kvflow.engines.mocker import MockerConfig, MockerEngine
+    from kvflow.llm.model_card import build_model_card
+    from kvflow.llm.tokenizer import Tokenizer
+    from kvflow.testing.tokenizer import make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "m", max_position_embeddings=8192)
+    vocab = Tokenizer.from_dir(model_dir).vocab_size
+
+    async def third_turn_cached(stable: bool) -> tuple[int, int]:
+        engine = MockerEngine(MockerConfig(speedup_ratio=0, vocab_size=vocab, block_size=4))
+        await engine.start()
+        served = await start_served(FrontendConfig(port=0, anthropic_stable_prefix=stable))
+        served.add(build_model_card(str(model_dir), model_name=MODEL), _Local(engine))
+        client = anthropic.AsyncAnthropic(base_url=served.base_url, api_key="x", max_retries=0)
+        messages: list[dict] = []
+        try:
+            for turn in range(3):
+                system = [{"type": "text", "text": "Agent rules. " * 20,
+                           "cache_control": {"type": "ephemeral"}},
+                          {"type": "text", "text": f"Request number {turn}"}]
+                messages.append({"role": "user", "content": f"step {turn} " * 20})
+                msg = await client.messages.create(model=MODEL, max_tokens=8, system=system,
+                                                   messages=messages)
+                messages.append({"role": "assistant", "content": "done"})
+            return msg.usage.cache_read_input_tokens, msg.usage.input_tokens
+        finally:
+            await client.close()
+            await served.close()
+            await engine.stop()
+
+    base_cached, base_uncached = await third_turn_cached(False)
+    stable_cached, stable_uncached = await third_turn_cached(True)
+    # Off: the cache ends where the system prompt changes. On: the first turn is reused too
+    # (the cache ends at the previous user turn, which carried the previous reminder).
+    assert stable_cached > base_cached + 50
+    assert stable_uncached * 1.5 < base_uncached
+
+
+class _Local:
+    def __init__(self, engine) -> None:
+        self.generate = engine.generate
+
+    def live_workers(self) -> int:
+        return 1
