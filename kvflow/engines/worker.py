@@ -158,6 +158,7 @@ async def serve_instance(
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         instance_id=instance_id,
+        guided_decoding=bool(overrides.get("guided_decoding")),
     )
     try:
         await asyncio.gather(

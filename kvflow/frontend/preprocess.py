@@ -18,6 +18,7 @@ import msgspec
 
 from kvflow.frontend.errors import ApiError, bad_request
 from kvflow.frontend.models import ServedModel
+from kvflow.llm import structured
 from kvflow.llm.chat_template import TemplateError
 from kvflow.llm.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 from kvflow.llm.protocol import PreprocessedRequest, SamplingOptions, StopConditions
@@ -341,6 +342,12 @@ def _engine_request(
             f"response_format {fmt.get('type')!r} needs guided decoding, which the engine serving "
             f"model '{model.name}' does not offer; omit response_format or use {{\"type\": \"text\"}}",
             param="response_format", code="unsupported_response_format")
+    if structured.is_guided(fmt):
+        try:
+            structured.check(fmt)  # type: ignore[arg-type]
+        except structured.GrammarError as exc:
+            raise bad_request(f"Invalid response_format: {exc}.", param="response_format",
+                              code="invalid_response_format") from None
     sampling = SamplingOptions(
         temperature=req.temperature,
         top_p=req.top_p,

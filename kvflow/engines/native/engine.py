@@ -35,11 +35,14 @@ from kvflow.engines.core.scheduler import (
 )
 from kvflow.engines.core.sequence import SeqStatus, Sequence
 from kvflow.engines.native.config import NativeEngineConfig
+from kvflow.engines.native.guided import GuidedDecoding
 from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
+from kvflow.engines.native.weights import resolve_model_dir
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import FINISH_CANCELLED, FINISH_ERROR, EngineOutput, PreprocessedRequest
+from kvflow.llm.structured import GrammarError, is_guided
 from kvflow.runtime.context import Context
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,7 @@ class NativeEngine:
         self._lock = threading.Condition()
         self._streams: dict[str, RequestStream] = {}
         self._sampling: dict[str, RequestSampling] = {}
-        self._num_penalized = 0  # requests whose sampling reads their past tokens
+        self._num_penalized = 0  # requests whose sampling reads their past tokens (penalties, grammars)
         self._inflight: InFlight | None = None
         self._async = False
         self._stopping = False
@@ -135,6 +138,12 @@ class NativeEngine:
         params = RequestSampling.from_request(
             request.sampling, request.stop, request.eos_token_ids, self.runner.device
         )
+        if is_guided(request.sampling.response_format):
+            try:
+                params.guide = self._guided(request).guide(request.sampling.response_format)
+            except (GrammarError, ImportError) as exc:
+                stream.fail(f"guided decoding failed: {exc}")
+                return stream
         with self._lock:
             try:
                 self.scheduler.add(seq)
@@ -143,10 +152,20 @@ class NativeEngine:
                 return stream
             self._streams[seq.request_id] = stream
             self._sampling[seq.request_id] = params
-            if params.penalized:
+            if params.reads_tokens:
                 self._num_penalized += 1
             self._lock.notify_all()
         return stream
+
+    def _guided(self, request: PreprocessedRequest) -> GuidedDecoding:
+        """The engine's grammar machinery, built on the first guided request (it needs the
+        EOS ids, which requests carry)."""
+        assert self.runner is not None
+        if self.runner.sampler.guided is None:
+            model_dir = resolve_model_dir(self.config.model_path)
+            self.runner.sampler.guided = GuidedDecoding.for_model(
+                model_dir, self.runner.cfg.vocab_size, request.eos_token_ids, self.runner.device)
+        return self.runner.sampler.guided
 
     def _check_request(self, request: PreprocessedRequest) -> str | None:
         if self.runner is None:
@@ -174,7 +193,7 @@ class NativeEngine:
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
         params = self._sampling.pop(request_id, None)
-        if params is not None and params.penalized:
+        if params is not None and params.reads_tokens:
             self._num_penalized -= 1
 
     def _fail_all(self, message: str) -> None:
@@ -244,11 +263,20 @@ class NativeEngine:
             return
         assert self.scheduler is not None
         result = self._collect(inflight)
+        self._advance_guides(result)
         with self._lock:
             finished = self.scheduler.update(result.sampled)
             deliveries = self._deliveries(inflight.out, result, finished)
             published = self._drain()
         self._hand_over(deliveries, published)
+
+    def _advance_guides(self, result: StepResult) -> None:
+        if not self._num_penalized:
+            return
+        for rid, tokens in result.sampled.items():
+            params = self._sampling.get(rid)
+            if params is not None and params.guide is not None:
+                params.guide.advance(tokens)
 
     def _collect(self, inflight: InFlight) -> StepResult:
         assert self.runner is not None
