@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 GUIDED_TYPES = frozenset({"json_object", "json_schema", "lark"})
@@ -93,17 +95,65 @@ def _strict_value(value: Any, depth: int) -> Any:
     return value
 
 
-def tool_call_lark(open_tag: str, close_tag: str, tools: list[dict[str, Any]]) -> str:
-    """A Lark grammar for one or more calls `open_tag {"name": ..., "arguments": {...}}
-    close_tag`, each call's arguments valid against its function's parameters."""
-    calls = []
+@dataclass(frozen=True)
+class CallFormat:
+    """How a tool-call parser expects calls written: each call's JSON object is wrapped in
+    `call_open`/`call_close`, calls are joined by `separator`, the whole list is wrapped in
+    `list_open`/`list_close`, and the arguments sit under `args_key`."""
+
+    args_key: str = "arguments"
+    call_open: str = ""
+    call_close: str = ""
+    separator: str = ""
+    list_open: str = ""
+    list_close: str = ""
+
+
+def tool_call_lark(form: CallFormat, tools: list[dict[str, Any]],
+                   added_tokens: Mapping[str, int] | None = None, parallel: bool = True) -> str:
+    """A Lark grammar for one or more calls in `form`, each one's arguments valid against
+    its function's parameters (OpenAI tool dicts). `added_tokens` (text → id) are the
+    tokenizer's added tokens: a marker that is one of them must be written as that token
+    (llguidance keeps added tokens apart from text), so it appears in the grammar by id.
+    `parallel=False` allows exactly one call."""
+    added = added_tokens or {}
+    options = []
     for tool in tools:
         fn = tool["function"]
         schema = {"type": "object", "properties": {
             "name": {"const": fn["name"]},
-            "arguments": fn.get("parameters") or {"type": "object"}},
-            "required": ["name", "arguments"], "additionalProperties": False}
-        calls.append("%json " + json.dumps(schema))
-    body = " | ".join(f"({c})" for c in calls)
-    return (f"start: call+\ncall: {json.dumps(open_tag)} json_call {json.dumps(close_tag)}\n"
-            f"json_call: {body}\n")
+            form.args_key: fn.get("parameters") or {"type": "object"}},
+            "required": ["name", form.args_key], "additionalProperties": False}
+        options.append(f"(%json {json.dumps(schema)})")
+    call = _seq(added, form.call_open, "(" + " | ".join(options) + ")", form.call_close)
+    more = f"({_seq(added, form.separator, 'call')})*" if parallel else ""
+    return (f"start: {_seq(added, form.list_open, 'call', more, form.list_close)}\n"
+            f"call: {call}\n")
+
+
+def _seq(added: Mapping[str, int], *parts: str) -> str:
+    """Lark terms in order: rule text as it is, markers as literals or added tokens."""
+    out = []
+    for part in parts:
+        if part:
+            rule = part == "call" or part.startswith("(")
+            out.append(part if rule else _marker(part, added))
+    return " ".join(out)
+
+
+def _marker(text: str, added: Mapping[str, int]) -> str:
+    if text in added:
+        return f"<[{added[text]}]>"
+    for token, tid in added.items():
+        if token and text.startswith(token):
+            return f"<[{tid}]> " + _marker(text[len(token):], added)
+    return json.dumps(text) if text else ""
+
+
+def tool_call_format(fmt: CallFormat | None, tools: list[dict[str, Any]],
+                     added_tokens: Mapping[str, int] | None = None, parallel: bool = True
+                     ) -> dict[str, Any] | None:
+    """The response_format that forces calls of `tools` in `fmt` (None: no format known)."""
+    if fmt is None or not tools:
+        return None
+    return {"type": "lark", "lark": tool_call_lark(fmt, tools, added_tokens, parallel)}

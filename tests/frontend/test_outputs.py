@@ -270,3 +270,27 @@ async def test_engine_error_mid_stream_reaches_client(served, card, tokenizer):
             pass
     with pytest.raises(openai.InternalServerError, match="GPU fell off the bus"):
         await served.client.chat.completions.create(model=MODEL, messages=MESSAGES)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "get_weather"}}])
+async def test_forced_tool_choice_becomes_a_grammar(served, make_card, tokenizer, choice):
+    pytest.importorskip("llguidance")
+    card = replace(make_card(tool_call_parser="hermes"), guided_decoding=True)
+    engine = scripted(served, card, tokenizer, CALL_TEXT)
+    await served.client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS,
+                                                tool_choice=choice)
+    fmt = engine.requests[-1].sampling.response_format
+    assert fmt["type"] == "lark" and "get_weather" in fmt["lark"]
+    await served.client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS)
+    assert engine.requests[-1].sampling.response_format is None  # "auto" stays free
+
+
+async def test_forced_tool_choice_with_a_bad_schema_is_a_400(served, make_card, tokenizer):
+    pytest.importorskip("llguidance")
+    scripted(served, replace(make_card(tool_call_parser="hermes"), guided_decoding=True),
+             tokenizer, CALL_TEXT)
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]
+    with pytest.raises(openai.BadRequestError, match="nope"):
+        await served.client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=bad,
+                                                    tool_choice="required")

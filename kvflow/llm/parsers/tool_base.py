@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from kvflow.llm.parsers.registry import Registry
+from kvflow.llm.structured import CallFormat
 
 
 def random_call_id() -> str:
@@ -69,6 +70,9 @@ class Collected:
 
 class ToolParser:
     """Base class: content gating and call building; subclasses implement `_step`/`_finish`."""
+
+    # How calls are written, for guided decoding of forced calls (None: not known).
+    call_format: CallFormat | None = None
 
     def __init__(self, *, new_call_id: Callable[[], str] = random_call_id) -> None:
         self.new_call_id = new_call_id

@@ -25,6 +25,7 @@ from kvflow.llm.parsers.tool_base import (
     register_tool_parser,
     tool_parser_registry,
 )
+from kvflow.llm.structured import CallFormat
 
 __all__ = [
     "HermesToolParser",
@@ -97,6 +98,7 @@ class HermesToolParser(_MarkerToolParser):
 
     start_marker = "<tool_call>"
     end_marker = "</tool_call>"
+    call_format = CallFormat(call_open=start_marker, call_close=end_marker)
 
     def _begin_call(self) -> None:
         self._search_from = 0
@@ -124,6 +126,7 @@ class MistralToolParser(_MarkerToolParser):
     """`[TOOL_CALLS][{"name": …, "arguments": {…}}, …]`."""
 
     start_marker = "[TOOL_CALLS]"
+    call_format = CallFormat(list_open=start_marker + "[", list_close="]", separator=",")
 
     def _begin_call(self) -> None:
         self._scanner = JsonValueScanner()
@@ -152,6 +155,7 @@ class Llama3JsonToolParser(ToolParser):
     separated by `;`, optionally after `<|python_tag|>`. Any other message is plain text."""
 
     python_tag = "<|python_tag|>"
+    call_format = CallFormat(args_key="parameters", separator=";")
 
     def __init__(self, *, new_call_id: Callable[[], str] = random_call_id) -> None:
         super().__init__(new_call_id=new_call_id)

@@ -103,3 +103,42 @@ async def test_bad_grammar_fails_the_request_with_the_reason(model_path):
         assert out[-1].finish_reason == "error" and "unclosed group" in (out[-1].error or "")
     finally:
         await engine.stop()
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "set_alarm", "parameters": {
+        "type": "object", "properties": {"hour": {"type": "integer", "minimum": 0,
+                                                  "maximum": 23}},
+        "required": ["hour"], "additionalProperties": False}}},
+]
+
+
+@pytest.mark.parametrize(("parser", "parallel"), [("hermes", True), ("hermes", False),
+                                                  ("mistral", False), ("llama3_json", False)])
+async def test_forced_tool_calls_parse_and_match_their_schemas(model_path, parser, parallel):
+    from kvflow.llm.parsers.tool_calls import get_tool_parser
+    from kvflow.llm.structured import tool_call_format
+
+    cls = get_tool_parser(parser)
+    tok = Tokenizer.from_dir(model_path)
+    fmt = tool_call_format(cls.call_format, TOOLS, tok.added_tokens(), parallel)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    engine = await small_native_engine(model_path, max_model_len=512)
+    try:
+        reqs = [greedy_request(f"{parser}{i}", prompt_ids(6, seed=i), max_tokens=300,
+                               temperature=0.8, seed=i, response_format=fmt) for i in range(4)]
+        outs = await asyncio.gather(*(collect(engine, r) for r in reqs))
+        for out in outs:
+            assert out[-1].finish_reason == "stop"
+            text = tok.decode([t for t in tokens(out) if t != 1], skip_special_tokens=False)
+            parsed = cls().parse(text)
+            assert parsed.calls and not (parsed.content or "").strip(), parsed
+            assert parallel or len(parsed.calls) == 1
+            for call in parsed.calls:
+                jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+    finally:
+        await engine.stop()
