@@ -52,6 +52,15 @@ class RoutingHints(msgspec.Struct, omit_defaults=True):
     disagg: dict | None = None
 
 
+class EmbedOptions(msgspec.Struct, omit_defaults=True):
+    """An embedding request: no tokens are generated; the prompt's final hidden states are
+    pooled ("last" token or "mean" over the prompt), cut to `dimensions` and normalized."""
+
+    pooling: str = "last"
+    normalize: bool = True
+    dimensions: int | None = None
+
+
 class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
     """A tokenized request, ready for an engine."""
 
@@ -68,6 +77,8 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
     # An engine whose outputs depend on the output position (the mocker) continues at that
     # position; any other engine may treat them as prompt.
     prior_output_tokens: int = 0
+    # Set: an embedding request (engines whose card lists "embedding" serve it).
+    embed: EmbedOptions | None = None
 
 
 class TopLogprob(msgspec.Struct, array_like=True):
@@ -91,6 +102,8 @@ class EngineOutput(msgspec.Struct, omit_defaults=True):
     error: str | None = None
     # Index of the choice when n > 1.
     index: int = 0
+    # The pooled embedding, on the last output of an embedding request.
+    embedding: list[float] | None = None
 
 
 FINISH_STOP = "stop"

@@ -23,6 +23,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
+
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.core.block_pool import BlockPool
 from kvflow.engines.core.outputs import follow_outputs
@@ -36,12 +38,20 @@ from kvflow.engines.core.scheduler import (
 from kvflow.engines.core.sequence import SeqStatus, Sequence
 from kvflow.engines.native.config import NativeEngineConfig
 from kvflow.engines.native.guided import GuidedDecoding
+from kvflow.engines.native.pooling import POOLINGS
 from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
 from kvflow.engines.native.weights import resolve_model_dir
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
-from kvflow.llm.protocol import FINISH_CANCELLED, FINISH_ERROR, EngineOutput, PreprocessedRequest
+from kvflow.llm.protocol import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_STOP,
+    EngineOutput,
+    PreprocessedRequest,
+    StopConditions,
+)
 from kvflow.llm.structured import GrammarError, is_guided
 from kvflow.runtime.context import Context
 
@@ -134,10 +144,16 @@ class NativeEngine:
             stream.fail(problem)
             return stream
         assert self.scheduler is not None and self.runner is not None
+        if request.embed is not None:  # the prompt's last step ends it: one (dropped) token
+            request = msgspec.structs.replace(request, stop=StopConditions(max_tokens=1))
         seq = Sequence.from_request(request, seed=request.sampling.seed or 0)
         params = RequestSampling.from_request(
             request.sampling, request.stop, request.eos_token_ids, self.runner.device
         )
+        if request.embed is not None:
+            params.embed = request.embed
+            if request.embed.pooling == "mean":  # every prompt token's state is needed
+                seq.isolate_cache(f"embed-mean:{request.request_id}")
         if is_guided(request.sampling.response_format):
             try:
                 params.guide = self._guided(request).guide(request.sampling.response_format)
@@ -177,6 +193,13 @@ class NativeEngine:
                     "tokenize with this model's tokenizer")
         if request.sampling.n != 1:
             return "the native engine returns one choice per request (n=1); send n requests"
+        embed = request.embed
+        if embed is not None and embed.pooling not in POOLINGS:
+            return f"unknown pooling {embed.pooling!r}; use one of {', '.join(POOLINGS)}"
+        if embed is not None and embed.dimensions is not None and not (
+                0 < embed.dimensions <= self.runner.cfg.hidden_size):
+            return (f"dimensions must be between 1 and the model's hidden size "
+                    f"{self.runner.cfg.hidden_size}")
         return None
 
     def _cancel(self, stream: RequestStream) -> None:
@@ -192,6 +215,8 @@ class NativeEngine:
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+        if self.runner is not None:
+            self.runner.pooler.forget(request_id)
         params = self._sampling.pop(request_id, None)
         if params is not None and params.reads_tokens:
             self._num_penalized -= 1
@@ -323,6 +348,8 @@ class NativeEngine:
     ) -> Delivery:
         rid = seq.request_id
         d = Delivery(stream, result.sampled[rid], finish_reason=reason)
+        if rid in result.embeddings:  # an embedding request ends with its prompt
+            d.embedding, d.token_ids, d.finish_reason = result.embeddings[rid], [], FINISH_STOP
         lp = result.logprobs.get(rid)
         if lp is not None:
             d.logprobs, d.top_logprobs = [lp.logprob], [lp.top]

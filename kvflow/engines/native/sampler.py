@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvflow.llm.protocol import SamplingOptions, StopConditions
+from kvflow.llm.protocol import EmbedOptions, SamplingOptions, StopConditions
 
 if TYPE_CHECKING:
     from kvflow.engines.native.guided import Guide, GuidedDecoding
@@ -38,6 +38,8 @@ class RequestSampling:
     generator: torch.Generator | None = None
     # Guided decoding (response_format): the request's grammar state.
     guide: Guide | None = None
+    # An embedding request: pool its prompt's hidden states (its sampled token is dropped).
+    embed: EmbedOptions | None = None
 
     @property
     def greedy(self) -> bool:
