@@ -213,7 +213,7 @@ class ModelRunner:
         embedding = isinstance(inputs, StepInputs) and any(
             (p := sampling.get(s.seq.request_id)) is not None and p.embed is not None
             for s in inputs.scheduled)
-        logits = self.logits(inputs, keep_hidden=embedding)
+        logits = self.logits(inputs, keep_hidden=True) if embedding else self.logits(inputs)
         embeddings = self._pool(inputs, sampling) if embedding else {}
         seqs = inputs.sampling_seqs
         self._rows = {s.seq: i for i, s in enumerate(seqs)}
