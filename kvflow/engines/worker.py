@@ -134,6 +134,12 @@ def _snapshot_handler(engine: Engine) -> Any:
     return kv_snapshot
 
 
+def _model_types(overrides: dict) -> ModelType:
+    """Chat and completions; embeddings too when the engine serves them."""
+    types = ModelType.Chat | ModelType.Completions
+    return types | ModelType.Embedding if overrides.get("embeddings") else types
+
+
 async def serve_instance(
     runtime: DistributedRuntime, spec: EngineSpec, ns: argparse.Namespace, args: WorkerArgs,
     instance_id: int, gauges: LoadGauges | None = None,
@@ -147,7 +153,7 @@ async def serve_instance(
     overrides = spec.card_overrides(ns)
     await register_llm(
         ModelInput.Tokens,
-        ModelType.Chat | ModelType.Completions,
+        _model_types(overrides),
         generate,
         args.model_path,
         model_name=args.model_name,

@@ -8,6 +8,7 @@ import msgspec
 
 import kvflow
 from kvflow.llm import anthropic as an
+from kvflow.llm import embeddings as em
 from kvflow.llm import openai as oa
 from kvflow.llm import responses as rs
 from kvflow.llm import tokenize as tk
@@ -33,6 +34,8 @@ _SCHEMA_TYPES = (
     tk.TokenizeResponse,
     tk.DetokenizeRequest,
     tk.DetokenizeResponse,
+    em.EmbeddingRequest,
+    em.EmbeddingResponse,
 )
 
 
@@ -126,6 +129,9 @@ def build_openapi() -> dict[str, Any]:
             "response.created, response.in_progress, per output item its added/delta/done "
             "events, then response.completed or response.incomplete",
         ),
+        "/v1/embeddings": _utility(
+            "Create embeddings (last-token or mean pooling of the model's final hidden states)",
+            "EmbeddingRequest", "EmbeddingResponse"),
         "/tokenize": _utility("Tokenize text or chat messages with the model's tokenizer",
                               "TokenizeRequest", "TokenizeResponse"),
         "/detokenize": _utility("Turn token ids back into text", "DetokenizeRequest",

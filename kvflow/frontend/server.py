@@ -12,6 +12,7 @@ from kvflow.frontend.chat import handle_chat
 from kvflow.frontend.completions import handle_completion
 from kvflow.frontend.config import FrontendConfig
 from kvflow.frontend.debug import explain_route
+from kvflow.frontend.embeddings import handle_embeddings
 from kvflow.frontend.errors import ApiError
 from kvflow.frontend.handlers import FrontendState, Handler
 from kvflow.frontend.http import HttpServer
@@ -35,6 +36,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/messages": {"POST": handle_messages},
     "/v1/messages/count_tokens": {"POST": handle_count_tokens},
     "/v1/responses": {"POST": handle_responses},
+    "/v1/embeddings": {"POST": handle_embeddings},
     "/tokenize": {"POST": handle_tokenize},
     "/detokenize": {"POST": handle_detokenize},
 }

@@ -34,12 +34,13 @@ SCHEMAS: dict[str, Any] = SPEC["components"]["schemas"]
 ROUTES = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest",
           "/v1/messages": "MessagesRequest", "/v1/messages/count_tokens": "CountTokensRequest",
           "/v1/responses": "ResponsesRequest", "/tokenize": "TokenizeRequest",
-          "/detokenize": "DetokenizeRequest"}
+          "/detokenize": "DetokenizeRequest", "/v1/embeddings": "EmbeddingRequest"}
 ANTHROPIC = ("/v1/messages", "/v1/messages/count_tokens")
 # What a 200 JSON body of each route must have, and how each route's stream ends.
 RESULT_KEY = {"/v1/chat/completions": "choices", "/v1/completions": "choices",
               "/v1/messages": "content", "/v1/messages/count_tokens": "input_tokens",
-              "/v1/responses": "output", "/tokenize": "tokens", "/detokenize": "prompt"}
+              "/v1/responses": "output", "/tokenize": "tokens", "/detokenize": "prompt",
+              "/v1/embeddings": "data"}
 STREAM_END = {"/v1/messages": (b"event: message_stop\n", b"event: error\n"),
               "/v1/responses": (b"event: response.completed\n", b"event: response.incomplete\n",
                                 b"event: error\n")}

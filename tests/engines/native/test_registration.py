@@ -32,7 +32,8 @@ def test_flags_build_the_config() -> None:
     assert (config.num_gpu_blocks, config.max_num_seqs, config.enforce_eager) == (100, 8, True)
     overrides = get_engine("native").card_overrides(ns)
     # The card announces guided decoding when the grammar library is installed.
-    assert overrides == {"kv_cache_block_size": 32, "guided_decoding": available()}
+    assert overrides == {"kv_cache_block_size": 32, "guided_decoding": available(),
+                         "embeddings": True}
 
 
 def test_missing_model_path_and_bad_values_are_explained() -> None:
