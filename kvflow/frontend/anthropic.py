@@ -115,10 +115,14 @@ class BlockEvents:
         if d.text:
             self._ensure(an.OutText, events)
             events.append(an.BlockDelta(self.index, an.TextDelta(d.text)))
-        for call in d.tool_calls or ():
-            self._ensure(an.OutToolUse, events, block=an.OutToolUse(call.id, call.name, {}))
-            events.append(an.BlockDelta(self.index, an.InputJsonDelta(call.arguments)))
-            self.close(events)
+        for piece in d.tool_pieces or ():  # a call's input streams as the model writes it
+            if piece.id is not None:
+                block = an.OutToolUse(piece.id, piece.name or "", {})
+                self._ensure(an.OutToolUse, events, block=block)
+            if piece.arguments:
+                events.append(an.BlockDelta(self.index, an.InputJsonDelta(piece.arguments)))
+        if d.tool_calls and self._open is an.OutToolUse:
+            self.close(events)  # the last call written is complete
         return events
 
     def close(self, events: list[an.StreamEvent]) -> None:

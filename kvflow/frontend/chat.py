@@ -121,7 +121,7 @@ class ChatChunkEncoder:
         return self._chunk([ChatChunkChoice(index, ChatDelta(role="assistant", content=""))])
 
     def delta(self, d: ChoiceDelta) -> bytes:
-        if d.reasoning or d.tool_calls or d.logprobs or d.finish_reason:
+        if d.reasoning or d.tool_pieces or d.logprobs or d.finish_reason:
             return self._chunk([self._choice(d)])
         return self.content(d.index, d.text) if d.text else b""
 
@@ -130,10 +130,11 @@ class ChatChunkEncoder:
 
     def _choice(self, d: ChoiceDelta) -> ChatChunkChoice:
         calls = None
-        if d.tool_calls:
+        if d.tool_pieces:  # arguments stream as the model writes them
             calls = [
-                ToolCallDelta(i, c.id, "function", FunctionCallDelta(c.name, c.arguments))
-                for i, c in enumerate(d.tool_calls, start=d.tool_call_base)
+                ToolCallDelta(p.index, p.id, "function" if p.id else None,
+                              FunctionCallDelta(p.name, p.arguments))
+                for p in d.tool_pieces
             ]
         delta = ChatDelta(content=d.text or None, reasoning_content=d.reasoning or None,
                           tool_calls=calls)

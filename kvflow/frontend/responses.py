@@ -51,18 +51,19 @@ async def handle_responses(state: FrontendState, request: HttpRequest, responder
 class OutputItems:
     """Choice deltas → output items, with the stream events that build them. A reasoning or
     message item opens on its first piece and closes when another kind of piece comes; a
-    tool call is a whole function_call item. `items` holds the finished ones, in order."""
+    function_call item opens on its call's first piece, streams its arguments, and is done
+    when the call completes. `items` holds the finished ones, in order."""
 
     def __init__(self) -> None:
         self.items: list[rs.OutputItem] = []
+        self.finished = False
+        self._count = 0  # output indices handed out
         self._open: str | None = None
         self._id = ""
+        self._index = 0
         self._text: list[str] = []
-        self.finished = False
-
-    @property
-    def index(self) -> int:
-        return len(self.items)
+        self._calls: dict[str, tuple[rs.FunctionCallItem, int]] = {}  # by call id
+        self._by_piece: dict[int, str] = {}  # piece index → call id
 
     def delta(self, d: ChoiceDelta) -> list[rs.StreamEvent]:
         events: list[rs.StreamEvent] = []
@@ -70,17 +71,16 @@ class OutputItems:
             self._piece("reasoning", "response.reasoning_text.delta", d.reasoning, events)
         if d.text:
             self._piece("message", "response.output_text.delta", d.text, events)
+        for piece in d.tool_pieces or ():
+            if piece.id is not None:
+                self._start_call(piece.id, piece.name or "", events)
+                self._by_piece[piece.index] = piece.id
+            if piece.arguments:
+                item, index = self._calls[self._by_piece[piece.index]]
+                events.append(_event("response.function_call_arguments.delta", index,
+                                     item_id=item.id, delta=piece.arguments))
         for call in d.tool_calls or ():
-            self.close(events)
-            item = rs.FunctionCallItem(new_id("fc_"), call.id, call.name, "", "in_progress")
-            events.append(_event("response.output_item.added", self.index, item=item))
-            args = dict(item_id=item.id, output_index=self.index)
-            events.append(_event("response.function_call_arguments.delta", delta=call.arguments,
-                                 **args))
-            events.append(_event("response.function_call_arguments.done", name=call.name,
-                                 arguments=call.arguments, **args))
-            self._finish(msgspec.structs.replace(item, arguments=call.arguments,
-                                                 status="completed"), events)
+            self._end_call(call.id, call.name, call.arguments, events)
         if d.finish_reason is not None:
             self.close(events)
             self.finished = True
@@ -99,7 +99,7 @@ class OutputItems:
             events.append(_event("response.reasoning_text.done", text=text, **where))
             item = rs.ReasoningItem(self._id, [rs.ReasoningText(text)])
         self._open = None
-        self._finish(item, events)
+        self._finish(item, self._index, events)
 
     def as_message(self) -> ChatMessage:
         """The output as one assistant message, for the next turn of the conversation."""
@@ -114,6 +114,23 @@ class OutputItems:
                 msg.tool_calls = [*(msg.tool_calls or ()), call]
         return msg
 
+    def _start_call(self, call_id: str, name: str, events: list[rs.StreamEvent]) -> None:
+        self.close(events)
+        item = rs.FunctionCallItem(new_id("fc_"), call_id, name, "", "in_progress")
+        self._calls[call_id] = (item, self._count)
+        events.append(_event("response.output_item.added", self._count, item=item))
+        self._count += 1
+
+    def _end_call(self, call_id: str, name: str, arguments: str,
+                  events: list[rs.StreamEvent]) -> None:
+        if call_id not in self._calls:  # completed without pieces
+            self._start_call(call_id, name, events)
+        item, index = self._calls.pop(call_id)
+        events.append(_event("response.function_call_arguments.done", index, item_id=item.id,
+                             name=name, arguments=arguments))
+        done = msgspec.structs.replace(item, arguments=arguments, status="completed")
+        self._finish(done, index, events)
+
     def _piece(self, kind: str, event: str, text: str, events: list[rs.StreamEvent]) -> None:
         if self._open != kind:
             self.close(events)
@@ -123,24 +140,25 @@ class OutputItems:
         events.append(_event(event, delta=text, logprobs=logprobs, **self._where()))
 
     def _start(self, kind: str, events: list[rs.StreamEvent]) -> None:
-        self._open, self._text = kind, []
+        self._open, self._text, self._index = kind, [], self._count
+        self._count += 1
         if kind == "message":
             self._id = new_id("msg_")
             item: rs.OutputItem = rs.MessageItem(self._id, [], "in_progress")
-            events.append(_event("response.output_item.added", self.index, item=item))
+            events.append(_event("response.output_item.added", self._index, item=item))
             events.append(_event("response.content_part.added", part=rs.OutputText(""),
                                  **self._where()))
         else:
             self._id = new_id("rs_")
             item = rs.ReasoningItem(self._id, [], status="in_progress")
-            events.append(_event("response.output_item.added", self.index, item=item))
+            events.append(_event("response.output_item.added", self._index, item=item))
 
-    def _finish(self, item: rs.OutputItem, events: list[rs.StreamEvent]) -> None:
-        events.append(_event("response.output_item.done", self.index, item=item))
+    def _finish(self, item: rs.OutputItem, index: int, events: list[rs.StreamEvent]) -> None:
+        events.append(_event("response.output_item.done", index, item=item))
         self.items.append(item)
 
     def _where(self) -> dict:
-        return dict(item_id=self._id, output_index=self.index, content_index=0)
+        return dict(item_id=self._id, output_index=self._index, content_index=0)
 
 
 def _event(kind: str, output_index: int | None = None, **fields) -> rs.StreamEvent:

@@ -272,3 +272,15 @@ class _Local:
 
     def live_workers(self) -> int:
         return 1
+
+
+async def test_tool_input_streams_in_pieces(keyed, make_card, tokenizer):
+    script(keyed, make_card, tokenizer, CALL_TEXT, tool_call_parser="hermes")
+    body = json.dumps({"model": MODEL, "max_tokens": 64, "stream": True, "tools": [WEATHER],
+                       "messages": [{"role": "user", "content": "Weather?"}]}).encode()
+    r = await raw_request(keyed.host, keyed.port, "POST", "/v1/messages", body, {"x-api-key": KEY})
+    events = [json.loads(line[6:]) for line in r.body.decode().splitlines()
+              if line.startswith("data: ")]
+    pieces = [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"
+              and e["delta"]["type"] == "input_json_delta"]
+    assert len(pieces) > 2 and json.loads("".join(pieces)) == {"city": "Paris"}

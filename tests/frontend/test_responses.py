@@ -153,3 +153,15 @@ def test_store_drops_least_recently_used():
     store.get("b")
     with pytest.raises(Exception, match="not found"):
         store.get("c")
+
+
+async def test_function_call_arguments_stream_in_pieces(served, make_card, tokenizer):
+    script(served, make_card, tokenizer, CALL_TEXT, tool_call_parser="hermes")
+    stream = await served.client.responses.create(model=MODEL, input="Weather?", tools=[WEATHER],
+                                                  stream=True)
+    events = [e async for e in stream]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(deltas) > 2 and "".join(deltas) == done.arguments == '{"city": "Paris"}'
+    added = [e.output_index for e in events if e.type == "response.output_item.added"]
+    assert added == [0, 1]  # the message, then the call
