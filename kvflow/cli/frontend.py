@@ -45,6 +45,9 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         default=FrontendConfig.anthropic_stable_prefix,
         help="/v1/messages: move system blocks after the last cache_control breakpoint to the "
         "last user turn, so a per-request system tail does not defeat prefix caching")
+    g.add_argument(
+        "--responses-store-size", type=int, default=FrontendConfig.responses_store_size,
+        help="/v1/responses kept in memory for previous_response_id (default: %(default)s)")
     g = parser.add_argument_group("overload and migration")
     g.add_argument(
         "--max-inflight-per-model", type=int, default=FrontendConfig.max_inflight_per_model,
@@ -86,6 +89,7 @@ def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
         queue_timeout_s=ns.queue_timeout_s,
         overload_retry_after_s=ns.overload_retry_after_s,
         anthropic_stable_prefix=ns.anthropic_stable_prefix,
+        responses_store_size=ns.responses_store_size,
     )
 
 

@@ -50,6 +50,8 @@ class FrontendConfig:
                      "max_choices"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.responses_store_size < 0:
+            raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
         self.admission_limits()  # checks the overload settings now
 
     def admission_limits(self) -> AdmissionLimits:
