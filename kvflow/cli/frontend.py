@@ -17,6 +17,7 @@ from kvflow.router.config import config_from_args as router_from_args
 from kvflow.runtime import DistributedRuntime
 from kvflow.runtime.component import parse_endpoint_path
 from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
+from kvflow.runtime.errors import is_addr_in_use, port_in_use
 from kvflow.runtime.logs import setup_logging
 from kvflow.runtime.worker import install_uvloop, run_with_runtime
 
@@ -103,16 +104,25 @@ async def serve_frontend(
     migration = MigrationSettings(ns.migration_limit, frontend.metrics.count_migration)
     only = ".".join(parse_endpoint_path(ns.endpoint)) if ns.endpoint else None
     watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only)
-    await watcher.start()
-    await frontend.start()
-    log.info("frontend: listening on %s", frontend.base_url)
-    if on_ready is not None:
-        on_ready(frontend, models)
+    await _bind(frontend)
     try:
+        await watcher.start()
+        log.info("frontend: listening on %s", frontend.base_url)
+        if on_ready is not None:
+            on_ready(frontend, models)
         await runtime.shutdown_event.wait()
     finally:
         await frontend.stop()
         await watcher.close()
+
+
+async def _bind(frontend: HttpFrontend) -> None:
+    try:
+        await frontend.start()
+    except OSError as exc:
+        if is_addr_in_use(exc):
+            raise port_in_use("HTTP", frontend.config.host, frontend.config.port, "--http-port") from None
+        raise
 
 
 class RegistryForwarder:

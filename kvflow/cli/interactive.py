@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kvflow.runtime.threads import in_daemon_thread
+
 
 def _post(base_url: str, path: str, body: dict) -> http.client.HTTPResponse:
     url = urlsplit(base_url)
@@ -59,7 +61,7 @@ def _text_loop(base_url: str, model: str) -> None:
 
 
 async def run_text(base_url: str, model: str) -> None:
-    await asyncio.to_thread(_text_loop, base_url, model)
+    await in_daemon_thread(_text_loop, base_url, model, name="kvflow-text")
 
 
 def _batch(base_url: str, model: str, path: str) -> Path:

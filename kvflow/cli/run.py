@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from kvflow.cli.interactive import run_batch, run_text
 from kvflow.frontend import HttpFrontend, ModelManager
 from kvflow.runtime import DistributedRuntime
 from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
+from kvflow.runtime.errors import UserError
 from kvflow.runtime.logs import setup_logging
 from kvflow.runtime.worker import install_uvloop, run_with_runtime
 
@@ -63,7 +66,15 @@ def start_worker(spec: RunSpec, worker_argv: list[str], config: RuntimeConfig) -
         }
     )
     cmd = [sys.executable, "-m", "kvflow.cli.main", "worker", "--engine", spec.output, *worker_argv]
-    return subprocess.Popen(cmd, env=env)
+    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when `kvflow run` dies, even by SIGKILL (Linux prctl)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _runtime_config(ns: argparse.Namespace) -> RuntimeConfig:
@@ -77,7 +88,7 @@ def _runtime_config(ns: argparse.Namespace) -> RuntimeConfig:
 
 
 async def _main(
-    runtime: DistributedRuntime, spec: RunSpec, ns: argparse.Namespace, worker: subprocess.Popen | None
+    runtime: DistributedRuntime, spec: RunSpec, ns: argparse.Namespace, worker: WorkerSlot
 ) -> None:
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -85,9 +96,15 @@ async def _main(
         ready.set_result((frontend, models))
 
     serving = asyncio.ensure_future(serve_frontend(runtime, ns, on_ready))
-    frontend, models = await ready
     try:
-        name = await _wait_for_model(models, worker)
+        # The port is bound before the worker starts: a taken port ends here, at once.
+        await asyncio.wait({ready, serving}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            await serving  # raises why the frontend could not start
+            return
+        frontend, models = ready.result()
+        worker.proc = start_worker(spec, worker.argv, runtime.config)
+        name = await _wait_for_model(models, worker.proc)
         print(f"kvflow: model {name!r} ready at {frontend.base_url}/v1", flush=True)
         if spec.input == "text":
             await run_text(frontend.base_url, name)
@@ -103,9 +120,27 @@ async def _main(
 async def _wait_for_model(models: ModelManager, worker: subprocess.Popen | None) -> str:
     while not models.names():
         if worker is not None and worker.poll() is not None:
-            raise SystemExit(f"kvflow run: the worker exited with code {worker.returncode}")
+            raise UserError(f"the worker exited with code {worker.returncode} (its error is above)")
         await asyncio.sleep(0.05)
     return models.names()[0]
+
+
+@dataclass
+class WorkerSlot:
+    """The worker process `kvflow run` starts once its port is bound (None for dyn:// outputs)."""
+
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def main(argv: list[str]) -> int:
@@ -120,17 +155,10 @@ def main(argv: list[str]) -> int:
         ns.http_port = 0
     setup_logging()
     config = _runtime_config(ns)
-    worker = start_worker(spec, worker_argv, config)
+    worker = WorkerSlot(worker_argv)
     install_uvloop()
     try:
         asyncio.run(run_with_runtime(_main, config, spec, ns, worker))
-    except KeyboardInterrupt:
-        pass
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        worker.stop()
     return 0

@@ -76,6 +76,11 @@ class DistributedRuntime:
     def lease_id(self) -> int:
         return self.discovery.lease_id
 
+    @property
+    def serving(self) -> bool:
+        """Whether any endpoint is served (then a shutdown drains it before closing)."""
+        return self._serving > 0
+
     def new_instance_id(self) -> int:
         return random.getrandbits(63) or 1
 

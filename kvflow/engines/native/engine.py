@@ -41,6 +41,7 @@ from kvflow.engines.native.stream import Delivery, RequestStream
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import FINISH_CANCELLED, FINISH_ERROR, EngineOutput, PreprocessedRequest
 from kvflow.runtime.context import Context
+from kvflow.runtime.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class NativeEngine:
     async def start(self) -> None:
         assert self._thread is None, "NativeEngine.start() called twice"
         self._loop = asyncio.get_running_loop()
-        runner = await self._loop.run_in_executor(None, ModelRunner.load, self.config)
+        runner = await in_daemon_thread(ModelRunner.load, self.config, name="native-load")
         self.runner = runner
         self.pool = BlockPool(runner.num_blocks, self.config.block_size,
                               worker_id=self.hooks.worker_id)
