@@ -22,6 +22,7 @@ from kvflow.llm.chat_template import TemplateError, load_template_source, specia
 from kvflow.llm.parsers.reasoning import get_reasoning_parser
 from kvflow.llm.parsers.tool_calls import get_tool_parser
 from kvflow.llm.tokenizer import TOKENIZER_FILE, Tokenizer
+from kvflow.runtime.errors import UserError
 
 CARD_FILES = (
     "config.json",
@@ -44,7 +45,7 @@ DEFAULT_KV_BLOCK_SIZE = 16
 DEFAULT_INLINE_LIMIT = 512 * 1024
 
 
-class ModelCardError(ValueError):
+class ModelCardError(UserError, ValueError):
     """A model card could not be built or materialized; the message says what to do."""
 
 
@@ -111,7 +112,8 @@ def resolve_model_path(model_path: str) -> Path:
     if path.exists():
         raise ModelCardError(f"{model_path} is a file; pass the model's directory")
     if _looks_local(model_path):
-        raise ModelCardError(f"model directory {model_path} does not exist")
+        raise ModelCardError(f"model directory {model_path} does not exist; pass --model-path a directory "
+                             "with tokenizer.json and config.json (or a Hugging Face hub id)")
     return _download(model_path)
 
 
@@ -123,10 +125,20 @@ def _download(repo_id: str) -> Path:
     except (OSError, ValueError) as exc:
         raise ModelCardError(
             f"{repo_id!r} is not a local directory and could not be fetched from the Hugging "
-            f"Face Hub ({type(exc).__name__}: {exc}). Pass a local model directory, check the "
+            f"Face Hub ({hub_reason(exc)}).\nPass --model-path a local model directory, check the "
             "repo id, set HF_TOKEN for gated models; with HF_HUB_OFFLINE=1 only models "
             "already in the cache are found."
         ) from exc
+
+
+def hub_reason(exc: BaseException) -> str:
+    """Why a hub download failed, in a few words (the hub's own messages run to paragraphs)."""
+    text = str(exc)
+    if "ConnectError" in text or "Name or service not known" in text or "offline" in text.lower():
+        return "no network, and not in the local hub cache"
+    if "RepositoryNotFound" in type(exc).__name__ or "404" in text:
+        return "no such repository (or it is gated: set HF_TOKEN)"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -227,7 +239,9 @@ def build_model_card(
     _check_options(model_input, model_types, tool_call_parser, reasoning_parser)
     root = resolve_model_path(model_path)
     if not (root / TOKENIZER_FILE).is_file():
-        raise ModelCardError(f"{root} has no {TOKENIZER_FILE}; kvflow needs a fast tokenizer")
+        raise ModelCardError(
+            f"{root} has no {TOKENIZER_FILE}; kvflow needs a fast tokenizer: save one with "
+            f"transformers' AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
     tok_cfg = _read_json(root / "tokenizer_config.json")
     config = _read_json(root / "config.json")
     tokenizer = Tokenizer.from_dir(root)
