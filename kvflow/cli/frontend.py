@@ -10,14 +10,16 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Metric
 
+from kvflow.cli.help import new_parser
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
 from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
 from kvflow.runtime import DistributedRuntime
 from kvflow.runtime.component import parse_endpoint_path
-from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
-from kvflow.runtime.errors import is_addr_in_use, port_in_use
+from kvflow.runtime.config import RuntimeConfig, add_config_args, build_config, config_from_args
+from kvflow.runtime.errors import ConfigError, is_addr_in_use, port_in_use
+from kvflow.runtime.flags import config_section, parse_layered
 from kvflow.runtime.logs import setup_logging
 from kvflow.runtime.worker import install_uvloop, run_with_runtime
 
@@ -32,15 +34,30 @@ ROUTER_MODES = {
 
 
 def add_frontend_args(parser: argparse.ArgumentParser) -> None:
+    with config_section(parser, "frontend"):
+        _add_http_args(parser)
+        _add_overload_args(parser)
+    with config_section(parser, "router"):
+        add_router_args(parser)
+
+
+def _add_http_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("http")
     g.add_argument("--http-host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    g.add_argument("--http-port", type=int, default=8000)
+    g.add_argument("--http-port", type=int, default=8000,
+                   help="port of the OpenAI-compatible API; 0 picks a free one")
     g.add_argument("--endpoint", default=None,
                    help="serve only models registered on this endpoint (dyn://ns.component.ep)")
-    g.add_argument("--api-key", action="append", default=[], help="accepted Bearer token (repeatable)")
-    g.add_argument("--tls-cert", dest="http_tls_cert", default=None)
-    g.add_argument("--tls-key", dest="http_tls_key", default=None)
-    g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes)
+    g.add_argument("--api-key", action="append", default=[],
+                   help="accepted Bearer token (repeatable; none = no authentication)")
+    g.add_argument("--tls-cert", dest="http_tls_cert", default=None,
+                   help="PEM certificate to serve HTTPS (with --tls-key)")
+    g.add_argument("--tls-key", dest="http_tls_key", default=None, help="PEM private key for --tls-cert")
+    g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes,
+                   help="larger request bodies get 413")
+
+
+def _add_overload_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("overload and migration")
     g.add_argument(
         "--max-inflight-per-model", type=int, default=FrontendConfig.max_inflight_per_model,
@@ -66,11 +83,10 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="how requests pick a worker (default: kv)",
     )
-    add_router_args(parser)
 
 
 def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
-    return FrontendConfig(
+    return build_config(FrontendConfig, dict(
         host=ns.http_host,
         port=ns.http_port,
         api_keys=tuple(ns.api_key),
@@ -81,11 +97,14 @@ def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
         max_queued_per_model=ns.max_queued_per_model,
         queue_timeout_s=ns.queue_timeout_s,
         overload_retry_after_s=ns.overload_retry_after_s,
-    )
+    ))
 
 
 def router_config(ns: argparse.Namespace):  # -> KvRouterConfig
-    config = router_from_args(ns)
+    try:
+        config = router_from_args(ns)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if ns.router_mode:
         config = dataclasses.replace(config, policy=ROUTER_MODES[ns.router_mode])
     return config
@@ -136,14 +155,21 @@ class RegistryForwarder:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvflow frontend")
+    parser = new_parser("kvflow frontend", "The OpenAI-compatible HTTP frontend: serves every model "
+                        "its workers register in discovery.")
     add_frontend_args(parser)
-    add_config_args(parser.add_argument_group("runtime"), RuntimeConfig)  # type: ignore[arg-type]
+    add_runtime_args(parser)
     return parser
 
 
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    with config_section(parser, "runtime"):
+        add_config_args(parser.add_argument_group("runtime (discovery, planes; every command)"),
+                        RuntimeConfig)  # type: ignore[arg-type]
+
+
 def main(argv: list[str]) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = parse_layered(build_parser(), argv)
     setup_logging()
     install_uvloop()
     asyncio.run(run_with_runtime(serve_frontend, config_from_args(RuntimeConfig, "runtime", ns), ns))

@@ -18,12 +18,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from kvflow.cli.frontend import add_frontend_args, serve_frontend
+from kvflow.cli.frontend import add_frontend_args, add_runtime_args, serve_frontend
+from kvflow.cli.help import new_parser
 from kvflow.cli.interactive import run_batch, run_text
 from kvflow.frontend import HttpFrontend, ModelManager
 from kvflow.runtime import DistributedRuntime
-from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
+from kvflow.runtime.config import CONFIG_FILE_ENV, RuntimeConfig, config_from_args
 from kvflow.runtime.errors import UserError
+from kvflow.runtime.flags import parse_layered
 from kvflow.runtime.logs import setup_logging
 from kvflow.runtime.worker import install_uvloop, run_with_runtime
 
@@ -47,11 +49,13 @@ def split_io(argv: list[str]) -> tuple[RunSpec, list[str]]:
             rest.append(arg)
     inp = io["in"]
     if inp not in ("http", "text") and not inp.startswith("batch:"):
-        raise SystemExit(f"kvflow run: in= must be http, text or batch:FILE.jsonl; got {inp!r}")
+        raise UserError(f"in= must be http, text or batch:FILE.jsonl; got {inp!r} (see kvflow run --help)")
     return RunSpec(inp, io["out"]), rest
 
 
-def start_worker(spec: RunSpec, worker_argv: list[str], config: RuntimeConfig) -> subprocess.Popen | None:
+def start_worker(
+    spec: RunSpec, worker_argv: list[str], config: RuntimeConfig, config_file: str | None = None
+) -> subprocess.Popen | None:
     if spec.output.startswith(("dyn://", "kvflow://")):
         return None
     env = dict(os.environ)
@@ -65,6 +69,8 @@ def start_worker(spec: RunSpec, worker_argv: list[str], config: RuntimeConfig) -
             "KVFLOW_NATS_URL": config.nats_url,
         }
     )
+    if config_file:
+        env[CONFIG_FILE_ENV] = config_file  # the worker reads its [worker] section too
     cmd = [sys.executable, "-m", "kvflow.cli.main", "worker", "--engine", spec.output, *worker_argv]
     return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
@@ -103,7 +109,7 @@ async def _main(
             await serving  # raises why the frontend could not start
             return
         frontend, models = ready.result()
-        worker.proc = start_worker(spec, worker.argv, runtime.config)
+        worker.proc = start_worker(spec, worker.argv, runtime.config, ns.config)
         name = await _wait_for_model(models, worker.proc)
         print(f"kvflow: model {name!r} ready at {frontend.base_url}/v1", flush=True)
         if spec.input == "text":
@@ -143,12 +149,64 @@ class WorkerSlot:
             self.proc.wait()
 
 
-def main(argv: list[str]) -> int:
-    spec, rest = split_io(argv)
-    parser = argparse.ArgumentParser(prog="kvflow run", add_help=True)
+RUN_HELP = """Run a whole local stack in one command: the frontend in this process, and for
+out=ENGINE one worker process beside it (sharing a private file-discovery directory unless
+--discovery is given).
+
+  in=http             serve the OpenAI-compatible API on --http-port (default)
+  in=text             chat in the terminal (an empty line or Ctrl-D ends)
+  in=batch:FILE       send each line of FILE (JSON Lines) and write FILE.out.jsonl; a line is a
+                      request body: {"messages": [...]} goes to /v1/chat/completions,
+                      {"prompt": "..."} to /v1/completions ("model" may be left out); a line
+                      that is not a JSON object is reported with its number and skipped
+  out=ENGINE          echo, mocker or native: start a worker with that engine
+  out=dyn://NS.COMP.EP  serve workers already registered on that endpoint
+
+Worker and engine flags (--model-path, --block-size, ...) pass through to the worker.
+
+examples:
+  kvflow run in=http out=echo --model-path DIR
+  kvflow run in=text out=mocker --model-path DIR --speedup-ratio 10
+  kvflow run in=batch:requests.jsonl out=echo --model-path DIR
+"""
+
+
+def build_parser(engine: str | None = None, for_help: bool = False) -> argparse.ArgumentParser:
+    """Frontend and runtime flags; with `for_help` also the worker's and the engine's (shown only)."""
+    parser = new_parser("kvflow run", RUN_HELP)
+    parser.usage = "kvflow run in=<http|text|batch:FILE> out=<ENGINE|dyn://ns.comp.ep> [flags]"
     add_frontend_args(parser)
-    add_config_args(parser.add_argument_group("runtime"), RuntimeConfig)  # type: ignore[arg-type]
-    ns, worker_argv = parser.parse_known_args(rest)
+    add_runtime_args(parser)
+    if for_help:
+        from kvflow.engines.base import engine_names, get_engine
+        from kvflow.engines.worker import add_worker_args
+
+        parser.conflict_handler = "resolve"  # --migration-limit: the frontend's takes it in run
+        add_worker_args(parser)
+        if engine in engine_names():
+            get_engine(engine).add_args(parser)
+    return parser
+
+
+def check_worker_args(spec: RunSpec, worker_argv: list[str], config_file: str | None) -> None:
+    """Parse the worker's flags here, so a mistake is reported before anything starts."""
+    if spec.output.startswith(("dyn://", "kvflow://")):
+        return
+    from kvflow.engines.worker import parse_args
+
+    parse_args(["--engine", spec.output, *(["--config", config_file] if config_file else []), *worker_argv])
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        build_parser(for_help=True).print_help()
+        return 0
+    spec, rest = split_io(argv)
+    if "-h" in rest or "--help" in rest:
+        build_parser(spec.output, for_help=True).print_help()
+        return 0
+    ns, worker_argv = parse_layered(build_parser(), rest, known_only=True)
+    check_worker_args(spec, worker_argv, ns.config)
     if spec.output.startswith(("dyn://", "kvflow://")):
         ns.endpoint = spec.output
     if spec.input != "http":
