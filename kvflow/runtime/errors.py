@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class KvflowError(Exception):
     """Base of every error the runtime raises on purpose."""
@@ -81,3 +84,21 @@ class ConfigError(UserError, ValueError):
 
 class ServiceUnreachableError(DiscoveryError, UserError):
     """etcd or NATS is not reachable at startup: start it, or point the flag at it."""
+
+
+class MissingDependencyError(UserError, ModuleNotFoundError):
+    """An optional feature's package is not installed; the message names the extra."""
+
+
+@contextlib.contextmanager
+def needs_extra(feature: str, extra: str) -> Iterator[None]:
+    """Around a lazy import: a missing third-party package becomes one line naming the extra."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if isinstance(exc, MissingDependencyError) or (exc.name or "").startswith("kvflow"):
+            raise
+        raise MissingDependencyError(
+            f"{feature} needs the {exc.name or 'missing'} package, which is not installed: "
+            f"pip install 'kvflow[{extra}]'"
+        ) from None

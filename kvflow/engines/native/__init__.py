@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from kvflow.engines.base import EngineHooks, EngineSpec, register_engine
 from kvflow.engines.native.config import DTYPES, NativeEngineConfig
+from kvflow.runtime.errors import needs_extra
 
 if TYPE_CHECKING:
     from kvflow.engines.native.engine import NativeEngine
@@ -80,7 +81,8 @@ def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
 
 
 def _build(ns: argparse.Namespace, hooks: EngineHooks) -> NativeEngine:
-    from kvflow.engines.native.engine import NativeEngine  # torch is imported here, lazily
+    with needs_extra("the native engine", "torch"):
+        from kvflow.engines.native.engine import NativeEngine  # torch is imported here, lazily
 
     return NativeEngine(config_from_args(ns), hooks)
 
