@@ -29,7 +29,7 @@ from kvflow.frontend.migration import MigratingClient, WorkerLost
 from kvflow.frontend.models import ModelManager
 from kvflow.llm.model_card import ModelCard, materialize_card
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
-from kvflow.llm.register import MODELS_PREFIX, ModelEntry, fetch_card_file
+from kvflow.llm.register import MODELS_PREFIX, ModelEntry, block_size_conflict, fetch_card_file
 from kvflow.router.config import KvRouterConfig
 from kvflow.router.errors import RouterError, RouterOverloadedError
 from kvflow.router.service import KvRoutedClient, RouterWiring
@@ -116,6 +116,11 @@ class ModelPool:
     instances: set[str] = field(default_factory=set)
 
 
+def _first_instance(pool: ModelPool) -> int:
+    key = next(iter(pool.instances), "/0")
+    return int(key.rsplit("/", 1)[1], 16)
+
+
 class ModelWatcher:
     """Follows `v1/models/` in discovery and keeps a ModelManager in step."""
 
@@ -180,6 +185,11 @@ class ModelWatcher:
                 entry.card.tokenizer_checksum[:12],
                 pool.card.tokenizer_checksum[:12],
             )
+            return
+        elif pool.card.kv_block_size != entry.card.kv_block_size:
+            log.error("frontend: refusing worker %x: %s", entry.instance_id, block_size_conflict(
+                entry.name, pool.card.kv_block_size, _first_instance(pool),
+                entry.card.kv_block_size))
             return
         pool.instances.add(key)
         self._key_model[key] = entry.name
