@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Metric
 
 from kvflow.cli.help import new_parser
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
-from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
+from kvflow.frontend.watcher import DEFAULT_GRACE_S, DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
 from kvflow.runtime import DistributedRuntime
@@ -78,6 +78,10 @@ def _add_overload_args(parser: argparse.ArgumentParser) -> None:
         help="times a request may move to another worker when its worker is lost; a "
         "worker's --migration-limit overrides it for its model (default: %(default)s)")
     g.add_argument(
+        "--model-grace-period", type=float, default=DEFAULT_GRACE_S,
+        help="seconds a model whose workers all left stays listed, answering 503 + Retry-After, "
+        "before it is dropped (404); 0 drops it at once (default: %(default)s)")
+    g.add_argument(
         "--router-mode",
         choices=sorted(ROUTER_MODES),
         default=None,
@@ -122,7 +126,8 @@ async def serve_frontend(
     frontend.metrics.registry.register(RegistryForwarder(runtime.metrics_registry))
     migration = MigrationSettings(ns.migration_limit, frontend.metrics.count_migration)
     only = ".".join(parse_endpoint_path(ns.endpoint)) if ns.endpoint else None
-    watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only)
+    watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only,
+                           grace_s=ns.model_grace_period)
     await _bind(frontend)
     try:
         await watcher.start()

@@ -62,6 +62,20 @@ class ModelManager:
 
     def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
+        # Models whose last worker went away, by name → monotonic deadline: still listed, and
+        # answered 503 + Retry-After until a worker is back or the grace period ends.
+        self._restarting: dict[str, float] = {}
+
+    def mark_restarting(self, name: str, grace_s: float) -> None:
+        self._restarting[name] = time.monotonic() + grace_s
+
+    def clear_restarting(self, name: str) -> None:
+        self._restarting.pop(name, None)
+
+    def restarting(self) -> dict[str, float]:
+        """Models waiting for a worker to come back: name → seconds of grace left."""
+        now = time.monotonic()
+        return {name: round(max(0.0, end - now), 1) for name, end in self._restarting.items()}
 
     def add_model(
         self,
@@ -90,6 +104,7 @@ class ModelManager:
 
     def remove_model(self, name: str) -> bool:
         """Stop serving `name`; returns whether it was served."""
+        self._restarting.pop(name, None)
         return self._models.pop(name, None) is not None
 
     def get(self, name: str) -> ServedModel | None:

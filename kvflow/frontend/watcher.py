@@ -114,11 +114,15 @@ class ModelPool:
     routed: RoutedEngineClient
     client: EngineClient
     instances: set[str] = field(default_factory=set)
+    retire: asyncio.TimerHandle | None = None  # set while its workers are restarting
 
 
 def _first_instance(pool: ModelPool) -> int:
     key = next(iter(pool.instances), "/0")
     return int(key.rsplit("/", 1)[1], 16)
+
+
+DEFAULT_GRACE_S = 10.0
 
 
 class ModelWatcher:
@@ -132,10 +136,13 @@ class ModelWatcher:
         cache_dir: str | None = None,
         migration: MigrationSettings | None = None,
         endpoint: str | None = None,
+        grace_s: float = DEFAULT_GRACE_S,
     ) -> None:
         self.runtime = runtime
         # Serve only models registered on this endpoint ("ns.comp.ep"); None = every model.
         self.endpoint = endpoint
+        # A model whose last worker left stays listed this long (503 + Retry-After meanwhile).
+        self.grace_s = grace_s
         self.models = models
         self.router_config = router_config
         self.migration = migration or MigrationSettings()
@@ -155,6 +162,8 @@ class ModelWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for pool in self.pools.values():
+            if pool.retire is not None:
+                pool.retire.cancel()
             await pool.routed.close()
         self.pools.clear()
 
@@ -171,7 +180,7 @@ class ModelWatcher:
     async def _on_put(self, key: str, entry: ModelEntry) -> None:
         if self.endpoint is not None and entry.endpoint != self.endpoint:
             return
-        pool = self.pools.get(entry.name)
+        pool = self._back_from_restart(self.pools.get(entry.name), entry)
         if pool is None:
             pool = await self._new_pool(entry)
             self.pools[entry.name] = pool
@@ -193,6 +202,20 @@ class ModelWatcher:
             return
         pool.instances.add(key)
         self._key_model[key] = entry.name
+
+    def _back_from_restart(self, pool: ModelPool | None, entry: ModelEntry) -> ModelPool | None:
+        """A worker of a restarting model is back: keep the pool, unless its card changed."""
+        if pool is None or pool.retire is None:
+            return pool
+        pool.retire.cancel()
+        pool.retire = None
+        self.models.clear_restarting(entry.name)
+        if pool.card.checksum == entry.card.checksum:
+            log.info("frontend: model %s has a worker again (%x)", entry.name, entry.instance_id)
+            return pool
+        del self.pools[entry.name]
+        asyncio.ensure_future(pool.routed.close())
+        return None
 
     async def _new_pool(self, entry: ModelEntry) -> ModelPool:
         card = await self._local_card(entry)
@@ -231,8 +254,21 @@ class ModelWatcher:
         if pool is None:
             return
         pool.instances.discard(key)
-        if not pool.instances:
-            del self.pools[name]  # type: ignore[arg-type]
-            self.models.remove_model(name)  # type: ignore[arg-type]
-            await pool.routed.close()
-            log.info("frontend: model %s has no workers left; no longer listed", name)
+        if pool.instances or pool.retire is not None:
+            return
+        if self.grace_s <= 0:
+            await self._retire(name or "", pool)
+            return
+        log.info("frontend: model %s has no workers left; waiting %.0f s for one to come back",
+                 name, self.grace_s)
+        self.models.mark_restarting(name or "", self.grace_s)
+        pool.retire = asyncio.get_running_loop().call_later(
+            self.grace_s, lambda: asyncio.ensure_future(self._retire(name or "", pool)))
+
+    async def _retire(self, name: str, pool: ModelPool) -> None:
+        if self.pools.get(name) is not pool or pool.instances:
+            return
+        del self.pools[name]
+        self.models.remove_model(name)
+        await pool.routed.close()
+        log.info("frontend: model %s has no workers left; no longer listed", name)

@@ -54,7 +54,7 @@ async def test_kvflow_run_with_openai_client(stack, model_dir) -> None:
 
 
 async def test_models_come_and_go_with_workers(stack, model_dir) -> None:
-    base = stack.frontend()
+    base = stack.frontend("--model-grace-period", "0")
     a = stack.start("worker", "--engine", "echo", "--model-path", str(model_dir), "--model-name", "a")
     b = stack.start("worker", "--engine", "mocker", "--model-path", str(model_dir), "--model-name", "b",
                     "--speedup-ratio", "0")
