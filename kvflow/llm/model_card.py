@@ -131,6 +131,12 @@ def _download(repo_id: str) -> Path:
         ) from exc
 
 
+def default_model_name(model_path: str) -> str:
+    """A local directory's last component (`.kvflow/models/tiny` → `tiny`); a hub id as is."""
+    path = Path(model_path).expanduser()
+    return path.resolve().name if path.is_dir() else model_path
+
+
 def hub_reason(exc: BaseException) -> str:
     """Why a hub download failed, in a few words (the hub's own messages run to paragraphs)."""
     text = str(exc)
@@ -259,7 +265,7 @@ def build_model_card(
         )
     specials = special_tokens_of(root, tok_cfg)
     card = ModelCard(
-        name=model_name or model_path,
+        name=model_name or default_model_name(model_path),
         model_path=str(root.resolve()),
         source=model_path,
         tokenizer_checksum=tokenizer.checksum,

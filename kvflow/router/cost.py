@@ -39,9 +39,13 @@ class RoutingDecision:
     loads: dict[int, WorkerLoad] = field(default_factory=dict)
 
     def as_json(self) -> bytes:
-        """JSON for the explain endpoint (loads as objects, worker ids as keys)."""
+        """JSON for the explain endpoint: worker ids in hex, as in logs and metrics."""
         body = {f.name: getattr(self, f.name) for f in fields(self)}
-        body["loads"] = {w: load._asdict() for w, load in self.loads.items()}
+        body["worker_id"] = f"{self.worker_id:x}"
+        for name in ("costs", "overlaps"):
+            body[name] = {f"{w:x}": v for w, v in body[name].items()}
+        body["loads"] = {f"{w:x}": {**load._asdict(), "worker_id": f"{w:x}"}
+                         for w, load in self.loads.items()}
         return msgspec.json.encode(body)
 
 

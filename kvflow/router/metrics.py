@@ -84,5 +84,5 @@ class RouterMetrics:
     def observe(self, decision: RoutingDecision, seconds: float) -> None:
         self.matched_blocks.observe(decision.overlap_blocks)
         self.hit_rate.observe(decision.predicted_hit_rate)
-        self._chosen.labels(router=self._name, worker_id=str(decision.worker_id)).inc()
+        self._chosen.labels(router=self._name, worker_id=f"{decision.worker_id:x}").inc()
         self.latency.observe(seconds)
