@@ -9,9 +9,9 @@ A fenced block is run when an HTML comment right above it says how:
     <!-- doc-test: probe -->          each line must exit 0 (curl against the servers)
 
 Every page runs in its own temporary directory, with `kvflow` on PATH, the well-known ports
-(8000, 2379, 2380, 4222) replaced by free ones (also the default --http-port), and its servers stopped with SIGINT at the end
-(each must exit within 20 s). `export K=V` lines carry over to later blocks. To add a page,
-write the comments; nothing here changes.
+(8000, 2379, 2380, 4222) replaced by free ones (also the default --http-port), and its
+servers stopped with SIGINT at the end (each must exit within 20 s). `export K=V` lines
+carry over to later blocks. To add a page, write the comments; nothing here changes.
 """
 
 from __future__ import annotations
