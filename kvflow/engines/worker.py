@@ -75,7 +75,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                    help="times a request of this model may move to another worker when its worker "
                    "is lost (default: the frontend's)")
     g.add_argument("--tool-call-parser", default=None,
-                   help="parse tool calls from the output: hermes, llama3_json, mistral")
+                   help="parse tool calls from the output: hermes, llama3_json, mistral, or none "
+                   "(default: picked from the chat template when it shows one of these formats)")
     g.add_argument("--reasoning-parser", default=None,
                    help="split <think> reasoning from the answer (e.g. deepseek_r1, qwen3)")
     g.add_argument("--custom-template", default=None, help="chat template file (Jinja) to use instead "

@@ -38,6 +38,16 @@ class ServedModel:
     tool_parser: type[ToolParser] | None = None
     explain: Callable[[PreprocessedRequest], bytes] | None = None
 
+    warned_no_tool_parser: bool = False
+
+    def warn_no_tool_parser(self) -> None:
+        """Once per model: a request carries tools, but no parser turns output into tool_calls."""
+        if not self.warned_no_tool_parser:
+            self.warned_no_tool_parser = True
+            log.warning("model %s: a request carries tools, but the model has no tool-call parser, "
+                        "so replies have no tool_calls; start its workers with --tool-call-parser "
+                        "(hermes, llama3_json, mistral)", self.name)
+
     def __post_init__(self) -> None:
         if self.card.reasoning_parser:
             self.reasoning_parser = get_reasoning_parser(self.card.reasoning_parser)

@@ -20,7 +20,7 @@ import msgspec
 
 from kvflow.llm.chat_template import TemplateError, load_template_source, special_tokens_of
 from kvflow.llm.parsers.reasoning import get_reasoning_parser
-from kvflow.llm.parsers.tool_calls import get_tool_parser
+from kvflow.llm.parsers.tool_calls import get_tool_parser, tool_parser_for_template
 from kvflow.llm.tokenizer import TOKENIZER_FILE, Tokenizer
 from kvflow.runtime.errors import UserError
 
@@ -221,7 +221,7 @@ def _check_options(
     unknown = [t for t in model_types if t not in MODEL_TYPES]
     if unknown or not model_types:
         raise ModelCardError(f"model_types must be a non-empty subset of {MODEL_TYPES}")
-    if tool_parser is not None:
+    if tool_parser not in (None, "none"):
         get_tool_parser(tool_parser)
     if reasoning_parser is not None:
         get_reasoning_parser(reasoning_parser)
@@ -257,6 +257,9 @@ def build_model_card(
             f"{root} has no chat template, so it cannot serve chat; pass a template file "
             "(custom_template_path / --custom-jinja-template) or model_types=('completions',)"
         )
+    if tool_call_parser is None:  # "none" turns the guess off
+        tool_call_parser = tool_parser_for_template(template)
+    tool_call_parser = None if tool_call_parser == "none" else tool_call_parser
     length = context_length or _context_length(config)
     if length is None:
         raise ModelCardError(
