@@ -57,3 +57,20 @@ async def test_model_name_is_the_directory_name_and_utf8_cut_is_clean(stack, mod
     logged = re.search(r"first worker ([0-9a-f]+)", proc.output()).group(1)  # type: ignore[union-attr]
     assert decision["worker_id"] == logged and list(decision["overlaps"]) == [logged]
     await client.close()
+
+
+def test_native_engine_says_what_it_loaded(stack, tmp_path) -> None:
+    import pytest
+
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from kvflow.testing.models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tinyw", max_position_embeddings=512)
+    proc = stack.start("worker", "--engine", "native", "--model-path", str(model), "--max-num-seqs", "8",
+                       name="worker")
+    proc.wait_for_output("KV cache of", timeout=120)
+    out = proc.output()
+    assert "native engine: loading" in out and "on cpu as float32" in out and "weights loaded in" in out
+    # Sized to what 8 sequences of 512 tokens can use, not to the 1 GB --cpu-kv-cache-gb.
+    assert re.search(r"KV cache of 256 blocks x 16 tokens \(4096 tokens, [0-9.]+ GiB\) on cpu", out), out
