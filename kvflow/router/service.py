@@ -189,7 +189,9 @@ class KvRoutedClient:
                                    pinned_worker=hints.worker_id if hints else None)
 
     def live_workers(self) -> int:
-        return len(self._generate.instances)
+        """Workers in discovery, less those whose connection just failed (a dead worker whose
+        lease has not expired yet does not count as live, so /health and 503s follow it)."""
+        return len(self._generate.live_instance_ids())
 
     # --- discovery -----------------------------------------------------------------
     def _follow_workers(self) -> None:

@@ -8,6 +8,8 @@ import time
 import urllib.error
 import urllib.request
 
+from kvflow.testing.procs import kvflow_proc
+
 
 def _post(base: str, body: dict) -> tuple[int, dict, dict]:
     req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
@@ -68,3 +70,18 @@ async def test_model_is_dropped_after_the_grace_period(stack, model_dir) -> None
     seen = []
     await _until(lambda: seen.append(_post(base, body)[0]) or seen[-1] == 404)
     assert set(seen) <= {200, 503, 404}
+
+
+async def test_dead_worker_within_its_lease_is_not_live(stack, model_dir) -> None:
+    base = stack.frontend("--model-grace-period", "60")
+    body = {"model": "m", "prompt": "hello", "max_tokens": 2}
+    # A long lease: discovery keeps the dead worker for 30 s after the kill.
+    worker = kvflow_proc("worker", "--engine", "echo", "--model-path", str(model_dir), "--model-name", "m",
+                         env={**stack.env, "KVFLOW_LEASE_TTL": "30"}, log_dir=stack.log_dir, name="worker")
+    stack.procs.append(worker)
+    await _until(lambda: _post(base, body)[0] == 200)
+    worker.kill()
+    code, headers, _ = await asyncio.to_thread(_post, base, body)  # finds the worker gone
+    assert code == 503 and int(headers["retry-after"]) >= 1
+    status, health = await asyncio.to_thread(_health, base)
+    assert status == 503 and health["models"] == {"m": 0}
