@@ -151,7 +151,9 @@ class ChoiceProcessor:
         """Text still held by the detokenizer and stop matcher, once the choice has ended."""
         if self.stopped_by_string:
             return ""
-        tail = self._detok.flush()
+        # An output cut inside a multi-byte character (max_tokens) ends before that character
+        # rather than in U+FFFD replacement characters.
+        tail = self._detok.flush().rstrip("\ufffd")
         if self._stopper is None:
             return tail
         tail = self._stop_filter(tail) if tail else ""

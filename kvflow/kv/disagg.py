@@ -155,14 +155,16 @@ def disagg_connector_factory(
     metrics: TransferMetrics, agents: list[TransferAgent],
 ) -> ConnectorFactory:
     """A factory an engine calls once its KV exists: an agent (appended to `agents`, for the
-    worker to start and close) and the connector in front of it."""
+    worker to start and close) and the connector in front of it. Call it on the worker's
+    event loop; `make` may then run on any thread (engines are built off the loop)."""
+    loop = asyncio.get_running_loop()
 
     def make(kv: EngineKv) -> DisaggConnector:
         connector: list[DisaggConnector] = []
         agent = TransferAgent(runtime, component, worker_id, kv.io,
                               lambda blocks: connector[0].release(blocks),
                               shm_name=kv.shm_name, config=config, metrics=metrics)
-        connector.append(DisaggConnector(kv, agent, asyncio.get_running_loop()))
+        connector.append(DisaggConnector(kv, agent, loop))
         agents.append(agent)
         return connector[0]
 

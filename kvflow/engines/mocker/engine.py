@@ -122,7 +122,7 @@ class MockerEngine:
 
     def _open(self, request: PreprocessedRequest) -> OutputStream:
         seq = self._make_sequence(request)
-        stream = OutputStream(seq)
+        stream = OutputStream(seq, request.sampling.logprobs)
         if self._failure is not None:
             stream.fail(self._failure)
             return stream

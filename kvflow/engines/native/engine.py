@@ -56,6 +56,7 @@ from kvflow.llm.protocol import (
 )
 from kvflow.llm.structured import GrammarError, is_guided
 from kvflow.runtime.context import Context
+from kvflow.runtime.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class NativeEngine:
         config = self.config
         if self.hooks.make_connector is not None:
             config = dataclasses.replace(config, shared_kv=True)
-        runner = await self._loop.run_in_executor(None, ModelRunner.load, config)
+        runner = await in_daemon_thread(ModelRunner.load, config, name="native-load")
         self.runner = runner
         self.pool = BlockPool(runner.num_blocks, self.config.block_size,
                               worker_id=self.hooks.worker_id)
