@@ -182,6 +182,8 @@ class KvRouter:
             raise NoWorkersError(f"workers {sorted(request.candidates)} left before the request "
                                  "could be routed; retry it")
         overlaps = self._index.find_matches(request.block_hashes)
+        if self._kv_index is not None and self._kv_index.tiers:  # lower KV tiers (router/tiers.py)
+            overlaps = self._kv_index.tiers.extend(request.block_hashes, overlaps, candidates)
         loads = self._load.snapshot(candidates)
         eligible = self._eligible(loads)
         snapshot = RoutingSnapshot(request.num_tokens, eligible, overlaps,
@@ -249,6 +251,8 @@ class KvRouter:
         if metrics.worker_id in self._removed:
             return
         self._load.update_metrics(metrics)
+        if self._kv_index is not None:
+            self._kv_index.tiers.observe_costs(metrics)
         self._admission.pump()
 
     def on_worker_added(self, worker_id: int) -> None:

@@ -1,0 +1,95 @@
+"""Lower KV tiers in the router: which worker holds which block in host memory, on disk, or
+in the shared object store, and how much a hit there is worth against recomputing it.
+
+Workers publish KV events with a `medium` ("host", "disk", "object"); host and disk
+blocks belong to one worker, object-store blocks to every worker of the model. After
+the device prefix match, a worker's overlap is extended through the blocks it can
+reach in a lower tier, each counted by its worth
+
+    credit(tier) = max(0, 1 - load_s_per_block(tier) / recompute_s_per_block)
+
+from the speeds the worker measured and published (`LoadMetrics.tier_block_s`), or
+from the tier priors of `kvflow.kv.tiers.policy` until it has. A block worth 0 (loading
+slower than recomputing) ends the extension: the engine recomputes from there too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from kvflow.kv.tiers.policy import PRIOR_BANDWIDTH, PRIOR_LATENCY_S, PRIOR_RECOMPUTE_S_PER_TOKEN
+from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, LoadMetrics
+from kvflow.router.blocks import BlockTable, OverlapScores
+
+LOCAL_TIERS = ("host", "disk")
+SHARED_TIER = "object"
+# Prior per-block costs for a 16-token block of an 8B model (128 KiB/token), until measured.
+_PRIOR_BLOCK_BYTES = 16 * 128 * 1024
+PRIOR_BLOCK_S = {t: PRIOR_LATENCY_S[t] + _PRIOR_BLOCK_BYTES / bw for t, bw in PRIOR_BANDWIDTH.items()}
+PRIOR_BLOCK_S["recompute"] = 16 * PRIOR_RECOMPUTE_S_PER_TOKEN
+
+
+class TierResidency:
+    """Per-tier block tables (host, disk per worker; object shared) and per-worker costs."""
+
+    def __init__(self) -> None:
+        self._tables = {tier: BlockTable() for tier in LOCAL_TIERS}
+        self._shared: set[int] = set()
+        self._costs: dict[int, dict[str, float]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._shared) or any(t.num_blocks() for t in self._tables.values())
+
+    def apply(self, worker: int, data: BlocksStored | BlocksRemoved) -> None:
+        tier = data.medium
+        hashes: Iterable[int]
+        if isinstance(data, BlocksStored):
+            hashes = [b.block_hash for b in data.blocks]
+            if tier == SHARED_TIER:
+                self._shared.update(hashes)
+            elif tier in self._tables:
+                self._tables[tier].store(worker, hashes)
+        elif tier == SHARED_TIER:
+            self._shared.difference_update(data.block_hashes)
+        elif tier in self._tables:
+            self._tables[tier].remove(worker, data.block_hashes)
+
+    def observe_costs(self, metrics: LoadMetrics) -> None:
+        if metrics.tier_block_s:
+            self._costs[metrics.worker_id] = dict(metrics.tier_block_s)
+
+    def remove_worker(self, worker: int) -> None:
+        for table in self._tables.values():
+            table.remove_worker(worker)
+        self._costs.pop(worker, None)
+
+    def holds(self, worker: int, tier: str, block_hash: int) -> bool:
+        if tier == SHARED_TIER:
+            return block_hash in self._shared
+        return self._tables[tier].holds(worker, block_hash)
+
+    def credit(self, worker: int, tier: str) -> float:
+        costs = self._costs.get(worker, PRIOR_BLOCK_S)
+        load = costs.get(tier, PRIOR_BLOCK_S[tier])
+        recompute = costs.get("recompute", PRIOR_BLOCK_S["recompute"])
+        return max(0.0, 1.0 - load / recompute) if recompute > 0 else 0.0
+
+    def extend(self, block_hashes: Sequence[int], overlaps: OverlapScores,
+               workers: Iterable[int]) -> OverlapScores:
+        """Each worker's device overlap plus its credited lower-tier blocks that follow."""
+        scores: dict[int, float] = dict(overlaps.scores)
+        for w in workers:
+            extra = self._lower_credit(w, block_hashes, overlaps.score(w))
+            if extra:
+                scores[w] = overlaps.score(w) + extra
+        return OverlapScores(scores=scores, frequencies=overlaps.frequencies)  # type: ignore[arg-type]
+
+    def _lower_credit(self, worker: int, block_hashes: Sequence[int], start: int) -> float:
+        credits = {t: self.credit(worker, t) for t in (*LOCAL_TIERS, SHARED_TIER)}
+        total = 0.0
+        for h in block_hashes[start:]:
+            tier = next((t for t in credits if self.holds(worker, t, h)), None)
+            if tier is None or credits[tier] <= 0:
+                break
+            total += credits[tier]
+        return total
