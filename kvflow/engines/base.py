@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kvflow.kv.connector import ConnectorFactory
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
 from kvflow.runtime.context import Context
@@ -32,6 +33,8 @@ class EngineHooks:
     worker_id: int = 0
     publish_kv_events: Callable[[list[KvEvent]], None] = _drop_events
     publish_load: Callable[[LoadMetrics], None] = _drop_metrics
+    # Builds the engine's KV connector once its KV memory exists (disaggregation, tiers).
+    make_connector: ConnectorFactory | None = None
 
 
 class Engine(Protocol):

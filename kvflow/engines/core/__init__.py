@@ -3,13 +3,12 @@
 - block_pool.py: fixed KV blocks, reference counts, prefix cache, KV events, snapshots.
 - sequence.py: one request as the scheduler sees it (tokens, computed tokens, blocks, stop rule).
 - scheduler.py: waiting/running queues, token budget, chunked prefill, preemption, finishes.
+- loads.py: requests parked while a KV connector (kvflow.kv.connector) fills their blocks.
 """
 
 from kvflow.engines.core.block_pool import BlockPool
 from kvflow.engines.core.scheduler import (
-    ExternalMatch,
     FinishedSeq,
-    KvConnector,
     RequestRejected,
     ScheduledSeq,
     Scheduler,
@@ -17,6 +16,7 @@ from kvflow.engines.core.scheduler import (
     SchedulerOutput,
 )
 from kvflow.engines.core.sequence import SeqStatus, Sequence, StopRule
+from kvflow.kv.connector import ExternalMatch, KvConnector
 
 __all__ = [
     "BlockPool",

@@ -12,6 +12,8 @@ Ownership rules
 - A referenced block is never evicted or handed out again. An unreferenced committed
   block stays cached and matchable (LRU) until an allocation needs its memory; an
   unreferenced uncommitted block goes straight back to the free list.
+- `evict_hook(block_id, seq_hash)`, when set (a KV connector's `before_evict`), runs
+  just before an unreferenced cached block is taken for reuse, while its KV is intact.
 - Blocks are released tail-first (`free` walks the list backwards), so a prefix
   chain is evicted from its deepest block up and a cached child never outlives its
   parent through LRU order alone.
@@ -25,7 +27,7 @@ leave it, so a consumer can apply a snapshot and then continue with later events
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvflow.llm.kv_events import (
     AllCleared,
@@ -69,6 +71,7 @@ class BlockPool:
         # The cache as the drained events describe it: hash -> parent hash, for snapshots.
         self._published: dict[int, int | None] = {}
         self._last_drained_id = 0
+        self.evict_hook: Callable[[int, int], None] | None = None
 
     # ---- counts -------------------------------------------------------------------
 
@@ -107,6 +110,8 @@ class BlockPool:
         block, _ = self._evictable.popitem(last=False)
         seq_hash = self._hash[block]
         assert seq_hash is not None and self._ref[block] == 0
+        if self.evict_hook is not None:
+            self.evict_hook(block, seq_hash)
         del self._cached[seq_hash]
         self._hash[block] = None
         self._emit_removed(seq_hash)

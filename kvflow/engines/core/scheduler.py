@@ -12,7 +12,9 @@ Policy (vLLM v1 style): running sequences first (decodes, then the one partially
 prefilled sequence, which is always last in `running`), then FCFS admissions from
 `waiting` within the token budget, chunking the last prefill. A new admission first
 takes its longest cached prefix from the block pool, then whatever a `KvConnector`
-can supply (host tier, remote prefill) — all of it just computed tokens. When
+(kvflow.kv.connector) can supply (host tier, remote prefill) — all of it just computed
+tokens; tokens a connector loads in the background park the request (loads.py) until
+they arrive. When
 blocks run out the most recently admitted running sequence is preempted by
 recompute: its blocks are freed, it goes back to the front of `waiting`.
 
@@ -38,10 +40,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from kvflow.engines.core.block_pool import BlockPool
+from kvflow.engines.core.loads import PARKED, KvLoads, Parked
 from kvflow.engines.core.sequence import SeqStatus, Sequence
+from kvflow.kv.connector import NO_EXTERNAL, ExternalMatch, KvConnector
 from kvflow.llm.kv_events import LoadMetrics
 from kvflow.llm.protocol import FINISH_LENGTH
 
@@ -67,26 +70,6 @@ class SchedulerConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode"
             )
-
-
-@dataclass(frozen=True)
-class ExternalMatch:
-    """Prompt tokens whose KV a connector brings in from outside the GPU pool."""
-
-    num_tokens: int = 0
-    num_cached_tokens: int = 0  # of those, served from a cache tier (not computed remotely)
-    transfer_s: float = 0.0  # modelled seconds to move them (a real engine may ignore it)
-
-
-NO_EXTERNAL = ExternalMatch()
-
-
-class KvConnector(Protocol):
-    """Supplies KV beyond the local prefix hit: a host tier, a remote prefill worker."""
-
-    def match_external(self, seq: Sequence, num_local_tokens: int) -> ExternalMatch:
-        """Tokens after `num_local_tokens` it can supply (at most num_tokens - 1 in all)."""
-        ...
 
 
 @dataclass(slots=True)
@@ -125,6 +108,9 @@ class Scheduler:
         self.config = config
         self.pool = pool
         self.connector = connector
+        self.loads = KvLoads(pool, connector)
+        if connector is not None:
+            pool.evict_hook = connector.before_evict
         pool_tokens = pool.num_blocks * pool.block_size
         self.max_model_len = min(config.max_model_len or pool_tokens, pool_tokens)
         self.waiting: deque[Sequence] = deque()
@@ -162,6 +148,9 @@ class Scheduler:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
+        if seq.status is SeqStatus.LOADING:
+            self.loads.abort(seq)  # its blocks are freed once the load reports
+            return seq
         if seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         else:
@@ -175,13 +164,14 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loads.has_pending())
 
     # ---- schedule -----------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         assert len(self._inflight) < self._max_inflight, "schedule() called again before update()"
         out = SchedulerOutput([], [])
+        self.waiting.extendleft(reversed(self.loads.poll()))
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
@@ -232,18 +222,26 @@ class Scheduler:
             if scheduled is None:
                 break
             self.waiting.popleft()
+            if scheduled is PARKED:
+                continue
             self.running.append(scheduled.seq)
             out.scheduled.append(scheduled)
             budget -= scheduled.num_new_tokens
 
-    def _try_admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ScheduledSeq | None:
+    def _try_admit(
+        self, seq: Sequence, budget: int, out: SchedulerOutput
+    ) -> ScheduledSeq | Parked | None:
         assert not seq.num_placeholders, "admitted before its last step was reconciled"
-        cached = self._match_local(seq)
-        external = self._match_external(seq)
+        loaded = seq.num_computed_tokens > 0  # its KV arrived through a connector load
+        cached = 0 if loaded else self._match_local(seq)
+        external = NO_EXTERNAL if loaded else self._match_external(seq)
+        if external.load_async:
+            return self._park(seq, cached, external)
         n = self._admission_chunk(seq.num_tokens - seq.num_computed_tokens, budget, out)
         need = self._blocks_for(seq.num_computed_tokens + n) - len(seq.block_ids)
         if n == 0 or not self.pool.can_allocate(need):
-            self._undo_admission(seq)
+            if not loaded:
+                self._undo_admission(seq)
             return None
         seq.block_ids.extend(self.pool.allocate(need))
         seq.status = SeqStatus.RUNNING
@@ -274,8 +272,20 @@ class Scheduler:
             return NO_EXTERNAL
         external = self.connector.match_external(seq, seq.num_computed_tokens)
         assert 0 <= external.num_tokens < seq.num_tokens - seq.num_computed_tokens
-        seq.num_computed_tokens += external.num_tokens
+        if not external.load_async:
+            seq.num_computed_tokens += external.num_tokens
         return external
+
+    def _park(self, seq: Sequence, cached: int, external: ExternalMatch) -> Parked | None:
+        """Blocks for the tokens a connector loads in the background, then wait for them."""
+        need = self._blocks_for(seq.num_computed_tokens + external.num_tokens) - len(seq.block_ids)
+        if not self.pool.can_allocate(need):
+            self._undo_admission(seq)
+            return None
+        if seq.num_cached_tokens < 0:
+            seq.num_cached_tokens = cached
+        self.loads.start(seq, self.pool.allocate(need), external.num_tokens)
+        return PARKED
 
     def _undo_admission(self, seq: Sequence) -> None:
         self.pool.free(seq.block_ids)
@@ -326,7 +336,11 @@ class Scheduler:
         if seq.status is SeqStatus.WAITING:  # async: preempted after its step was planned
             self.waiting.remove(seq)
         del self.requests[seq.request_id]
-        self._release(seq)
+        if self.connector is not None and self.connector.request_finished(seq):
+            seq.block_ids = []  # the connector holds them now (take_released frees them)
+            seq.status = SeqStatus.FINISHED
+        else:
+            self._release(seq)
         finished.append(FinishedSeq(seq, reason))
 
     def _commit_full_blocks(self, seq: Sequence) -> None:

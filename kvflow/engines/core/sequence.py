@@ -25,6 +25,7 @@ from kvflow.llm.protocol import FINISH_LENGTH, FINISH_STOP, PreprocessedRequest,
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    LOADING = "loading"  # waiting for a connector to fill its blocks (kvflow.kv.connector)
     FINISHED = "finished"
 
 

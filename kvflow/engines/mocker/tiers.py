@@ -18,8 +18,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 
-from kvflow.engines.core.scheduler import ExternalMatch
 from kvflow.engines.core.sequence import Sequence
+from kvflow.kv.connector import BaseConnector, ExternalMatch
 from kvflow.llm.kv_events import AllCleared, BlocksRemoved, KvEvent
 
 
@@ -61,7 +61,7 @@ class HostTier:
         return n
 
 
-class MockerConnector:
+class MockerConnector(BaseConnector):
     """KvConnector for the mocker: host-tier hits, then remote prefill when marked."""
 
     def __init__(

@@ -47,6 +47,8 @@ class NativeEngineConfig:
     # Plan and launch each step before the last one's tokens reach the host (scheduler.py);
     # None: on where CUDA graphs run, where it hides the host's work behind the GPU's.
     async_output: bool | None = None
+    # KV on CPU in /dev/shm, so same-host transfer peers copy blocks straight out of it.
+    shared_kv: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

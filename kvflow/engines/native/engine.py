@@ -16,6 +16,7 @@ hides behind the device's. A step whose sampling needs the real previous tokens
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import threading
@@ -38,6 +39,7 @@ from kvflow.engines.native.config import NativeEngineConfig
 from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
+from kvflow.kv.connector import EngineKv, KvConnector
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import FINISH_CANCELLED, FINISH_ERROR, EngineOutput, PreprocessedRequest
 from kvflow.runtime.context import Context
@@ -81,15 +83,30 @@ class NativeEngine:
     async def start(self) -> None:
         assert self._thread is None, "NativeEngine.start() called twice"
         self._loop = asyncio.get_running_loop()
-        runner = await self._loop.run_in_executor(None, ModelRunner.load, self.config)
+        config = self.config
+        if self.hooks.make_connector is not None:
+            config = dataclasses.replace(config, shared_kv=True)
+        runner = await self._loop.run_in_executor(None, ModelRunner.load, config)
         self.runner = runner
         self.pool = BlockPool(runner.num_blocks, self.config.block_size,
                               worker_id=self.hooks.worker_id)
         chosen = self.config.async_output
         self._async = runner.graphs is not None if chosen is None else chosen
-        self.scheduler = Scheduler(self._scheduler_config(runner), self.pool)
+        self.scheduler = Scheduler(self._scheduler_config(runner), self.pool, self._connector())
         self._thread = threading.Thread(target=self._run, name="native-engine", daemon=True)
         self._thread.start()
+
+    def _connector(self) -> KvConnector | None:
+        assert self.runner is not None
+        if self.hooks.make_connector is None:
+            return None
+        kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake)
+        return self.hooks.make_connector(kv)
+
+    def _wake(self) -> None:
+        """The connector has results: let the engine thread poll them (any thread)."""
+        with self._lock:
+            self._lock.notify_all()
 
     def _scheduler_config(self, runner: ModelRunner) -> SchedulerConfig:
         c = self.config
@@ -109,6 +126,8 @@ class NativeEngine:
             await self._loop.run_in_executor(None, self._thread.join)
             self._thread = None
         self._fail_all("the native engine stopped; retry the request on another worker")
+        if self.runner is not None and self.runner.kv_memory.region is not None:
+            self.runner.kv_memory.region.close()
 
     def cache_snapshot(self) -> CacheSnapshot | None:
         if self.pool is None:

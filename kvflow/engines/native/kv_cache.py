@@ -6,11 +6,13 @@ CUDA-graph batch write their keys there, so they never touch a real sequence's c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from kvflow.engines.native.config import ModelConfig, NativeEngineConfig
+from kvflow.kv.shm import SharedRegion, shm_available
 
 _GIB = 1 << 30
 
@@ -72,9 +74,26 @@ def _at_least_one(n: int, knob: str) -> int:
 
 def allocate_kv_cache(layout: KvCacheLayout, device: torch.device) -> list[torch.Tensor]:
     """Per-layer views of one allocation, padding block included (zeroed)."""
+    return list(allocate_kv_memory(layout, device).whole.unbind(0))
+
+
+@dataclass
+class KvMemory:
+    """The whole cache tensor, and the shared region it lives in (CPU, when asked)."""
+
+    whole: torch.Tensor
+    region: SharedRegion | None = None
+
+
+def allocate_kv_memory(layout: KvCacheLayout, device: torch.device, shared: bool = False) -> KvMemory:
+    """One zeroed `[layer, 2, slot, token, head, dim]` tensor; in /dev/shm if `shared` (CPU)."""
     shape = (
         layout.num_layers, 2, layout.num_blocks + 1, layout.block_size,
         layout.num_kv_heads, layout.head_dim,
     )
-    whole = torch.zeros(shape, dtype=layout.dtype, device=device)
-    return list(whole.unbind(0))
+    if not shared or device.type != "cpu" or not shm_available():
+        return KvMemory(torch.zeros(shape, dtype=layout.dtype, device=device))
+    elem = torch.empty(0, dtype=layout.dtype).element_size()
+    region = SharedRegion.create(math.prod(shape) * elem)
+    flat = torch.frombuffer(region.view, dtype=torch.uint8)  # a fresh file reads as zeros
+    return KvMemory(flat.view(layout.dtype).view(shape), region)

@@ -25,9 +25,11 @@ from kvflow.engines.native.inputs import StepInputs, build_inputs
 from kvflow.engines.native.kv_cache import (
     KvCacheLayout,
     allocate_kv_cache,
+    allocate_kv_memory,
     cpu_num_blocks,
     gpu_num_blocks,
 )
+from kvflow.engines.native.kv_io import block_io, kv_layout
 from kvflow.engines.native.model import CausalLM
 from kvflow.engines.native.ops import make_ops
 from kvflow.engines.native.sampler import RequestSampling, Sampler, SamplerOutput, SampleRow
@@ -37,6 +39,7 @@ from kvflow.engines.native.weights import (
     resolve_dtype,
     resolve_model_dir,
 )
+from kvflow.kv.blocks import KvBlockIO
 from kvflow.llm.protocol import TopLogprob
 
 log = logging.getLogger(__name__)
@@ -116,7 +119,8 @@ class ModelRunner:
         self.readback = TokenReadback(engine.max_num_seqs, device)
         self._rows: dict[Sequence, int] = {}  # sampling row of each sequence, last launch
         self.layout = self._size_cache()
-        self.kv_caches = allocate_kv_cache(self.layout, device)
+        self.kv_memory = allocate_kv_memory(self.layout, device, engine.shared_kv)
+        self.kv_caches = list(self.kv_memory.whole.unbind(0))
         model.set_kv_caches(self.kv_caches)
         self.graphs = self._capture_graphs()
 
@@ -136,6 +140,14 @@ class ModelRunner:
     @property
     def num_blocks(self) -> int:
         return self.layout.num_blocks
+
+    def block_io(self) -> KvBlockIO:
+        """The KV cache as blocks a transfer agent can read and write (kvflow.kv)."""
+        return block_io(kv_layout(self.layout, self.device), self.kv_memory.whole)
+
+    def shared_region_name(self) -> str | None:
+        region = self.kv_memory.region
+        return region.name if region is not None else None
 
     # ---- setup --------------------------------------------------------------------
 

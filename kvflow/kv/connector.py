@@ -1,0 +1,142 @@
+"""The KV connector contract: the engine core's hooks for KV that lives outside its block pool.
+
+The scheduler (kvflow.engines.core.scheduler) calls a connector at four points, the same
+for every engine we own; disaggregation (kvflow.kv.disagg) and the cache tiers are users:
+
+- `match_external(seq, n_local)` at admission, after the local prefix hit: how many more
+  prompt tokens the connector can supply. `load_async=False`: they count as computed at
+  once (a modelled copy). `load_async=True`: the scheduler allocates blocks for them,
+  calls `start_load(seq, block_ids, num_tokens)` and parks the request; the connector
+  fills those blocks in the background and later reports a `LoadResult`. A remote prefill
+  is just computed tokens advancing (DESIGN §4.2).
+- `request_finished(seq)` when a request ends: True means "save": the connector now owns
+  the request's block references (e.g. until a decode worker has pulled them) and hands
+  them back through `take_released()`.
+- `before_evict(block_id, seq_hash)`, set as the block pool's eviction hook: the last
+  moment to copy a cached block out (the block's KV is still intact during the call).
+- `take_finished_loads()` / `take_released()`: polled by the scheduler at every
+  `schedule()`, under the engine's lock; `has_pending()` says whether there is
+  something to poll (so an idle engine wakes). The connector calls the engine's `wake`
+  callback (thread-safe) when something arrives.
+
+Ownership rules
+- Blocks passed to `start_load` belong to the scheduler, but only the connector writes
+  them until it reports the load: an aborted request's blocks are freed only after its
+  `LoadResult` arrives (ok or not). A failed load makes the request recompute.
+- Blocks held after `request_finished` returned True are freed by the scheduler when
+  the connector returns them from `take_released()`, never by the connector itself.
+- Every pool mutation happens inside the scheduler, under the engine's lock; connectors
+  do I/O on their own threads / event loop and only queue results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvflow.kv.blocks import KvBlockIO
+
+
+class ConnectorSeq(Protocol):
+    """What a connector may read of a request (kvflow.engines.core.sequence.Sequence)."""
+
+    request_id: str
+    token_ids: list[int]
+    prompt_len: int
+    num_computed_tokens: int
+    num_preemptions: int
+    block_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def block_hashes(self, n: int, block_size: int) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class ExternalMatch:
+    """Prompt tokens whose KV a connector brings in from outside the block pool."""
+
+    num_tokens: int = 0
+    num_cached_tokens: int = 0  # of those, served from a cache tier (not computed remotely)
+    transfer_s: float = 0.0  # modelled seconds to move them (a real engine may ignore it)
+    load_async: bool = False  # True: the tokens arrive later, through start_load
+
+
+NO_EXTERNAL = ExternalMatch()
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """A background load finished: `ok` False means the blocks are garbage; recompute."""
+
+    request_id: str
+    ok: bool
+    reason: str = ""
+
+
+class KvConnector(Protocol):
+    """The engine core's hooks for KV beyond the local block pool (see the module doc)."""
+
+    def match_external(self, seq: ConnectorSeq, num_local_tokens: int) -> ExternalMatch:
+        """Tokens after `num_local_tokens` it can supply (at most num_tokens - 1 in all)."""
+        ...
+
+    def start_load(self, seq: ConnectorSeq, block_ids: Sequence[int], num_tokens: int) -> None:
+        """Fill `block_ids` (the request's blocks from the first external token's block on)
+        with the KV of the `num_tokens` tokens after its local prefix; report a LoadResult."""
+        ...
+
+    def request_finished(self, seq: ConnectorSeq) -> bool:
+        """The request ended; True: keep its blocks (returned later by take_released)."""
+        ...
+
+    def before_evict(self, block_id: int, seq_hash: int) -> None:
+        """The pool is about to reuse cached block `block_id`; its KV is still intact."""
+        ...
+
+    def take_finished_loads(self) -> list[LoadResult]: ...
+
+    def take_released(self) -> list[list[int]]:
+        """Block lists held since request_finished that may now be freed."""
+        ...
+
+    def has_pending(self) -> bool: ...
+
+
+class BaseConnector:
+    """No-op defaults for every hook; connectors override the ones they use."""
+
+    def match_external(self, seq: ConnectorSeq, num_local_tokens: int) -> ExternalMatch:
+        return NO_EXTERNAL
+
+    def start_load(self, seq: ConnectorSeq, block_ids: Sequence[int], num_tokens: int) -> None:
+        raise AssertionError("start_load without an asynchronous match")
+
+    def request_finished(self, seq: ConnectorSeq) -> bool:
+        return False
+
+    def before_evict(self, block_id: int, seq_hash: int) -> None:
+        return None
+
+    def take_finished_loads(self) -> list[LoadResult]:
+        return []
+
+    def take_released(self) -> list[list[int]]:
+        return []
+
+    def has_pending(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class EngineKv:
+    """What an engine hands its connector factory once its KV memory exists."""
+
+    io: KvBlockIO
+    shm_name: str | None = None  # the /dev/shm region holding the KV, when it is shared
+    wake: Callable[[], None] = lambda: None  # thread-safe: the engine should poll its connector
+
+
+ConnectorFactory = Callable[[EngineKv], KvConnector]
