@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvflow.kv.blocks import KvBlockIO
 
@@ -47,6 +47,7 @@ class ConnectorSeq(Protocol):
     num_computed_tokens: int
     num_preemptions: int
     block_ids: list[int]
+    cached_by_tier: dict[str, int] | None  # prompt tokens served per KV tier (set by tiers)
 
     @property
     def num_tokens(self) -> int: ...
@@ -104,6 +105,8 @@ class KvConnector(Protocol):
 
     def has_pending(self) -> bool: ...
 
+    def observe_step(self, num_prefill_tokens: int, seconds: float) -> None: ...
+
 
 class BaseConnector:
     """No-op defaults for every hook; connectors override the ones they use."""
@@ -129,6 +132,10 @@ class BaseConnector:
     def has_pending(self) -> bool:
         return False
 
+    def observe_step(self, num_prefill_tokens: int, seconds: float) -> None:
+        """A step computed this many prompt tokens in `seconds` (the tiers' recompute speed)."""
+        return None
+
 
 @dataclass(frozen=True)
 class EngineKv:
@@ -137,6 +144,9 @@ class EngineKv:
     io: KvBlockIO
     shm_name: str | None = None  # the /dev/shm region holding the KV, when it is shared
     wake: Callable[[], None] = lambda: None  # thread-safe: the engine should poll its connector
+    # Appends a lower tier's BlocksStored/BlocksRemoved (with `medium`) to the block pool's
+    # event stream; call it only from hooks the scheduler runs (under the engine's lock).
+    record_event: Callable[[Any], None] | None = None
 
 
 ConnectorFactory = Callable[[EngineKv], KvConnector]

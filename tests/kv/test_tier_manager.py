@@ -31,6 +31,7 @@ def make_cache() -> Iterator:
 
     def make(**kwargs: object) -> TieredKvCache:
         cache = TieredKvCache(TierConfig(**kwargs), ID, BLOCK, block_size=4)  # type: ignore[arg-type]
+        cache.costs.recompute_s_per_token.add(0.1)  # a slow engine: every load pays (policy aside)
         made.append(cache)
         return cache
 
@@ -118,7 +119,7 @@ def test_a_block_of_another_model_is_never_loaded(make_cache, tmp_path) -> None:
 def test_loading_slower_than_recompute_is_skipped(make_cache) -> None:
     cache = make_cache(host_kv_cache_gb=0.001)
     cache.offload(1, payload(1))
-    cache.costs.recompute_s_per_token.add(1e-12)  # measured: recompute is nearly free
+    cache.costs.recompute_s_per_token.value = 1e-12  # measured: recompute is nearly free
     assert cache.load([1]).hashes == []
     assert sample(cache, "kvflow_kv_onboard_skipped_total", tier="host") == 1
     cache.costs.recompute_s_per_token.value = 1.0

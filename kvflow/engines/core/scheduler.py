@@ -283,7 +283,7 @@ class Scheduler:
             self._undo_admission(seq)
             return None
         if seq.num_cached_tokens < 0:
-            seq.num_cached_tokens = cached
+            seq.num_cached_tokens = cached + external.num_cached_tokens
         self.loads.start(seq, self.pool.allocate(need), external.num_tokens)
         return PARKED
 

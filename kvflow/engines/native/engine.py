@@ -40,6 +40,7 @@ from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
 from kvflow.kv.connector import EngineKv, KvConnector
+from kvflow.kv.tiers.connector import model_identity, tier_connector_factory
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import FINISH_CANCELLED, FINISH_ERROR, EngineOutput, PreprocessedRequest
 from kvflow.runtime.context import Context
@@ -55,6 +56,7 @@ class InFlight:
 
     out: SchedulerOutput
     launched: Launched | None  # None: nothing ran (nothing fit, or the launch failed)
+    started: float = 0.0  # perf_counter at launch
 
 
 class NativeEngine:
@@ -97,11 +99,19 @@ class NativeEngine:
         self._thread.start()
 
     def _connector(self) -> KvConnector | None:
-        assert self.runner is not None
-        if self.hooks.make_connector is None:
+        assert self.runner is not None and self.pool is not None
+        make = self.hooks.make_connector
+        if make is None and self.config.tiers.enabled:
+            make = tier_connector_factory(self.config.tiers, model_identity(self.config.model_path),
+                                          self.hooks.metrics_registry)
+        elif make is not None and self.config.tiers.enabled:
+            log.warning("KV tiers are not combined with this worker's KV connector yet; "
+                        "serving without --host-kv-cache-gb / --disk-kv-cache-dir / --kv-object-store")
+        if make is None:
             return None
-        kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake)
-        return self.hooks.make_connector(kv)
+        kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake,
+                      self.pool.record_event)
+        return make(kv)
 
     def _wake(self) -> None:
         """The connector has results: let the engine thread poll them (any thread)."""
@@ -236,11 +246,12 @@ class NativeEngine:
             out = self.scheduler.schedule()
         if self._num_penalized:  # penalties read the real tokens of the step in flight
             self._complete()
+        started = time.perf_counter()
         launched = self._launch(out)
         if not out.scheduled and self._inflight is None:
             time.sleep(0.001)  # nothing fits right now; let cancellations free blocks
         self._complete()
-        self._inflight = InFlight(out, launched)
+        self._inflight = InFlight(out, launched, started)
         if not self._async:
             self._complete()
 
@@ -263,11 +274,21 @@ class NativeEngine:
             return
         assert self.scheduler is not None
         result = self._collect(inflight)
+        self._observe_prefill(inflight)
         with self._lock:
             finished = self.scheduler.update(result.sampled)
             deliveries = self._deliveries(inflight.out, result, finished)
             published = self._drain()
         self._hand_over(deliveries, published)
+
+    def _observe_prefill(self, inflight: InFlight) -> None:
+        """Tell the KV connector how fast this step computed prompt tokens (tiers' policy)."""
+        connector = self.scheduler.connector if self.scheduler is not None else None
+        if connector is None or inflight.launched is None:
+            return
+        tokens = sum(s.num_new_tokens for s in inflight.out.scheduled if s.is_prefill)
+        if tokens:
+            connector.observe_step(tokens, time.perf_counter() - inflight.started)
 
     def _collect(self, inflight: InFlight) -> StepResult:
         assert self.runner is not None
@@ -319,6 +340,7 @@ class NativeEngine:
             d.logprobs, d.top_logprobs = [lp.logprob], [lp.top]
         if seq.num_output_tokens == 1:
             d.cached_tokens = max(seq.num_cached_tokens, 0)
+            d.cached_by_tier = seq.cached_by_tier
         return d
 
     def _drain(self) -> tuple[list[KvEvent], LoadMetrics | None]:

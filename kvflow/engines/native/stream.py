@@ -24,6 +24,7 @@ class Delivery:
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int | None = None  # prompt tokens the prefix cache served (first delivery)
+    cached_by_tier: dict[str, int] | None = None  # of those, per KV tier (first delivery)
 
 
 class RequestStream:
@@ -33,6 +34,7 @@ class RequestStream:
         self.request_id = request_id
         self.want_logprobs = want_logprobs
         self.cached_tokens = 0
+        self.cached_by_tier: dict[str, int] | None = None
         self._tokens: list[int] = []
         self._logprobs: list[float] = []
         self._top: list[list[TopLogprob]] = []
@@ -57,6 +59,7 @@ class RequestStream:
             self._error = d.error
         if d.cached_tokens is not None:
             self.cached_tokens = d.cached_tokens
+            self.cached_by_tier = d.cached_by_tier
         if d.finish_reason is not None:
             self._finish = d.finish_reason
         self._wake()
@@ -89,4 +92,5 @@ class RequestStream:
         if not self._reported_cache:
             self._reported_cache = True
             out.cached_tokens = self.cached_tokens
+            out.cached_tokens_by_tier = self.cached_by_tier
         return out

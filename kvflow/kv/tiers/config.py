@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 OFFLOAD_POLICIES = ("write-back", "write-through")
+ONBOARD_POLICIES = ("predicted", "always")
 _GIB = 1 << 30
 
 
@@ -27,13 +28,19 @@ class TierConfig:
     kv_object_store: str | None = None  # G4: s3://bucket/prefix; None = none
     kv_object_store_endpoint: str | None = None  # default: AWS_ENDPOINT_URL / AWS default
     kv_object_store_timeout_s: float = 2.0
-    kv_offload: str = "write-back"  # or "write-through": save blocks as soon as computed
+    kv_offload: str = "write-back"  # or "write-through": save a request's blocks when it ends
+    # "predicted": load a lower-tier hit only when predicted faster than recomputing it;
+    # "always": load every hit (tests, or when the operator knows the store is fast).
+    kv_onboard: str = "predicted"
     tier_retry_s: float = 30.0  # a tier that failed is skipped this long, then retried
 
     def __post_init__(self) -> None:
         if self.kv_offload not in OFFLOAD_POLICIES:
             raise ValueError(f"--kv-offload must be one of {', '.join(OFFLOAD_POLICIES)}, "
                              f"got {self.kv_offload!r}")
+        if self.kv_onboard not in ONBOARD_POLICIES:
+            raise ValueError(f"--kv-onboard must be one of {', '.join(ONBOARD_POLICIES)}, "
+                             f"got {self.kv_onboard!r}")
         if self.host_kv_cache_gb < 0 or self.disk_kv_cache_gb <= 0:
             raise ValueError("--host-kv-cache-gb must be >= 0 and --disk-kv-cache-gb > 0")
         if self.disk_admit_after < 1 or self.disk_admission_window < 1:
@@ -64,7 +71,8 @@ _HELP = {
     "kv_object_store": "shared KV tier in an S3-compatible store, s3://bucket/prefix (G4)",
     "kv_object_store_endpoint": "S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)",
     "kv_object_store_timeout_s": "seconds before an object-store call counts as failed",
-    "kv_offload": "write-back (on eviction) or write-through (as soon as computed)",
+    "kv_offload": "write-back (on eviction) or write-through (when a request ends)",
+    "kv_onboard": "predicted (load a hit only if faster than recompute) or always",
     "tier_retry_s": "seconds a failed tier is skipped before it is tried again",
 }
 
@@ -78,7 +86,7 @@ def add_tier_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             "--" + f.name.replace("_", "-"), dest=f"tiers_{f.name}", type=kind,
             default=getattr(defaults, f.name), metavar=f.name.upper(),
-            choices=list(OFFLOAD_POLICIES) if f.name == "kv_offload" else None,
+            choices={"kv_offload": OFFLOAD_POLICIES, "kv_onboard": ONBOARD_POLICIES}.get(f.name),
             help=f"{_HELP[f.name]} (default: %(default)s)")
 
 

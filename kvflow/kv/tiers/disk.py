@@ -17,6 +17,7 @@ import errno
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from kvflow.kv.tiers.store import TierUnavailable
@@ -47,6 +48,7 @@ class DiskStore:
         self._lru: OrderedDict[int, int] = OrderedDict()  # hash -> file size
         self._bytes = 0
         self._lock = threading.Lock()
+        self.on_evict: Callable[[int], None] | None = None  # called with each hash dropped
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._rescan()
@@ -120,6 +122,8 @@ class DiskStore:
             seq_hash, size = self._lru.popitem(last=False)
             self._bytes -= size
             self._path(seq_hash).unlink(missing_ok=True)
+            if self.on_evict is not None:
+                self.on_evict(seq_hash)
 
     def _forget(self, seq_hash: int) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class HostStore:
@@ -23,6 +24,7 @@ class HostStore:
         self._lru: OrderedDict[int, bytes] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self.on_evict: Callable[[int], None] | None = None  # called with each hash dropped
 
     @property
     def used_bytes(self) -> int:
@@ -51,8 +53,10 @@ class HostStore:
             self._lru[seq_hash] = record
             self._bytes += len(record)
             while self._bytes > self.capacity_bytes:
-                _, dropped = self._lru.popitem(last=False)
+                gone, dropped = self._lru.popitem(last=False)
                 self._bytes -= len(dropped)
+                if self.on_evict is not None:
+                    self.on_evict(gone)
         return True
 
     def discard(self, seq_hash: int) -> None:

@@ -15,6 +15,7 @@ warning per outage and a metric; every other tier, and serving, carry on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -91,7 +92,7 @@ class TieredKvCache:
         self.config = config
         self.identity = identity
         self.metrics = TierMetrics(registry)
-        self.costs = LoadCostModel(block_bytes, block_size)
+        self.costs = LoadCostModel(block_bytes, block_size, always=config.kv_onboard == "always")
         self.admission = AdmissionFilter(config.disk_admit_after, config.disk_admission_window)
         self._fingerprint = identity.fingerprint
         self._down_until: dict[str, float] = {}
@@ -100,6 +101,14 @@ class TieredKvCache:
         self._writer = threading.Thread(target=self._write_loop, name="kv-offload", daemon=True)
         self._writer.start()
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="kv-prefetch")
+        # Residency changes (medium, stored?, hashes) for KV events; `on_residency` is
+        # called when the writer thread adds some (the engine thread drains them).
+        self._residency: list[tuple[str, bool, list[int]]] = []
+        self._residency_lock = threading.Lock()
+        self.on_residency: Callable[[], None] | None = None
+        for store in self.stores:
+            if hasattr(store, "on_evict"):
+                store.on_evict = functools.partial(self._note_residency, store.tier, False)
 
     @property
     def tiers(self) -> list[str]:
@@ -133,6 +142,28 @@ class TieredKvCache:
             log.info("KV tier %r is back", store.tier)
         return result
 
+    # ---- residency (what each tier holds, for routers) ---------------------------------
+
+    def _note_residency(self, tier: str, stored: bool, seq_hash: int) -> None:
+        with self._residency_lock:
+            last = self._residency[-1] if self._residency else None
+            if last is not None and last[0] == tier and last[1] == stored:
+                last[2].append(seq_hash)
+            else:
+                self._residency.append((tier, stored, [seq_hash]))
+
+    def has_residency_changes(self) -> bool:
+        return bool(self._residency)
+
+    def drain_residency(self) -> list[tuple[str, bool, list[int]]]:
+        with self._residency_lock:
+            out, self._residency = self._residency, []
+        return out
+
+    def holds_below(self, seq_hash: int) -> bool:
+        """Some local tier (host, disk) already holds this block (no I/O)."""
+        return any(not s.shared and s.contains(seq_hash) for s in self.stores)
+
     # ---- offload --------------------------------------------------------------------
 
     def note_use(self, hashes: Sequence[int]) -> None:
@@ -145,6 +176,7 @@ class TieredKvCache:
         for store in self.stores:
             if store.tier == "host" and self._guard(store, store.put, seq_hash, record):
                 self.metrics.offloaded("host", len(record))
+                self._note_residency("host", True, seq_hash)
         if any(s.tier != "host" for s in self.stores):
             try:
                 self._queue.put_nowait((seq_hash, record))
@@ -166,6 +198,9 @@ class TieredKvCache:
             return  # already there (content-addressed), or the tier is down
         if self._guard(store, store.put, seq_hash, record):
             self.metrics.offloaded(store.tier, len(record))
+            self._note_residency(store.tier, True, seq_hash)
+            if self.on_residency is not None:
+                self.on_residency()
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until queued offloads are written (tests, shutdown)."""
@@ -174,6 +209,27 @@ class TieredKvCache:
             time.sleep(0.005)
 
     # ---- onboard --------------------------------------------------------------------
+
+    def probe(self, hashes: Sequence[int]) -> list[str]:
+        """For the leading run of `hashes` held below the device and worth loading, the
+        tier each block would come from (object-store lookups cost one request each)."""
+        tiers: list[str] = []
+        for seq_hash in hashes:
+            tier = self._probe_one(seq_hash)
+            if tier is None:
+                break
+            tiers.append(tier)
+        return tiers
+
+    def _probe_one(self, seq_hash: int) -> str | None:
+        for store in self.stores:
+            if not self._guard(store, store.contains, seq_hash):
+                continue
+            if self.costs.worth_loading(store.tier, 1):
+                return store.tier
+            self.metrics.skipped.labels(store.tier).inc()
+            return None
+        return None
 
     def load(self, hashes: Sequence[int]) -> LoadedRun:
         """The leading run of `hashes` found below the device and worth loading."""

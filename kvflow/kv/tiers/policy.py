@@ -36,6 +36,7 @@ class LoadCostModel:
 
     block_bytes: int
     block_size: int
+    always: bool = False  # --kv-onboard always: every hit is worth loading
     per_block_s: dict[str, Ewma] = field(default_factory=dict)
     recompute_s_per_token: Ewma = field(default_factory=lambda: Ewma(PRIOR_RECOMPUTE_S_PER_TOKEN))
 
@@ -59,7 +60,7 @@ class LoadCostModel:
 
     def worth_loading(self, tier: str, num_blocks: int) -> bool:
         """Load `num_blocks` from `tier` only if that is predicted faster than recomputing."""
-        return self.load_s(tier, num_blocks) < self.recompute_s(num_blocks)
+        return self.always or self.load_s(tier, num_blocks) < self.recompute_s(num_blocks)
 
     def snapshot(self) -> dict[str, float]:
         """Seconds per block by tier and to recompute one block (published to routers)."""
