@@ -108,3 +108,65 @@ async def test_object_store_shared_by_two_workers(model: Path, reference: list[i
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_disk_blocks_survive_a_restart_and_corrupt_ones_are_recomputed(
+    model: Path, reference: list[int], tmp_path: Path,
+) -> None:
+    config = TierConfig(disk_kv_cache_dir=str(tmp_path), disk_admit_after=1, kv_onboard="always")
+    first = await small_native_engine(model, num_gpu_blocks=BLOCKS, tiers=config)
+    try:
+        await run(first, "p", PROMPT)
+        await run(first, "other", OTHER)  # evicts PROMPT's blocks to disk
+        first.scheduler.connector.tiers.flush()
+    finally:
+        await first.stop()
+    restarted = await small_native_engine(model, num_gpu_blocks=BLOCKS, tiers=config)
+    try:
+        out, by_tier = await run(restarted, "again", PROMPT)  # a fresh process's view of the dir
+        assert out == reference and by_tier is not None and by_tier.get("disk", 0) >= 16
+    finally:
+        await restarted.stop()
+    for path in tmp_path.rglob("*.kvb"):  # every record damaged: one flipped byte each
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x55
+        path.write_bytes(bytes(data))
+    damaged = await small_native_engine(model, num_gpu_blocks=BLOCKS, tiers=config)
+    try:
+        out, by_tier = await run(damaged, "damaged", PROMPT)
+        assert out == reference  # recomputed, never loaded
+        assert not by_tier or "disk" not in by_tier
+        assert sample(damaged, "kvflow_kv_tier_rejected_blocks_total", tier="disk", reason="checksum") >= 1
+    finally:
+        await damaged.stop()
+
+
+async def test_object_store_down_serving_continues(
+    model: Path, reference: list[int], caplog, monkeypatch,
+) -> None:
+    from kvflow.testing.servers import S3Server
+
+    server = S3Server()
+    server.start()
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    url = f"s3://kv-{uuid.uuid4().hex[:12]}/down"
+    config = TierConfig(kv_object_store=url, kv_object_store_endpoint=server.url,
+                        kv_object_store_timeout_s=0.5, kv_onboard="always", tier_retry_s=60)
+    engine = None
+    try:
+        S3Store(url, "x", endpoint_url=server.url).ensure_bucket()
+        engine = await small_native_engine(model, num_gpu_blocks=BLOCKS, tiers=config)
+        server.kill()  # the store goes away while the worker serves
+        for i in range(2):
+            out, by_tier = await run(engine, f"r{i}", PROMPT)
+            assert out == reference
+            await run(engine, f"o{i}", OTHER)
+        engine.scheduler.connector.tiers.flush()
+        assert sample(engine, "kvflow_kv_tier_errors_total", tier="object", reason="unreachable") >= 1
+        warnings = [r for r in caplog.records if "KV tier 'object' unavailable" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        if engine is not None:
+            await engine.stop()
+        server.close()
