@@ -107,6 +107,10 @@ class KvConnector(Protocol):
 
     def observe_step(self, num_prefill_tokens: int, seconds: float) -> None: ...
 
+    def close(self) -> None:
+        """The engine stopped: finish queued writes and release threads (may block)."""
+        ...
+
 
 class BaseConnector:
     """No-op defaults for every hook; connectors override the ones they use."""
@@ -134,6 +138,9 @@ class BaseConnector:
 
     def observe_step(self, num_prefill_tokens: int, seconds: float) -> None:
         """A step computed this many prompt tokens in `seconds` (the tiers' recompute speed)."""
+        return None
+
+    def close(self) -> None:
         return None
 
 

@@ -136,6 +136,8 @@ class NativeEngine:
             await self._loop.run_in_executor(None, self._thread.join)
             self._thread = None
         self._fail_all("the native engine stopped; retry the request on another worker")
+        if self.scheduler is not None and self.scheduler.connector is not None:
+            await self._loop.run_in_executor(None, self.scheduler.connector.close)  # type: ignore[union-attr]
         if self.runner is not None and self.runner.kv_memory.region is not None:
             self.runner.kv_memory.region.close()
 

@@ -89,6 +89,10 @@ class TierConnector(BaseConnector):
     def observe_step(self, num_prefill_tokens: int, seconds: float) -> None:
         self.tiers.costs.observe_prefill(num_prefill_tokens, seconds)
 
+    def close(self) -> None:
+        """Write what is queued (a graceful stop keeps write-back/through blocks), then stop."""
+        self.tiers.close()
+
     # ---- onboard --------------------------------------------------------------------
 
     def match_external(self, seq: ConnectorSeq, num_local_tokens: int) -> ExternalMatch:
