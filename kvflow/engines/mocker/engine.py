@@ -23,6 +23,7 @@ from kvflow.engines.core.scheduler import FinishedSeq, RequestRejected, Schedule
 from kvflow.engines.core.sequence import Sequence
 from kvflow.engines.mocker.config import MockerConfig
 from kvflow.engines.mocker.outputs import make_output, sequence_seed
+from kvflow.engines.mocker.sim_tiers import SharedSimStore, TieredMockerConnector, make_sim_tiers
 from kvflow.engines.mocker.stream import OutputStream
 from kvflow.engines.mocker.tiers import HostTier, MockerConnector
 from kvflow.engines.mocker.timing import TimingModel, TimingParams, load_profile
@@ -38,7 +39,8 @@ LOAD_INTERVAL_S = 0.05
 class MockerEngine:
     """A simulated LLM engine implementing kvflow.engines.base.Engine."""
 
-    def __init__(self, config: MockerConfig, hooks: EngineHooks | None = None) -> None:
+    def __init__(self, config: MockerConfig, hooks: EngineHooks | None = None,
+                 object_store: SharedSimStore | None = None) -> None:
         self.config = config
         self.hooks = hooks or EngineHooks()
         params = load_profile(config.profile) if config.profile else TimingParams()
@@ -49,15 +51,15 @@ class MockerEngine:
             enable_prefix_caching=config.enable_prefix_caching,
             worker_id=self.hooks.worker_id,
         )
-        self.host = HostTier(config.num_host_blocks) if config.num_host_blocks else None
-        self.connector = MockerConnector(
-            config.block_size,
-            params.kv_bytes_per_token,
-            self.host,
-            config.host_bandwidth,
-            config.kv_transfer_bandwidth,
-        )
+        self.sim = make_sim_tiers(config, params, object_store)
+        self.host = HostTier(config.num_host_blocks) if config.num_host_blocks and not self.sim else None
+        args = (config.block_size, params.kv_bytes_per_token, self.host, config.host_bandwidth,
+                config.kv_transfer_bandwidth)
+        self.connector = (TieredMockerConnector(self.sim, *args) if self.sim is not None
+                          else MockerConnector(*args))
         self.scheduler = Scheduler(config.scheduler_config(), self.pool, self.connector)
+        if self.sim is not None:
+            self.sim.record_event = self.pool.record_event
         self.output = make_output(config.output, config.vocab_size)
         self._streams: dict[str, OutputStream] = {}
         self._wakeup = asyncio.Event()
@@ -223,5 +225,7 @@ class MockerEngine:
         if self.host is not None:
             metrics.host_active_blocks = self.host.num_used
             metrics.host_total_blocks = self.host.num_blocks
+        if self.sim is not None:
+            metrics.tier_block_s = self.sim.costs()
         return metrics
 
