@@ -56,7 +56,7 @@ async def test_object_store_is_shared_between_engines() -> None:
     b = await started([], [], store)
     try:
         await first_output(a, "a", PROMPT)
-        await first_output(a, "other", list(range(500, 590)))  # A evicts all of PROMPT to G4
+        await first_output(a, "other", list(range(500, 594)))  # A evicts all of PROMPT to G4
         out = await first_output(b, "b", PROMPT)  # B never computed it
         assert out.cached_tokens_by_tier == {"object": 60}
     finally:
