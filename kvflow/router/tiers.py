@@ -85,11 +85,19 @@ class TierResidency:
         return OverlapScores(scores=scores, frequencies=overlaps.frequencies)  # type: ignore[arg-type]
 
     def _lower_credit(self, worker: int, block_hashes: Sequence[int], start: int) -> float:
+        return sum(self._walk(worker, block_hashes, start))
+
+    def reachable(self, worker: int, block_hashes: Sequence[int], start: int) -> int:
+        """Blocks after `start` the worker would load from a lower tier (the cached tokens
+        its engine will report, in blocks, beyond the device hit)."""
+        return len(self._walk(worker, block_hashes, start))
+
+    def _walk(self, worker: int, block_hashes: Sequence[int], start: int) -> list[float]:
         credits = {t: self.credit(worker, t) for t in (*LOCAL_TIERS, SHARED_TIER)}
-        total = 0.0
+        out: list[float] = []
         for h in block_hashes[start:]:
             tier = next((t for t in credits if self.holds(worker, t, h)), None)
             if tier is None or credits[tier] <= 0:
                 break
-            total += credits[tier]
-        return total
+            out.append(credits[tier])
+        return out

@@ -58,8 +58,10 @@ class MockerEngine:
         self.connector = (TieredMockerConnector(self.sim, *args) if self.sim is not None
                           else MockerConnector(*args))
         self.scheduler = Scheduler(config.scheduler_config(), self.pool, self.connector)
-        if self.sim is not None:
+        if isinstance(self.connector, TieredMockerConnector) and self.sim is not None:
             self.sim.record_event = self.pool.record_event
+            self.connector.wake = self._wake
+            self.connector.speedup_ratio = config.speedup_ratio
         self.output = make_output(config.output, config.vocab_size)
         self._streams: dict[str, OutputStream] = {}
         self._wakeup = asyncio.Event()
@@ -67,6 +69,9 @@ class MockerEngine:
         self._failure: str | None = None
         self._last_load: LoadMetrics | None = None
         self._last_load_at = float("-inf")
+
+    def _wake(self) -> None:
+        self._wakeup.set()
 
     # ---- Engine contract ----------------------------------------------------------
 
@@ -227,5 +232,7 @@ class MockerEngine:
             metrics.host_total_blocks = self.host.num_blocks
         if self.sim is not None:
             metrics.tier_block_s = self.sim.costs()
+            metrics.host_active_blocks = self.sim.blocks_held("host")
+            metrics.host_total_blocks = self.config.num_host_blocks
         return metrics
 

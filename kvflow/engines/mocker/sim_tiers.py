@@ -14,6 +14,7 @@ of a model in one process. Tier changes are announced in the pool's event stream
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from kvflow.engines.core.sequence import Sequence as Seq
 from kvflow.engines.mocker.config import MockerConfig
 from kvflow.engines.mocker.tiers import MockerConnector
 from kvflow.engines.mocker.timing import TimingParams
-from kvflow.kv.connector import ExternalMatch
+from kvflow.kv.connector import ExternalMatch, LoadResult
 from kvflow.kv.tiers.admission import AdmissionFilter
 from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, StoredBlock
 
@@ -73,11 +74,14 @@ class SimTiers:
         self.record_event: RecordEvent | None = None
         self.loaded_blocks: dict[str, int] = {t.name: 0 for t in tiers}
 
+    def blocks_held(self, name: str) -> int:
+        return sum(len(t.lru) for t in self.tiers if t.name == name)
+
     def block_s(self, tier: SimTier) -> float:
         return self.bytes_per_block / tier.bandwidth
 
     def costs(self) -> dict[str, float]:
-        out = {t.name: self.block_s(t) + LATENCY_S[t.name] / 16 for t in self.tiers}
+        out = {t.name: self.block_s(t) for t in self.tiers}  # what `match` decides on
         out["recompute"] = self.recompute_s_per_block
         return out
 
@@ -115,11 +119,40 @@ class SimTiers:
 
 
 class TieredMockerConnector(MockerConnector):
-    """The mocker's connector with simulated G2-G4 in front of its remote-prefill logic."""
+    """The mocker's connector with simulated G2-G4 in front of its remote-prefill logic.
+
+    A tier hit parks the request (`load_async`) for the simulated load time, as the real
+    tiers do, so the load overlaps the other requests' steps; remote prefill (decode
+    workers) keeps the modelled in-step transfer.
+    """
 
     def __init__(self, sim: SimTiers, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.sim = sim
+        self.speedup_ratio = 1.0
+        self.wake: Callable[[], None] = lambda: None
+        self._load_s: dict[str, float] = {}
+        self._done: list[LoadResult] = []
+
+    def start_load(self, seq: Seq, block_ids: Sequence[int], num_tokens: int) -> None:  # type: ignore[override]
+        seconds = self._load_s.pop(seq.request_id, 0.0)
+        done = LoadResult(seq.request_id, True)
+        loop = asyncio.get_running_loop()
+        if self.speedup_ratio <= 0:
+            loop.call_soon(self._finish, done)
+        else:
+            loop.call_later(seconds / self.speedup_ratio, self._finish, done)
+
+    def _finish(self, result: LoadResult) -> None:
+        self._done.append(result)
+        self.wake()
+
+    def take_finished_loads(self) -> list[LoadResult]:
+        done, self._done = self._done, []
+        return done
+
+    def has_pending(self) -> bool:
+        return bool(self._done)
 
     def before_evict(self, block_id: int, seq_hash: int) -> None:
         self.sim.offload(seq_hash)
@@ -141,6 +174,10 @@ class TieredMockerConnector(MockerConnector):
             split = {"device": num_local_tokens} if num_local_tokens else {}
             seq.cached_by_tier = split | {t: n * bs for t, n in by_tier.items()}
         rest = super().match_external(seq, num_local_tokens + tier_tokens)
+        if tier_tokens and not rest.num_tokens:
+            self._load_s[seq.request_id] = load_s
+            return ExternalMatch(num_tokens=tier_tokens, num_cached_tokens=tier_tokens,
+                                 transfer_s=load_s, load_async=True)
         return ExternalMatch(num_tokens=tier_tokens + rest.num_tokens,
                              num_cached_tokens=tier_tokens + rest.num_cached_tokens,
                              transfer_s=load_s + rest.transfer_s)
@@ -148,8 +185,9 @@ class TieredMockerConnector(MockerConnector):
 
 def make_sim_tiers(config: MockerConfig, params: TimingParams,
                    object_store: SharedSimStore | None = None) -> SimTiers | None:
-    """The simulated tiers `config` asks for (None when it asks for no disk or object store)."""
-    if not (config.num_disk_blocks or config.object_store or object_store is not None):
+    """The simulated tiers `config` asks for (None when it asks for none)."""
+    if not (config.num_host_blocks or config.num_disk_blocks or config.object_store
+            or object_store is not None):
         return None
     tiers: list[SimTier] = []
     if config.num_host_blocks:
