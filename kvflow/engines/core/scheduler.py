@@ -220,13 +220,28 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             scheduled = self._try_admit(self.waiting[0], budget, out)
             if scheduled is None:
-                break
+                if self.running or out.scheduled or not self._release_loaded():
+                    break
+                continue
             self.waiting.popleft()
             if scheduled is PARKED:
                 continue
             self.running.append(scheduled.seq)
             out.scheduled.append(scheduled)
             budget -= scheduled.num_new_tokens
+
+    def _release_loaded(self) -> bool:
+        """Nothing runs and the head of the queue does not fit, while sequences behind it
+        hold blocks their connector loaded: free the last such one (it recomputes), so a
+        full pool of landed loads never deadlocks the engine. False if there is none."""
+        for seq in reversed(self.waiting):
+            if seq is not self.waiting[0] and seq.block_ids:
+                self.pool.free(seq.block_ids)
+                seq.reset_for_recompute()
+                seq.num_cached_tokens = -1
+                seq.cached_by_tier = None
+                return True
+        return False
 
     def _try_admit(
         self, seq: Sequence, budget: int, out: SchedulerOutput
