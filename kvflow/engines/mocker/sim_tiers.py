@@ -39,7 +39,12 @@ class SimTier:
     capacity: int
     bandwidth: float
     shared: bool = False
+    latency_s: float | None = None  # per load run; None: LATENCY_S[name]
     lru: OrderedDict[int, None] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        if self.latency_s is None:
+            self.latency_s = LATENCY_S[self.name]
 
     def put(self, seq_hash: int) -> list[int]:
         """Store (or refresh) a hash; the hashes evicted to make room."""
@@ -57,8 +62,9 @@ class SimTier:
 class SharedSimStore(SimTier):
     """G4 for a set of in-process mocker engines: one object, shared by all of them."""
 
-    def __init__(self, bandwidth: float = 12.5e9, capacity: int = 0) -> None:
-        super().__init__("object", capacity, bandwidth, shared=True)
+    def __init__(self, bandwidth: float = 12.5e9, capacity: int = 0,
+                 latency_s: float = LATENCY_S["object"]) -> None:
+        super().__init__("object", capacity, bandwidth, shared=True, latency_s=latency_s)
 
 
 class SimTiers:
@@ -109,7 +115,10 @@ class SimTiers:
                 break
             tier.lru.move_to_end(seq_hash)
             by_tier[tier.name] = by_tier.get(tier.name, 0) + 1
-        seconds = sum(LATENCY_S[name] + n * self.block_s(self._tier(name)) for name, n in by_tier.items())
+        seconds = sum((self._tier(name).latency_s or 0.0) + n * self.block_s(self._tier(name))
+                      for name, n in by_tier.items())
+        if seconds >= sum(by_tier.values()) * self.recompute_s_per_block:
+            return {}, 0.0  # the run's latency makes loading it slower than recomputing it
         for name, n in by_tier.items():
             self.loaded_blocks[name] += n
         return by_tier, seconds

@@ -50,7 +50,7 @@ async def test_host_then_disk_serve_an_evicted_prefix_and_routers_hear_of_it() -
 
 
 async def test_object_store_is_shared_between_engines() -> None:
-    store = SharedSimStore(bandwidth=50e9)  # fast enough to beat recompute of 4-token blocks
+    store = SharedSimStore(bandwidth=50e9, latency_s=0)  # fast enough to beat recomputing 4-token blocks
     events: list[KvEvent] = []
     a = await started(events, [], store)
     b = await started([], [], store)
