@@ -15,7 +15,7 @@ turn k+1, so a conversation's prefix has to survive everyone else's turns.
 case: chats over a document, agents with long tool outputs).
 
 The device caches together hold ~10% of the working set (every conversation's final
-context); G2 holds 4x the device cache per worker, G3 the whole working set per worker
+context); G2 holds `--host-x` times the device cache per worker, G3 the whole working set per worker
 (admission: second use), G4 is one store shared by the four workers. Reported per
 configuration and turn: TTFT p50 / p99 and the fraction of prompt tokens served from
 caches, and how often the router's predicted cached tokens matched the engine's report
@@ -241,8 +241,8 @@ async def main_async(args: argparse.Namespace) -> None:
                         max_num_seqs=64, seed=1)
     configs = {
         "G1 only": (base, False),
-        "G1+G2": (_with(base, num_host_blocks=4 * g1, num_disk_blocks=0), False),
-        "G1+G2+G3": (_with(base, num_host_blocks=4 * g1, num_disk_blocks=ws // BLOCK + 1), False),
+        "G1+G2": (_with(base, num_host_blocks=args.host_x * g1), False),
+        "G1+G2+G3": (_with(base, num_host_blocks=args.host_x * g1, num_disk_blocks=ws // BLOCK + 1), False),
         "G1+G4 (shared by 4)": (_with(base, object_store=True), True),
     }
     results: dict[str, TurnStats] = {}
@@ -278,6 +278,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--speedup", type=float, default=1.0, help="mocker speedup ratio (1 = real time)")
     parser.add_argument("--max-output", type=int, default=16, help="cap on reply tokens per turn")
+    parser.add_argument("--host-x", type=int, default=4, help="G2 size as a multiple of G1")
     parser.add_argument("--doc-tokens", type=int, default=0,
                         help="open each conversation with its own document of this many tokens")
     asyncio.run(main_async(parser.parse_args()))
