@@ -95,9 +95,21 @@ class TierResidency:
     def _walk(self, worker: int, block_hashes: Sequence[int], start: int) -> list[float]:
         credits = {t: self.credit(worker, t) for t in (*LOCAL_TIERS, SHARED_TIER)}
         out: list[float] = []
+        used: dict[str, int] = {}
         for h in block_hashes[start:]:
             tier = next((t for t in credits if self.holds(worker, t, h)), None)
             if tier is None or credits[tier] <= 0:
                 break
             out.append(credits[tier])
-        return out
+            used[tier] = used.get(tier, 0) + 1
+        return out if self._run_pays(worker, used) else []
+
+    def _run_pays(self, worker: int, used: dict[str, int]) -> bool:
+        """With per-load latencies published ("<tier>_latency"), the whole run must still
+        load faster than it recomputes (the engine decides the same way)."""
+        costs = self._costs.get(worker)
+        if not used or costs is None or not any(f"{t}_latency" in costs for t in used):
+            return True
+        load = sum(costs.get(f"{t}_latency", 0.0) + n * costs.get(t, PRIOR_BLOCK_S[t])
+                   for t, n in used.items())
+        return load < sum(used.values()) * costs.get("recompute", PRIOR_BLOCK_S["recompute"])

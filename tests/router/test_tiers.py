@@ -76,3 +76,13 @@ async def test_object_store_blocks_count_for_every_worker() -> None:
     assert router.explain(PROMPT).overlaps[3] == 4 * 0.5
     router.on_worker_removed(1)  # shared blocks stay: they live in the store, not the worker
     assert router.explain(PROMPT).overlaps[3] == 4 * 0.5
+
+
+async def test_a_run_whose_latency_outweighs_recompute_earns_nothing() -> None:
+    router = make_router(1)
+    router.on_kv_events(event(1, 1, HASHES, "object"))
+    slow_start = {"object": 0.5e-3, "object_latency": 5e-3, "recompute": 1e-3}  # 9 ms vs 8 ms
+    router.on_load_metrics(costs(1, **slow_start))
+    assert router.explain(PROMPT).overlaps.get(1, 0) == 0
+    router.on_load_metrics(costs(1, **{**slow_start, "object_latency": 1e-3}))  # 5 ms vs 8 ms
+    assert router.explain(PROMPT).overlaps[1] == 8 * 0.5

@@ -88,6 +88,7 @@ class SimTiers:
 
     def costs(self) -> dict[str, float]:
         out = {t.name: self.block_s(t) for t in self.tiers}  # what `match` decides on
+        out |= {f"{t.name}_latency": t.latency_s or 0.0 for t in self.tiers}
         out["recompute"] = self.recompute_s_per_block
         return out
 
