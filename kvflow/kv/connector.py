@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvflow.kv.blocks import KvBlockIO
+from kvflow.llm.kv_events import LoadMetrics
 
 
 class ConnectorSeq(Protocol):
@@ -111,6 +112,10 @@ class KvConnector(Protocol):
         """The engine stopped: finish queued writes and release threads (may block)."""
         ...
 
+    def fill_load_metrics(self, metrics: LoadMetrics) -> None:
+        """Add what the connector publishes (tier costs and counters) to the engine's load."""
+        ...
+
 
 class BaseConnector:
     """No-op defaults for every hook; connectors override the ones they use."""
@@ -141,6 +146,9 @@ class BaseConnector:
         return None
 
     def close(self) -> None:
+        return None
+
+    def fill_load_metrics(self, metrics: LoadMetrics) -> None:
         return None
 
 

@@ -83,3 +83,6 @@ class LoadMetrics(msgspec.Struct, omit_defaults=True):
     host_total_blocks: int = 0
     # Measured seconds to load one block per tier, and to recompute one ("recompute").
     tier_block_s: dict[str, float] | None = None
+    # The worker's KV tier metrics (kvflow.kv.tiers.metrics) as "sample|tier|reason" -> value,
+    # so a frontend's /metrics can show them too.
+    tier_counters: dict[str, float] | None = None

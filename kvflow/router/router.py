@@ -30,6 +30,7 @@ from kvflow.router.metrics import RouterMetrics
 from kvflow.router.policies import DirectPolicy, RoutingSnapshot, build_router_policy
 from kvflow.router.recovery import FetchSnapshot, GapRecovery, RecoveryStats
 from kvflow.router.sync import RoutingSyncMessage, SyncKind, remote_key
+from kvflow.router.tiers import worker_tier_metrics
 
 PublishSync = Callable[[RoutingSyncMessage], None]
 _TOMBSTONES = 4096
@@ -79,8 +80,11 @@ class KvRouter:
         self._admission = AdmissionQueue(config.max_queue, config.queue_timeout_s,
                                          config.retry_after_s)
         self._rng = random.Random(config.seed)
-        self._metrics = RouterMetrics(registry if registry is not None else CollectorRegistry(),
-                                      name, self._admission.waiting, self._index.num_blocks)
+        self._metrics_registry = registry if registry is not None else CollectorRegistry()
+        self._metrics = RouterMetrics(self._metrics_registry, name, self._admission.waiting,
+                                      self._index.num_blocks)
+        self._tier_metrics = worker_tier_metrics(self._metrics_registry)
+        self._name = name
         self._workers: dict[int, None] = {}
         self._removed: dict[int, None] = {}
         self._decisions = 0
@@ -253,6 +257,7 @@ class KvRouter:
         self._load.update_metrics(metrics)
         if self._kv_index is not None:
             self._kv_index.tiers.observe_costs(metrics)
+        self._tier_metrics.update(self._name, metrics)
         self._admission.pump()
 
     def on_worker_added(self, worker_id: int) -> None:
@@ -263,6 +268,7 @@ class KvRouter:
     def on_worker_removed(self, worker_id: int) -> None:
         """Forget the worker: its cached blocks, pending recovery and booked load."""
         self._workers.pop(worker_id, None)
+        self._tier_metrics.forget(self._name, worker_id)
         self._index.remove_worker(worker_id)
         if self._recovery is not None:
             self._recovery.remove_worker(worker_id)

@@ -15,7 +15,11 @@ slower than recomputing) ends the extension: the engine recomputes from there to
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvflow.kv.tiers.policy import PRIOR_BANDWIDTH, PRIOR_LATENCY_S, PRIOR_RECOMPUTE_S_PER_TOKEN
 from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, LoadMetrics
@@ -113,3 +117,50 @@ class TierResidency:
         load = sum(costs.get(f"{t}_latency", 0.0) + n * costs.get(t, PRIOR_BLOCK_S[t])
                    for t, n in used.items())
         return load < sum(used.values()) * costs.get("recompute", PRIOR_BLOCK_S["recompute"])
+
+
+class WorkerTierMetrics:
+    """The KV tier metrics workers publish (`LoadMetrics.tier_counters`), re-exposed on the
+    router's registry (a frontend's /metrics) with `router` and `worker_id` labels."""
+
+    def __init__(self) -> None:
+        self._latest: dict[tuple[str, int], dict[str, float]] = {}
+
+    def update(self, router: str, metrics: LoadMetrics) -> None:
+        if metrics.tier_counters:
+            self._latest[(router, metrics.worker_id)] = dict(metrics.tier_counters)
+
+    def forget(self, router: str, worker: int) -> None:
+        self._latest.pop((router, worker), None)
+
+    def describe(self) -> list[Metric]:
+        return []  # names depend on what workers send; no registration-time check
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for (router, worker), counters in list(self._latest.items()):
+            for key, value in counters.items():
+                name, tier, reason = [*key.split("|"), "", ""][:3]
+                family = families.get(name) or families.setdefault(name, _family(name))
+                family.add_metric([router, f"{worker:x}", tier, reason], value)
+        yield from families.values()
+
+
+def _family(name: str) -> Metric:
+    labels = ["router", "worker_id", "tier", "reason"]
+    doc = "KV tier metric published by a worker (kvflow.kv.tiers.metrics)"
+    if name.endswith("_total"):
+        return CounterMetricFamily(name.removesuffix("_total"), doc, labels=labels)
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, WorkerTierMetrics] = weakref.WeakKeyDictionary()
+
+
+def worker_tier_metrics(registry: CollectorRegistry) -> WorkerTierMetrics:
+    """The one collector of `registry` (several routers, one per model, share it)."""
+    found = _SHARED.get(registry)
+    if found is None:
+        found = _SHARED[registry] = WorkerTierMetrics()
+        registry.register(found)  # type: ignore[arg-type]
+    return found

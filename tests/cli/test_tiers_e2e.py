@@ -1,4 +1,5 @@
-"""End to end: native worker processes share the object-store KV tier behind a frontend.
+"""End to end: KV tiers behind a frontend — native workers sharing the object store, and the
+workers' tier metrics on the frontend's /metrics.
 
 Worker A computes a prompt and writes its blocks through to S3 (a real moto server);
 A stops; worker B, a fresh process that never saw the prompt, serves it again with
@@ -20,9 +21,6 @@ from kvflow.kv.tiers.object_store import S3Store
 from kvflow.testing.procs import kvflow_proc
 from kvflow.testing.servers import MOTO_BINARY, S3Server, binary_available, free_port
 
-pytestmark = [pytest.mark.skipif(not binary_available(MOTO_BINARY), reason="needs moto[server]"),
-              pytest.mark.slow]  # two native worker processes: ~1-2 min on a loaded 2-core box
-
 
 async def _served(base: str, model: str, timeout: float = 60.0) -> None:
     async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused") as client:
@@ -30,6 +28,11 @@ async def _served(base: str, model: str, timeout: float = 60.0) -> None:
         while {m.id async for m in client.models.list()} != {model}:
             assert time.monotonic() < deadline, "the worker never registered"
             await asyncio.sleep(0.1)
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
 
 
 def _metric(port: int, name: str, tier: str) -> float:
@@ -41,6 +44,8 @@ def _metric(port: int, name: str, tier: str) -> float:
     return 0.0
 
 
+@pytest.mark.slow  # two native worker processes: ~1-2 min on a loaded 2-core box
+@pytest.mark.skipif(not binary_available(MOTO_BINARY), reason="needs moto[server]")
 async def test_worker_b_loads_what_worker_a_offloaded(stack, tmp_path, monkeypatch) -> None:
     pytest.importorskip("torch", reason="the native engine needs torch (kvflow[torch])")
     from kvflow.testing.models import make_tiny_model
@@ -86,3 +91,33 @@ async def test_worker_b_loads_what_worker_a_offloaded(stack, tmp_path, monkeypat
     details = usages[1].prompt_tokens_details
     by_tier = details.model_extra["cached_tokens_by_tier"]
     assert by_tier["object"] >= usages[1].prompt_tokens - 8 and details.cached_tokens == by_tier["object"]
+
+
+async def test_tier_metrics_reach_the_frontends_metrics(stack, model_dir) -> None:
+    """`kvflow run out=mocker` with simulated host and disk tiers: a prefix evicted from the
+    device comes back from a lower tier, and the frontend's /metrics shows the workers'
+    offload / onboard counters per tier."""
+    import re
+
+    proc = stack.start("run", "in=http", "out=mocker", "--model-path", str(model_dir),
+                       "--model-name", "m", "--http-port", "0", "--speedup-ratio", "0",
+                       "--block-size", "4", "--num-gpu-blocks", "32", "--num-host-blocks", "64",
+                       "--num-disk-blocks", "256")
+    proc.wait_for_output("ready at", timeout=60)
+    base = re.search(r"ready at (http://\S+)/v1", proc.output()).group(1)  # type: ignore[union-attr]
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused")
+    prompts = [[100 + 7 * i + j for j in range(100)] for i in range(3)]  # 25 blocks each
+    for prompt in (prompts[0], prompts[1], prompts[2], prompts[0]):
+        out = await client.completions.create(model="m", prompt=prompt, max_tokens=2)
+    await client.close()
+    details = out.usage.prompt_tokens_details
+    assert details.model_extra["cached_tokens_by_tier"].get("host", 0) > 0
+    want = re.compile(r'kvflow_kv_onboard_blocks_total\{[^}]*tier="host"[^}]*\} ([0-9.]+)')
+    for _ in range(100):  # load metrics are published at most every 50 ms
+        text = await asyncio.to_thread(_get, f"{base}/metrics")
+        found = want.search(text)
+        if found and float(found.group(1)) > 0:
+            break
+        await asyncio.sleep(0.1)
+    assert found and float(found.group(1)) > 0, text[-2000:]
+    assert re.search(r'kvflow_kv_offload_blocks_total\{[^}]*tier="host"[^}]*\} [1-9]', text)

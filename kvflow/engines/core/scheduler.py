@@ -391,7 +391,7 @@ class Scheduler:
             for s in self.running
             if s.num_tokens - s.num_computed_tokens > 1
         )
-        return LoadMetrics(
+        metrics = LoadMetrics(
             worker_id=self.pool.worker_id,
             active_blocks=self.pool.num_active_blocks,
             total_blocks=self.pool.num_blocks,
@@ -399,6 +399,9 @@ class Scheduler:
             num_running=len(self.running),
             prefill_tokens_inflight=pending,
         )
+        if self.connector is not None:
+            self.connector.fill_load_metrics(metrics)
+        return metrics
 
 
 def _count_as_computed(out: SchedulerOutput) -> None:

@@ -25,7 +25,7 @@ from kvflow.engines.mocker.tiers import MockerConnector
 from kvflow.engines.mocker.timing import TimingParams
 from kvflow.kv.connector import ExternalMatch, LoadResult
 from kvflow.kv.tiers.admission import AdmissionFilter
-from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, StoredBlock
+from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, LoadMetrics, StoredBlock
 
 RecordEvent = Callable[[BlocksStored | BlocksRemoved], None]
 LATENCY_S = {"host": 5e-6, "disk": 1e-4, "object": 5e-3}  # per load run
@@ -79,6 +79,7 @@ class SimTiers:
         self.admission = AdmissionFilter(admit_after)
         self.record_event: RecordEvent | None = None
         self.loaded_blocks: dict[str, int] = {t.name: 0 for t in tiers}
+        self.offloaded_blocks: dict[str, int] = {t.name: 0 for t in tiers}
 
     def blocks_held(self, name: str) -> int:
         return sum(len(t.lru) for t in self.tiers if t.name == name)
@@ -99,6 +100,7 @@ class SimTiers:
             if tier.shared and tier.contains(seq_hash):
                 continue
             evicted = tier.put(seq_hash)
+            self.offloaded_blocks[tier.name] += 1
             self._announce(BlocksStored([StoredBlock(seq_hash, [])], medium=tier.name))
             if evicted:
                 self._announce(BlocksRemoved(evicted, medium=tier.name))
@@ -143,6 +145,15 @@ class TieredMockerConnector(MockerConnector):
         self.wake: Callable[[], None] = lambda: None
         self._load_s: dict[str, float] = {}
         self._done: list[LoadResult] = []
+
+    def fill_load_metrics(self, metrics: LoadMetrics) -> None:
+        """Tier costs for routers, and the simulated tiers' block counters for /metrics."""
+        metrics.tier_block_s = self.sim.costs()
+        counters = {f"kvflow_kv_onboard_blocks_total|{t}|": float(n)
+                    for t, n in self.sim.loaded_blocks.items()}
+        counters |= {f"kvflow_kv_offload_blocks_total|{t}|": float(n)
+                     for t, n in self.sim.offloaded_blocks.items()}
+        metrics.tier_counters = counters
 
     def start_load(self, seq: Seq, block_ids: Sequence[int], num_tokens: int) -> None:  # type: ignore[override]
         seconds = self._load_s.pop(seq.request_id, 0.0)

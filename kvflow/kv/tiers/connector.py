@@ -40,8 +40,9 @@ from kvflow.kv.connector import (
 from kvflow.kv.layout import KvLayout
 from kvflow.kv.tiers.config import TierConfig
 from kvflow.kv.tiers.manager import LoadedRun, TieredKvCache
+from kvflow.kv.tiers.metrics import metrics_snapshot
 from kvflow.kv.tiers.record import KvIdentity
-from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, StoredBlock
+from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, LoadMetrics, StoredBlock
 
 RecordEvent = Callable[[BlocksStored | BlocksRemoved], None]
 
@@ -88,6 +89,10 @@ class TierConnector(BaseConnector):
 
     def observe_step(self, num_prefill_tokens: int, seconds: float) -> None:
         self.tiers.costs.observe_prefill(num_prefill_tokens, seconds)
+
+    def fill_load_metrics(self, metrics: LoadMetrics) -> None:
+        metrics.tier_block_s = self.tiers.costs.snapshot()
+        metrics.tier_counters = metrics_snapshot(self.tiers.metrics.registry)
 
     def close(self) -> None:
         """Write what is queued (a graceful stop keeps write-back/through blocks), then stop."""

@@ -79,3 +79,15 @@ class TierMetrics:
     def _update_disk_ratio(self) -> None:
         if self._served:
             self.disk_bytes_per_token.set(self._disk_bytes / self._served)
+
+
+def metrics_snapshot(registry: CollectorRegistry) -> dict[str, float]:
+    """Every `kvflow_kv_*` sample as "name|tier|reason" -> value (histogram buckets left out)."""
+    out: dict[str, float] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if not sample.name.startswith("kvflow_kv_") or sample.name.endswith(("_bucket", "_created")):
+                continue
+            labels = sample.labels
+            out[f"{sample.name}|{labels.get('tier', '')}|{labels.get('reason', '')}"] = sample.value
+    return out
