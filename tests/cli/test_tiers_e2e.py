@@ -86,6 +86,11 @@ async def test_worker_b_loads_what_worker_a_offloaded(stack, tmp_path, monkeypat
                 assert _metric(port, "kvflow_kv_onboard_blocks_total", "object") > 0
                 assert _metric(port, "kvflow_kv_onboard_seconds_count", "object") > 0
                 assert _metric(port, "kvflow_kv_tier_hit_rate", "object") > 0
+                for _ in range(50):  # and through the load metrics, on the frontend's /metrics
+                    if 'kvflow_kv_onboard_blocks_total{' in _get(f"{base}/metrics"):
+                        break
+                    await asyncio.sleep(0.1)
+                assert 'tier="object"' in _get(f"{base}/metrics")
         await client.close()
     assert texts[0] == texts[1]
     details = usages[1].prompt_tokens_details
