@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Metric
 
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
+from kvflow.frontend.disagg import MODES, DisaggConfig
 from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
@@ -66,6 +67,38 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         help="how requests pick a worker (default: kv)",
     )
     add_router_args(parser)
+    add_disagg_args(parser)
+
+
+def add_disagg_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of frontend.disagg's rule (defaults from DisaggConfig)."""
+    d = DisaggConfig()
+    g = parser.add_argument_group("disaggregated prefill (models with --role prefill workers)")
+    g.add_argument("--disagg-mode", choices=MODES, default=d.mode,
+                   help="conditional: prefill remotely when it pays (rule below); always / "
+                   "never (default: %(default)s)")
+    g.add_argument("--disagg-min-remote-prefill-tokens", type=int,
+                   default=d.min_remote_prefill_tokens,
+                   help="prompt tokens not cached on the decode worker needed for a remote "
+                   "prefill (default: %(default)s)")
+    g.add_argument("--disagg-max-prefill-queue-tokens", type=int,
+                   default=d.max_prefill_queue_tokens,
+                   help="prefill locally when the least loaded prefill worker has more tokens "
+                   "waiting (default: %(default)s)")
+    g.add_argument("--disagg-prefill-timeout-s", type=float, default=d.prefill_timeout_s,
+                   help="give up on a prefill worker after this long (default: %(default)s)")
+    g.add_argument("--disagg-lend-prefill-workers", action=argparse.BooleanOptionalAction,
+                   default=d.lend_prefill_workers,
+                   help="conditional mode: requests prefilled in place may run whole on a "
+                   "prefill worker the router scores cheaper (default: %(default)s)")
+
+
+def disagg_config(ns: argparse.Namespace) -> DisaggConfig:
+    return DisaggConfig(mode=ns.disagg_mode,
+                        min_remote_prefill_tokens=ns.disagg_min_remote_prefill_tokens,
+                        max_prefill_queue_tokens=ns.disagg_max_prefill_queue_tokens,
+                        prefill_timeout_s=ns.disagg_prefill_timeout_s,
+                        lend_prefill_workers=ns.disagg_lend_prefill_workers)
 
 
 def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
@@ -102,7 +135,8 @@ async def serve_frontend(
     frontend.metrics.registry.register(RegistryForwarder(runtime.metrics_registry))
     migration = MigrationSettings(ns.migration_limit, frontend.metrics.count_migration)
     only = ".".join(parse_endpoint_path(ns.endpoint)) if ns.endpoint else None
-    watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only)
+    watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only,
+                           disagg=disagg_config(ns))
     await watcher.start()
     await frontend.start()
     log.info("frontend: listening on %s", frontend.base_url)

@@ -19,6 +19,10 @@ import msgspec
 from prometheus_client import CollectorRegistry, Gauge
 
 from kvflow.engines.base import Engine, EngineHooks, EngineSpec, engine_names, get_engine
+from kvflow.kv.disagg import disagg_connector_factory
+from kvflow.kv.transfer.agent import TransferAgent, TransferConfig
+from kvflow.kv.transfer.backends import backend_names
+from kvflow.kv.transfer.metrics import metrics_for
 from kvflow.llm.kv_events import (
     KV_EVENTS_SUBJECT,
     LOAD_METRICS_SUBJECT,
@@ -27,7 +31,7 @@ from kvflow.llm.kv_events import (
     LoadMetrics,
 )
 from kvflow.llm.protocol import PreprocessedRequest
-from kvflow.llm.register import ModelInput, ModelType, register_llm
+from kvflow.llm.register import ROLE_AGGREGATED, ROLE_PREFILL, ROLES, ModelInput, ModelType, register_llm
 from kvflow.runtime import Context, DistributedRuntime
 from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
 
@@ -46,6 +50,16 @@ class WorkerArgs:
     tool_call_parser: str | None
     reasoning_parser: str | None
     custom_template: str | None
+    role: str
+    kv_transfer_lease_s: float
+    kv_transfer_timeout_s: float
+    kv_transfer_backends: str
+
+    @property
+    def transfer_config(self) -> TransferConfig:
+        names = tuple(n.strip() for n in self.kv_transfer_backends.split(",") if n.strip())
+        return TransferConfig(lease_s=self.kv_transfer_lease_s,
+                              timeout_s=self.kv_transfer_timeout_s, backends=names)
 
 
 def build_parser(engine: str | None = None) -> argparse.ArgumentParser:
@@ -53,7 +67,18 @@ def build_parser(engine: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--engine", required=True, choices=engine_names())
     parser.add_argument("--model-path", required=True, help="local HF-format directory or hub id")
     parser.add_argument("--model-name", default=None, help="name clients use (default: the path)")
-    parser.add_argument("--component", default="backend")
+    parser.add_argument("--component", default=None,
+                        help="component to serve on (default: 'prefill' for --role prefill, "
+                        "else 'backend')")
+    parser.add_argument("--role", default="aggregated", choices=ROLES,
+                        help="aggregated, or one side of disaggregated serving (default: %(default)s)")
+    transfer = TransferConfig()
+    parser.add_argument("--kv-transfer-lease-s", type=float, default=transfer.lease_s,
+                        help="release blocks held for a transfer nobody pulls after this long")
+    parser.add_argument("--kv-transfer-timeout-s", type=float, default=transfer.timeout_s,
+                        help="give up on one KV pull (the request recomputes) after this long")
+    parser.add_argument("--kv-transfer-backends", default=",".join(transfer.backends),
+                        help="KV transfer backends to use, best first (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=1, help="engine instances in this process")
     parser.add_argument("--context-length", type=int, default=None)
     parser.add_argument("--migration-limit", type=int, default=None)
@@ -76,7 +101,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def worker_args(ns: argparse.Namespace) -> WorkerArgs:
     names = WorkerArgs.__dataclass_fields__
-    return WorkerArgs(**{k: getattr(ns, k) for k in names})
+    values = {k: getattr(ns, k) for k in names}
+    if values["component"] is None:
+        values["component"] = "prefill" if values["role"] == ROLE_PREFILL else "backend"
+    unknown = set(values["kv_transfer_backends"].split(",")) - set(backend_names()) - {""}
+    if unknown:
+        raise ValueError(f"unknown --kv-transfer-backends {sorted(unknown)}; "
+                         f"known: {', '.join(backend_names())}")
+    return WorkerArgs(**values)
 
 
 class LoadGauges:
@@ -142,8 +174,15 @@ async def serve_instance(
 ) -> None:
     namespace = runtime.config.namespace
     publisher = EventPublisher(runtime, namespace, instance_id, gauges)
-    engine = spec.build(ns, publisher.hooks())
+    hooks, agents = publisher.hooks(), list[TransferAgent]()
+    if args.role != ROLE_AGGREGATED:
+        hooks.make_connector = disagg_connector_factory(
+            runtime, args.component, instance_id, args.transfer_config,
+            metrics_for(runtime.metrics_registry), agents)
+    engine = spec.build(ns, hooks)
     await engine.start()
+    for agent in agents:
+        await agent.start()
     component = runtime.namespace(namespace).component(args.component)
     generate, snapshot = component.endpoint("generate"), component.endpoint("kv_snapshot")
     overrides = spec.card_overrides(ns)
@@ -160,6 +199,7 @@ async def serve_instance(
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         instance_id=instance_id,
+        role=args.role,
     )
     try:
         await asyncio.gather(
@@ -169,7 +209,11 @@ async def serve_instance(
             snapshot.serve(_snapshot_handler(engine), instance_id=instance_id),
         )
     finally:
+        for agent in agents:
+            await agent.close()
         await engine.stop()
+
+
 
 
 async def run_worker(runtime: DistributedRuntime, ns: argparse.Namespace) -> None:

@@ -5,6 +5,8 @@ a KV-aware routed engine client); later workers of the same name join it; a
 worker whose card conflicts with its pool (other tokenizer) is refused with a
 logged reason; when the last worker leaves, the model is no longer listed.
 Each pool's engine client migrates requests off lost workers (frontend.migration).
+Workers registered with role "prefill" form the model's prefill pool instead
+(frontend.disagg_pools); with one, requests are prefilled there first (frontend.disagg).
 """
 
 from __future__ import annotations
@@ -15,86 +17,28 @@ import dataclasses
 import functools
 import logging
 import tempfile
-import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from kvflow.frontend.admission import EngineOverloaded
-from kvflow.frontend.engine_client import EngineClient, EngineUnavailable
-from kvflow.frontend.migration import MigratingClient, WorkerLost
+from kvflow.frontend.disagg import DisaggClient, DisaggConfig, DisaggStats
+from kvflow.frontend.disagg_pools import DisaggPools
+from kvflow.frontend.engine_client import EngineClient
+from kvflow.frontend.migration import MigratingClient
 from kvflow.frontend.models import ModelManager
+from kvflow.frontend.routed import RoutedEngineClient
 from kvflow.llm.model_card import ModelCard, materialize_card
-from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
-from kvflow.llm.register import MODELS_PREFIX, ModelEntry, fetch_card_file
+from kvflow.llm.register import MODELS_PREFIX, ROLE_PREFILL, ModelEntry, fetch_card_file
 from kvflow.router.config import KvRouterConfig
-from kvflow.router.errors import RouterError, RouterOverloadedError
 from kvflow.router.service import KvRoutedClient, RouterWiring
-from kvflow.runtime import Context, DistributedRuntime, NoInstancesError, WorkerUnavailableError
+from kvflow.runtime import DistributedRuntime
 from kvflow.runtime.discovery.base import PUT
 
 log = logging.getLogger(__name__)
 DEFAULT_MIGRATION_LIMIT = 3
-
-
-class RoutedEngineClient:
-    """EngineClient over the runtime: the KV router picks a worker, the request streams from it.
-
-    `routed` follows the workers, feeds the router and streams from the chosen worker.
-    `exclude` keeps a request away from workers it already lost; a lost worker raises
-    WorkerLost naming it, and new requests avoid it for `down_s` (until discovery drops
-    it, or it proves alive).
-    """
-
-    def __init__(self, routed: KvRoutedClient, down_s: float = 2.0) -> None:
-        self.routed = routed
-        self.down_s = down_s
-        self._down: dict[int, float] = {}  # worker id -> monotonic time it may be tried again
-
-    async def generate(
-        self, request: PreprocessedRequest, context: Context, exclude: Collection[int] = ()
-    ) -> AsyncIterator[EngineOutput]:
-        worker = await self._schedule(request, exclude)
-        try:
-            async for out in self.routed.stream(request, worker, context):
-                yield out
-        except (WorkerUnavailableError, NoInstancesError) as exc:
-            self._down[worker] = time.monotonic() + self.down_s
-            raise WorkerLost(f"worker {worker:x} was lost ({exc})", worker) from exc
-
-    def _candidates(self, exclude: Collection[int]) -> tuple[list[int], list[int]]:
-        """(live workers, those this request may use): not excluded, and not recently lost
-        unless only recently lost ones remain."""
-        ids = self.routed.instance_ids()
-        usable = [w for w in ids if w not in exclude] if exclude else ids
-        if self._down:
-            now = time.monotonic()
-            self._down = {w: t for w, t in self._down.items() if t > now}
-            usable = [w for w in usable if w not in self._down] or usable
-        return ids, usable
-
-    async def _schedule(self, request: PreprocessedRequest, exclude: Collection[int]) -> int:
-        ids, candidates = self._candidates(exclude)
-        if not candidates:
-            raise EngineUnavailable(
-                "no live worker" if not ids else f"every live worker ({len(ids)}) was lost by "
-                "this request already")
-        try:
-            decision = await self.routed.schedule(request, candidates)
-        except RouterOverloadedError as exc:
-            raise EngineOverloaded(str(exc), exc.retry_after_s) from exc
-        except (RouterError, NoInstancesError) as exc:
-            raise EngineUnavailable(str(exc)) from exc
-        return decision.worker_id
-
-    def live_workers(self) -> int:
-        return self.routed.live_workers()
-
-    async def close(self) -> None:
-        await self.routed.close()
 
 
 @dataclass(frozen=True)
@@ -127,6 +71,7 @@ class ModelWatcher:
         cache_dir: str | None = None,
         migration: MigrationSettings | None = None,
         endpoint: str | None = None,
+        disagg: DisaggConfig | None = None,
     ) -> None:
         self.runtime = runtime
         # Serve only models registered on this endpoint ("ns.comp.ep"); None = every model.
@@ -139,6 +84,9 @@ class ModelWatcher:
         self._task: asyncio.Task | None = None
         self._decode = msgspec.msgpack.Decoder(ModelEntry).decode
         self._key_model: dict[str, str] = {}
+        self.disagg_config = disagg or DisaggConfig()
+        self.disagg_stats = DisaggStats(runtime.metrics_registry)
+        self.disagg = DisaggPools(runtime, router_config)
 
     async def start(self) -> None:
         watch = self.runtime.discovery.watch_prefix(MODELS_PREFIX)
@@ -152,6 +100,7 @@ class ModelWatcher:
         for pool in self.pools.values():
             await pool.routed.close()
         self.pools.clear()
+        await self.disagg.close()
 
     async def _follow(self, watch: Any) -> None:
         async for event in watch:
@@ -164,7 +113,13 @@ class ModelWatcher:
                 log.exception("frontend: failed to apply model event for %s", event.key)
 
     async def _on_put(self, key: str, entry: ModelEntry) -> None:
-        if self.endpoint is not None and entry.endpoint != self.endpoint:
+        prefill = entry.role == ROLE_PREFILL
+        if self.endpoint is not None and entry.endpoint != self.endpoint and not prefill:
+            return
+        if not await self.disagg.admit(entry):
+            return
+        if prefill:
+            await self.disagg.add(key, entry)
             return
         pool = self.pools.get(entry.name)
         if pool is None:
@@ -190,12 +145,15 @@ class ModelWatcher:
         wiring = RouterWiring(namespace=ns, component=component, generate_endpoint=endpoint)
         routed = await KvRoutedClient.start(self.runtime, self._router_config(card), wiring)
         engine = RoutedEngineClient(routed)
-        client = self._migrating(card, engine)
+        name = card.name
+        split = DisaggClient(name, engine, lambda: self.disagg.prefill_for(name),
+                             self.disagg_config, self.disagg_stats, card.kv_block_size)
+        client = self._migrating(card, split)
         await asyncio.to_thread(functools.partial(
-            self.models.add_model, card, client, explain=lambda r: routed.explain(r).as_json()))
+            self.models.add_model, card, client, explain=split.explain))
         return ModelPool(card, engine, client)
 
-    def _migrating(self, card: ModelCard, engine: RoutedEngineClient) -> EngineClient:
+    def _migrating(self, card: ModelCard, engine: DisaggClient) -> EngineClient:
         limit = self.migration.limit_for(card)
         count = self.migration.on_migration
         name = card.name
@@ -216,6 +174,8 @@ class ModelWatcher:
         return msgspec.structs.replace(card, model_path=str(dest))
 
     async def _on_delete(self, key: str) -> None:
+        if await self.disagg.remove(key):
+            return
         name = self._key_model.pop(key, None)
         pool = self.pools.get(name or "")
         if pool is None:

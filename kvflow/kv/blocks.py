@@ -14,7 +14,7 @@ writing is safe only into blocks the writer's request owns and no step is comput
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from kvflow.kv.layout import KvLayout
 
@@ -58,6 +58,10 @@ class KvBlockIO(Protocol):
         """The whole KV memory as host bytes, when it is host memory (else None)."""
         ...
 
+    def device_tensor(self) -> Any | None:
+        """The whole KV memory as one torch tensor on a GPU, when it is (else None)."""
+        ...
+
 
 class RegionBlockIO:
     """KvBlockIO over one flat host memory region laid out as `layout` says."""
@@ -69,6 +73,9 @@ class RegionBlockIO:
 
     def region(self) -> memoryview:
         return self._region
+
+    def device_tensor(self) -> None:
+        return None
 
     def read_run(self, start: int, count: int) -> bytes:
         return read_run_from(self.layout, self._region, start, count)

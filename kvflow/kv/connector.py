@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from kvflow.kv.blocks import KvBlockIO
 from kvflow.llm.kv_events import LoadMetrics
+from kvflow.llm.protocol import DisaggHint, KvTransferStats
 
 
 class ConnectorSeq(Protocol):
@@ -45,6 +46,7 @@ class ConnectorSeq(Protocol):
     request_id: str
     token_ids: list[int]
     prompt_len: int
+    disagg: DisaggHint | None
     num_computed_tokens: int
     num_preemptions: int
     block_ids: list[int]
@@ -76,6 +78,7 @@ class LoadResult:
     request_id: str
     ok: bool
     reason: str = ""
+    stats: KvTransferStats | None = None  # what moved (reported on the request's first output)
 
 
 class KvConnector(Protocol):
@@ -162,6 +165,10 @@ class EngineKv:
     # Appends a lower tier's BlocksStored/BlocksRemoved (with `medium`) to the block pool's
     # event stream; call it only from hooks the scheduler runs (under the engine's lock).
     record_event: Callable[[Any], None] | None = None
+    # Modelled seconds to move n tokens' KV (the mocker's clock; 0 for real engines).
+    modelled_s: Callable[[int], float] = lambda n: 0.0
+    # The engine's own connector (e.g. a host tier) for requests this one does not take.
+    fallback: KvConnector | None = None
 
 
 ConnectorFactory = Callable[[EngineKv], KvConnector]

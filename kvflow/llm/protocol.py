@@ -41,6 +41,33 @@ class StopConditions(msgspec.Struct, omit_defaults=True):
     ignore_eos: bool = False
 
 
+PHASE_PREFILL = "prefill"
+PHASE_DECODE = "decode"
+
+
+class DisaggHint(msgspec.Struct, omit_defaults=True):
+    """Disaggregated serving: which half of a split request this is (kvflow.kv.disagg).
+
+    prefill: compute the prompt's KV and keep its blocks for `transfer_id` (a lease
+    releases them if nobody pulls). decode: the first `num_tokens` prompt tokens' KV
+    sits on worker `source_worker` under `transfer_id`; pull it, then continue.
+    """
+
+    phase: str  # PHASE_PREFILL | PHASE_DECODE
+    transfer_id: str
+    source_worker: int = 0
+    num_tokens: int = 0
+
+
+class KvTransferStats(msgspec.Struct, omit_defaults=True):
+    """What a decode worker pulled for a request: reported on its first output."""
+
+    bytes: int = 0
+    blocks: int = 0
+    seconds: float = 0.0
+    backend: str = ""
+
+
 class RoutingHints(msgspec.Struct, omit_defaults=True):
     """Hints for routers and engines; all optional."""
 
@@ -48,8 +75,8 @@ class RoutingHints(msgspec.Struct, omit_defaults=True):
     lora_name: str | None = None
     # Sequence hashes of the prompt's full KV blocks, when the router computed them.
     block_hashes: list[int] | None = None
-    # Disaggregation: role-specific parameters (prefill result, transfer handle...).
-    disagg: dict | None = None
+    # Disaggregation: which half of a split request this is, and where its KV sits.
+    disagg: DisaggHint | None = None
 
 
 class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
@@ -93,6 +120,8 @@ class EngineOutput(msgspec.Struct, omit_defaults=True):
     error: str | None = None
     # Index of the choice when n > 1.
     index: int = 0
+    # Disaggregated decode: the KV pulled from the prefill worker (first output only).
+    kv_transfer: KvTransferStats | None = None
 
 
 FINISH_STOP = "stop"

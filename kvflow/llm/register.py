@@ -27,6 +27,10 @@ from kvflow.llm.model_card import (
 from kvflow.runtime import Context, DistributedRuntime, Endpoint
 
 MODELS_PREFIX = "v1/models/"
+ROLE_AGGREGATED = "aggregated"
+ROLE_PREFILL = "prefill"
+ROLE_DECODE = "decode"
+ROLES = (ROLE_AGGREGATED, ROLE_PREFILL, ROLE_DECODE)
 FILE_CHUNK = 1 << 20
 
 
@@ -49,6 +53,8 @@ class ModelEntry(msgspec.Struct):
     instance_id: int
     card: ModelCard
     files_endpoint: str = ""
+    # Disaggregated serving: "prefill" / "decode" pools of one model, or "aggregated".
+    role: str = ROLE_AGGREGATED
 
 
 def model_key(namespace: str, name: str, instance_id: int) -> str:
@@ -75,6 +81,7 @@ async def register_llm(
     *,
     instance_id: int | None = None,
     inline_limit: int = DEFAULT_INLINE_LIMIT,
+    role: str = ROLE_AGGREGATED,
 ) -> ModelEntry:
     """Publish the model card for `endpoint` (call before or while serving it).
 
@@ -100,7 +107,7 @@ async def register_llm(
     files_ep = ""
     if any(ref.inline is None for ref in card.files.values()):
         files_ep = await _serve_files(runtime, endpoint, card, iid)
-    entry = ModelEntry(card.name, endpoint.path, iid, card, files_ep)
+    entry = ModelEntry(card.name, endpoint.path, iid, card, files_ep, role)
     key = model_key(endpoint.namespace, card.name, iid)
     await runtime.discovery.put(key, msgspec.msgpack.encode(entry), lease=True)
     return entry

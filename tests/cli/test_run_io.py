@@ -61,3 +61,18 @@ async def test_custom_engine_example(stack, model_dir) -> None:
     assert out.choices[0].text == tok.decode(list(reversed(tok.encode("abc xyz"))))
     assert out.choices[0].finish_reason == "stop"
     await client.close()
+
+
+def test_disaggregated_stack_in_one_command(stack, model_dir, tmp_path) -> None:
+    src = tmp_path / "disagg.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": "ab cd ef gh " * 8, "max_tokens": n,
+                                         "ignore_eos": True}) for n in (3, 5)) + "\n")
+    out = _run(stack, f"in=batch:{src}", "out=mocker", "--model-path", str(model_dir),
+               "--model-name", "d", "--prefill-workers", "1", "--decode-workers", "1",
+               "--disagg-mode", "always", "--speedup-ratio", "0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "has prefill workers" in out.stderr
+    results = [json.loads(x) for x in (tmp_path / "disagg.out.jsonl").read_text().splitlines()]
+    assert [r["response"]["usage"]["completion_tokens"] for r in results] == [3, 5]
+    bad = _run(stack, "in=batch:/dev/null", "out=mocker", "--prefill-workers", "1")
+    assert bad.returncode != 0 and "--decode-workers" in bad.stderr

@@ -67,6 +67,7 @@ class KvLoads:
                 continue
             entry = self._loading.pop(result.request_id, None)
             if entry is not None:
+                entry[0].kv_transfer = result.stats
                 ready.append(self._land(*entry, ok=result.ok))
         return ready
 

@@ -12,11 +12,9 @@ Policy (vLLM v1 style): running sequences first (decodes, then the one partially
 prefilled sequence, which is always last in `running`), then FCFS admissions from
 `waiting` within the token budget, chunking the last prefill. A new admission first
 takes its longest cached prefix from the block pool, then whatever a `KvConnector`
-(kvflow.kv.connector) can supply (host tier, remote prefill) — all of it just computed
-tokens; tokens a connector loads in the background park the request (loads.py) until
-they arrive. When
-blocks run out the most recently admitted running sequence is preempted by
-recompute: its blocks are freed, it goes back to the front of `waiting`.
+(kvflow.kv.connector) supplies (host tier, remote prefill): all just computed tokens;
+tokens loaded in the background park the request (loads.py) until they arrive. When
+blocks run out the most recently admitted running sequence is preempted by recompute.
 
 Async output (opt-in, `SchedulerConfig(async_output=True)`), for an engine whose device
 feeds one step's sampled tokens into the next: step k+1 is planned (at most one step in
@@ -28,11 +26,10 @@ freed blocks before any later step, on the same device stream, reuses them). A s
 whose pending token surely ends it by length gets no further step.
 
 Ownership: the scheduler owns every block it takes from the pool and frees it on
-finish, abort or preemption. `abort` frees at once even while a step is in flight;
-freed blocks are not handed out again before the next `schedule()`, which comes after
-`update()`, so an executor may finish writing them. Neither the scheduler nor the
-pool is thread-safe: an engine stepping on its own thread holds one lock around
-`schedule`, `update`, `add` and `abort`.
+finish (unless the connector keeps it), abort or preemption. `abort` frees at once even
+mid-step: freed blocks are not handed out again before the next `schedule()`, after
+`update()`, so an executor may finish writing them. Not thread-safe: an engine stepping
+on its own thread holds one lock around `schedule`, `update`, `add` and `abort`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,14 @@ import enum
 from dataclasses import dataclass, field
 
 from kvflow.llm.kv_hash import chain_hash, extra_seed, local_block_hash
-from kvflow.llm.protocol import FINISH_LENGTH, FINISH_STOP, PreprocessedRequest, SamplingOptions
+from kvflow.llm.protocol import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    DisaggHint,
+    KvTransferStats,
+    PreprocessedRequest,
+    SamplingOptions,
+)
 
 
 class SeqStatus(enum.Enum):
@@ -69,6 +76,8 @@ class Sequence:
     num_committed_blocks: int = 0
     num_preemptions: int = 0
     num_placeholders: int = 0  # sampled tokens scheduled on but not yet known (async output)
+    disagg: DisaggHint | None = None  # which half of a disaggregated request (connectors read it)
+    kv_transfer: KvTransferStats | None = None  # KV a connector loaded for it (reported once)
     _hashes: list[int] = field(default_factory=list)
     _hash_seed: int | None = None
 
@@ -87,14 +96,15 @@ class Sequence:
             eos_token_ids=frozenset(request.eos_token_ids),
             ignore_eos=stop.ignore_eos,
         )
-        lora = request.routing.lora_name if request.routing is not None else None
+        routing = request.routing
         return cls(
             request.request_id,
             list(request.token_ids),
             rule,
             request.sampling,
-            lora_name=lora,
+            lora_name=routing.lora_name if routing is not None else None,
             seed=seed,
+            disagg=routing.disagg if routing is not None else None,
         )
 
     @property

@@ -8,8 +8,6 @@ from dataclasses import dataclass, fields
 from kvflow.engines.core.scheduler import SchedulerConfig
 from kvflow.engines.mocker.outputs import output_names
 
-ROLES = ("aggregated", "prefill", "decode")
-
 
 @dataclass(frozen=True)
 class MockerConfig:
@@ -28,8 +26,7 @@ class MockerConfig:
     vocab_size: int = 32000
     num_host_blocks: int = 0  # CPU tier for blocks evicted from the GPU; 0 = none
     host_bandwidth: float = 25e9  # bytes/s, host -> GPU (PCIe 5 x16, effective)
-    role: str = "aggregated"  # "aggregated" | "prefill" | "decode"
-    kv_transfer_bandwidth: float = 25e9  # bytes/s, prefill worker -> decode worker
+    kv_transfer_bandwidth: float = 25e9  # bytes/s, prefill worker -> decode worker (modelled)
     profile: str | None = None  # JSON file overriding kvflow.engines.mocker.timing params
     # Simulated lower KV tiers (sim_tiers.py): with either set, the host tier above joins them.
     num_disk_blocks: int = 0  # G3 capacity in blocks; 0 = no disk tier
@@ -38,8 +35,6 @@ class MockerConfig:
     object_bandwidth: float = 12.5e9  # bytes/s, object store -> GPU (100 GbE)
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"unknown mocker role {self.role!r}; use one of {', '.join(ROLES)}")
         if self.output not in output_names():
             raise ValueError(
                 f"unknown mocker output {self.output!r}; use one of {', '.join(output_names())}"
@@ -79,7 +74,7 @@ _FLAGS = {
     "--num-host-blocks": "num_host_blocks",
     "--mocker-output": "output",
     "--mocker-profile": "profile",
-    "--mocker-role": "role",
+    "--kv-transfer-bandwidth": "kv_transfer_bandwidth",
     "--num-disk-blocks": "num_disk_blocks",
     "--mocker-object-store": "object_store",
 }
@@ -94,7 +89,7 @@ _HELP = {
     "num_host_blocks": "CPU-tier KV blocks that catch GPU evictions (0 = no host tier)",
     "output": "output tokens: 'random' (seeded) or 'echo' (repeat the prompt)",
     "profile": "JSON file overriding the timing model's coefficients",
-    "role": "aggregated, or the prefill / decode side of disaggregated serving",
+    "kv_transfer_bandwidth": "modelled bytes/s of KV moved from a prefill worker (--role decode)",
     "num_disk_blocks": "simulated disk-tier KV blocks (G3; 0 = none)",
     "object_store": "simulated object-store tier (G4) shared by this process's engines",
 }
@@ -107,7 +102,7 @@ def add_mocker_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("mocker engine")
     for flag, name in _FLAGS.items():
         kind = {"int": int, "float": float, "bool": _yes}.get(str(types[name]), str)
-        choices = {"output": output_names(), "role": list(ROLES)}.get(name)
+        choices = {"output": output_names()}.get(name)
         group.add_argument(
             flag,
             dest=f"mocker_{name}",

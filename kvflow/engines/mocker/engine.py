@@ -27,6 +27,10 @@ from kvflow.engines.mocker.sim_tiers import SharedSimStore, TieredMockerConnecto
 from kvflow.engines.mocker.stream import OutputStream
 from kvflow.engines.mocker.tiers import HostTier, MockerConnector
 from kvflow.engines.mocker.timing import TimingModel, TimingParams, load_profile
+from kvflow.kv.blocks import RegionBlockIO
+from kvflow.kv.connector import EngineKv, KvConnector
+from kvflow.kv.layout import KvLayout
+from kvflow.kv.shm import SharedRegion, shm_available
 from kvflow.llm.kv_events import CacheSnapshot, LoadMetrics
 from kvflow.llm.protocol import FINISH_CANCELLED, EngineOutput, PreprocessedRequest
 from kvflow.runtime.context import Context
@@ -34,6 +38,12 @@ from kvflow.runtime.context import Context
 log = logging.getLogger(__name__)
 
 LOAD_INTERVAL_S = 0.05
+
+
+def mocker_kv_layout(config: MockerConfig) -> KvLayout:
+    """The mocker's transferable KV: one byte per token for keys and one for values."""
+    return KvLayout(num_layers=1, block_size=config.block_size, num_kv_heads=1, head_dim=1,
+                    dtype="uint8", device="sim", num_slots=config.num_gpu_blocks)
 
 
 class MockerEngine:
@@ -53,18 +63,20 @@ class MockerEngine:
         )
         self.sim = make_sim_tiers(config, params, object_store)
         self.host = HostTier(config.num_host_blocks) if config.num_host_blocks and not self.sim else None
-        args = (config.block_size, params.kv_bytes_per_token, self.host, config.host_bandwidth,
-                config.kv_transfer_bandwidth)
-        self.connector = (TieredMockerConnector(self.sim, *args) if self.sim is not None
-                          else MockerConnector(*args))
+        args = (config.block_size, params.kv_bytes_per_token, self.host, config.host_bandwidth)
+        tiered = TieredMockerConnector(self.sim, *args) if self.sim is not None else None
+        self.connector: KvConnector = tiered or MockerConnector(*args)
+        self._wakeup = asyncio.Event()
+        self.kv_memory: SharedRegion | None = None
+        if self.hooks.make_connector is not None:
+            self.connector = self.hooks.make_connector(self._engine_kv(params.kv_bytes_per_token))
         self.scheduler = Scheduler(config.scheduler_config(), self.pool, self.connector)
-        if isinstance(self.connector, TieredMockerConnector) and self.sim is not None:
+        if tiered is not None and self.sim is not None:
             self.sim.record_event = self.pool.record_event
-            self.connector.wake = self._wake
-            self.connector.speedup_ratio = config.speedup_ratio
+            tiered.wake = self._wake
+            tiered.speedup_ratio = config.speedup_ratio
         self.output = make_output(config.output, config.vocab_size)
         self._streams: dict[str, OutputStream] = {}
-        self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failure: str | None = None
         self._last_load: LoadMetrics | None = None
@@ -72,6 +84,25 @@ class MockerEngine:
 
     def _wake(self) -> None:
         self._wakeup.set()
+
+    def _engine_kv(self, kv_bytes_per_token: float) -> EngineKv:
+        """Sized blocks for transfers (2 bytes per token), in /dev/shm when it is there."""
+        layout = mocker_kv_layout(self.config)
+        region: memoryview
+        if shm_available():
+            self.kv_memory = SharedRegion.create(layout.region_bytes)
+            region = self.kv_memory.view
+        else:
+            region = memoryview(bytearray(layout.region_bytes))
+        seconds_per_token = kv_bytes_per_token / self.config.kv_transfer_bandwidth
+        speedup = self.config.speedup_ratio
+        return EngineKv(
+            RegionBlockIO(layout, region),
+            self.kv_memory.name if self.kv_memory is not None else None,
+            wake=self._wakeup.set,
+            modelled_s=lambda n: n * seconds_per_token / speedup if speedup else 0.0,
+            fallback=self.connector,
+        )
 
     # ---- Engine contract ----------------------------------------------------------
 
@@ -86,6 +117,8 @@ class MockerEngine:
             self._task = None
         self._failure = "the mocker engine stopped; retry the request on another worker"
         self._fail_all(self._failure)
+        if self.kv_memory is not None:
+            self.kv_memory.close()
 
     def cache_snapshot(self) -> CacheSnapshot:
         return self.pool.snapshot()
@@ -110,8 +143,6 @@ class MockerEngine:
             stream.fail(str(exc))
             return stream
         self._streams[seq.request_id] = stream
-        if self.config.role == "decode" and request.routing and request.routing.disagg is not None:
-            self.connector.mark_remote(seq.request_id)
         self._wakeup.set()
         return stream
 
@@ -124,8 +155,6 @@ class MockerEngine:
             seq.stop = dataclasses.replace(
                 stop, min_tokens=stop.min_tokens + prior,
                 max_tokens=None if stop.max_tokens is None else stop.max_tokens + prior)
-        if self.config.role == "prefill":  # a prefill worker returns after the first token
-            seq.stop = dataclasses.replace(seq.stop, max_tokens=1, min_tokens=0)
         return seq
 
     def _cancel(self, stream: OutputStream) -> None:
@@ -140,7 +169,6 @@ class MockerEngine:
 
     def _close(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self.connector.forget(request_id)
 
     def _fail_all(self, message: str) -> None:
         for request_id, stream in list(self._streams.items()):

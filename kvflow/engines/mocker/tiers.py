@@ -1,15 +1,11 @@
-"""Simulated KV beyond the GPU pool: a host (CPU) tier and remote prefill for decode workers.
+"""Simulated KV beyond the GPU pool: a host (CPU) tier, as the mocker's own `KvConnector`.
 
-Both plug into the scheduler as a `KvConnector`: at admission, after the GPU prefix
-hit, they say how many more prompt tokens arrive from elsewhere and how long the
-move takes (bytes over bandwidth). Those tokens then count as computed.
-
-- HostTier: blocks the GPU pool evicts (its BlocksRemoved events) are kept, by hash,
-  in an LRU of `num_blocks`; a prompt whose next blocks are there loads them.
-- Remote prefill: on a decode worker, a request carrying `routing.disagg` had its
-  prompt prefilled by a prefill worker; everything but the last prompt token
-  arrives over the KV transfer link on its first admission (a preempted request
-  recomputes locally: the remote copy is gone).
+At admission, after the GPU prefix hit, it says how many more prompt tokens come from
+the host tier and how long the move takes (bytes over bandwidth); those tokens then
+count as computed. Blocks the GPU pool evicts (its BlocksRemoved events) are kept, by
+hash, in an LRU of `num_blocks`; a prompt whose next blocks are there loads them.
+Remote prefill is not simulated here: a disaggregated mocker moves real (sized) blocks
+through kvflow.kv.disagg, with this connector as its fallback.
 """
 
 from __future__ import annotations
@@ -62,39 +58,22 @@ class HostTier:
 
 
 class MockerConnector(BaseConnector):
-    """KvConnector for the mocker: host-tier hits, then remote prefill when marked."""
+    """KvConnector for the mocker: host-tier hits, moved in modelled time."""
 
     def __init__(
-        self,
-        block_size: int,
-        kv_bytes_per_token: float,
-        host: HostTier | None,
+        self, block_size: int, kv_bytes_per_token: float, host: HostTier | None,
         host_bandwidth: float,
-        transfer_bandwidth: float,
     ) -> None:
         self.block_size = block_size
         self.host = host
         self._host_s_per_token = kv_bytes_per_token / host_bandwidth
-        self._remote_s_per_token = kv_bytes_per_token / transfer_bandwidth
-        self._remote: set[str] = set()
 
-    def mark_remote(self, request_id: str) -> None:
-        """This request's prompt KV comes from a prefill worker."""
-        self._remote.add(request_id)
-
-    def forget(self, request_id: str) -> None:
-        self._remote.discard(request_id)
-
-    def match_external(self, seq: Sequence, num_local_tokens: int) -> ExternalMatch:
+    def match_external(self, seq: Sequence, num_local_tokens: int) -> ExternalMatch:  # type: ignore[override]
         host_tokens = self._match_host(seq, num_local_tokens)
-        remote_tokens = 0
-        if seq.request_id in self._remote and seq.num_preemptions == 0:
-            remote_tokens = seq.num_tokens - 1 - num_local_tokens - host_tokens
         return ExternalMatch(
-            num_tokens=host_tokens + remote_tokens,
+            num_tokens=host_tokens,
             num_cached_tokens=host_tokens,
-            transfer_s=host_tokens * self._host_s_per_token
-            + remote_tokens * self._remote_s_per_token,
+            transfer_s=host_tokens * self._host_s_per_token,
         )
 
     def _match_host(self, seq: Sequence, num_local_tokens: int) -> int:

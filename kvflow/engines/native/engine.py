@@ -110,7 +110,7 @@ class NativeEngine:
         if make is None:
             return None
         kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake,
-                      self.pool.record_event)
+                      record_event=self.pool.record_event)
         return make(kv)
 
     def _wake(self) -> None:
@@ -343,6 +343,7 @@ class NativeEngine:
         if seq.num_output_tokens == 1:
             d.cached_tokens = max(seq.num_cached_tokens, 0)
             d.cached_by_tier = seq.cached_by_tier
+            d.kv_transfer = seq.kv_transfer
         return d
 
     def _drain(self) -> tuple[list[KvEvent], LoadMetrics | None]:

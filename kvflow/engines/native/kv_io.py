@@ -38,6 +38,9 @@ class TensorBlockIO:
     def region(self) -> memoryview | None:
         return None
 
+    def device_tensor(self) -> torch.Tensor:
+        return self.whole
+
     def read_run(self, start: int, count: int) -> bytes:
         part = self.whole[:, :, start : start + count].contiguous().cpu()
         return part.view(torch.uint8).numpy().tobytes()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from kvflow.llm.protocol import FINISH_ERROR, EngineOutput, TopLogprob
+from kvflow.llm.protocol import FINISH_ERROR, EngineOutput, KvTransferStats, TopLogprob
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Delivery:
     error: str | None = None
     cached_tokens: int | None = None  # prompt tokens the prefix cache served (first delivery)
     cached_by_tier: dict[str, int] | None = None  # of those, per KV tier (first delivery)
+    kv_transfer: KvTransferStats | None = None  # KV pulled from a prefill worker (first delivery)
 
 
 class RequestStream:
@@ -35,6 +36,7 @@ class RequestStream:
         self.want_logprobs = want_logprobs
         self.cached_tokens = 0
         self.cached_by_tier: dict[str, int] | None = None
+        self.kv_transfer: KvTransferStats | None = None
         self._tokens: list[int] = []
         self._logprobs: list[float] = []
         self._top: list[list[TopLogprob]] = []
@@ -60,6 +62,7 @@ class RequestStream:
         if d.cached_tokens is not None:
             self.cached_tokens = d.cached_tokens
             self.cached_by_tier = d.cached_by_tier
+            self.kv_transfer = d.kv_transfer
         if d.finish_reason is not None:
             self._finish = d.finish_reason
         self._wake()
@@ -93,4 +96,5 @@ class RequestStream:
             self._reported_cache = True
             out.cached_tokens = self.cached_tokens
             out.cached_tokens_by_tier = self.cached_by_tier
+            out.kv_transfer = self.kv_transfer
         return out

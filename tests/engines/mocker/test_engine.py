@@ -20,7 +20,6 @@ from kvflow.llm.protocol import (
     FINISH_STOP,
     EngineOutput,
     PreprocessedRequest,
-    RoutingHints,
     SamplingOptions,
     StopConditions,
 )
@@ -181,25 +180,6 @@ async def test_host_tier_serves_blocks_evicted_from_gpu() -> None:
     metrics = engine.load_metrics()
     assert metrics.host_total_blocks == 64 and metrics.host_active_blocks > 9
     await engine.stop()
-
-
-async def test_roles_prefill_returns_one_token_decode_loads_remote_kv() -> None:
-    prefill = await started(role="prefill")
-    outs = await collect(prefill.generate(request("p", list(range(50)), 100), Context()))
-    assert len(tokens(outs)) == 1
-    decode = await started(role="decode", speedup_ratio=1.0)
-    local = request("l", list(range(3000, 5000)), 1)
-    hints = RoutingHints(disagg={"prefill_worker": 0})
-    remote = PreprocessedRequest("d", list(range(2000)), stop=local.stop, routing=hints)
-    t0 = time.perf_counter()
-    await collect(decode.generate(remote, Context()))
-    t_remote = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    await collect(decode.generate(local, Context()))
-    t_local = time.perf_counter() - t0
-    assert t_remote < t_local  # 2k tokens of KV over 25 GB/s beat recomputing them
-    await prefill.stop()
-    await decode.stop()
 
 
 async def test_rejected_request_gets_an_error_output() -> None:

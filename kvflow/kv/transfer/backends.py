@@ -1,0 +1,151 @@
+"""Transfer backends by name: how blocks cross from a holding agent to a pulling one.
+
+- "shm": same host, KV in host memory: the puller maps the holder's /dev/shm region
+  (published once) and copies runs straight out of it. No bytes on any socket.
+- "tcp": anywhere: the holder streams the runs as chunks over the request plane.
+  The fallback; used between GPUs it logs a warning and counts a metric (agent.py).
+- "cuda_ipc": same host, KV on GPUs: device-to-device copies out of the holder's cache
+  tensor, opened once from its published CUDA IPC handle (cuda_ipc.py).
+
+A backend pulls a `PullJob`: runs (src on the holder, dst here) that the agent already
+merged and validated against the hold; it returns the bytes it moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvflow.kv.blocks import BlockRun, KvBlockIO, copy_run, read_run_from
+from kvflow.kv.shm import SharedRegion
+from kvflow.kv.transfer.cuda_ipc import CudaIpcBackend
+from kvflow.kv.transfer.messages import AgentInfo, Chunk, Reply, TransferRequest
+
+
+@dataclass
+class PullJob:
+    local_io: KvBlockIO
+    local: AgentInfo
+    remote: AgentInfo
+    transfer_id: str
+    runs: list[BlockRun]
+    call: Callable[[TransferRequest], AsyncIterator[Reply]]  # a request to the holder's agent
+
+
+class TransferBackend(Protocol):
+    name: str
+
+    def publish(self, info: AgentInfo, io: KvBlockIO) -> AgentInfo | None:
+        """`info` plus what peers need to pull with this backend; None if it cannot serve."""
+        ...
+
+    def usable(self, local: AgentInfo, remote: AgentInfo) -> bool:
+        """Whether this agent can pull from `remote` with it."""
+        ...
+
+    async def pull(self, job: PullJob) -> int: ...
+
+
+_BACKENDS: dict[str, TransferBackend] = {}
+
+
+def register_backend(backend: TransferBackend) -> TransferBackend:
+    assert backend.name not in _BACKENDS, f"transfer backend {backend.name!r} registered twice"
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names() -> list[str]:
+    return list(_BACKENDS)
+
+
+def get_backend(name: str) -> TransferBackend:
+    if name not in _BACKENDS:
+        raise KeyError(f"unknown KV transfer backend {name!r}; known: {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+def choose_backend(preference: tuple[str, ...], local: AgentInfo, remote: AgentInfo) -> str:
+    """The first backend in `preference` both agents support."""
+    for name in preference:
+        backend = _BACKENDS.get(name)
+        if backend is not None and name in remote.backends and backend.usable(local, remote):
+            return name
+    raise LookupError(
+        f"no KV transfer backend in common with worker {remote.worker_id:x} "
+        f"(it serves {remote.backends}; this worker tries {list(preference)})"
+    )
+
+
+class TcpBackend:
+    """Runs streamed as chunks over the request plane (works between any two hosts)."""
+
+    name = "tcp"
+
+    def publish(self, info: AgentInfo, io: KvBlockIO) -> AgentInfo | None:
+        return info
+
+    def usable(self, local: AgentInfo, remote: AgentInfo) -> bool:
+        return True
+
+    async def pull(self, job: PullJob) -> int:
+        request = TransferRequest("read", job.transfer_id, [(r.src, r.count) for r in job.runs])
+        pending = list(job.runs)
+        moved = 0
+        async for reply in job.call(request):
+            if not isinstance(reply, Chunk):
+                raise ValueError(f"unexpected transfer reply {type(reply).__name__}")
+            run = pending[0]
+            if not run.src <= reply.src < run.src + run.count:
+                raise ValueError(f"chunk for block {reply.src} outside the run {run}")
+            dst = run.dst + (reply.src - run.src)
+            job.local_io.write_run(dst, reply.count, reply.data)
+            moved += len(reply.data)
+            if reply.src + reply.count == run.src + run.count:
+                pending.pop(0)
+        if pending:
+            raise ValueError(f"the holder ended the stream with {len(pending)} runs unsent")
+        return moved
+
+
+class ShmBackend:
+    """Copies runs out of the holder's /dev/shm region (same host, host-memory KV)."""
+
+    name = "shm"
+
+    def __init__(self) -> None:
+        self._attached: dict[str, SharedRegion] = {}
+
+    def publish(self, info: AgentInfo, io: KvBlockIO) -> AgentInfo | None:
+        return info if info.shm_name is not None else None
+
+    def usable(self, local: AgentInfo, remote: AgentInfo) -> bool:
+        return remote.shm_name is not None and remote.host_id == local.host_id
+
+    async def pull(self, job: PullJob) -> int:
+        assert job.remote.shm_name is not None
+        region = self._attach(job.remote.shm_name)
+        return await asyncio.to_thread(self._copy, job, region.view)
+
+    def _attach(self, name: str) -> SharedRegion:
+        region = self._attached.get(name)
+        if region is None:
+            region = self._attached[name] = SharedRegion.attach(name)
+        return region
+
+    @staticmethod
+    def _copy(job: PullJob, src: memoryview) -> int:
+        rl, dst_region = job.remote.layout, job.local_io.region()
+        for run in job.runs:
+            if dst_region is not None:
+                copy_run(rl, src, job.local_io.layout, dst_region, run)
+            else:
+                job.local_io.write_run(run.dst, run.count, read_run_from(rl, src, run.src, run.count))
+        return sum(r.count for r in job.runs) * rl.block_bytes
+
+
+register_backend(TcpBackend())
+register_backend(ShmBackend())
+register_backend(CudaIpcBackend())

@@ -1,0 +1,95 @@
+"""Disaggregated native engine on CPU: 1 prefill + 1 decode process, greedy-identical to aggregated."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from kvflow.testing.models import make_tiny_model
+
+NATIVE = ("--engine", "native", "--num-gpu-blocks", "128", "--block-size", "8",
+          "--max-num-seqs", "8", "--max-num-batched-tokens", "32")  # prompts span several chunks
+BACKENDS = {"cpu": "shm", "cuda": "cuda_ipc"}  # what same-host peers should use
+
+
+@pytest.fixture(scope="module")
+def native_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("disagg-native") / "llama")
+
+
+def native_worker(chaos, model: Path, name: str, device: str, *args: str):
+    from kvflow.testing.servers import free_port
+
+    from .conftest import Worker
+
+    port = free_port()
+    proc = chaos.start("worker", *NATIVE, "--device", device, "--model-path", str(model),
+                       "--model-name", name, *args,
+                       name=f"native-{name}", system_port=port)
+    return Worker(proc, port)
+
+
+async def complete(client, model: str, ids: list[int]) -> str:
+    out = await client.completions.create(model=model, prompt=ids, max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 12
+    return out.choices[0].text
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+async def test_prefill_decode_split_matches_aggregated_greedy(
+    chaos, native_model: Path, device: str
+) -> None:
+    url = chaos.frontend("--disagg-mode", "always")
+    native_worker(chaos, native_model, "agg", device, "--component", "agg")
+    native_worker(chaos, native_model, "m", device, "--role", "prefill")
+    decode = native_worker(chaos, native_model, "m", device, "--role", "decode")
+    await _until(lambda: "has prefill workers" in chaos.procs[0].output(), 90)
+    await _until(lambda: decode.registered(), 90)
+    rng = random.Random(5)
+    base = [rng.randrange(3, 400) for _ in range(70)]
+    prompts = [
+        base,                                            # 70 tokens: 3 chunks of 32
+        base + [rng.randrange(3, 400) for _ in range(30)],  # prefix hit on both sides
+        [rng.randrange(3, 400) for _ in range(9)],       # one block and a bit
+        [*base[:40], 7, 8, 9],                         # partial prefix hit
+    ]
+    async with chaos.client(timeout=120) as client:
+        await _until_model(client, "m")
+        await _until_model(client, "agg")
+        for ids in prompts:
+            want = await complete(client, "agg", ids)
+            got = await complete(client, "m", ids)
+            assert got == want, f"disaggregated output differs for a {len(ids)}-token prompt"
+    moved = decode.metric("kv_transfer_bytes_total", family="kvflow_")
+    blocks = decode.metric("kv_transfer_blocks_total", family="kvflow_")
+    # 2 layers x (K, V) x 8 tokens x 2 kv heads x 16 dims x 4 bytes = 4 KiB per block
+    assert blocks >= 9 and moved == blocks * 4096
+    assert f'backend="{BACKENDS[device]}"' in decode._get("/metrics").decode()
+    assert decode.metric("kv_transfer_failures_total", family="kvflow_") == 0
+    from .test_disagg import frontend_metric
+
+    assert frontend_metric(url, "kvflow_kv_transfer_bytes_total") == moved
+
+
+async def _until(check, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def _until_model(client, name: str) -> None:
+    for _ in range(300):
+        models = await client.models.list()
+        if any(m.id == name for m in models.data):
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"model {name} never listed")
