@@ -36,6 +36,7 @@ from kvflow.kv.tiers.store import KvStore, TierUnavailable
 
 log = logging.getLogger(__name__)
 OFFLOAD_QUEUE = 4096
+PROBE_LIMIT = 512  # blocks of one prompt asked of the object store at admission
 T = TypeVar("T")
 
 
@@ -96,11 +97,12 @@ class TieredKvCache:
         self.admission = AdmissionFilter(config.disk_admit_after, config.disk_admission_window)
         self._fingerprint = identity.fingerprint
         self._down_until: dict[str, float] = {}
+        self._fault_lock = threading.Lock()
         self.stores = stores if stores is not None else build_stores(config, identity, self._report)
         self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(OFFLOAD_QUEUE)
         self._writer = threading.Thread(target=self._write_loop, name="kv-offload", daemon=True)
         self._writer.start()
-        self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="kv-prefetch")
+        self._prefetcher = ThreadPoolExecutor(8, thread_name_prefix="kv-prefetch")
         # Residency changes (medium, stored?, hashes) for KV events; `on_residency` is
         # called when the writer thread adds some (the engine thread drains them).
         self._residency: list[tuple[str, bool, list[int]]] = []
@@ -121,10 +123,12 @@ class TieredKvCache:
 
     def _report(self, exc: TierUnavailable) -> None:
         self.metrics.errors.labels(exc.tier, exc.reason).inc()
-        if exc.tier not in self._down_until:
+        with self._fault_lock:  # parallel probes may fail together: still one warning
+            first = exc.tier not in self._down_until
+            self._down_until[exc.tier] = time.monotonic() + self.config.tier_retry_s
+        if first:
             log.warning("%s; skipping this tier for %.0fs, serving continues without it",
                         exc, self.config.tier_retry_s)
-        self._down_until[exc.tier] = time.monotonic() + self.config.tier_retry_s
 
     def available(self, store: KvStore) -> bool:
         until = self._down_until.get(store.tier)
@@ -212,18 +216,30 @@ class TieredKvCache:
 
     def probe(self, hashes: Sequence[int]) -> list[str]:
         """For the leading run of `hashes` held below the device and worth loading, the
-        tier each block would come from (object-store lookups cost one request each)."""
+        tier each block would come from. The object store is asked about every block no
+        local tier holds at once, in parallel (one round trip, not one per block)."""
+        shared = self._shared_presence(hashes)
         tiers: list[str] = []
         for seq_hash in hashes:
-            tier = self._probe_one(seq_hash)
+            tier = self._probe_one(seq_hash, shared)
             if tier is None:
                 break
             tiers.append(tier)
         return tiers
 
-    def _probe_one(self, seq_hash: int) -> str | None:
+    def _shared_presence(self, hashes: Sequence[int]) -> dict[int, bool]:
+        stores = [s for s in self.stores if s.shared and self.available(s)]
+        if not stores:
+            return {}
+        ask = [h for h in hashes[:PROBE_LIMIT] if not self.holds_below(h)]
+        answers = self._prefetcher.map(lambda h: bool(self._guard(stores[0], stores[0].contains, h)), ask)
+        return dict(zip(ask, answers, strict=True))
+
+    def _probe_one(self, seq_hash: int, shared: dict[int, bool]) -> str | None:
         for store in self.stores:
-            if not self._guard(store, store.contains, seq_hash):
+            present = shared.get(seq_hash, False) if store.shared else self._guard(
+                store, store.contains, seq_hash)
+            if not present:
                 continue
             if self.costs.worth_loading(store.tier, 1):
                 return store.tier
