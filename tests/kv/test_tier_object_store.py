@@ -110,3 +110,27 @@ def test_object_store_down_or_slow_is_skipped_with_one_warning(monkeypatch, capl
         if server.running:
             os.kill(server.proc.pid, signal.SIGCONT)
         server.close()
+
+
+def test_offloads_are_dropped_not_queued_forever_when_the_writer_is_stuck(monkeypatch) -> None:
+    from kvflow.kv.tiers import manager
+
+    server = S3Server()
+    try:
+        server.start()
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        url = new_bucket_url()
+        monkeypatch.setattr(manager, "OFFLOAD_QUEUE", 2)
+        cache = worker(url, host_kv_cache_gb=0.001)
+        os.kill(server.proc.pid, signal.SIGSTOP)  # the writer's first call hangs until timeout
+        for h in range(1, 7):
+            cache.offload(h, payload(h))
+        assert sample(cache, "kvflow_kv_offload_dropped_total", tier="all") >= 1
+        assert cache.load([1, 2, 3, 4, 5, 6]).tiers == ["host"] * 6  # host took every block
+        os.kill(server.proc.pid, signal.SIGCONT)
+        cache.close()
+    finally:
+        if server.running:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.close()
