@@ -170,3 +170,24 @@ async def test_object_store_down_serving_continues(
         if engine is not None:
             await engine.stop()
         server.close()
+
+
+async def test_tiers_behind_the_disaggregation_connector(model: Path, reference: list[int]) -> None:
+    """A worker with a KV connector of its own (disaggregation) keeps its tiers: requests the
+    disagg connector does not take (no prefill/decode hint) fall through to them."""
+    from kvflow.engines.base import EngineHooks
+    from kvflow.kv.disagg import DisaggConnector
+
+    hooks = EngineHooks(make_connector=lambda kv: DisaggConnector(kv, None, None))  # type: ignore[arg-type]
+    config = TierConfig(host_kv_cache_gb=0.01, kv_onboard="always")
+    engine = await small_native_engine(model, hooks, num_gpu_blocks=BLOCKS, tiers=config)
+    try:
+        assert isinstance(engine.scheduler.connector, DisaggConnector)
+        out, by_tier = await evict_and_reload(engine)
+        assert out == reference and by_tier is not None and by_tier.get("host", 0) >= 16
+        tiers = engine.scheduler.connector.fallback.tiers
+        assert tiers.metrics.registry.get_sample_value("kvflow_kv_onboard_blocks_total",
+                                                       {"tier": "host"}) >= 4
+        assert engine.scheduler.load_metrics().tier_block_s is not None  # published through it
+    finally:
+        await engine.stop()

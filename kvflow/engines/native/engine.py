@@ -99,19 +99,19 @@ class NativeEngine:
         self._thread.start()
 
     def _connector(self) -> KvConnector | None:
+        """The KV tiers (when configured), behind the hooks' connector (disaggregation) when
+        there is one: that connector hands it every request it does not take (`fallback`)."""
         assert self.runner is not None and self.pool is not None
-        make = self.hooks.make_connector
-        if make is None and self.config.tiers.enabled:
-            make = tier_connector_factory(self.config.tiers, model_identity(self.config.model_path),
-                                          self.hooks.metrics_registry)
-        elif make is not None and self.config.tiers.enabled:
-            log.warning("KV tiers are not combined with this worker's KV connector yet; "
-                        "serving without --host-kv-cache-gb / --disk-kv-cache-dir / --kv-object-store")
-        if make is None:
-            return None
         kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake,
                       record_event=self.pool.record_event)
-        return make(kv)
+        tiers = None
+        if self.config.tiers.enabled:
+            make_tiers = tier_connector_factory(
+                self.config.tiers, model_identity(self.config.model_path), self.hooks.metrics_registry)
+            tiers = make_tiers(kv)
+        if self.hooks.make_connector is None:
+            return tiers
+        return self.hooks.make_connector(dataclasses.replace(kv, fallback=tiers))
 
     def _wake(self) -> None:
         """The connector has results: let the engine thread poll them (any thread)."""
