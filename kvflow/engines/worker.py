@@ -196,12 +196,14 @@ class EventPublisher:
         gauges: LoadGauges | None = None,
     ) -> None:
         self.events = runtime.namespace(namespace).events
+        self.registry = runtime.metrics_registry
         self.worker_id = worker_id
         self.gauges = gauges
         self._encode = msgspec.msgpack.Encoder().encode
 
     def hooks(self) -> EngineHooks:
-        return EngineHooks(self.worker_id, self.publish_kv_events, self.publish_load)
+        return EngineHooks(self.worker_id, self.publish_kv_events, self.publish_load,
+                           metrics_registry=self.registry)
 
     def publish_kv_events(self, events: list[KvEvent]) -> None:
         if events:

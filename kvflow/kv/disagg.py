@@ -35,6 +35,7 @@ from kvflow.kv.connector import (
 )
 from kvflow.kv.transfer.agent import TransferAgent, TransferConfig, TransferFailed
 from kvflow.kv.transfer.metrics import TransferMetrics
+from kvflow.llm.kv_events import LoadMetrics
 from kvflow.llm.protocol import PHASE_DECODE, PHASE_PREFILL
 from kvflow.runtime import DistributedRuntime
 
@@ -108,6 +109,15 @@ class DisaggConnector(BaseConnector):
 
     def has_pending(self) -> bool:
         return bool(self._loads or self._released) or self.fallback.has_pending()
+
+    def observe_step(self, num_prefill_tokens: int, seconds: float) -> None:
+        self.fallback.observe_step(num_prefill_tokens, seconds)
+
+    def fill_load_metrics(self, metrics: LoadMetrics) -> None:
+        self.fallback.fill_load_metrics(metrics)
+
+    def close(self) -> None:
+        self.fallback.close()
 
     # ---- loads (event loop) -------------------------------------------------------------
 

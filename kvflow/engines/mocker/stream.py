@@ -74,5 +74,6 @@ class OutputStream:
         if not self._reported_cache:
             self._reported_cache = True
             out.cached_tokens = max(self.seq.num_cached_tokens, 0)
+            out.cached_tokens_by_tier = self.seq.cached_by_tier
             out.kv_transfer = self.seq.kv_transfer
         return out

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from kvflow.engines.base import EngineHooks, EngineSpec, register_engine
 from kvflow.engines.native.config import DTYPES, NativeEngineConfig
+from kvflow.kv.tiers.config import add_tier_args, tier_config_from_args
 from kvflow.runtime.errors import needs_extra
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def add_native_args(parser: argparse.ArgumentParser) -> None:
                    help="context length (default: the model's max_position_embeddings)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="seed of the sampler")
+    add_tier_args(parser)
 
 
 def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
@@ -77,6 +79,7 @@ def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
         max_model_len=ns.max_model_len,
         enforce_eager=ns.enforce_eager,
         seed=ns.seed,
+        tiers=tier_config_from_args(ns),
     )
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvflow.kv.tiers.config import TierConfig
 from kvflow.runtime.errors import UserError
 
 ARCHITECTURES: dict[str, str] = {
@@ -55,6 +56,8 @@ class NativeEngineConfig:
     async_output: bool | None = None
     # KV on CPU in /dev/shm, so same-host transfer peers copy blocks straight out of it.
     shared_kv: bool = False
+    # KV tiers below the device cache: host memory, disk, object store (kvflow.kv.tiers).
+    tiers: TierConfig = field(default_factory=TierConfig)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
