@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +19,15 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry, Gauge
 
+from kvflow.engines.adapter import EngineAdapter, served_generate
 from kvflow.engines.base import Engine, EngineHooks, EngineSpec, engine_names, get_engine
+from kvflow.engines.selfcheck import (
+    DEFAULT_EVENTS_TIMEOUT,
+    GENERIC_HINT,
+    KvEventSelfCheck,
+    check_block_size,
+    missing_gauge,
+)
 from kvflow.llm.kv_events import (
     KV_EVENTS_SUBJECT,
     LOAD_METRICS_SUBJECT,
@@ -46,6 +55,7 @@ class WorkerArgs:
     tool_call_parser: str | None
     reasoning_parser: str | None
     custom_template: str | None
+    kv_events_check_timeout: float
 
 
 def build_parser(engine: str | None = None) -> argparse.ArgumentParser:
@@ -60,6 +70,10 @@ def build_parser(engine: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--tool-call-parser", default=None)
     parser.add_argument("--reasoning-parser", default=None)
     parser.add_argument("--custom-template", default=None, help="chat template file (jinja)")
+    parser.add_argument(
+        "--kv-events-check-timeout", type=float, default=DEFAULT_EVENTS_TIMEOUT,
+        help="seconds after the first request by which the worker's own KV events must arrive (0: off)",
+    )
     add_config_args(parser.add_argument_group("runtime"), RuntimeConfig)  # type: ignore[arg-type]
     if engine is not None:
         get_engine(engine).add_args(parser)
@@ -90,6 +104,7 @@ class LoadGauges:
         self.total_blocks = gauge("kv_total_blocks", "KV blocks in the engine's cache")
         self.running = gauge("requests_running", "Requests the engine is running")
         self.waiting = gauge("requests_waiting", "Requests waiting in the engine's queue")
+        self.events_missing = missing_gauge(registry)
 
     def update(self, metrics: LoadMetrics) -> None:
         worker = f"{metrics.worker_id:x}"
@@ -134,6 +149,54 @@ def _snapshot_handler(engine: Engine) -> Any:
     return kv_snapshot
 
 
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the worker registers and checks for one started engine."""
+
+    context_length: int | None
+    kv_block_size: int | None
+    kv_events: bool
+    events_hint: str
+
+
+def engine_facts(engine: Engine, spec: EngineSpec, ns: argparse.Namespace, args: WorkerArgs) -> EngineFacts:
+    if isinstance(engine, EngineAdapter) and engine.info is not None:
+        info = engine.info
+        return EngineFacts(
+            args.context_length or info.context_length, info.kv_block_size,
+            info.publishes_kv_events, engine.events_hint(),
+        )
+    block = spec.card_overrides(ns).get("kv_cache_block_size")
+    return EngineFacts(args.context_length, block, spec.kv_events(ns), GENERIC_HINT)
+
+
+def generate_handler(engine: Engine, check: KvEventSelfCheck | None) -> Any:
+    """The generate endpoint's handler: adapters get abort-on-cancel; all feed the self-check."""
+    inner = engine.generate
+    if isinstance(engine, EngineAdapter):
+        inner = functools.partial(served_generate, engine)
+    if check is None:
+        return inner
+
+    def handler(request: PreprocessedRequest, context: Context) -> AsyncIterator[Any]:
+        check.on_request()
+        return inner(request, context)
+
+    return handler
+
+
+def self_check(
+    runtime: DistributedRuntime, facts: EngineFacts, args: WorkerArgs, instance_id: int,
+    gauges: LoadGauges | None,
+) -> KvEventSelfCheck | None:
+    if not facts.kv_events or args.kv_events_check_timeout <= 0 or gauges is None:
+        return None
+    events = runtime.namespace(runtime.config.namespace).events
+    return KvEventSelfCheck(
+        events, instance_id, gauges.events_missing, facts.events_hint, args.kv_events_check_timeout
+    )
+
+
 async def serve_instance(
     runtime: DistributedRuntime, spec: EngineSpec, ns: argparse.Namespace, args: WorkerArgs,
     instance_id: int, gauges: LoadGauges | None = None,
@@ -142,31 +205,37 @@ async def serve_instance(
     publisher = EventPublisher(runtime, namespace, instance_id, gauges)
     engine = spec.build(ns, publisher.hooks())
     await engine.start()
+    facts = engine_facts(engine, spec, ns, args)
     component = runtime.namespace(namespace).component(args.component)
     generate, snapshot = component.endpoint("generate"), component.endpoint("kv_snapshot")
-    overrides = spec.card_overrides(ns)
-    await register_llm(
+    entry = await register_llm(
         ModelInput.Tokens,
         ModelType.Chat | ModelType.Completions,
         generate,
         args.model_path,
         model_name=args.model_name,
-        context_length=args.context_length,
-        kv_cache_block_size=overrides.get("kv_cache_block_size"),
+        context_length=facts.context_length,
+        kv_cache_block_size=spec.card_overrides(ns).get("kv_cache_block_size") or facts.kv_block_size,
         migration_limit=args.migration_limit,
         custom_template_path=args.custom_template,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         instance_id=instance_id,
     )
+    if facts.kv_block_size is not None:
+        check_block_size(facts.kv_block_size, entry.card.kv_block_size)
+    check = self_check(runtime, facts, args, instance_id, gauges)
     try:
         await asyncio.gather(
             generate.serve(
-                engine.generate, instance_id=instance_id, request_type=PreprocessedRequest
+                generate_handler(engine, check), instance_id=instance_id,
+                request_type=PreprocessedRequest,
             ),
             snapshot.serve(_snapshot_handler(engine), instance_id=instance_id),
         )
     finally:
+        if check is not None:
+            check.close()
         await engine.stop()
 
 
