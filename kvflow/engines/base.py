@@ -70,7 +70,9 @@ _ENGINES: dict[str, EngineSpec] = {}
 ENTRY_POINT_GROUP = "kvflow.engines"
 # Imported directly too, so the built-ins work from a source tree whose installed
 # metadata predates their entry points.
-_BUILTIN_MODULES = ("kvflow.engines.echo", "kvflow.engines.mocker", "kvflow.engines.native")
+_BUILTIN_MODULES = (
+    "kvflow.engines.echo", "kvflow.engines.mocker", "kvflow.engines.native", "kvflow.engines.vllm",
+)
 
 
 def register_engine(spec: EngineSpec) -> EngineSpec:

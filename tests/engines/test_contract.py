@@ -49,7 +49,7 @@ CASES: dict[str, tuple[list[str], list]] = {
         [pytest.mark.skipif(not _has("torch"), reason="torch not installed")],
     ),
     "vllm": (
-        ["--", "--block-size", "16", "--max-model-len", "256", "--max-num-seqs", "4"],
+        ["--", "--block-size", "32", "--max-model-len", "256", "--max-num-seqs", "4"],
         [pytest.mark.vllm, pytest.mark.skipif(not _has("vllm"), reason="no vllm (dev.sh engine vllm)")],
     ),
 }
