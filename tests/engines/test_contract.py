@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from kvflow.engines.base import EngineHooks, get_engine
 from kvflow.engines.worker import engine_facts, generate_handler, parse_args, worker_args
@@ -49,7 +51,8 @@ CASES: dict[str, tuple[list[str], list]] = {
         [pytest.mark.skipif(not _has("torch"), reason="torch not installed")],
     ),
     "vllm": (
-        ["--", "--block-size", "32", "--max-model-len", "256", "--max-num-seqs", "4"],
+        ["--", "--block-size", "32", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager",
+         "--dtype", "float32"],
         [pytest.mark.vllm, pytest.mark.skipif(not _has("vllm"), reason="no vllm (dev.sh engine vllm)")],
     ),
 }
@@ -71,6 +74,7 @@ class Harness:
     kv_events: bool
     block_size: int | None
     published: Published
+    stopped: bool = False
 
     async def run(self, req: PreprocessedRequest, ctx: Context | None = None) -> list[EngineOutput]:
         return [out async for out in self.handler(req, ctx or Context())]
@@ -82,20 +86,33 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return tmp_path_factory.mktemp("no-model")  # echo and mocker read no weights
     from kvflow.testing.models import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("contract") / "llama", "llama")
+    # head_dim 64: vLLM's CPU attention supports 32, 64, 80, ... but not the default 16.
+    path = tmp_path_factory.mktemp("contract") / "llama"
+    return make_tiny_model(path, "llama", hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256)
 
 
-@pytest.fixture(params=[pytest.param(name, marks=marks) for name, (_, marks) in CASES.items()])
+# One engine per module and case (vLLM takes a minute or two to start here); the
+# shutdown test runs last and stops it.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(
+    scope="module", loop_scope="module",
+    params=[pytest.param(name, marks=marks) for name, (_, marks) in CASES.items()],
+)
 async def harness(request: pytest.FixtureRequest, model_dir: Path):
     name = request.param
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is larger
     ns = parse_args(["--engine", name, "--model-path", str(model_dir), *CASES[name][0]])
     published = Published()
     spec = get_engine(name)
     engine = spec.build(ns, published.hooks())
     await engine.start()
     facts = engine_facts(engine, spec, ns, worker_args(ns))
-    yield Harness(engine, generate_handler(engine, None), facts.kv_events, facts.kv_block_size, published)
-    await asyncio.wait_for(engine.stop(), 60)
+    harness = Harness(engine, generate_handler(engine, None), facts.kv_events, facts.kv_block_size, published)
+    yield harness
+    if not harness.stopped:
+        await asyncio.wait_for(engine.stop(), 60)
 
 
 def req(rid: str, prompt: list[int], max_tokens: int, **stop: object) -> PreprocessedRequest:
@@ -172,6 +189,7 @@ async def test_load_metrics_describe_the_cache(harness: Harness) -> None:
 async def test_stop_is_clean_and_idempotent_for_new_work(harness: Harness) -> None:
     await harness.run(req("c", prompt_ids(8, 7), 2, ignore_eos=True))
     before = asyncio.all_tasks()
+    harness.stopped = True
     await asyncio.wait_for(harness.engine.stop(), 60)  # type: ignore[attr-defined]
     await asyncio.sleep(0.05)
     leftover = [t for t in asyncio.all_tasks() - before if not t.done()]
