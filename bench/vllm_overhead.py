@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import openai
 
 from kvflow.testing.procs import Proc, runtime_env
 
@@ -54,16 +54,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one(client: httpx.AsyncClient, url: str, prompt: list[int], osl: int) -> tuple[float, int]:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": osl, "temperature": 0.0,
-            "ignore_eos": True, "stream": True}
+async def one(client: openai.AsyncOpenAI, prompt: list[int], osl: int) -> tuple[float, int]:
+    """(TTFT in ms, streamed chunks) for one streamed completion."""
     start, first, chunks = time.perf_counter(), 0.0, 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
-        assert resp.status_code == 200, await resp.aread()
-        async for line in resp.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks += 1
-                first = first or time.perf_counter()
+    stream = await client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=osl, temperature=0.0, stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text is not None:
+            chunks += 1
+            first = first or time.perf_counter()
     return (first - start) * 1000, chunks
 
 
@@ -75,29 +76,31 @@ async def level(server: str, url: str, concurrency: int, requests: int, osl: int
     ttft: list[float] = []
     tokens = 0
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker() -> None:
         nonlocal tokens
         while not queue.empty():
-            t, n = await one(client, url, queue.get_nowait(), osl)
+            t, n = await one(client, queue.get_nowait(), osl)
             ttft.append(t)
             tokens += n
 
-    async with httpx.AsyncClient(timeout=300) as client:
-        await one(client, url, [1, 2, 3], 2)  # warm-up
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+    await one(client, [1, 2, 3], 2)  # warm-up
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await client.close()
     return Level(server, concurrency, ttft, tokens, time.perf_counter() - start)
 
 
-def wait_http(url: str, proc: Proc, path: str, timeout: float = 600) -> None:
+def wait_http(url: str, proc: Proc, timeout: float = 600) -> None:
+    """Until `url` lists the model "tiny"."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=5)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.alive, proc.output()[-3000:]
         try:
-            resp = httpx.get(url + path, timeout=5)
-            if resp.status_code == 200 and (path != "/v1/models" or "tiny" in resp.text):
+            if any(m.id == "tiny" for m in client.models.list().data):
                 return
-        except httpx.HTTPError:
+        except openai.APIError:
             pass
         time.sleep(1)
     raise TimeoutError(proc.output()[-3000:])
@@ -110,7 +113,7 @@ def run_vllm_server(model: Path, env: dict, logs: Path, args: argparse.Namespace
                 env, logs / "vllm-server.log")
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(url, proc, "/v1/models")
+        wait_http(url, proc)
         return [asyncio.run(level("vllm", url, c, args.requests, args.osl)) for c in (1, 16)]
     finally:
         proc.stop()
@@ -124,7 +127,7 @@ def run_kvflow(model: Path, env: dict, logs: Path, args: argparse.Namespace) -> 
     try:
         frontend.wait_for_output("frontend: listening on", timeout=120)
         url = re.search(r"listening on (http://\S+)", frontend.output()).group(1)  # type: ignore[union-attr]
-        wait_http(url, worker, "/v1/models")
+        wait_http(url, worker)
         return [asyncio.run(level("kvflow", url, c, args.requests, args.osl)) for c in (1, 16)]
     finally:
         frontend.stop()

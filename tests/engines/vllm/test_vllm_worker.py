@@ -94,7 +94,8 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_vllm_worker_behind_the_frontend(vllm_model: Path, tmp_path: Path) -> None:
-    import httpx
+    import urllib.request
+
     import openai
     from tokenizers import Tokenizer
 
@@ -114,11 +115,12 @@ def test_vllm_worker_behind_the_frontend(vllm_model: Path, tmp_path: Path) -> No
         tokenizer = Tokenizer.from_file(str(vllm_model / "tokenizer.json"))
         for prompt, ids in zip(PROMPTS, expected, strict=True):
             want = tokenizer.decode(ids, skip_special_tokens=False)
-            got = _completion_text(url, prompt)
+            got = _completion_text(client, prompt)
             assert got == want, f"{prompt[:5]}..: kvflow+vLLM {got!r} != vLLM offline {want!r} ({ids})"
         again = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=2, temperature=0.0)
         assert again.usage.prompt_tokens_details.cached_tokens >= 2 * BLOCK
-        metrics = httpx.get(url + "/metrics", timeout=30).text
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+            metrics = resp.read().decode()
         assert _metric(metrics, "kvflow_router_matched_blocks_sum") >= 2, metrics[-2000:]
         assert "KV EVENTS MISSING" not in worker.output()
     finally:
@@ -127,15 +129,13 @@ def test_vllm_worker_behind_the_frontend(vllm_model: Path, tmp_path: Path) -> No
     print(f"frontend python: {_frontend_python()}; worker python: {VLLM_PY}")
 
 
-def _completion_text(url: str, prompt: list[int]) -> str:
+def _completion_text(client, prompt: list[int]) -> str:
     """Greedy completion text for a token-id prompt, special tokens kept."""
-    import httpx
-
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0,
-            "ignore_eos": True, "skip_special_tokens": False}
-    resp = httpx.post(url + "/v1/completions", json=body, timeout=120)
-    assert resp.status_code == 200, resp.text
-    return resp.json()["choices"][0]["text"]
+    resp = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+        extra_body={"ignore_eos": True, "skip_special_tokens": False},
+    )
+    return resp.choices[0].text
 
 
 def _wait_for_model(client, worker: Proc, timeout: float = 400.0) -> None:
