@@ -22,6 +22,7 @@ from kvflow.runtime.events.base import ScopedEvents
 log = logging.getLogger(__name__)
 
 DEFAULT_EVENTS_TIMEOUT = 30.0
+PROBE_SUBJECT = "kv_events_selfcheck"
 GENERIC_HINT = "the engine's KV event publisher is off or not relayed to the event plane"
 
 
@@ -60,11 +61,14 @@ class KvEventSelfCheck:
         self.seen = asyncio.Event()
         self._sub = events.subscribe(KV_EVENTS_SUBJECT)
         self._decode = msgspec.msgpack.Decoder(KvEventBatch).decode
-        self._tasks = [asyncio.ensure_future(self._listen())]
+        # Publish once now so a brokerless plane (zmq) has this process's publisher
+        # registered and its own subscriber connected before the first real event.
+        self._tasks = [asyncio.ensure_future(self._listen()),
+                       asyncio.ensure_future(events.publish(PROBE_SUBJECT, b""))]
 
     def on_request(self) -> None:
         """Call for every request; the first one starts the clock."""
-        if len(self._tasks) == 1:
+        if len(self._tasks) == 2:
             self._tasks.append(asyncio.ensure_future(self._watch()))
 
     async def _listen(self) -> None:

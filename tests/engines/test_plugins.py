@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from kvflow.engines.selfcheck import BlockSizeMismatchError
 from kvflow.engines.worker import LoadGauges, parse_args, serve_instance, worker_args
 from kvflow.llm.protocol import PreprocessedRequest, StopConditions
 from kvflow.runtime import DistributedRuntime, RuntimeConfig
+from kvflow.testing.procs import kvflow_proc, runtime_env
 from kvflow.testing.tokenizer import make_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,3 +196,31 @@ async def test_card_block_size_differing_from_the_engine_is_an_error(demo, tmp_p
     with pytest.raises(BlockSizeMismatchError, match="32 tokens but the model card says 16"):
         await serve_instance(worker, spec, ns, worker_args(ns), worker.lease_id)
     await worker.shutdown()
+
+
+async def test_worker_processes_self_check_over_zmq(plugin_dir: Path, tmp_path: Path) -> None:
+    """Real worker processes on the zmq event plane: the mocker's events reach it, the demo's never do."""
+    model = make_model_dir(tmp_path / "m")
+    settings = {"discovery": "file", "event_plane": "zmq", "namespace": "sc" + uuid.uuid4().hex[:6],
+                "file_poll_interval": 0.05}
+    env = runtime_env(discovery_path=tmp_path / "d", **settings)
+    env["PYTHONPATH"] = f"{ROOT}:{plugin_dir}"
+    workers = {
+        name: kvflow_proc("worker", "--engine", name, "--model-path", str(model), "--component", name,
+                          "--kv-events-check-timeout", "3", *flags, env=env, log_dir=tmp_path, name=name)
+        for name, flags in (("mocker", ["--speedup-ratio", "1000", "--block-size", "4"]), ("demo", []))
+    }
+    cfg = RuntimeConfig(discovery_path=str(tmp_path / "d"), **settings)  # type: ignore[arg-type]
+    caller = await DistributedRuntime(cfg).start()
+    try:
+        for name in workers:
+            client = await caller.namespace(cfg.namespace).component(name).endpoint("generate").client()
+            await client.wait_for_instances(timeout=60)
+            assert [o async for o in client.round_robin(_request(name, 3))][-1]["finish_reason"] == "length"
+        workers["demo"].wait_for_output("KV EVENTS MISSING", timeout=30)
+        await asyncio.sleep(4)  # past the mocker's deadline too
+        assert "KV EVENTS MISSING" not in workers["mocker"].output()
+    finally:
+        await caller.shutdown()
+        for proc in workers.values():
+            proc.stop()

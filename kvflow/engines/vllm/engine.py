@@ -26,7 +26,7 @@ from kvflow.engines.adapter import EngineAdapter, EngineInfo
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.vllm.events import EventTranslator, ZmqEventRelay
 from kvflow.engines.vllm.sampling import finish_reason, sampling_kwargs
-from kvflow.llm.kv_events import LoadMetrics
+from kvflow.llm.kv_events import CacheSnapshot, LoadMetrics
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
 from kvflow.runtime.context import Context
 
@@ -59,6 +59,7 @@ class VllmEngine(EngineAdapter):
         self.events_dir = events_dir
         self.llm: AsyncLLM | None = None
         self.relay: ZmqEventRelay | None = None
+        self.translator: EventTranslator | None = None
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -76,7 +77,7 @@ class VllmEngine(EngineAdapter):
         config = self.llm.vllm_config
         block = config.cache_config.block_size
         events = self.args.kv_events_config
-        translator = EventTranslator(self.hooks.worker_id, block)
+        self.translator = translator = EventTranslator(self.hooks.worker_id, block)
         self.relay = ZmqEventRelay(subscriber_endpoint(events.endpoint), translator,
                                    self.hooks.publish_kv_events)
         self.relay.start()
@@ -123,6 +124,9 @@ class VllmEngine(EngineAdapter):
                     cached_tokens=(out.num_cached_tokens or 0) if first else None, index=choice.index,
                 )
             first = False
+
+    def cache_snapshot(self) -> CacheSnapshot | None:
+        return self.translator.snapshot() if self.translator is not None else None
 
     async def abort(self, request_id: str) -> None:
         if self.llm is not None:

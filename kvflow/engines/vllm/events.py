@@ -17,7 +17,15 @@ from typing import Any
 
 import msgspec
 
-from kvflow.llm.kv_events import AllCleared, BlocksRemoved, BlocksStored, KvEvent, StoredBlock
+from kvflow.llm.kv_events import (
+    AllCleared,
+    BlocksRemoved,
+    BlocksStored,
+    CachedBlock,
+    CacheSnapshot,
+    KvEvent,
+    StoredBlock,
+)
 from kvflow.llm.kv_hash import chain_hash, local_block_hash
 
 log = logging.getLogger(__name__)
@@ -63,6 +71,8 @@ class EventTranslator:
         self.worker_id = worker_id
         self.block_size = block_size
         self.hashes: dict[Any, int] = {}
+        # kvflow hash -> its parent's, in insertion (parent-before-child) order: the snapshot.
+        self.parents: dict[int, int | None] = {}
         self.next_id = 1
         self._decode = msgspec.msgpack.Decoder(VllmEventBatch).decode
 
@@ -76,6 +86,7 @@ class EventTranslator:
             data = self._removed(event)
         else:
             self.hashes.clear()
+            self.parents.clear()
             data = AllCleared()
         if data is None:
             return None
@@ -95,8 +106,9 @@ class EventTranslator:
         blocks, prev, bs = [], parent, self.block_size
         for i, vllm_hash in enumerate(event.block_hashes):
             tokens = event.token_ids[i * bs : (i + 1) * bs]
-            prev = chain_hash(prev, local_block_hash(tokens))
+            parent_of, prev = prev, chain_hash(prev, local_block_hash(tokens))
             self.hashes[_key(vllm_hash)] = prev
+            self.parents.setdefault(prev, parent_of)
             blocks.append(StoredBlock(prev, tokens))
         return BlocksStored(blocks, parent)
 
@@ -104,7 +116,14 @@ class EventTranslator:
         if event.medium not in (None, "GPU"):
             return None
         ours = [h for v in event.block_hashes if (h := self.hashes.pop(_key(v), None)) is not None]
+        for h in ours:
+            self.parents.pop(h, None)
         return BlocksRemoved(ours) if ours else None
+
+    def snapshot(self) -> CacheSnapshot:
+        """The cache as the events so far describe it, for a router that missed some."""
+        blocks = [CachedBlock(h, parent) for h, parent in self.parents.items()]
+        return CacheSnapshot(self.worker_id, self.next_id - 1, blocks)
 
 
 class ZmqEventRelay:

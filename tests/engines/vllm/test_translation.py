@@ -37,6 +37,9 @@ def test_stored_blocks_get_kvflow_sequence_hashes_and_route() -> None:
     for event in first + second:
         index.apply(event)
     assert index.find_matches(expected).score(5) == 3
+    late = KvIndex()  # a router that missed the events recovers from the snapshot
+    late.apply_snapshot(tr.snapshot())
+    assert late.find_matches(expected).score(5) == 3 and late.last_event_id(5) == 2
 
 
 def test_removed_and_cleared_are_translated_and_other_tiers_ignored() -> None:
