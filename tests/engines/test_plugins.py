@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import subprocess
 import sys
@@ -224,3 +225,15 @@ async def test_worker_processes_self_check_over_zmq(plugin_dir: Path, tmp_path: 
         await caller.shutdown()
         for proc in workers.values():
             proc.stop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_worker_without_vllm_says_how_to_get_it(tmp_path: Path) -> None:
+    code = "import sys; from kvflow.cli.main import main; sys.exit(main())"
+    out = subprocess.run(
+        [sys.executable, "-c", code, "worker", "--engine", "vllm", "--model-path", str(tmp_path)],
+        env=runtime_env(discovery="memory") | {"PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 1
+    assert "dev.sh engine vllm" in out.stderr and "Traceback" not in out.stderr
