@@ -102,7 +102,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 )
 async def harness(request: pytest.FixtureRequest, model_dir: Path):
     name = request.param
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is larger
+    if name == "vllm":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is larger
     ns = parse_args(["--engine", name, "--model-path", str(model_dir), *CASES[name][0]])
     published = Published()
     spec = get_engine(name)
