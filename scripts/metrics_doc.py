@@ -21,7 +21,7 @@ DOC = ROOT / "docs" / "metrics.md"
 
 # The last word of every name: a unit, or the noun a counter or gauge counts.
 UNITS = ("seconds", "bytes", "tokens", "blocks", "ratio", "requests", "decisions", "migrations",
-         "errors", "responses", "connections", "stalls", "failures")
+         "errors", "responses", "connections", "stalls", "failures", "events")
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,12 @@ events and load metrics, and serves `engine.generate` on an endpoint.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -18,6 +21,8 @@ from kvflow.kv.connector import ConnectorFactory
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
 from kvflow.runtime.context import Context
+
+log = logging.getLogger(__name__)
 
 
 def _drop_events(events: list[KvEvent]) -> None:
@@ -64,38 +69,64 @@ class EngineSpec:
     build: Callable[[argparse.Namespace, EngineHooks], Engine]
     # Flags a worker passes to register_llm (e.g. block size) derived from args.
     card_overrides: Callable[[argparse.Namespace], dict] = field(default=lambda ns: {})
+    # Whether the built engine publishes KV events (adapters say so when they start).
+    kv_events: Callable[[argparse.Namespace], bool] = field(default=lambda ns: False)
 
 
 _ENGINES: dict[str, EngineSpec] = {}
+ENTRY_POINT_GROUP = "kvflow.engines"
+# Imported directly too, so the built-ins work from a source tree whose installed
+# metadata predates their entry points.
+_BUILTIN_MODULES = (
+    "kvflow.engines.echo", "kvflow.engines.mocker", "kvflow.engines.native", "kvflow.engines.vllm",
+)
 
 
 def register_engine(spec: EngineSpec) -> EngineSpec:
-    assert spec.name not in _ENGINES, f"engine {spec.name!r} registered twice"
+    """Register `spec` under its name; registering the same spec again is a no-op."""
+    known = _ENGINES.get(spec.name)
+    assert known is None or known is spec, f"engine {spec.name!r} registered twice"
     _ENGINES[spec.name] = spec
     return spec
 
 
 def engine_names() -> list[str]:
-    _load_builtin()
+    _load_engines()
     return sorted(_ENGINES)
 
 
 def get_engine(name: str) -> EngineSpec:
-    _load_builtin()
+    _load_engines()
     if name not in _ENGINES:
         raise KeyError(f"unknown engine {name!r}; known engines: {', '.join(sorted(_ENGINES))}")
     return _ENGINES[name]
 
 
-def _load_builtin() -> None:
-    """Import the built-in engine modules so they register themselves."""
-    import importlib
+def _load_engines() -> None:
+    """Register the built-in engines and every `kvflow.engines` entry point."""
+    for module in _BUILTIN_MODULES:
+        _optional(lambda m=module: importlib.import_module(m), module)
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _ENGINES:
+            _register_entry_point(ep)
 
-    for module in ("kvflow.engines.echo", "kvflow.engines.mocker", "kvflow.engines.native"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not exc.name.startswith("kvflow"):
-                continue  # optional dependency (torch) missing: engine unavailable
-            if exc.name != module:
-                raise
+
+def _register_entry_point(ep: importlib.metadata.EntryPoint) -> None:
+    spec = _optional(ep.load, ep.module)
+    if spec is None:
+        return
+    if not isinstance(spec, EngineSpec) or spec.name != ep.name:
+        raise TypeError(f"entry point {ep.name} = {ep.value!r} must name an EngineSpec called {ep.name!r}")
+    register_engine(spec)
+
+
+def _optional(load: Callable[[], Any], module: str) -> Any:
+    """`load()`, or None when it fails only for lack of a third-party dependency (torch)."""
+    try:
+        return load()
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing.startswith("kvflow") and missing != module:
+            raise
+        log.debug("engine module %s unavailable: %s", module, exc)
+        return None

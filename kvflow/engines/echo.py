@@ -1,4 +1,4 @@
-"""The echo engine: streams the prompt's tokens back (a chat prompt's last message), one per step."""
+"""The echo engine: streams the prompt's tokens back (a chat prompt's last message); stops at stop ids."""
 
 from __future__ import annotations
 
@@ -69,17 +69,17 @@ class EchoEngine:
         n = self.output_length(request)
         reason = self.finish_reason(request, n)
         delay = self.config.delay
+        stop_ids = set(request.stop.stop_token_ids)
         for i in range(n):
             if context.is_stopped():
                 yield EngineOutput(finish_reason=FINISH_CANCELLED)
                 return
             await asyncio.sleep(delay)
-            last = i == n - 1
-            yield EngineOutput(
-                [tokens[i % len(tokens)]],
-                finish_reason=reason if last else None,
-                cached_tokens=0 if i == 0 else None,
-            )
+            token = tokens[i % len(tokens)]
+            finish = FINISH_STOP if token in stop_ids else reason if i == n - 1 else None
+            yield EngineOutput([token], finish_reason=finish, cached_tokens=0 if i == 0 else None)
+            if finish is not None:
+                return
         if n == 0:
             yield EngineOutput(finish_reason=reason, cached_tokens=0)
 
@@ -144,4 +144,4 @@ def _build(args: argparse.Namespace, hooks: EngineHooks) -> EchoEngine:
     return EchoEngine(config, hooks, reply)
 
 
-register_engine(EngineSpec(name="echo", add_args=_add_args, build=_build))
+SPEC = register_engine(EngineSpec(name="echo", add_args=_add_args, build=_build))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +19,15 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry, Gauge
 
+from kvflow.engines.adapter import EngineAdapter, served_generate
 from kvflow.engines.base import Engine, EngineHooks, EngineSpec, engine_names, get_engine
+from kvflow.engines.selfcheck import (
+    DEFAULT_EVENTS_TIMEOUT,
+    GENERIC_HINT,
+    KvEventSelfCheck,
+    check_block_size,
+    missing_gauge,
+)
 from kvflow.engines.traced import traced
 from kvflow.kv.disagg import disagg_connector_factory
 from kvflow.kv.transfer.agent import TransferAgent, TransferConfig
@@ -57,6 +66,7 @@ class WorkerArgs:
     kv_transfer_lease_s: float
     kv_transfer_timeout_s: float
     kv_transfer_backends: str
+    kv_events_check_timeout: float
 
     @property
     def transfer_config(self) -> TransferConfig:
@@ -108,6 +118,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                    help="split <think> reasoning from the answer (e.g. deepseek_r1, qwen3)")
     g.add_argument("--custom-template", default=None, help="chat template file (Jinja) to use instead "
                    "of the model's")
+    g.add_argument("--kv-events-check-timeout", type=float, default=DEFAULT_EVENTS_TIMEOUT,
+                   help="seconds after the first request by which the worker's own KV events must "
+                   "arrive, else a loud warning (0: off; default: %(default)s)")
 
 
 def build_parser(engine: str | None = None) -> argparse.ArgumentParser:
@@ -177,6 +190,7 @@ class LoadGauges:
         self.host_total_blocks = gauge("kv_host_total_blocks", "KV blocks in the host (CPU) tier")
         self.running = gauge("running_requests", "Requests the engine is running")
         self.waiting = gauge("waiting_requests", "Requests waiting in the engine's queue")
+        self.events_missing = missing_gauge(registry)
 
     def update(self, metrics: LoadMetrics) -> None:
         worker = f"{metrics.worker_id:x}"
@@ -231,6 +245,54 @@ def _model_types(overrides: dict) -> ModelType:
     return types | ModelType.Embedding if overrides.get("embeddings") else types
 
 
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the worker registers and checks for one started engine."""
+
+    context_length: int | None
+    kv_block_size: int | None
+    kv_events: bool
+    events_hint: str
+
+
+def engine_facts(engine: Engine, spec: EngineSpec, ns: argparse.Namespace, args: WorkerArgs) -> EngineFacts:
+    if isinstance(engine, EngineAdapter) and engine.info is not None:
+        info = engine.info
+        return EngineFacts(
+            args.context_length or info.context_length, info.kv_block_size,
+            info.publishes_kv_events, engine.events_hint(),
+        )
+    block = spec.card_overrides(ns).get("kv_cache_block_size")
+    return EngineFacts(args.context_length, block, spec.kv_events(ns), GENERIC_HINT)
+
+
+def generate_handler(engine: Engine, check: KvEventSelfCheck | None) -> Any:
+    """The generate endpoint's handler: adapters get abort-on-cancel; all feed the self-check."""
+    inner = engine.generate
+    if isinstance(engine, EngineAdapter):
+        inner = functools.partial(served_generate, engine)
+    if check is None:
+        return inner
+
+    def handler(request: PreprocessedRequest, context: Context) -> AsyncIterator[Any]:
+        check.on_request()
+        return inner(request, context)
+
+    return handler
+
+
+def self_check(
+    runtime: DistributedRuntime, facts: EngineFacts, args: WorkerArgs, instance_id: int,
+    gauges: LoadGauges | None,
+) -> KvEventSelfCheck | None:
+    if not facts.kv_events or args.kv_events_check_timeout <= 0 or gauges is None:
+        return None
+    events = runtime.namespace(runtime.config.namespace).events
+    return KvEventSelfCheck(
+        events, instance_id, gauges.events_missing, facts.events_hint, args.kv_events_check_timeout
+    )
+
+
 async def serve_instance(
     runtime: DistributedRuntime, spec: EngineSpec, ns: argparse.Namespace, args: WorkerArgs,
     instance_id: int, gauges: LoadGauges | None = None,
@@ -247,17 +309,18 @@ async def serve_instance(
     await engine.start()
     for agent in agents:
         await agent.start()
+    facts = engine_facts(engine, spec, ns, args)
     component = runtime.namespace(namespace).component(args.component)
     generate, snapshot = component.endpoint("generate"), component.endpoint("kv_snapshot")
     overrides = spec.card_overrides(ns)
-    await register_llm(
+    entry = await register_llm(
         ModelInput.Tokens,
         _model_types(overrides),
         generate,
         args.model_path,
         model_name=args.model_name,
-        context_length=args.context_length,
-        kv_cache_block_size=overrides.get("kv_cache_block_size"),
+        context_length=facts.context_length,
+        kv_cache_block_size=overrides.get("kv_cache_block_size") or facts.kv_block_size,
         migration_limit=args.migration_limit,
         custom_template_path=args.custom_template,
         tool_call_parser=args.tool_call_parser,
@@ -266,10 +329,14 @@ async def serve_instance(
         role=args.role,
         guided_decoding=bool(overrides.get("guided_decoding")),
     )
+    if facts.kv_block_size is not None:
+        check_block_size(facts.kv_block_size, entry.card.kv_block_size)
+    check = self_check(runtime, facts, args, instance_id, gauges)
+    handler = generate_handler(engine, check)
     try:
         await asyncio.gather(
             generate.serve(
-                traced(engine.generate, instance_id) if tracing.tracer() else engine.generate,
+                traced(handler, instance_id) if tracing.tracer() else handler,
                 instance_id=instance_id, request_type=PreprocessedRequest,
             ),
             snapshot.serve(_snapshot_handler(engine), instance_id=instance_id),
@@ -277,6 +344,8 @@ async def serve_instance(
     finally:
         for agent in agents:
             await agent.close()
+        if check is not None:
+            check.close()
         await engine.stop()
 
 

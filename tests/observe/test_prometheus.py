@@ -30,6 +30,7 @@ ELSEWHERE = {
     "kvflow_frontend_stalls_total": "tests/chaos/test_stalls.py",
     "kvflow_frontend_stall_migrations_total": "tests/chaos/test_stalls.py",
     "kvflow_frontend_closed_connections_total": "tests/chaos/test_slow_clients.py",
+    "kvflow_worker_missing_kv_events": "tests/engines/test_plugins.py",
 }
 
 

@@ -45,6 +45,7 @@ def _card_overrides(ns: argparse.Namespace) -> dict:
     return {"kv_cache_block_size": ns.mocker_block_size}
 
 
-register_engine(
-    EngineSpec(name="mocker", add_args=add_mocker_args, build=_build, card_overrides=_card_overrides)
+SPEC = register_engine(
+    EngineSpec(name="mocker", add_args=add_mocker_args, build=_build, card_overrides=_card_overrides,
+    kv_events=lambda ns: True)
 )

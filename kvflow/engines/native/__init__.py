@@ -97,6 +97,7 @@ def _card_overrides(ns: argparse.Namespace) -> dict:
             "embeddings": True}
 
 
-register_engine(
-    EngineSpec(name="native", add_args=add_native_args, build=_build, card_overrides=_card_overrides)
+SPEC = register_engine(
+    EngineSpec(name="native", add_args=add_native_args, build=_build, card_overrides=_card_overrides,
+    kv_events=lambda ns: True)
 )
