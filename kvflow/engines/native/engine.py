@@ -39,6 +39,7 @@ from kvflow.engines.native.config import NativeEngineConfig
 from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
+from kvflow.engines.native.tp_ranks import RankGroup, load_runner
 from kvflow.kv.connector import EngineKv, KvConnector
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import FINISH_CANCELLED, FINISH_ERROR, EngineOutput, PreprocessedRequest
@@ -77,6 +78,7 @@ class NativeEngine:
         self.runner: ModelRunner | None = None
         self.pool: BlockPool | None = None
         self.scheduler: Scheduler | None = None
+        self._ranks: RankGroup | None = None  # tensor parallel: ranks 1..N-1
 
     # ---- Engine contract ----------------------------------------------------------
 
@@ -86,7 +88,7 @@ class NativeEngine:
         config = self.config
         if self.hooks.make_connector is not None:
             config = dataclasses.replace(config, shared_kv=True)
-        runner = await self._loop.run_in_executor(None, ModelRunner.load, config)
+        runner, self._ranks = await self._loop.run_in_executor(None, load_runner, config)
         self.runner = runner
         self.pool = BlockPool(runner.num_blocks, self.config.block_size,
                               worker_id=self.hooks.worker_id)
@@ -125,6 +127,9 @@ class NativeEngine:
         if self._thread is not None and self._loop is not None:
             await self._loop.run_in_executor(None, self._thread.join)
             self._thread = None
+        if self._ranks is not None:
+            await self._loop.run_in_executor(None, self._ranks.stop)
+            self._ranks = None
         self._fail_all("the native engine stopped; retry the request on another worker")
         if self.runner is not None and self.runner.kv_memory.region is not None:
             self.runner.kv_memory.region.close()

@@ -32,9 +32,9 @@ from kvflow.engines.native.kv_cache import (
 from kvflow.engines.native.kv_io import block_io, kv_layout
 from kvflow.engines.native.model import CausalLM
 from kvflow.engines.native.ops import make_ops
+from kvflow.engines.native.parallel import agree_num_blocks, load_local_model
 from kvflow.engines.native.sampler import RequestSampling, Sampler, SamplerOutput, SampleRow
 from kvflow.engines.native.weights import (
-    load_model,
     resolve_device,
     resolve_dtype,
     resolve_model_dir,
@@ -134,7 +134,7 @@ class ModelRunner:
         torch.manual_seed(engine.seed)
         backend = make_backend(engine.attention_backend, device)
         ops = make_ops(engine.ops, device)
-        model = load_model(model_dir, cfg, backend, max_len, device, dtype, ops)
+        model = load_local_model(model_dir, cfg, backend, max_len, device, dtype, ops)
         return cls(model, engine, device, dtype, max_len)
 
     @property
@@ -156,6 +156,7 @@ class ModelRunner:
             num_blocks = gpu_num_blocks(self.cfg, self.engine, self.dtype, self._profile())
         else:
             num_blocks = cpu_num_blocks(self.cfg, self.engine, self.dtype)
+        num_blocks = agree_num_blocks(num_blocks, self.device)  # tensor parallel: the fewest
         layout = KvCacheLayout(num_blocks, self.block_size, self.cfg.num_layers,
                                self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype)
         log.info("native engine: %d KV blocks of %d tokens", num_blocks, self.block_size)
