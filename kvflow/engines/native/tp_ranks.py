@@ -38,9 +38,13 @@ EXIT_RANK_LOST = 3
 
 def rank_config(config: NativeEngineConfig, rank: int) -> NativeEngineConfig:
     """A rank's config: its own device; eager (CUDA-graph capture of the all-reduce is not
-    implemented yet); no shared KV region (only rank 0 talks to transfer peers)."""
+    implemented yet). With shared_kv every rank's KV shard is its own /dev/shm region."""
     return dataclasses.replace(config, device=parallel.rank_device(config.device, rank),
-                               enforce_eager=True, shared_kv=config.shared_kv and rank == 0)
+                               enforce_eager=True)
+
+
+def _region_key(rank: int) -> str:
+    return f"kv_region/{rank}"
 
 
 def _die(message: str) -> None:
@@ -54,8 +58,10 @@ class RankGroup:
     """Ranks 1..N-1 seen from rank 0: started, watched, stopped."""
 
     def __init__(self, procs: list[subprocess.Popen], device: torch.device,
-                 on_lost: Callable[[str], None] = _die) -> None:
+                 kv_regions: list[str | None], on_lost: Callable[[str], None] = _die) -> None:
         self.procs, self.device, self.on_lost = procs, device, on_lost
+        # The /dev/shm KV region of ranks 1..N-1 (shared_kv on CPU), for re-slicing transfers.
+        self.kv_regions = kv_regions
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="tp-ranks", daemon=True)
         self._watcher.start()
@@ -118,7 +124,8 @@ def load_runner(config: NativeEngineConfig) -> tuple[ModelRunner, RankGroup | No
         parallel.leave_group()
         raise
     parallel.drive_ranks(runner.model)
-    return runner, RankGroup(procs, runner.device)
+    regions = [store.get(_region_key(rank)).decode() or None for rank in range(1, size)]
+    return runner, RankGroup(procs, runner.device, regions)
 
 
 # ---- a non-zero rank's process --------------------------------------------------------
@@ -140,8 +147,11 @@ def serve_rank(config: NativeEngineConfig, rank: int, port: int) -> int:
                                        timeout=parallel.GROUP_TIMEOUT)
     parallel.join_group(rank, size, store, device)
     runner = ModelRunner.load(local)
+    store.set(_region_key(rank), runner.shared_region_name() or "")
     steps = parallel.serve_steps(runner.model, runner.device)
     parallel.leave_group()
+    if runner.kv_memory.region is not None:
+        runner.kv_memory.region.close()
     return steps
 
 

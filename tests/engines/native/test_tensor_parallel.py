@@ -5,16 +5,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import msgspec
 import pytest
+import torch
 
 from kvflow.engines.native.config import ModelConfig
 from kvflow.engines.native.parallel import TensorParallelError, shard_config, split_dim
+from kvflow.kv.blocks import BlockRun
+from kvflow.kv.heads import copy_run_heads
+from kvflow.kv.shm import SharedRegion
+from kvflow.llm.kv_hash import sequence_hashes
 from kvflow.llm.protocol import PreprocessedRequest, StopConditions
 from kvflow.testing.engine_io import collect, greedy_request, prompt_ids, small_native_engine, tokens
 
 # Budget 16 tokens/step: the 37-token prompt takes three chunks; the batch mixes prefill and decode.
+BLOCK = 4  # small_native_engine's block size
 PROMPTS = [prompt_ids(n, seed=n) for n in (3, 19, 37)]
 
 
@@ -24,16 +31,46 @@ def _request(i: int, prompt: list[int]) -> PreprocessedRequest:
     return msgspec.structs.replace(request, stop=StopConditions(max_tokens=8, ignore_eos=True))
 
 
-async def _greedy(path: Path, tp: int) -> list[list[int]]:
-    engine = await small_native_engine(path, tensor_parallel_size=tp)
+class Run(NamedTuple):
+    outputs: list[list[int]]
+    kv: torch.Tensor  # the prompts' KV blocks [layer, 2, block, token, head, dim], all heads
+
+
+async def _greedy(path: Path, tp: int) -> Run:
+    """Greedy outputs of PROMPTS and, after them, the engine's KV with every head: at TP=2
+    each rank's KV heads sit in its own process's /dev/shm region and are re-sliced here."""
+    engine = await small_native_engine(path, tensor_parallel_size=tp, shared_kv=tp > 1)
     try:
         assert engine.runner.cfg.num_kv_heads == 2 // tp  # this rank's share of the KV heads
-        outs = await asyncio.gather(
-            *(collect(engine, _request(i, p)) for i, p in enumerate(PROMPTS))
-        )
-        return [tokens(o) for o in outs]
+        outs = await asyncio.gather(*(collect(engine, _request(i, p)) for i, p in enumerate(PROMPTS)))
+        kv = engine.runner.kv_memory.whole if tp == 1 else _resliced(engine)
+        return Run([tokens(o) for o in outs], _prompt_blocks(engine, kv))
     finally:
         await engine.stop()
+
+
+def _prompt_blocks(engine: Any, kv: torch.Tensor) -> torch.Tensor:
+    """The cached KV blocks of every prompt, in prompt order (block ids depend on timing)."""
+    ids = [b for p in PROMPTS for b in engine.pool.match_prefix(sequence_hashes(p, BLOCK))]
+    assert len(ids) == sum(len(p) // BLOCK for p in PROMPTS)
+    return kv[:, :, ids].clone()
+
+
+def _resliced(engine: Any) -> torch.Tensor:
+    """The TP=2 engine's two KV shards (rank 0's and rank 1's regions) as one TP=1 memory."""
+    names = [engine.runner.shared_region_name(), *engine._ranks.kv_regions]
+    shards = [SharedRegion.attach(name) for name in names]
+    layout = engine.runner.block_io().layout
+    whole = msgspec.structs.replace(layout, num_kv_heads=2 * layout.num_kv_heads)
+    local = engine.runner.kv_memory.whole
+    dst = torch.zeros((*local.shape[:-2], whole.num_kv_heads, local.shape[-1]), dtype=local.dtype)
+    dst_view = memoryview(dst.view(-1).view(torch.uint8).numpy())
+    moved = copy_run_heads([(layout, s.view) for s in shards], [(whole, dst_view)],
+                           BlockRun(0, 0, layout.num_slots))
+    assert moved == dst.numel() * dst.element_size()
+    for shard in shards:
+        shard.close()
+    return dst
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
@@ -41,8 +78,11 @@ async def test_tp2_greedy_matches_tp1(name: str, tiny_models: Callable[[str], Pa
     path = tiny_models(name)
     single = await _greedy(path, 1)
     split = await _greedy(path, 2)
-    assert split == single
-    assert all(len(t) == 8 for t in single)
+    assert split.outputs == single.outputs
+    assert all(len(t) == 8 for t in single.outputs)
+    # The re-sliced shards hold the KV the TP=1 engine computed for the same prompts.
+    assert single.kv.abs().sum() > 0
+    torch.testing.assert_close(split.kv, single.kv, atol=1e-5, rtol=1e-4)
 
 
 def test_shard_config_and_split_rules(tiny_models: Callable[[str], Path]) -> None:
