@@ -7,13 +7,14 @@ TP=N holder to a TP=M puller is then one strided copy per (source shard, destina
 shard) pair whose head ranges overlap: `head_pieces` plans them, `copy_run_heads` does
 them between host regions (shm: the puller maps every source shard), and
 `scatter_wire_run` does one for a source shard's run received as wire bytes (tcp).
+`copy_run_heads_tensors` is the same on torch cache tensors (GPU shards, CUDA IPC).
 With N == M every piece is a whole shard and this is the plain block copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -135,4 +136,19 @@ def scatter_wire_run(
         dst_arrays[p.dst_shard][:, dst_start : dst_start + count, :,
                                 p.dst_head : p.dst_head + p.count] = piece
         moved += piece.nbytes
+    return moved
+
+
+def copy_run_heads_tensors(src: Sequence[Any], dst: Sequence[Any], run: BlockRun) -> int:
+    """`copy_run_heads` for cache tensors `[layer, 2, slot, token, head, dim]` (torch, any
+    device: GPU shards opened by CUDA IPC copy peer to peer); returns the bytes moved."""
+    split_src = HeadSplit(src[0].shape[4] * len(src), len(src))
+    split_dst = HeadSplit(dst[0].shape[4] * len(dst), len(dst))
+    moved = 0
+    for p in head_pieces(split_src, split_dst):
+        piece = src[p.src_shard][:, :, run.src : run.src + run.count, :,
+                                 p.src_head : p.src_head + p.count]
+        dst[p.dst_shard][:, :, run.dst : run.dst + run.count, :,
+                         p.dst_head : p.dst_head + p.count].copy_(piece, non_blocking=True)
+        moved += piece.numel() * piece.element_size()
     return moved

@@ -11,6 +11,7 @@ from kvflow.kv.heads import (
     HeadSplit,
     HeadSplitError,
     copy_run_heads,
+    copy_run_heads_tensors,
     head_pieces,
     scatter_wire_run,
 )
@@ -98,3 +99,16 @@ def test_scatter_wire_runs_of_each_source_shard() -> None:
     finally:
         for region in [*src, *dst]:
             region.close()
+
+
+@pytest.mark.parametrize(("src_tp", "dst_tp"), [(2, 1), (1, 2), (4, 2)])
+def test_copy_run_heads_between_cache_tensors(src_tp: int, dst_tp: int) -> None:
+    torch = pytest.importorskip("torch")
+    full = torch.randn(LAYERS, 2, SLOTS, BS, HEADS, DIM)  # the engine's cache axes
+    src = [t.contiguous() for t in full.chunk(src_tp, dim=4)]
+    dst = [torch.zeros_like(t) for t in full.chunk(dst_tp, dim=4)]
+    moved = copy_run_heads_tensors(src, dst, BlockRun(src=0, dst=2, count=3))
+    want = torch.zeros_like(full)
+    want[:, :, 2:5] = full[:, :, 0:3]
+    assert torch.equal(torch.cat(dst, dim=4), want)
+    assert moved == full[:, :, 0:3].numel() * 4
