@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import msgspec
 import numpy as np
 
 from kvflow.kv.blocks import BlockRun
@@ -54,6 +55,13 @@ def split_of(layouts: Sequence[KvLayout]) -> HeadSplit:
         if other.num_kv_heads != first.num_kv_heads or other.block_size != first.block_size:
             raise HeadSplitError(f"the ranks' KV layouts differ: {first} vs {other}")
     return HeadSplit(first.num_kv_heads * len(layouts), len(layouts))
+
+
+def whole_layout(shard: KvLayout, shards: int) -> KvLayout:
+    """The layout of all heads of `shards` memories shaped like `shard` (as one TP=1 engine)."""
+    if shards == 1:
+        return shard
+    return msgspec.structs.replace(shard, num_kv_heads=shard.num_kv_heads * shards)
 
 
 def head_pieces(src: HeadSplit, dst: HeadSplit) -> list[HeadPiece]:

@@ -102,7 +102,10 @@ class NativeEngine:
         assert self.runner is not None
         if self.hooks.make_connector is None:
             return None
-        kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake)
+        regions = self._ranks.kv_regions if self._ranks is not None else []
+        shards = tuple(r for r in regions if r)  # tensor parallel: the other ranks' KV heads
+        kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake,
+                      head_shards=shards if len(shards) == len(regions) else ())
         return self.hooks.make_connector(kv)
 
     def _wake(self) -> None:

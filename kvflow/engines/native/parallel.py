@@ -54,11 +54,13 @@ class RankInfo:
     size: int
 
 
-def current() -> RankInfo | None:
-    """This process's place in the tensor-parallel group, None when it runs alone."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def rank_info(size: int) -> RankInfo | None:
+    """This process's place among `size` ranks (its engine's --tensor-parallel-size), None
+    when it runs alone. An engine of size 1 ignores any group another engine started here."""
+    if size == 1:
         return None
-    return RankInfo(dist.get_rank(), dist.get_world_size())
+    assert dist.is_initialized() and dist.get_world_size() == size, "join_group first"
+    return RankInfo(dist.get_rank(), size)
 
 
 def backend_for(device: torch.device) -> str:
@@ -155,10 +157,10 @@ def add_all_reduces(model: CausalLM) -> None:
 
 def load_local_model(
     model_dir: Path, cfg: ModelConfig, backend: AttentionBackend, max_positions: int,
-    device: torch.device, dtype: torch.dtype, ops: Ops | None = None,
+    device: torch.device, dtype: torch.dtype, ops: Ops | None = None, tp_size: int = 1,
 ) -> CausalLM:
     """The whole model when alone, else this rank's shard with its all-reduces."""
-    info = current()
+    info = rank_info(tp_size)
     if info is None:
         return load_model(model_dir, cfg, backend, max_positions, device, dtype, ops)
     model = empty_model(shard_config(cfg, info.size), backend, max_positions, device, dtype, ops)
@@ -167,9 +169,9 @@ def load_local_model(
     return model
 
 
-def agree_num_blocks(num_blocks: int, device: torch.device) -> int:
+def agree_num_blocks(num_blocks: int, device: torch.device, tp_size: int) -> int:
     """The fewest KV blocks any rank can hold (every rank's pool must be the same)."""
-    if current() is None:
+    if rank_info(tp_size) is None:
         return num_blocks
     t = torch.tensor([num_blocks], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)

@@ -134,7 +134,8 @@ class ModelRunner:
         torch.manual_seed(engine.seed)
         backend = make_backend(engine.attention_backend, device)
         ops = make_ops(engine.ops, device)
-        model = load_local_model(model_dir, cfg, backend, max_len, device, dtype, ops)
+        model = load_local_model(model_dir, cfg, backend, max_len, device, dtype, ops,
+                                 engine.tensor_parallel_size)
         return cls(model, engine, device, dtype, max_len)
 
     @property
@@ -156,7 +157,7 @@ class ModelRunner:
             num_blocks = gpu_num_blocks(self.cfg, self.engine, self.dtype, self._profile())
         else:
             num_blocks = cpu_num_blocks(self.cfg, self.engine, self.dtype)
-        num_blocks = agree_num_blocks(num_blocks, self.device)  # tensor parallel: the fewest
+        num_blocks = agree_num_blocks(num_blocks, self.device, self.engine.tensor_parallel_size)
         layout = KvCacheLayout(num_blocks, self.block_size, self.cfg.num_layers,
                                self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype)
         log.info("native engine: %d KV blocks of %d tokens", num_blocks, self.block_size)

@@ -97,3 +97,48 @@ def test_shard_config_and_split_rules(tiny_models: Callable[[str], Path]) -> Non
     assert split_dim("model.layers.0.mlp.down_proj.weight") == 1
     assert split_dim("model.layers.0.self_attn.q_norm.weight") is None
     assert split_dim("model.embed_tokens.weight") is None
+
+
+async def test_tp2_prefill_to_tp1_decode_reslices_heads_over_shm(
+    tiny_models: Callable[[str], Path], hf_greedy: Callable[[Path, list[int], int], list[int]],
+) -> None:
+    """Disaggregated: a TP=2 prefill engine holds the prompt's KV in two processes' regions;
+    a TP=1 decode engine pulls it (shm, heads re-sliced) and decodes exactly like transformers."""
+    from kvflow.engines.base import EngineHooks
+    from kvflow.kv.disagg import disagg_connector_factory
+    from kvflow.kv.transfer.agent import TransferAgent, TransferConfig
+    from kvflow.kv.transfer.metrics import metrics_for
+    from kvflow.llm.protocol import PHASE_DECODE, PHASE_PREFILL, DisaggHint, RoutingHints
+    from kvflow.runtime import DistributedRuntime, RuntimeConfig
+
+    path = tiny_models("llama")
+    runtime = await DistributedRuntime(RuntimeConfig(
+        namespace="tpkv", discovery="memory", event_plane="inproc")).start()
+    config = TransferConfig(timeout_s=10.0, backends=("shm", "tcp"))
+    agents: list[TransferAgent] = []
+    engines = []
+    try:
+        for worker_id, component, tp in ((11, "prefill", 2), (22, "backend", 1)):
+            hooks = EngineHooks(worker_id=worker_id, make_connector=disagg_connector_factory(
+                runtime, component, worker_id, config, metrics_for(runtime.metrics_registry), agents))
+            engines.append(await small_native_engine(path, hooks, tensor_parallel_size=tp))
+        for agent in agents:
+            await agent.start()
+        assert agents[0].info.backends == ["shm"] and len(agents[0].info.head_shards) == 1
+        prompt = prompt_ids(29, seed=3)
+        routing = RoutingHints(disagg=DisaggHint(PHASE_PREFILL, "t1"))
+        first = greedy_request("t1-p", prompt, 1)
+        await collect(engines[0], msgspec.structs.replace(first, routing=routing))
+        hint = DisaggHint(PHASE_DECODE, "t1", source_worker=11, num_tokens=len(prompt))
+        decode = msgspec.structs.replace(_request(0, prompt), routing=RoutingHints(disagg=hint))
+        outs = await collect(engines[1], decode)
+        stats = outs[0].kv_transfer
+        assert stats is not None and stats.backend == "shm" and stats.blocks == 7
+        hf = hf_greedy(path, prompt, 8)  # stops at EOS; ours ignores it
+        assert len(tokens(outs)) == 8 and tokens(outs)[: len(hf)] == hf
+    finally:
+        for agent in agents:
+            await agent.close()
+        for engine in engines:
+            await engine.stop()
+        await runtime.shutdown()
