@@ -133,7 +133,20 @@ class Generation:
         prompt = self.prepared.prompt_tokens
         cached = self.cached_tokens()
         details = PromptTokensDetails(cached_tokens=cached)
+        by_tier = self.cached_by_tier()
+        if by_tier:
+            details.cached_tokens_by_tier = by_tier
         return Usage(prompt, completion, prompt + completion, details)
+
+    def cached_by_tier(self) -> dict[str, int]:
+        """The engines' split of the cached tokens by KV tier, summed like `cached_tokens`."""
+        n = self.prepared.n
+        total: dict[str, int] = {}
+        for i, p in self.processors.items():
+            if i % n == 0 and p.cached_by_tier:
+                for tier, count in p.cached_by_tier.items():
+                    total[tier] = total.get(tier, 0) + count
+        return total
 
     def cached_tokens(self) -> int:
         """Cached prompt tokens, counted once per prompt (from each prompt's first choice)."""
@@ -155,11 +168,13 @@ async def stream_sse(
     encode: Callable[[ChoiceDelta], bytes],
     opening: Callable[[], bytes],
     closing: Callable[[], bytes],
+    done: bytes = DONE,
+    error_event: Callable[[ApiError], bytes] = api_error_event,
 ) -> None:
     """Write `gen` as server-sent events: `opening()` before the first delta's chunk,
-    `encode(delta)` per delta, then `closing()` (e.g. a usage chunk) and `[DONE]`. An error
-    after the stream started becomes an error event; before that it propagates (a plain
-    HTTP error response)."""
+    `encode(delta)` per delta, then `closing()` (e.g. a usage chunk) and `done` (OpenAI's
+    `[DONE]`). An error after the stream started becomes `error_event(error)`; before that
+    it propagates (a plain HTTP error response)."""
     started = False
     try:
         async for delta in gen.deltas():
@@ -174,11 +189,11 @@ async def stream_sse(
         if not started:
             raise
         gen.record.finish("error")
-        responder.write(api_error_event(exc) + DONE)
+        responder.write(error_event(exc) + done)
         responder.end()
         return
     if not started:
         responder.start_stream()
     timing = gen.timeline.sse_event() if gen.timeline is not None else b""
-    responder.write(closing() + timing + DONE)
+    responder.write(closing() + timing + done)
     responder.end()

@@ -18,6 +18,7 @@ from kvflow.frontend.errors import ApiError, from_decode_error, model_not_found,
 from kvflow.frontend.http_response import JSON, HttpRequest, Responder
 from kvflow.frontend.metrics import CONTENT_TYPE, FrontendMetrics, RequestRecord
 from kvflow.frontend.models import ModelManager, ServedModel
+from kvflow.frontend.responses_request import ResponseStore
 from kvflow.llm.openai import ModelList, ModelObject
 from kvflow.llm.protocol import RoutingHints
 
@@ -41,6 +42,11 @@ class FrontendState:
     admission: AdmissionControl
     # X-Request-Id values of requests in flight (see claim_request_id).
     caller_ids: set[str] = field(default_factory=set)
+    # /v1/responses: recent responses for previous_response_id (bounded, this process only).
+    responses: ResponseStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "responses", ResponseStore(self.config.responses_store_size))
 
 
 Handler = Callable[[FrontendState, HttpRequest, Responder], Awaitable[None]]
@@ -75,7 +81,9 @@ def resolve_model(models: ModelManager, name: str, kind: str) -> ServedModel:
             code="unsupported_endpoint",
         )
     if model.engine.live_workers() <= 0:
-        raise no_workers(name)
+        left = models.restarting().get(name)
+        raise no_workers(name, f"its workers are restarting; {left:.0f} s of grace left"
+                         if left is not None else "")
     return model
 
 
@@ -166,11 +174,14 @@ async def list_models(state: FrontendState, request: HttpRequest, responder: Res
 
 
 async def health(state: FrontendState, request: HttpRequest, responder: Responder) -> None:
-    """Ready when at least one model has a live worker."""
+    """Ready when at least one model has a live worker; lists models whose workers are restarting."""
     served = {m.name: m.engine.live_workers() for m in state.models.list()}
     ready = any(n > 0 for n in served.values())
-    body = {"status": "ready" if ready else "not_ready", "models": served}
-    responder.send(200 if ready else 503, _ENCODER.encode(body))
+    restarting = state.models.restarting()
+    status = "ready" if ready else "restarting" if restarting else "not_ready"
+    body = {"status": status, "models": served, "restarting": restarting}
+    retry = (b"retry-after: 2\r\n",) if restarting and not ready else ()
+    responder.send(200 if ready else 503, _ENCODER.encode(body), headers=retry)
 
 
 async def live(state: FrontendState, request: HttpRequest, responder: Responder) -> None:

@@ -72,6 +72,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens served from caches at first admission
+    cached_by_tier: dict[str, int] | None = None  # of those, per KV tier (device, host, ...)
     block_ids: list[int] = field(default_factory=list)
     num_committed_blocks: int = 0
     num_preemptions: int = 0
@@ -119,6 +120,12 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
+
+    def isolate_cache(self, salt: str) -> None:
+        """Give this sequence block hashes of its own: it neither reuses cached blocks nor
+        leaves blocks others would match (e.g. when every prompt token must be computed)."""
+        self._hash_seed = extra_seed(salt)
+        self._hashes.clear()
 
     @property
     def parent_hash_seed(self) -> int | None:

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvflow.kv.tiers.config import TierConfig
+from kvflow.runtime.errors import UserError
+
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -21,7 +24,11 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
                   "float": "float32"}
 
 
-class UnsupportedModelError(ValueError):
+class MissingModelFileError(UserError, FileNotFoundError):
+    """The model directory lacks a file this engine needs (config.json)."""
+
+
+class UnsupportedModelError(UserError, ValueError):
     """The model directory holds an architecture or option this engine does not implement."""
 
 
@@ -51,6 +58,8 @@ class NativeEngineConfig:
     shared_kv: bool = False
     # Ranks (processes, one GPU each) the model's heads and MLP columns are split over.
     tensor_parallel_size: int = 1
+    # KV tiers below the device cache: host memory, disk, object store (kvflow.kv.tiers).
+    tiers: TierConfig = field(default_factory=TierConfig)
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -108,7 +117,7 @@ class ModelConfig:
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.exists():
-            raise FileNotFoundError(
+            raise MissingModelFileError(
                 f"{path} not found: --model-path must be a Hugging Face model directory "
                 "(config.json + *.safetensors) or a hub id"
             )

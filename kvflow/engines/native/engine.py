@@ -24,6 +24,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
+
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.core.block_pool import BlockPool
 from kvflow.engines.core.outputs import follow_outputs
@@ -36,14 +38,27 @@ from kvflow.engines.core.scheduler import (
 )
 from kvflow.engines.core.sequence import SeqStatus, Sequence
 from kvflow.engines.native.config import NativeEngineConfig
+from kvflow.engines.native.guided import GuidedDecoding
+from kvflow.engines.native.pooling import POOLINGS
 from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
 from kvflow.engines.native.tp_ranks import RankGroup, load_runner
+from kvflow.engines.native.weights import resolve_model_dir
 from kvflow.kv.connector import EngineKv, KvConnector
+from kvflow.kv.tiers.connector import model_identity, tier_connector_factory
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
-from kvflow.llm.protocol import FINISH_CANCELLED, FINISH_ERROR, EngineOutput, PreprocessedRequest
+from kvflow.llm.protocol import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_STOP,
+    EngineOutput,
+    PreprocessedRequest,
+    StopConditions,
+)
+from kvflow.llm.structured import GrammarError, is_guided
 from kvflow.runtime.context import Context
+from kvflow.runtime.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +71,7 @@ class InFlight:
 
     out: SchedulerOutput
     launched: Launched | None  # None: nothing ran (nothing fit, or the launch failed)
+    started: float = 0.0  # perf_counter at launch
 
 
 class NativeEngine:
@@ -67,7 +83,7 @@ class NativeEngine:
         self._lock = threading.Condition()
         self._streams: dict[str, RequestStream] = {}
         self._sampling: dict[str, RequestSampling] = {}
-        self._num_penalized = 0  # requests whose sampling reads their past tokens
+        self._num_penalized = 0  # requests whose sampling reads their past tokens (penalties, grammars)
         self._inflight: InFlight | None = None
         self._async = False
         self._stopping = False
@@ -88,7 +104,7 @@ class NativeEngine:
         config = self.config
         if self.hooks.make_connector is not None:
             config = dataclasses.replace(config, shared_kv=True)
-        runner, self._ranks = await self._loop.run_in_executor(None, load_runner, config)
+        runner, self._ranks = await in_daemon_thread(load_runner, config, name="native-load")
         self.runner = runner
         self.pool = BlockPool(runner.num_blocks, self.config.block_size,
                               worker_id=self.hooks.worker_id)
@@ -99,14 +115,22 @@ class NativeEngine:
         self._thread.start()
 
     def _connector(self) -> KvConnector | None:
-        assert self.runner is not None
-        if self.hooks.make_connector is None:
-            return None
+        """The KV tiers (when configured), behind the hooks' connector (disaggregation) when
+        there is one: that connector hands it every request it does not take (`fallback`)."""
+        assert self.runner is not None and self.pool is not None
         regions = self._ranks.kv_regions if self._ranks is not None else []
         shards = tuple(r for r in regions if r)  # tensor parallel: the other ranks' KV heads
         kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake,
+                      record_event=self.pool.record_event,
                       head_shards=shards if len(shards) == len(regions) else ())
-        return self.hooks.make_connector(kv)
+        tiers = None
+        if self.config.tiers.enabled:
+            make_tiers = tier_connector_factory(
+                self.config.tiers, model_identity(self.config.model_path), self.hooks.metrics_registry)
+            tiers = make_tiers(kv)
+        if self.hooks.make_connector is None:
+            return tiers
+        return self.hooks.make_connector(dataclasses.replace(kv, fallback=tiers))
 
     def _wake(self) -> None:
         """The connector has results: let the engine thread poll them (any thread)."""
@@ -134,6 +158,8 @@ class NativeEngine:
             await self._loop.run_in_executor(None, self._ranks.stop)
             self._ranks = None
         self._fail_all("the native engine stopped; retry the request on another worker")
+        if self.scheduler is not None and self.scheduler.connector is not None:
+            await self._loop.run_in_executor(None, self.scheduler.connector.close)  # type: ignore[union-attr]
         if self.runner is not None and self.runner.kv_memory.region is not None:
             self.runner.kv_memory.region.close()
 
@@ -158,10 +184,22 @@ class NativeEngine:
             stream.fail(problem)
             return stream
         assert self.scheduler is not None and self.runner is not None
+        if request.embed is not None:  # the prompt's last step ends it: one (dropped) token
+            request = msgspec.structs.replace(request, stop=StopConditions(max_tokens=1))
         seq = Sequence.from_request(request, seed=request.sampling.seed or 0)
         params = RequestSampling.from_request(
             request.sampling, request.stop, request.eos_token_ids, self.runner.device
         )
+        if request.embed is not None:
+            params.embed = request.embed
+            if request.embed.pooling == "mean":  # every prompt token's state is needed
+                seq.isolate_cache(f"embed-mean:{request.request_id}")
+        if is_guided(request.sampling.response_format):
+            try:
+                params.guide = self._guided(request).guide(request.sampling.response_format)
+            except (GrammarError, ImportError) as exc:
+                stream.fail(f"guided decoding failed: {exc}")
+                return stream
         with self._lock:
             try:
                 self.scheduler.add(seq)
@@ -170,10 +208,20 @@ class NativeEngine:
                 return stream
             self._streams[seq.request_id] = stream
             self._sampling[seq.request_id] = params
-            if params.penalized:
+            if params.reads_tokens:
                 self._num_penalized += 1
             self._lock.notify_all()
         return stream
+
+    def _guided(self, request: PreprocessedRequest) -> GuidedDecoding:
+        """The engine's grammar machinery, built on the first guided request (it needs the
+        EOS ids, which requests carry)."""
+        assert self.runner is not None
+        if self.runner.sampler.guided is None:
+            model_dir = resolve_model_dir(self.config.model_path)
+            self.runner.sampler.guided = GuidedDecoding.for_model(
+                model_dir, self.runner.cfg.vocab_size, request.eos_token_ids, self.runner.device)
+        return self.runner.sampler.guided
 
     def _check_request(self, request: PreprocessedRequest) -> str | None:
         if self.runner is None:
@@ -185,6 +233,13 @@ class NativeEngine:
                     "tokenize with this model's tokenizer")
         if request.sampling.n != 1:
             return "the native engine returns one choice per request (n=1); send n requests"
+        embed = request.embed
+        if embed is not None and embed.pooling not in POOLINGS:
+            return f"unknown pooling {embed.pooling!r}; use one of {', '.join(POOLINGS)}"
+        if embed is not None and embed.dimensions is not None and not (
+                0 < embed.dimensions <= self.runner.cfg.hidden_size):
+            return (f"dimensions must be between 1 and the model's hidden size "
+                    f"{self.runner.cfg.hidden_size}")
         return None
 
     def _cancel(self, stream: RequestStream) -> None:
@@ -200,8 +255,10 @@ class NativeEngine:
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+        if self.runner is not None:
+            self.runner.pooler.forget(request_id)
         params = self._sampling.pop(request_id, None)
-        if params is not None and params.penalized:
+        if params is not None and params.reads_tokens:
             self._num_penalized -= 1
 
     def _fail_all(self, message: str) -> None:
@@ -244,11 +301,12 @@ class NativeEngine:
             out = self.scheduler.schedule()
         if self._num_penalized:  # penalties read the real tokens of the step in flight
             self._complete()
+        started = time.perf_counter()
         launched = self._launch(out)
         if not out.scheduled and self._inflight is None:
             time.sleep(0.001)  # nothing fits right now; let cancellations free blocks
         self._complete()
-        self._inflight = InFlight(out, launched)
+        self._inflight = InFlight(out, launched, started)
         if not self._async:
             self._complete()
 
@@ -271,11 +329,30 @@ class NativeEngine:
             return
         assert self.scheduler is not None
         result = self._collect(inflight)
+        self._advance_guides(result)
+        self._observe_prefill(inflight)
         with self._lock:
             finished = self.scheduler.update(result.sampled)
             deliveries = self._deliveries(inflight.out, result, finished)
             published = self._drain()
         self._hand_over(deliveries, published)
+
+    def _advance_guides(self, result: StepResult) -> None:
+        if not self._num_penalized:
+            return
+        for rid, tokens in result.sampled.items():
+            params = self._sampling.get(rid)
+            if params is not None and params.guide is not None:
+                params.guide.advance(tokens)
+
+    def _observe_prefill(self, inflight: InFlight) -> None:
+        """Tell the KV connector how fast this step computed prompt tokens (tiers' policy)."""
+        connector = self.scheduler.connector if self.scheduler is not None else None
+        if connector is None or inflight.launched is None:
+            return
+        tokens = sum(s.num_new_tokens for s in inflight.out.scheduled if s.is_prefill)
+        if tokens:
+            connector.observe_step(tokens, time.perf_counter() - inflight.started)
 
     def _collect(self, inflight: InFlight) -> StepResult:
         assert self.runner is not None
@@ -322,11 +399,14 @@ class NativeEngine:
     ) -> Delivery:
         rid = seq.request_id
         d = Delivery(stream, result.sampled[rid], finish_reason=reason)
+        if rid in result.embeddings:  # an embedding request ends with its prompt
+            d.embedding, d.token_ids, d.finish_reason = result.embeddings[rid], [], FINISH_STOP
         lp = result.logprobs.get(rid)
         if lp is not None:
             d.logprobs, d.top_logprobs = [lp.logprob], [lp.top]
         if seq.num_output_tokens == 1:
             d.cached_tokens = max(seq.num_cached_tokens, 0)
+            d.cached_by_tier = seq.cached_by_tier
             d.kv_transfer = seq.kv_transfer
         return d
 

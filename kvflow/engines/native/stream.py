@@ -24,7 +24,9 @@ class Delivery:
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int | None = None  # prompt tokens the prefix cache served (first delivery)
+    cached_by_tier: dict[str, int] | None = None  # of those, per KV tier (first delivery)
     kv_transfer: KvTransferStats | None = None  # KV pulled from a prefill worker (first delivery)
+    embedding: list[float] | None = None  # an embedding request's result
 
 
 class RequestStream:
@@ -34,12 +36,14 @@ class RequestStream:
         self.request_id = request_id
         self.want_logprobs = want_logprobs
         self.cached_tokens = 0
+        self.cached_by_tier: dict[str, int] | None = None
         self.kv_transfer: KvTransferStats | None = None
         self._tokens: list[int] = []
         self._logprobs: list[float] = []
         self._top: list[list[TopLogprob]] = []
         self._finish: str | None = None
         self._error: str | None = None
+        self._embedding: list[float] | None = None
         self._reported_cache = False
         self._waiter: asyncio.Future[None] | None = None
 
@@ -59,7 +63,10 @@ class RequestStream:
             self._error = d.error
         if d.cached_tokens is not None:
             self.cached_tokens = d.cached_tokens
+            self.cached_by_tier = d.cached_by_tier
             self.kv_transfer = d.kv_transfer
+        if d.embedding is not None:
+            self._embedding = d.embedding
         if d.finish_reason is not None:
             self._finish = d.finish_reason
         self._wake()
@@ -84,13 +91,15 @@ class RequestStream:
         if not self._tokens and self._finish is None:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        out = EngineOutput(token_ids=self._tokens, finish_reason=self._finish, error=self._error)
-        self._tokens = []
+        out = EngineOutput(token_ids=self._tokens, finish_reason=self._finish, error=self._error,
+                           embedding=self._embedding)
+        self._tokens, self._embedding = [], None
         if self.want_logprobs:
             out.logprobs, out.top_logprobs = self._logprobs, self._top
             self._logprobs, self._top = [], []
         if not self._reported_cache:
             self._reported_cache = True
             out.cached_tokens = self.cached_tokens
+            out.cached_tokens_by_tier = self.cached_by_tier
             out.kv_transfer = self.kv_transfer
         return out
