@@ -142,3 +142,14 @@ async def test_tp2_prefill_to_tp1_decode_reslices_heads_over_shm(
         for engine in engines:
             await engine.stop()
         await runtime.shutdown()
+
+
+def test_tensor_parallel_refuses_kv_tiers_and_bad_sizes() -> None:
+    from kvflow.engines.native.config import NativeEngineConfig
+    from kvflow.kv.tiers.config import TierConfig
+
+    with pytest.raises(ValueError, match="KV tiers do not work with --tensor-parallel-size"):
+        NativeEngineConfig(model_path="m", tensor_parallel_size=2,
+                           tiers=TierConfig(host_kv_cache_gb=1.0))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        NativeEngineConfig(model_path="m", tensor_parallel_size=0)
