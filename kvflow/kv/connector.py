@@ -169,6 +169,8 @@ class EngineKv:
     modelled_s: Callable[[int], float] = lambda n: 0.0
     # The engine's own connector (e.g. a host tier) for requests this one does not take.
     fallback: KvConnector | None = None
+    # Tensor parallel: the /dev/shm regions of ranks 1..N-1 (the next KV heads each).
+    head_shards: tuple[str, ...] = ()
 
 
 ConnectorFactory = Callable[[EngineKv], KvConnector]

@@ -173,7 +173,8 @@ def disagg_connector_factory(
         connector: list[DisaggConnector] = []
         agent = TransferAgent(runtime, component, worker_id, kv.io,
                               lambda blocks: connector[0].release(blocks),
-                              shm_name=kv.shm_name, config=config, metrics=metrics)
+                              shm_name=kv.shm_name, config=config, metrics=metrics,
+                              head_shards=kv.head_shards)
         connector.append(DisaggConnector(kv, agent, loop))
         agents.append(agent)
         return connector[0]

@@ -14,6 +14,8 @@
 - sampler.py: batched sampling, penalties, seeds, logprobs.
 - cuda_graphs.py: captured decode graphs (forward, logits, argmax), inputs staged in one upload.
 - runner.py: ModelRunner: prepare / launch / collect a step; sampled ids stay on the device.
+- parallel.py: tensor parallelism: process group, sharded weights, all-reduce hooks, step broadcast.
+- tp_ranks.py: rank 0 starts, watches and stops ranks 1..N-1 (and their process's main).
 - stream.py, engine.py: NativeEngine, the threaded schedule -> execute -> update loop
   (async output: step k+1 launches before step k's tokens reach the host).
 """
@@ -60,6 +62,8 @@ def add_native_args(parser: argparse.ArgumentParser) -> None:
                    help="context length (default: the model's max_position_embeddings)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="seed of the sampler")
+    g.add_argument("--tensor-parallel-size", type=int, default=_DEFAULTS["tensor_parallel_size"],
+                   help="processes (GPUs) to split the model's heads and MLP over")
     add_tier_args(parser)
 
 
@@ -79,6 +83,7 @@ def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
         max_model_len=ns.max_model_len,
         enforce_eager=ns.enforce_eager,
         seed=ns.seed,
+        tensor_parallel_size=ns.tensor_parallel_size,
         tiers=tier_config_from_args(ns),
     )
 

@@ -56,10 +56,17 @@ class NativeEngineConfig:
     async_output: bool | None = None
     # KV on CPU in /dev/shm, so same-host transfer peers copy blocks straight out of it.
     shared_kv: bool = False
+    # Ranks (processes, one GPU each) the model's heads and MLP columns are split over.
+    tensor_parallel_size: int = 1
     # KV tiers below the device cache: host memory, disk, object store (kvflow.kv.tiers).
     tiers: TierConfig = field(default_factory=TierConfig)
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.tiers.enabled:
+            raise ValueError("KV tiers do not work with --tensor-parallel-size > 1 yet (they would "
+                             "keep rank 0's KV heads only); drop the tier flags or use size 1")
         if self.block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -43,6 +43,7 @@ from kvflow.engines.native.pooling import POOLINGS
 from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
+from kvflow.engines.native.tp_ranks import RankGroup, load_runner
 from kvflow.engines.native.weights import resolve_model_dir
 from kvflow.kv.connector import EngineKv, KvConnector
 from kvflow.kv.tiers.connector import model_identity, tier_connector_factory
@@ -93,6 +94,7 @@ class NativeEngine:
         self.runner: ModelRunner | None = None
         self.pool: BlockPool | None = None
         self.scheduler: Scheduler | None = None
+        self._ranks: RankGroup | None = None  # tensor parallel: ranks 1..N-1
 
     # ---- Engine contract ----------------------------------------------------------
 
@@ -102,7 +104,7 @@ class NativeEngine:
         config = self.config
         if self.hooks.make_connector is not None:
             config = dataclasses.replace(config, shared_kv=True)
-        runner = await in_daemon_thread(ModelRunner.load, config, name="native-load")
+        runner, self._ranks = await in_daemon_thread(load_runner, config, name="native-load")
         self.runner = runner
         self.pool = BlockPool(runner.num_blocks, self.config.block_size,
                               worker_id=self.hooks.worker_id)
@@ -116,8 +118,11 @@ class NativeEngine:
         """The KV tiers (when configured), behind the hooks' connector (disaggregation) when
         there is one: that connector hands it every request it does not take (`fallback`)."""
         assert self.runner is not None and self.pool is not None
+        regions = self._ranks.kv_regions if self._ranks is not None else []
+        shards = tuple(r for r in regions if r)  # tensor parallel: the other ranks' KV heads
         kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake,
-                      record_event=self.pool.record_event)
+                      record_event=self.pool.record_event,
+                      head_shards=shards if len(shards) == len(regions) else ())
         tiers = None
         if self.config.tiers.enabled:
             make_tiers = tier_connector_factory(
@@ -149,6 +154,9 @@ class NativeEngine:
         if self._thread is not None and self._loop is not None:
             await self._loop.run_in_executor(None, self._thread.join)
             self._thread = None
+        if self._ranks is not None:
+            await self._loop.run_in_executor(None, self._ranks.stop)
+            self._ranks = None
         self._fail_all("the native engine stopped; retry the request on another worker")
         if self.scheduler is not None and self.scheduler.connector is not None:
             await self._loop.run_in_executor(None, self.scheduler.connector.close)  # type: ignore[union-attr]

@@ -34,10 +34,10 @@ from kvflow.engines.native.kv_cache import (
 from kvflow.engines.native.kv_io import block_io, kv_layout
 from kvflow.engines.native.model import CausalLM
 from kvflow.engines.native.ops import make_ops
+from kvflow.engines.native.parallel import agree_num_blocks, load_local_model
 from kvflow.engines.native.pooling import Pooler
 from kvflow.engines.native.sampler import RequestSampling, Sampler, SamplerOutput, SampleRow
 from kvflow.engines.native.weights import (
-    load_model,
     resolve_device,
     resolve_dtype,
     resolve_model_dir,
@@ -144,7 +144,8 @@ class ModelRunner:
         log.info("native engine: loading %s (%s, %d layers) on %s as %s", model_dir,
                  cfg.arch, cfg.num_layers, device, str(dtype).removeprefix("torch."))
         started = time.monotonic()
-        model = load_model(model_dir, cfg, backend, max_len, device, dtype, ops)
+        model = load_local_model(model_dir, cfg, backend, max_len, device, dtype, ops,
+                                 engine.tensor_parallel_size)
         params = sum(p.numel() for p in model.parameters())
         log.info("native engine: weights loaded in %.1f s (%.1fM parameters)",
                  time.monotonic() - started, params / 1e6)
@@ -169,6 +170,7 @@ class ModelRunner:
             num_blocks = gpu_num_blocks(self.cfg, self.engine, self.dtype, self._profile())
         else:
             num_blocks = cpu_num_blocks(self.cfg, self.engine, self.dtype, self.max_model_len)
+        num_blocks = agree_num_blocks(num_blocks, self.device, self.engine.tensor_parallel_size)
         layout = KvCacheLayout(num_blocks, self.block_size, self.cfg.num_layers,
                                self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype)
         size = (num_blocks + 1) * bytes_per_block(self.cfg, self.block_size, self.dtype) / 2**30

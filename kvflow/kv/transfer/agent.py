@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 
 from kvflow.kv.blocks import KvBlockIO, pair_runs
+from kvflow.kv.heads import whole_layout
 from kvflow.kv.layout import KvLayoutMismatch, check_compatible
 from kvflow.kv.transfer.backends import (
     PullJob,
@@ -49,6 +50,7 @@ from kvflow.runtime import Context, DistributedRuntime
 
 log = logging.getLogger(__name__)
 ENDPOINT = "kv_transfer"
+SHARD_BACKENDS = ("shm",)  # backends that re-slice a tensor-parallel holder's KV heads
 
 
 class TransferFailed(Exception):
@@ -79,6 +81,7 @@ class TransferAgent:
         self, runtime: DistributedRuntime, component: str, worker_id: int, io: KvBlockIO,
         on_release: Callable[[list[int]], None], *, shm_name: str | None = None,
         config: TransferConfig | None = None, metrics: TransferMetrics | None = None,
+        head_shards: tuple[str, ...] = (),
     ) -> None:
         self.runtime = runtime
         self.config = config or TransferConfig()
@@ -86,16 +89,21 @@ class TransferAgent:
         self.namespace = runtime.config.namespace
         self.holds = HoldTable(self.config.lease_s, on_release)
         self.metrics = metrics or metrics_for(runtime.metrics_registry)
-        self.info = self._describe(f"{self.namespace}.{component}.{ENDPOINT}", worker_id, shm_name)
+        self.info = self._describe(f"{self.namespace}.{component}.{ENDPOINT}", worker_id, shm_name,
+                                   list(head_shards))
         self._peers: dict[int, AgentInfo] = {}
         self._clients: dict[str, Any] = {}
         self._tasks: list[asyncio.Task] = []
         self._warned_tcp = False
 
-    def _describe(self, endpoint: str, worker_id: int, shm_name: str | None) -> AgentInfo:
-        info = AgentInfo(worker_id, endpoint, self.io.layout, host_id(), [], shm_name)
+    def _describe(self, endpoint: str, worker_id: int, shm_name: str | None,
+                  head_shards: list[str]) -> AgentInfo:
+        info = AgentInfo(worker_id, endpoint, self.io.layout, host_id(), [], shm_name,
+                         head_shards=head_shards)
         served: list[str] = []
         for name in self.config.backends:
+            if head_shards and name not in SHARD_BACKENDS:  # they would move rank 0's heads only
+                continue
             published = get_backend(name).publish(info, self.io) if name in backend_names() else None
             if published is not None:
                 info = published
@@ -186,7 +194,8 @@ class TransferAgent:
         self, source: int, transfer_id: str, first_block: int, dst_blocks: list[int]
     ) -> KvTransferStats:
         remote = await self._peer(source)
-        check_compatible(self.io.layout, remote.layout, f"worker {remote.worker_id:x}")
+        whole = whole_layout(remote.layout, 1 + len(remote.head_shards))
+        check_compatible(self.io.layout, whole, f"worker {remote.worker_id:x}")
         described = await self._one(remote, TransferRequest("describe", transfer_id))
         src = described.block_ids[first_block : first_block + len(dst_blocks)]
         if not described.held or len(src) < len(dst_blocks):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvflow.kv.blocks import BlockRun, KvBlockIO, copy_run, read_run_from
+from kvflow.kv.heads import copy_run_heads
 from kvflow.kv.shm import SharedRegion
 from kvflow.kv.transfer.cuda_ipc import CudaIpcBackend
 from kvflow.kv.transfer.messages import AgentInfo, Chunk, Reply, TransferRequest
@@ -126,6 +127,8 @@ class ShmBackend:
 
     async def pull(self, job: PullJob) -> int:
         assert job.remote.shm_name is not None
+        if job.remote.head_shards:
+            return await asyncio.to_thread(self._copy_shards, job)
         region = self._attach(job.remote.shm_name)
         return await asyncio.to_thread(self._copy, job, region.view)
 
@@ -134,6 +137,17 @@ class ShmBackend:
         if region is None:
             region = self._attached[name] = SharedRegion.attach(name)
         return region
+
+    def _copy_shards(self, job: PullJob) -> int:
+        """A tensor-parallel holder: every rank's region, heads re-sliced into ours."""
+        dst_region = job.local_io.region()
+        if dst_region is None:
+            raise ValueError("KV from a tensor-parallel holder needs host-memory KV here")
+        rl = job.remote.layout
+        assert job.remote.shm_name is not None
+        src = [(rl, self._attach(name).view) for name in [job.remote.shm_name, *job.remote.head_shards]]
+        dst = [(job.local_io.layout, dst_region)]
+        return sum(copy_run_heads(src, dst, run) for run in job.runs)
 
     @staticmethod
     def _copy(job: PullJob, src: memoryview) -> int:

@@ -29,6 +29,9 @@ class AgentInfo(msgspec.Struct, frozen=True):
     backends: list[str]  # the backends this agent serves, best first
     shm_name: str | None = None  # /dev/shm region holding the KV (backend "shm")
     cuda_ipc: list[bytes | int] | None = None  # torch CUDA IPC handle of the KV (backend "cuda_ipc")
+    # A tensor-parallel holder: the /dev/shm regions of ranks 1..N-1, each holding the next
+    # `layout.num_kv_heads` KV heads (rank 0's is `shm_name`); pulled by "shm" (kv/heads.py).
+    head_shards: list[str] = []
 
 
 class TransferRequest(msgspec.Struct, frozen=True):

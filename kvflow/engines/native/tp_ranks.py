@@ -1,0 +1,178 @@
+"""The processes of a tensor-parallel native engine: rank 0 starts, watches and stops ranks 1..N-1.
+
+Rank 0 is the engine's own process (scheduler, sampler, KV events, load metrics: one per
+engine, so the router sees one worker). It opens the rendezvous store, starts one
+`python -m kvflow.engines.native.tp_ranks` per other rank (own session, so a terminal's
+Ctrl-C reaches only rank 0, which stops them in order), then joins the group and loads its
+own shard. A rank that dies unexpectedly takes the engine down: the watcher logs which
+rank and its exit code, ends the remaining ranks and exits the process (a collective
+would otherwise wait for the dead rank). A rank whose parent disappears exits too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import msgspec
+import torch
+
+from kvflow.engines.native import parallel
+from kvflow.engines.native.config import NativeEngineConfig
+from kvflow.engines.native.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+STOP_TIMEOUT_S = 10.0
+EXIT_RANK_LOST = 3
+
+
+def rank_config(config: NativeEngineConfig, rank: int) -> NativeEngineConfig:
+    """A rank's config: its own device; eager (CUDA-graph capture of the all-reduce is not
+    implemented yet). With shared_kv every rank's KV shard is its own /dev/shm region."""
+    return dataclasses.replace(config, device=parallel.rank_device(config.device, rank),
+                               enforce_eager=True)
+
+
+def _region_key(rank: int) -> str:
+    return f"kv_region/{rank}"
+
+
+def _die(message: str) -> None:
+    log.error("%s", message)
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    os._exit(EXIT_RANK_LOST)
+
+
+class RankGroup:
+    """Ranks 1..N-1 seen from rank 0: started, watched, stopped."""
+
+    def __init__(self, procs: list[subprocess.Popen], device: torch.device,
+                 kv_regions: list[str | None], on_lost: Callable[[str], None] = _die) -> None:
+        self.procs, self.device, self.on_lost = procs, device, on_lost
+        # The /dev/shm KV region of ranks 1..N-1 (shared_kv on CPU), for re-slicing transfers.
+        self.kv_regions = kv_regions
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="tp-ranks", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(POLL_S):
+            for rank, proc in enumerate(self.procs, start=1):
+                code = proc.poll()
+                if code is not None and not self._stopping.is_set():
+                    self._kill_all()
+                    self.on_lost(f"kvflow native engine: tensor-parallel rank {rank} (pid "
+                                 f"{proc.pid}) exited with code {code}; the engine stops. "
+                                 "See that rank's log above for the cause.")
+                    return
+
+    def _kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+    def stop(self) -> None:
+        """Tell every rank to stop after its current step, then wait (kill on timeout)."""
+        self._stopping.set()
+        try:
+            parallel.broadcast_stop(self.device)
+        except Exception as exc:  # a rank already gone: the others are killed below
+            log.warning("tensor-parallel stop broadcast failed: %r", exc)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        parallel.leave_group()
+
+
+def _spawn(config: NativeEngineConfig, rank: int, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "kvflow.engines.native.tp_ranks", "--rank", str(rank),
+           "--port", str(port), "--parent", str(os.getpid()),
+           "--config", msgspec.json.encode(config).decode()]
+    return subprocess.Popen(cmd, start_new_session=True)
+
+
+def load_runner(config: NativeEngineConfig) -> tuple[ModelRunner, RankGroup | None]:
+    """The engine's runner: alone, or rank 0 of `tensor_parallel_size` ranks it starts."""
+    size = config.tensor_parallel_size
+    if size == 1:
+        return ModelRunner.load(config), None
+    store = parallel.master_store(size)
+    procs = [_spawn(config, rank, store.port) for rank in range(1, size)]
+    local = rank_config(config, 0)
+    device = torch.device(parallel.rank_device(local.device, 0))
+    try:
+        parallel.join_group(0, size, store, device)
+        runner = ModelRunner.load(local)
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        parallel.leave_group()
+        raise
+    parallel.drive_ranks(runner.model)
+    regions = [store.get(_region_key(rank)).decode() or None for rank in range(1, size)]
+    return runner, RankGroup(procs, runner.device, regions)
+
+
+# ---- a non-zero rank's process --------------------------------------------------------
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(POLL_S * 5)
+        if os.getppid() != parent:
+            _die(f"kvflow tensor-parallel rank: the engine process {parent} is gone; exiting")
+
+
+def serve_rank(config: NativeEngineConfig, rank: int, port: int) -> int:
+    """Join the group, load this rank's shard, run steps until rank 0 says stop."""
+    size = config.tensor_parallel_size
+    local = rank_config(config, rank)
+    device = torch.device(parallel.rank_device(local.device, rank))
+    store = torch.distributed.TCPStore(parallel.HOST, port, size, is_master=False,
+                                       timeout=parallel.GROUP_TIMEOUT)
+    parallel.join_group(rank, size, store, device)
+    runner = ModelRunner.load(local)
+    store.set(_region_key(rank), runner.shared_region_name() or "")
+    steps = parallel.serve_steps(runner.model, runner.device)
+    parallel.leave_group()
+    if runner.kv_memory.region is not None:
+        runner.kv_memory.region.close()
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="one non-zero rank of a tensor-parallel native engine")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--config", required=True, help="NativeEngineConfig as JSON")
+    ns = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 stops us
+    logging.basicConfig(level=logging.WARNING, format=f"[tp rank {ns.rank}] %(message)s")
+    threading.Thread(target=_watch_parent, args=(ns.parent,), daemon=True).start()
+    config = msgspec.json.decode(ns.config, type=NativeEngineConfig)
+    try:
+        serve_rank(config, ns.rank, ns.port)
+    except Exception as exc:
+        log.error("tensor-parallel rank %d failed: %r", ns.rank, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
