@@ -56,6 +56,8 @@ def add_native_args(parser: argparse.ArgumentParser) -> None:
                    help="context length (default: the model's max_position_embeddings)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--seed", type=int, default=_DEFAULTS["seed"])
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="same tokens for a prompt whatever else is batched (slower; no CUDA graphs)")
 
 
 def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
@@ -74,6 +76,7 @@ def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
         max_model_len=ns.max_model_len,
         enforce_eager=ns.enforce_eager,
         seed=ns.seed,
+        batch_invariant=ns.batch_invariant,
     )
 
 

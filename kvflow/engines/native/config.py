@@ -49,6 +49,9 @@ class NativeEngineConfig:
     async_output: bool | None = None
     # KV on CPU in /dev/shm, so same-host transfer peers copy blocks straight out of it.
     shared_kv: bool = False
+    # The same prompt and sampling give the same tokens whatever else is in the batch and
+    # however the prompt was chunked (invariant.py); runs eager, without CUDA graphs.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -59,6 +62,13 @@ class NativeEngineConfig:
             )
         if normalize_dtype(self.dtype) not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    @property
+    def kernels(self) -> tuple[str, str]:
+        """(attention backend, ops) to build: --batch-invariant overrides both."""
+        if self.batch_invariant:
+            return "invariant", "invariant"
+        return self.attention_backend, self.ops
 
 
 def normalize_dtype(name: str) -> str:

@@ -132,8 +132,9 @@ class ModelRunner:
         dtype = resolve_dtype(engine.dtype, cfg)
         max_len = min(engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         torch.manual_seed(engine.seed)
-        backend = make_backend(engine.attention_backend, device)
-        ops = make_ops(engine.ops, device)
+        backend_name, ops_name = engine.kernels
+        backend = make_backend(backend_name, device)
+        ops = make_ops(ops_name, device)
         model = load_model(model_dir, cfg, backend, max_len, device, dtype, ops)
         return cls(model, engine, device, dtype, max_len)
 
@@ -186,7 +187,7 @@ class ModelRunner:
         return peak + 2 * rows * self.cfg.vocab_size * 4  # sampler temporaries on top
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or self.engine.enforce_eager:
+        if self.device.type != "cuda" or self.engine.enforce_eager or self.engine.batch_invariant:
             return None
         sizes = tuple(s for s in self.engine.cuda_graph_batch_sizes if s <= self.engine.max_num_seqs)
         if not sizes:
