@@ -83,9 +83,22 @@ def build_model(path: Path):  # type: ignore[no-untyped-def]
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    model.save_pretrained(path)
-    return model
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return load_reference(path)
+
+
+def load_reference(path: Path):  # type: ignore[no-untyped-def]
+    """transformers' model in bf16, loaded with the dtype argument (not `.to(bfloat16)`), so the
+    rotary inverse frequencies stay float32 as in a real deployment."""
+    from transformers import LlamaForCausalLM
+
+    try:
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, device_map="cuda")
+    inv_freq = model.model.rotary_emb.inv_freq
+    assert inv_freq.dtype == torch.float32, f"rotary inv_freq is {inv_freq.dtype}"
+    return model.eval()
 
 
 def non_embedding_bytes(model) -> int:  # type: ignore[no-untyped-def]

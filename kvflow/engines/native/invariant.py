@@ -11,7 +11,8 @@ tensors of one fixed shape:
 - attention walks a sequence's keys in blocks of `KEYS` aligned at position 0 with an online
   softmax in float32, queries in chunks of `ROWS`; blocks past a query's position are masked
   to exact no-ops (scale 1, add 0), so how far a chunk reaches changes nothing for a row, and
-  decode rows, prefill rows and chunked-prefill rows go through the same code.
+  decode rows, prefill rows and chunked-prefill rows go through the same code. On CUDA the
+  same holds for the Triton varlen kernel run with one fixed tiling for every step.
 
 Elementwise ops (rope, silu * up) are invariant as they are. Sampling is per row already;
 random sampling is invariant for requests with their own seed (sampler.py).
@@ -91,6 +92,9 @@ class InvariantAttention:
     ) -> torch.Tensor:
         if rope is not None:
             q, k = rope(q, k)
+        head_dim = q.shape[-1]
+        if q.is_cuda and not head_dim & (head_dim - 1):
+            return _triton_attention(q, k, v, kv_cache, meta, scale, window)
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         starts = meta.query_start_host
@@ -99,6 +103,18 @@ class InvariantAttention:
             keys, values = gather_context(kv_cache, meta.block_tables[i], seq_len)
             out[lo:hi] = sequence_attention(q[lo:hi], keys, values, scale, window)
         return out
+
+
+def _triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float, window: int | None,
+) -> torch.Tensor:
+    """GPU: the varlen prefill kernel for every step, decode too, with one fixed tiling. Each
+    query row walks key tiles from position 0 in order; tiles past it are exact no-ops."""
+    from kvflow.engines.native.triton_attention import PrefillTiling, paged_prefill, store_kv
+
+    store_kv(kv_cache, k, v, meta.slot_mapping)
+    return paged_prefill(q, kv_cache, meta, scale, window, PrefillTiling(16, KEYS * 2, 4, 2))
 
 
 def sequence_attention(

@@ -33,6 +33,7 @@ from kvflow.engines.native.kv_io import block_io, kv_layout
 from kvflow.engines.native.model import CausalLM
 from kvflow.engines.native.ops import make_ops
 from kvflow.engines.native.sampler import RequestSampling, Sampler, SamplerOutput, SampleRow
+from kvflow.engines.native.warmup import warm_up
 from kvflow.engines.native.weights import (
     load_model,
     resolve_device,
@@ -123,6 +124,7 @@ class ModelRunner:
         self.kv_caches = list(self.kv_memory.whole.unbind(0))
         model.set_kv_caches(self.kv_caches)
         self.graphs = self._capture_graphs()
+        self._warm_up()
 
     @classmethod
     def load(cls, engine: NativeEngineConfig) -> ModelRunner:
@@ -197,6 +199,17 @@ class ModelRunner:
         with torch.inference_mode():
             graphs.capture()
         return graphs
+
+    def _warm_up(self) -> None:
+        """GPU: every prefill size class and the decode batches graphs leave eager (warmup.py)."""
+        if self.device.type != "cuda":
+            return
+        graphed = set(self.graphs.sizes) if self.graphs is not None else set()
+        eager = {1, self.engine.max_num_seqs} - graphed
+        done = warm_up(self.model, self.block_size, self.num_blocks,
+                       min(self.engine.max_num_batched_tokens, self.max_model_len),
+                       tuple(sorted(eager)), self.device)
+        log.info("native engine: %s", done.describe())
 
     # ---- one step -----------------------------------------------------------------
 

@@ -80,3 +80,20 @@ def test_attention_rows_do_not_depend_on_chunking(window: int | None) -> None:
     for start, stop in ((0, 10), (10, 11), (11, 100), (149, 150)):  # chunks, as prefill sees them
         part = sequence_attention(q[start:stop], keys[:stop], values[:stop], 0.25, window)
         assert torch.equal(part, whole[start:stop])
+
+
+def test_warm_up_runs_every_size_class(tiny_models: Callable[[str], Path]) -> None:
+    from kvflow.engines.native.attention import make_backend
+    from kvflow.engines.native.config import ModelConfig
+    from kvflow.engines.native.kv_cache import KvCacheLayout, allocate_kv_cache
+    from kvflow.engines.native.warmup import prefill_lengths, warm_up
+    from kvflow.engines.native.weights import load_model
+
+    path, cpu = tiny_models("llama"), torch.device("cpu")
+    cfg = ModelConfig.from_dir(path)
+    model = load_model(path, cfg, make_backend("torch", cpu), 512, cpu, torch.float32)
+    layout = KvCacheLayout(64, 4, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    model.set_kv_caches(allocate_kv_cache(layout, cpu))
+    done = warm_up(model, 4, 64, 128, (1, 8), cpu)
+    assert done.prefill_lengths == prefill_lengths(128) == (1, 2, 8, 16, 64, 65, 128)
+    assert done.decode_batches == (1, 8) and "warmed prefill chunks" in done.describe()
