@@ -45,6 +45,14 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes)
     add_connection_args(g)
     add_access_args(g)
+    g.add_argument(
+        "--anthropic-stable-prefix", action="store_true",
+        default=FrontendConfig.anthropic_stable_prefix,
+        help="/v1/messages: move system blocks after the last cache_control breakpoint to the "
+        "last user turn, so a per-request system tail does not defeat prefix caching")
+    g.add_argument(
+        "--responses-store-size", type=int, default=FrontendConfig.responses_store_size,
+        help="/v1/responses kept in memory for previous_response_id (default: %(default)s)")
     g = parser.add_argument_group("overload, migration and worker health")
     g.add_argument(
         "--max-inflight-per-model", type=int, default=FrontendConfig.max_inflight_per_model,
@@ -157,6 +165,8 @@ def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
         max_queued_per_model=ns.max_queued_per_model,
         queue_timeout_s=ns.queue_timeout_s,
         overload_retry_after_s=ns.overload_retry_after_s,
+        anthropic_stable_prefix=ns.anthropic_stable_prefix,
+        responses_store_size=ns.responses_store_size,
     )
 
 

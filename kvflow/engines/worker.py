@@ -171,6 +171,12 @@ def _snapshot_handler(engine: Engine) -> Any:
     return kv_snapshot
 
 
+def _model_types(overrides: dict) -> ModelType:
+    """Chat and completions; embeddings too when the engine serves them."""
+    types = ModelType.Chat | ModelType.Completions
+    return types | ModelType.Embedding if overrides.get("embeddings") else types
+
+
 async def serve_instance(
     runtime: DistributedRuntime, spec: EngineSpec, ns: argparse.Namespace, args: WorkerArgs,
     instance_id: int, gauges: LoadGauges | None = None,
@@ -191,7 +197,7 @@ async def serve_instance(
     overrides = spec.card_overrides(ns)
     await register_llm(
         ModelInput.Tokens,
-        ModelType.Chat | ModelType.Completions,
+        _model_types(overrides),
         generate,
         args.model_path,
         model_name=args.model_name,
@@ -203,6 +209,7 @@ async def serve_instance(
         reasoning_parser=args.reasoning_parser,
         instance_id=instance_id,
         role=args.role,
+        guided_decoding=bool(overrides.get("guided_decoding")),
     )
     try:
         await asyncio.gather(

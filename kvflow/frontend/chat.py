@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
 import msgspec
 
 from kvflow.frontend import limits
@@ -48,6 +51,36 @@ _CONTENT_TAIL = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 
 async def handle_chat(state: FrontendState, request: HttpRequest, responder: Responder) -> None:
     body: ChatCompletionRequest = decode_body(_DECODER, request.body)
+
+    async def respond(gen: Generation, prepared: pre.Prepared) -> None:
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            await in_own_task(_stream(gen, responder, include_usage, prepared.options.logprobs))
+        else:
+            await _collect(gen, responder, prepared.options.logprobs)
+
+    await run_chat(state, request, responder, body, ChatRun("chat_completions", "chatcmpl-"),
+                   respond)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRun:
+    """How one API names a chat-shaped request: its metrics endpoint label and id prefix."""
+
+    endpoint: str
+    id_prefix: str
+
+
+Respond = Callable[[Generation, "pre.Prepared"], Awaitable[None]]
+
+
+async def run_chat(
+    state: FrontendState, request: HttpRequest, responder: Responder,
+    body: ChatCompletionRequest, run: ChatRun, respond: Respond,
+) -> None:
+    """The chat pipeline every chat-shaped API shares (chat completions, Anthropic Messages,
+    Responses): validate → resolve the model → limits → admission → template + tokenize →
+    Generation, handed to `respond` to write in the API's own shape."""
     pre.validate_chat(body)
     model = resolve_model(state.models, body.model, "chat")
     limits.check_chat(state.config, model, body)
@@ -60,21 +93,16 @@ async def handle_chat(state: FrontendState, request: HttpRequest, responder: Res
             state.executor, chars, state.config.offload_prompt_chars,
             lambda: pre.tokenize_chat(model, body),
         )
-        response_id = new_id("chatcmpl-")
+        response_id = new_id(run.id_prefix)
         engine_id = request_id(request, response_id)
         prepared = pre.prepare_chat(model, body, prompt, engine_id, salt, hints)
         context = Context(engine_id)
         responder.on_disconnect(context.stop_generating)
-        gen = Generation(model, prepared, context, record, response_id)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            await in_own_task(_stream(gen, responder, include_usage, prepared.options.logprobs))
-        else:
-            await _collect(gen, responder, prepared.options.logprobs)
+        await respond(Generation(model, prepared, context, record, response_id), prepared)
 
     with claim_request_id(state, request):
         async with state.admission.slot(model.name):
-            record = state.metrics.request(model.name, "chat_completions")
+            record = state.metrics.request(model.name, run.endpoint)
             await tracked(record, serve())
 
 
@@ -97,7 +125,7 @@ class ChatChunkEncoder:
         return self._chunk([ChatChunkChoice(index, ChatDelta(role="assistant", content=""))])
 
     def delta(self, d: ChoiceDelta) -> bytes:
-        if d.reasoning or d.tool_calls or d.logprobs or d.finish_reason:
+        if d.reasoning or d.tool_pieces or d.logprobs or d.finish_reason:
             return self._chunk([self._choice(d)])
         return self.content(d.index, d.text) if d.text else b""
 
@@ -106,10 +134,11 @@ class ChatChunkEncoder:
 
     def _choice(self, d: ChoiceDelta) -> ChatChunkChoice:
         calls = None
-        if d.tool_calls:
+        if d.tool_pieces:  # arguments stream as the model writes them
             calls = [
-                ToolCallDelta(i, c.id, "function", FunctionCallDelta(c.name, c.arguments))
-                for i, c in enumerate(d.tool_calls, start=d.tool_call_base)
+                ToolCallDelta(p.index, p.id, "function" if p.id else None,
+                              FunctionCallDelta(p.name, p.arguments))
+                for p in d.tool_pieces
             ]
         delta = ChatDelta(content=d.text or None, reasoning_content=d.reasoning or None,
                           tool_calls=calls)

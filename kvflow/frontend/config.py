@@ -51,6 +51,10 @@ class FrontendConfig:
     max_stop_strings: int = 64
     max_stop_chars: int = 1024
     max_choices: int = 1024  # engine requests one HTTP request may start (prompts x n)
+    # /v1/messages: keep the cacheable prefix stable (see frontend/anthropic_request.py).
+    anthropic_stable_prefix: bool = False
+    # /v1/responses: responses kept for previous_response_id (oldest dropped first).
+    responses_store_size: int = 1024
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -62,6 +66,8 @@ class FrontendConfig:
         for name in ("metrics_access", "health_access", "openapi_access"):
             if getattr(self, name) not in ("open", "keyed", "off"):
                 raise ValueError(f"{name} must be open, keyed or off; got {getattr(self, name)!r}")
+        if self.responses_store_size < 0:
+            raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
         self.admission_limits()  # checks the overload settings now
         self.timeouts()
 

@@ -155,11 +155,13 @@ async def stream_sse(
     encode: Callable[[ChoiceDelta], bytes],
     opening: Callable[[], bytes],
     closing: Callable[[], bytes],
+    done: bytes = DONE,
+    error_event: Callable[[ApiError], bytes] = api_error_event,
 ) -> None:
     """Write `gen` as server-sent events: `opening()` before the first delta's chunk,
-    `encode(delta)` per delta, then `closing()` (e.g. a usage chunk) and `[DONE]`. An error
-    after the stream started becomes an error event; before that it propagates (a plain
-    HTTP error response)."""
+    `encode(delta)` per delta, then `closing()` (e.g. a usage chunk) and `done` (OpenAI's
+    `[DONE]`). An error after the stream started becomes `error_event(error)`; before that
+    it propagates (a plain HTTP error response)."""
     started = False
     try:
         async for delta in gen.deltas():
@@ -174,11 +176,11 @@ async def stream_sse(
         if not started:
             raise
         gen.record.finish("error")
-        responder.write(api_error_event(exc) + DONE)
+        responder.write(error_event(exc) + done)
         responder.end()
         return
     if not started:
         responder.start_stream()
     timing = gen.timeline.sse_event() if gen.timeline is not None else b""
-    responder.write(closing() + timing + DONE)
+    responder.write(closing() + timing + done)
     responder.end()

@@ -17,6 +17,7 @@ from kvflow.frontend.models import ServedModel
 from kvflow.frontend.preprocess import OutputOptions
 from kvflow.llm.detokenizer import IncrementalDetokenizer
 from kvflow.llm.parsers.tool_calls import ToolCall
+from kvflow.llm.parsers.tool_stream import ToolCallPiece
 from kvflow.llm.protocol import FINISH_LENGTH, FINISH_STOP, EngineOutput, TopLogprob
 from kvflow.llm.stop import StopStringMatcher
 
@@ -51,6 +52,8 @@ class ChoiceDelta(msgspec.Struct):
     finish_reason: str | None = None
     # Position of tool_calls[0] among all the choice's tool calls (stream deltas number them).
     tool_call_base: int = 0
+    # Tool calls as they are written: what streamed responses send (tool_calls: when whole).
+    tool_pieces: list[ToolCallPiece] | None = None
 
 
 @dataclass(slots=True)
@@ -58,6 +61,7 @@ class _Split:
     text: str
     reasoning: str = ""
     calls: list[ToolCall] = field(default_factory=list)
+    pieces: list[ToolCallPiece] = field(default_factory=list)
 
 
 class ChoiceProcessor:
@@ -73,6 +77,8 @@ class ChoiceProcessor:
         self.tool_call_count = 0
         # True when a stop string ended the choice: the caller must stop the engine.
         self.stopped_by_string = False
+        # The stop string that ended the choice (APIs that report it: Anthropic Messages).
+        self.stop_sequence: str | None = None
         self._detok = IncrementalDetokenizer(
             model.tokenizer, prompt_ids, skip_special_tokens=options.skip_special_tokens
         )
@@ -129,7 +135,7 @@ class ChoiceProcessor:
             self.finish_reason = FINISH_TOOL_CALLS
         return ChoiceDelta(
             self.index, split.text, split.reasoning, split.calls or None, logprobs,
-            self.finish_reason if ended else None, base,
+            self.finish_reason if ended else None, base, split.pieces or None,
         )
 
     def _stop_filter(self, text: str) -> str:
@@ -138,6 +144,7 @@ class ChoiceProcessor:
         if result.stopped and self.finish_reason is None:
             self.finish_reason = FINISH_STOP
             self.stopped_by_string = True
+            self.stop_sequence = result.matched
         return result.text
 
     def _flush_text(self) -> str:
@@ -161,13 +168,15 @@ class ChoiceProcessor:
         if self._tools is None:
             return _Split(text, reasoning)
         calls: list[ToolCall] = []
+        pieces: list[ToolCallPiece] = []
         if text:
             found = self._tools.push(text)
-            text, calls = found.content, list(found.calls)
+            text, calls, pieces = found.content, list(found.calls), list(found.pieces)
         if ended:
             tail = self._tools.flush()
             text, calls = text + tail.content, calls + list(tail.calls)
-        return _Split(text, reasoning, calls)
+            pieces += tail.pieces
+        return _Split(text, reasoning, calls, pieces)
 
     def _logprobs(self, out: EngineOutput) -> TokenLogprobs | None:
         if out.logprobs is None:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from kvflow.frontend import guided
 from kvflow.frontend.errors import ApiError, bad_request
 from kvflow.frontend.models import ServedModel
 from kvflow.llm.chat_template import TemplateError
@@ -216,6 +217,7 @@ def prepare_chat(
         reasoning_open=reasoning is not None and reasoning.prompt_opens_reasoning(prompt.text),
     )
     base = _engine_request(model, req, ids, max_tokens, options.logprobs, cache_salt, routing)
+    base = guided.force_tool_calls(model, req, base) if options.tools else base
     choices = [ChoiceInput(i, _for_choice(base, request_id, i, req.n)) for i in range(req.n)]
     return Prepared(choices, options, len(ids), req.n)
 
@@ -352,6 +354,7 @@ def _engine_request(
             f"response_format {fmt.get('type')!r} needs guided decoding, which the engine serving "
             f"model '{model.name}' does not offer; omit response_format or use {{\"type\": \"text\"}}",
             param="response_format", code="unsupported_response_format")
+    guided.check_response_format(fmt)
     sampling = SamplingOptions(
         temperature=req.temperature,
         top_p=req.top_p,

@@ -24,15 +24,19 @@ import urllib.parse
 from dataclasses import dataclass
 
 from kvflow.frontend import handlers
+from kvflow.frontend.anthropic import handle_count_tokens, handle_messages
 from kvflow.frontend.chat import handle_chat
 from kvflow.frontend.completions import handle_completion
 from kvflow.frontend.config import FrontendConfig
 from kvflow.frontend.debug import explain_route
+from kvflow.frontend.embeddings import handle_embeddings
 from kvflow.frontend.errors import ApiError
 from kvflow.frontend.fleet import fleet_events, fleet_page, fleet_snapshot
 from kvflow.frontend.handlers import Handler
 from kvflow.frontend.http_response import HttpRequest
+from kvflow.frontend.responses import handle_responses
 from kvflow.frontend.timeline import observed
+from kvflow.frontend.tokenize import handle_detokenize, handle_tokenize
 
 ACCESS_CLASSES = ("inference", "debug", "metrics", "health", "openapi", "fleet")
 OPEN, KEYED, ADMIN, OFF = "open", "keyed", "admin", "off"
@@ -59,6 +63,13 @@ ROUTES: dict[str, Route] = {r.path: r for r in (
     Route("/metrics", {"GET": handlers.metrics}, "metrics"),
     Route("/openapi.json", {"GET": handlers.openapi}, "openapi"),
     Route("/debug/route", {"POST": explain_route}, "debug"),
+    # Other APIs, each translated onto the same pipeline in a module of its own.
+    Route("/v1/messages", {"POST": handle_messages}, "inference"),
+    Route("/v1/messages/count_tokens", {"POST": handle_count_tokens}, "inference"),
+    Route("/v1/responses", {"POST": handle_responses}, "inference"),
+    Route("/v1/embeddings", {"POST": handle_embeddings}, "inference"),
+    Route("/tokenize", {"POST": handle_tokenize}, "inference"),
+    Route("/detokenize", {"POST": handle_detokenize}, "inference"),
     Route("/fleet", {"GET": fleet_page}, "fleet"),
     Route("/fleet/events", {"GET": fleet_events}, "fleet"),
     Route("/fleet/snapshot", {"GET": fleet_snapshot}, "fleet"),
@@ -87,16 +98,19 @@ def check_access(route: Route, config: FrontendConfig, request: HttpRequest) -> 
         config.api_keys + config.admin_api_keys)
     if keys and not _has_key(request, keys, query_key=route.access == "fleet"):
         raise ApiError(
-            401, "Missing or invalid API key; send 'Authorization: Bearer <key>'"
+            401, "Missing or invalid API key; send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
             + (" with an admin key." if rule == ADMIN and config.admin_api_keys else "."),
             type="authentication_error", code="invalid_api_key")
 
 
 def _has_key(request: HttpRequest, keys: tuple[str, ...], query_key: bool = False) -> bool:
+    """A configured key in `Authorization: Bearer` (OpenAI clients), `x-api-key` (Anthropic
+    clients) or, for the fleet page's browser feed, `?key=`."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        if not query_key:
-            return False
-        token = urllib.parse.parse_qs(request.query).get("key", [""])[0]
-    supplied = token.strip().encode()
-    return any(hmac.compare_digest(supplied, key.encode()) for key in keys)
+    supplied = [token.strip()] if scheme.lower() == "bearer" else []
+    if "x-api-key" in request.headers:
+        supplied.append(request.headers["x-api-key"].strip())
+    if query_key:
+        supplied.append(urllib.parse.parse_qs(request.query).get("key", [""])[0])
+    return any(hmac.compare_digest(value.encode(), key.encode())
+               for value in supplied if value for key in keys)

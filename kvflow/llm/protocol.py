@@ -82,6 +82,15 @@ class RoutingHints(msgspec.Struct, omit_defaults=True):
     session_id: str | None = None
 
 
+class EmbedOptions(msgspec.Struct, omit_defaults=True):
+    """An embedding request: no tokens are generated; the prompt's final hidden states are
+    pooled ("last" token or "mean" over the prompt), cut to `dimensions` and normalized."""
+
+    pooling: str = "last"
+    normalize: bool = True
+    dimensions: int | None = None
+
+
 class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
     """A tokenized request, ready for an engine."""
 
@@ -104,6 +113,8 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
     # W3C traceparent of the caller's span when tracing is on (kvflow.runtime.tracing);
     # the worker's spans become its children. None when tracing is off.
     trace_context: str | None = None
+    # Set: an embedding request (engines whose card lists "embedding" serve it).
+    embed: EmbedOptions | None = None
 
 
 class TopLogprob(msgspec.Struct, array_like=True):
@@ -129,6 +140,8 @@ class EngineOutput(msgspec.Struct, omit_defaults=True):
     index: int = 0
     # Disaggregated decode: the KV pulled from the prefill worker (first output only).
     kv_transfer: KvTransferStats | None = None
+    # The pooled embedding, on the last output of an embedding request.
+    embedding: list[float] | None = None
 
 
 FINISH_STOP = "stop"

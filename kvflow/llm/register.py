@@ -82,6 +82,7 @@ async def register_llm(
     instance_id: int | None = None,
     inline_limit: int = DEFAULT_INLINE_LIMIT,
     role: str = ROLE_AGGREGATED,
+    guided_decoding: bool = False,
 ) -> ModelEntry:
     """Publish the model card for `endpoint` (call before or while serving it).
 
@@ -102,6 +103,8 @@ async def register_llm(
         model_input=model_input.value,
         model_types=_type_names(model_type),
     )
+    if guided_decoding:  # the engine can honour response_format
+        card = msgspec.structs.replace(card, guided_decoding=True)
     runtime = endpoint.runtime
     iid = instance_id or runtime.lease_id
     files_ep = ""

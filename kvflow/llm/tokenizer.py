@@ -87,5 +87,9 @@ class Tokenizer:
         """The id of a vocabulary string, or None if it is not in the vocabulary."""
         return self.raw.token_to_id(token)
 
+    def added_tokens(self) -> dict[str, int]:
+        """Added (special and control) tokens: their text → id."""
+        return {t.content: i for i, t in self.raw.get_added_tokens_decoder().items()}
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, checksum={self.checksum[:12]})"

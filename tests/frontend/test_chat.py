@@ -91,6 +91,21 @@ async def test_response_format_needs_an_engine_that_can_honour_it(served: Served
     assert r.choices[0].message.content
 
 
+async def test_bad_schema_is_a_400_naming_the_problem(served: Served, card):
+    pytest.importorskip("llguidance")
+    served.add(msgspec.structs.replace(card, guided_decoding=True), EchoEngineClient())
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        await served.client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                    response_format=bad)
+    assert info.value.body["param"] == "response_format"
+    assert "objectx" in info.value.body["message"]
+    missing = {"type": "json_schema", "json_schema": {"name": "x"}}
+    with pytest.raises(openai.BadRequestError, match="schema"):
+        await served.client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                    response_format=missing)
+
+
 async def test_sampling_fields_reach_engine(served: Served, card):
     card = msgspec.structs.replace(card, guided_decoding=True)
     echo = EchoEngineClient()

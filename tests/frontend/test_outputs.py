@@ -127,16 +127,25 @@ async def test_tool_call_streaming(served, make_card, tokenizer):
     stream = await served.client.chat.completions.create(
         model=MODEL, messages=MESSAGES, tools=TOOLS, stream=True
     )
-    content, calls, finish = "", [], None
+    content, deltas, finish = "", [], None
     async for c in stream:
         d = c.choices[0].delta
         content += d.content or ""
-        calls.extend(d.tool_calls or [])
+        deltas.extend(d.tool_calls or [])
         finish = c.choices[0].finish_reason or finish
     assert content == "Let me check."
-    assert [c.index for c in calls] == [0, 1]
-    assert all(c.function.name == "get_weather" for c in calls)
+    assert sorted({c.index for c in deltas}) == [0, 1]
+    for index in (0, 1):  # the first delta of a call names it; the arguments follow in pieces
+        mine = [c for c in deltas if c.index == index]
+        assert mine[0].id.startswith("call_") and mine[0].function.name == "get_weather"
+        assert all(c.id is None and c.function.name is None for c in mine[1:])
+        assert len(mine) > 2  # one token at a time: the arguments came in several pieces
+        assert "".join(c.function.arguments or "" for c in mine) == '{"city": "Paris"}'
     assert finish == "tool_calls"
+    whole = await served.client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                        tools=TOOLS)
+    assert [c.function.arguments for c in whole.choices[0].message.tool_calls] == [
+        '{"city": "Paris"}'] * 2
 
 
 async def test_tool_choice_none_leaves_text_alone(served, make_card, tokenizer):
@@ -270,3 +279,27 @@ async def test_engine_error_mid_stream_reaches_client(served, card, tokenizer):
             pass
     with pytest.raises(openai.InternalServerError, match="GPU fell off the bus"):
         await served.client.chat.completions.create(model=MODEL, messages=MESSAGES)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "get_weather"}}])
+async def test_forced_tool_choice_becomes_a_grammar(served, make_card, tokenizer, choice):
+    pytest.importorskip("llguidance")
+    card = replace(make_card(tool_call_parser="hermes"), guided_decoding=True)
+    engine = scripted(served, card, tokenizer, CALL_TEXT)
+    await served.client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS,
+                                                tool_choice=choice)
+    fmt = engine.requests[-1].sampling.response_format
+    assert fmt["type"] == "lark" and "get_weather" in fmt["lark"]
+    await served.client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS)
+    assert engine.requests[-1].sampling.response_format is None  # "auto" stays free
+
+
+async def test_forced_tool_choice_with_a_bad_schema_is_a_400(served, make_card, tokenizer):
+    pytest.importorskip("llguidance")
+    scripted(served, replace(make_card(tool_call_parser="hermes"), guided_decoding=True),
+             tokenizer, CALL_TEXT)
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]
+    with pytest.raises(openai.BadRequestError, match="nope"):
+        await served.client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=bad,
+                                                    tool_choice="required")

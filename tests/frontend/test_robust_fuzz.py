@@ -31,7 +31,21 @@ from kvflow.llm.model_card import ModelCard
 MODEL = "test-model"
 SPEC = build_openapi()
 SCHEMAS: dict[str, Any] = SPEC["components"]["schemas"]
-ROUTES = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest"}
+ROUTES = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest",
+          "/v1/messages": "MessagesRequest", "/v1/messages/count_tokens": "CountTokensRequest",
+          "/v1/responses": "ResponsesRequest", "/tokenize": "TokenizeRequest",
+          "/detokenize": "DetokenizeRequest", "/v1/embeddings": "EmbeddingRequest"}
+ANTHROPIC = ("/v1/messages", "/v1/messages/count_tokens")
+# What a 200 JSON body of each route must have, and how each route's stream ends.
+RESULT_KEY = {"/v1/chat/completions": "choices", "/v1/completions": "choices",
+              "/v1/messages": "content", "/v1/messages/count_tokens": "input_tokens",
+              "/v1/responses": "output", "/tokenize": "tokens", "/detokenize": "prompt",
+              "/v1/embeddings": "data"}
+STREAM_END = {"/v1/messages": (b"event: message_stop\n", b"event: error\n"),
+              "/v1/responses": (b"event: response.completed\n", b"event: response.incomplete\n",
+                                b"event: error\n")}
+# The original two routes keep their budget; the newer ones get fewer examples each.
+EXAMPLES = {"/v1/chat/completions": 150, "/v1/completions": 150}
 
 # Arbitrary JSON, including the values that break naive servers.
 EDGE_NUMBERS = st.sampled_from([0, -1, 2**31, 2**53 + 1, 2**63, 2**64, -(2**63) - 1, 10**30,
@@ -99,7 +113,7 @@ def _object(schema: dict[str, Any], depth: int) -> st.SearchStrategy[Any]:
 def _property(name: str, schema: dict[str, Any], depth: int) -> st.SearchStrategy[Any]:
     if name == "model" and depth == 0:
         return st.just(MODEL) | st.text(max_size=12)  # mostly the served model
-    if name in ("max_tokens", "max_completion_tokens") and depth == 0:
+    if name in ("max_tokens", "max_completion_tokens", "max_output_tokens") and depth == 0:
         return st.integers(min_value=1, max_value=16) | from_schema(schema, depth)
     return from_schema(schema, depth)
 
@@ -207,16 +221,27 @@ def frontend(card: ModelCard) -> Iterator[ThreadedFrontend]:
     server.stop()
 
 
-def check_response(status: int, data: bytes) -> None:
+def check_response(route: str, status: int, data: bytes) -> None:
     assert status < 500, f"{status}: {data[:500]!r}"
     if status >= 400:
-        error = json.loads(data)["error"]
+        body = json.loads(data)
+        error = body["error"]
         assert isinstance(error["message"], str) and error["message"]
-        assert set(error) == {"message", "type", "param", "code"}
+        if route in ANTHROPIC:
+            assert body["type"] == "error" and set(error) == {"type", "message"}
+        else:
+            assert set(error) == {"message", "type", "param", "code"}
     elif data.startswith(b"data: "):
         assert data.endswith(b"data: [DONE]\n\n")
+    elif data.startswith(b"event: "):
+        last = data[data.rstrip(b"\n").rfind(b"event: "):]
+        assert last.startswith(STREAM_END[route]), data[-300:]
     else:
-        assert json.loads(data)["choices"]
+        assert RESULT_KEY[route] in json.loads(data)
+
+
+def fuzz_settings(route: str) -> settings:
+    return settings(FUZZ, max_examples=EXAMPLES.get(route, 60))
 
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
@@ -228,25 +253,27 @@ FUZZ = settings(max_examples=150, deadline=None, database=None,
 def test_fuzzed_requests_never_get_a_5xx(frontend: ThreadedFrontend, route: str) -> None:
     with SteadyStream(frontend) as steady:
 
-        @FUZZ
+        @fuzz_settings(route)
         @given(body=request_bodies(route))
         def one(body: bytes) -> None:
-            check_response(*frontend.post(route, body))
+            check_response(route, *frontend.post(route, body))
 
         one()
     assert steady.done > 0 and not steady.failures, steady.failures[:3]
 
 
-def test_the_strategy_reaches_the_engine(frontend: ThreadedFrontend) -> None:
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/messages", "/v1/responses",
+                                   "/tokenize"])
+def test_the_strategy_reaches_the_engine(frontend: ThreadedFrontend, route: str) -> None:
     """The fuzzer is only useful if schema-shaped bodies also get 200s, not only 400s."""
     statuses: list[int] = []
 
     @settings(max_examples=60, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(body=from_schema(SCHEMAS["CompletionRequest"]))
+    @given(body=from_schema(SCHEMAS[ROUTES[route]]))
     def one(body: dict[str, Any]) -> None:
-        status, data = frontend.post("/v1/completions", json.dumps(body).encode())
-        check_response(status, data)
+        status, data = frontend.post(route, json.dumps(body).encode())
+        check_response(route, status, data)
         statuses.append(status)
 
     one()

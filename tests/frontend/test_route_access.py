@@ -22,6 +22,12 @@ EXPECTED = {
     "/metrics": "metrics",
     "/openapi.json": "openapi",
     "/debug/route": "debug",
+    "/v1/messages": "inference",
+    "/v1/messages/count_tokens": "inference",
+    "/v1/responses": "inference",
+    "/v1/embeddings": "inference",
+    "/tokenize": "inference",
+    "/detokenize": "inference",
     "/fleet": "fleet",
     "/fleet/events": "fleet",
     "/fleet/snapshot": "fleet",
@@ -46,7 +52,7 @@ async def _status(served, path: str, key: str | None) -> tuple[int, str | None]:
         headers["authorization"] = f"Bearer {key}"
     resp = await raw_request(served.host, served.port, method, path,
                              BODY if method == "POST" else b"", headers)
-    code = resp.json()["error"]["code"] if resp.status >= 400 else None
+    code = resp.json()["error"].get("code") if resp.status >= 400 else None  # Anthropic errors have none
     return resp.status, code
 
 

@@ -120,6 +120,12 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
 
+    def isolate_cache(self, salt: str) -> None:
+        """Give this sequence block hashes of its own: it neither reuses cached blocks nor
+        leaves blocks others would match (e.g. when every prompt token must be computed)."""
+        self._hash_seed = extra_seed(salt)
+        self._hashes.clear()
+
     @property
     def parent_hash_seed(self) -> int | None:
         """The chain seed of block 0 (separates LoRA adapters); None when there is none."""

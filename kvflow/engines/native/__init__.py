@@ -87,7 +87,10 @@ def _build(ns: argparse.Namespace, hooks: EngineHooks) -> NativeEngine:
 
 
 def _card_overrides(ns: argparse.Namespace) -> dict:
-    return {"kv_cache_block_size": ns.block_size}
+    from kvflow.llm.structured import available
+
+    return {"kv_cache_block_size": ns.block_size, "guided_decoding": available(),
+            "embeddings": True}
 
 
 register_engine(

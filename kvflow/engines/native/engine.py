@@ -24,6 +24,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
+
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.core.block_pool import BlockPool
 from kvflow.engines.core.outputs import follow_outputs
@@ -36,12 +38,23 @@ from kvflow.engines.core.scheduler import (
 )
 from kvflow.engines.core.sequence import SeqStatus, Sequence
 from kvflow.engines.native.config import NativeEngineConfig
+from kvflow.engines.native.guided import GuidedDecoding
+from kvflow.engines.native.pooling import POOLINGS
 from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
+from kvflow.engines.native.weights import resolve_model_dir
 from kvflow.kv.connector import EngineKv, KvConnector
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
-from kvflow.llm.protocol import FINISH_CANCELLED, FINISH_ERROR, EngineOutput, PreprocessedRequest
+from kvflow.llm.protocol import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_STOP,
+    EngineOutput,
+    PreprocessedRequest,
+    StopConditions,
+)
+from kvflow.llm.structured import GrammarError, is_guided
 from kvflow.runtime.context import Context
 
 log = logging.getLogger(__name__)
@@ -66,7 +79,7 @@ class NativeEngine:
         self._lock = threading.Condition()
         self._streams: dict[str, RequestStream] = {}
         self._sampling: dict[str, RequestSampling] = {}
-        self._num_penalized = 0  # requests whose sampling reads their past tokens
+        self._num_penalized = 0  # requests whose sampling reads their past tokens (penalties, grammars)
         self._inflight: InFlight | None = None
         self._async = False
         self._stopping = False
@@ -150,10 +163,22 @@ class NativeEngine:
             stream.fail(problem)
             return stream
         assert self.scheduler is not None and self.runner is not None
+        if request.embed is not None:  # the prompt's last step ends it: one (dropped) token
+            request = msgspec.structs.replace(request, stop=StopConditions(max_tokens=1))
         seq = Sequence.from_request(request, seed=request.sampling.seed or 0)
         params = RequestSampling.from_request(
             request.sampling, request.stop, request.eos_token_ids, self.runner.device
         )
+        if request.embed is not None:
+            params.embed = request.embed
+            if request.embed.pooling == "mean":  # every prompt token's state is needed
+                seq.isolate_cache(f"embed-mean:{request.request_id}")
+        if is_guided(request.sampling.response_format):
+            try:
+                params.guide = self._guided(request).guide(request.sampling.response_format)
+            except (GrammarError, ImportError) as exc:
+                stream.fail(f"guided decoding failed: {exc}")
+                return stream
         with self._lock:
             try:
                 self.scheduler.add(seq)
@@ -162,10 +187,20 @@ class NativeEngine:
                 return stream
             self._streams[seq.request_id] = stream
             self._sampling[seq.request_id] = params
-            if params.penalized:
+            if params.reads_tokens:
                 self._num_penalized += 1
             self._lock.notify_all()
         return stream
+
+    def _guided(self, request: PreprocessedRequest) -> GuidedDecoding:
+        """The engine's grammar machinery, built on the first guided request (it needs the
+        EOS ids, which requests carry)."""
+        assert self.runner is not None
+        if self.runner.sampler.guided is None:
+            model_dir = resolve_model_dir(self.config.model_path)
+            self.runner.sampler.guided = GuidedDecoding.for_model(
+                model_dir, self.runner.cfg.vocab_size, request.eos_token_ids, self.runner.device)
+        return self.runner.sampler.guided
 
     def _check_request(self, request: PreprocessedRequest) -> str | None:
         if self.runner is None:
@@ -177,6 +212,13 @@ class NativeEngine:
                     "tokenize with this model's tokenizer")
         if request.sampling.n != 1:
             return "the native engine returns one choice per request (n=1); send n requests"
+        embed = request.embed
+        if embed is not None and embed.pooling not in POOLINGS:
+            return f"unknown pooling {embed.pooling!r}; use one of {', '.join(POOLINGS)}"
+        if embed is not None and embed.dimensions is not None and not (
+                0 < embed.dimensions <= self.runner.cfg.hidden_size):
+            return (f"dimensions must be between 1 and the model's hidden size "
+                    f"{self.runner.cfg.hidden_size}")
         return None
 
     def _cancel(self, stream: RequestStream) -> None:
@@ -192,8 +234,10 @@ class NativeEngine:
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+        if self.runner is not None:
+            self.runner.pooler.forget(request_id)
         params = self._sampling.pop(request_id, None)
-        if params is not None and params.penalized:
+        if params is not None and params.reads_tokens:
             self._num_penalized -= 1
 
     def _fail_all(self, message: str) -> None:
@@ -263,11 +307,20 @@ class NativeEngine:
             return
         assert self.scheduler is not None
         result = self._collect(inflight)
+        self._advance_guides(result)
         with self._lock:
             finished = self.scheduler.update(result.sampled)
             deliveries = self._deliveries(inflight.out, result, finished)
             published = self._drain()
         self._hand_over(deliveries, published)
+
+    def _advance_guides(self, result: StepResult) -> None:
+        if not self._num_penalized:
+            return
+        for rid, tokens in result.sampled.items():
+            params = self._sampling.get(rid)
+            if params is not None and params.guide is not None:
+                params.guide.advance(tokens)
 
     def _collect(self, inflight: InFlight) -> StepResult:
         assert self.runner is not None
@@ -314,6 +367,8 @@ class NativeEngine:
     ) -> Delivery:
         rid = seq.request_id
         d = Delivery(stream, result.sampled[rid], finish_reason=reason)
+        if rid in result.embeddings:  # an embedding request ends with its prompt
+            d.embedding, d.token_ids, d.finish_reason = result.embeddings[rid], [], FINISH_STOP
         lp = result.logprobs.get(rid)
         if lp is not None:
             d.logprobs, d.top_logprobs = [lp.logprob], [lp.top]

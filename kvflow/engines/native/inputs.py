@@ -11,7 +11,7 @@ the row of the step before whose sampled id it is (`chain_rows`, see Ops.chain_i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ class StepInputs:
     logits_indices: torch.Tensor  # int64 [S]: rows whose next token is sampled
     sampling_seqs: list[ScheduledSeq]  # the S sequences that sample, in row order
     chain_rows: torch.Tensor | None = None  # int64 [T]: last step's sampled row, or -1
+    # Every scheduled sequence, in batch order (rows query_start_host[i]:[i + 1]).
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +88,7 @@ def build_inputs(
         logits_indices=longs[3 * t : s_end],
         sampling_seqs=[s for s in scheduled if s.samples],
         chain_rows=longs[s_end:] if chained else None,
+        scheduled=scheduled,
     )
 
 

@@ -32,6 +32,7 @@ from kvflow.engines.native.kv_cache import (
 from kvflow.engines.native.kv_io import block_io, kv_layout
 from kvflow.engines.native.model import CausalLM
 from kvflow.engines.native.ops import make_ops
+from kvflow.engines.native.pooling import Pooler
 from kvflow.engines.native.sampler import RequestSampling, Sampler, SamplerOutput, SampleRow
 from kvflow.engines.native.warmup import warm_up
 from kvflow.engines.native.weights import (
@@ -58,6 +59,7 @@ class TokenLogprobs:
 class StepResult:
     sampled: dict[str, list[int]]
     logprobs: dict[str, TokenLogprobs]
+    embeddings: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Launched:
     seqs: list[ScheduledSeq]
     tokens: PendingTokens | None = None
     result: StepResult | None = None
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -116,6 +119,8 @@ class ModelRunner:
         self.block_size = engine.block_size
         self.max_model_len = max_model_len
         self.sampler = Sampler(device, engine.seed)
+        self.pooler = Pooler()
+        self._hidden: torch.Tensor | None = None
         self.sampled = torch.zeros(engine.max_num_seqs, dtype=torch.int64, device=device)
         self.readback = TokenReadback(engine.max_num_seqs, device)
         self._rows: dict[Sequence, int] = {}  # sampling row of each sequence, last launch
@@ -231,7 +236,11 @@ class ModelRunner:
         self, inputs: StepInputs | GraphStep, sampling: Mapping[str, RequestSampling]
     ) -> Launched:
         """Queue the model and sampling; the sampled ids land in `sampled` on the device."""
-        logits = self.logits(inputs)
+        embedding = isinstance(inputs, StepInputs) and any(
+            (p := sampling.get(s.seq.request_id)) is not None and p.embed is not None
+            for s in inputs.scheduled)
+        logits = self.logits(inputs, keep_hidden=True) if embedding else self.logits(inputs)
+        embeddings = self._pool(inputs, sampling) if embedding else {}
         seqs = inputs.sampling_seqs
         self._rows = {s.seq: i for i, s in enumerate(seqs)}
         if not seqs:
@@ -239,8 +248,28 @@ class ModelRunner:
         rows = [_sample_row(s, sampling) for s in seqs]
         ids = self._sample(inputs, logits, rows)
         if any(r.params.logprobs is not None for r in rows):
-            return Launched(seqs, result=_result(seqs, self.sampler.collect(logits, ids, rows)))
-        return Launched(seqs, tokens=self.readback.fetch(ids))
+            result = _result(seqs, self.sampler.collect(logits, ids, rows))
+            result.embeddings = {rid: v.tolist() for rid, v in embeddings.items()}
+            return Launched(seqs, result=result)
+        return Launched(seqs, tokens=self.readback.fetch(ids), embeddings=embeddings)
+
+    def _pool(self, inputs: StepInputs | GraphStep, sampling: Mapping[str, RequestSampling]
+              ) -> dict[str, torch.Tensor]:
+        """Feed each embedding request's rows of this step to the pooler; the requests whose
+        prompt ends in this step get their embedding."""
+        assert isinstance(inputs, StepInputs) and self._hidden is not None
+        done: dict[str, torch.Tensor] = {}
+        starts = inputs.meta.query_start_host
+        for i, s in enumerate(inputs.scheduled):
+            params = sampling.get(s.seq.request_id)
+            if params is None or params.embed is None:
+                continue
+            rows = self._hidden[starts[i] : starts[i + 1]]
+            vector = self.pooler.add(s.seq.request_id, rows, params.embed, final=s.samples)
+            if vector is not None:
+                done[s.seq.request_id] = vector
+        self._hidden = None
+        return done
 
     def _sample(self, inputs: StepInputs | GraphStep, logits: torch.Tensor,
                 rows: list[SampleRow]) -> torch.Tensor:
@@ -257,17 +286,21 @@ class ModelRunner:
         assert launched.tokens is not None
         tokens = launched.tokens.wait()
         pairs = zip(launched.seqs, tokens, strict=True)
-        return StepResult({s.seq.request_id: [t] for s, t in pairs}, {})
+        embeddings = {rid: v.tolist() for rid, v in launched.embeddings.items()}
+        return StepResult({s.seq.request_id: [t] for s, t in pairs}, {}, embeddings)
 
     @torch.inference_mode()
-    def logits(self, inputs: StepInputs | GraphStep) -> torch.Tensor:
-        """Logits [S, V] (float32) of the rows that sample."""
+    def logits(self, inputs: StepInputs | GraphStep, keep_hidden: bool = False) -> torch.Tensor:
+        """Logits [S, V] (float32) of the rows that sample (`keep_hidden`: the final hidden
+        states of every row stay in `_hidden` for pooling)."""
         if isinstance(inputs, GraphStep):
             assert self.graphs is not None
             return self.graphs.replay(inputs)
         if inputs.chain_rows is not None:
             self.model.ops.chain_ids(inputs.input_ids, inputs.chain_rows, self.sampled)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        if keep_hidden:
+            self._hidden = hidden
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
 

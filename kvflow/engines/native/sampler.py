@@ -1,4 +1,4 @@
-"""Batched sampling on the device: penalties, min_tokens, greedy, temperature, top-k, top-p, min-p.
+"""Batched sampling on the device: penalties, grammars, min_tokens, greedy, temperature, top-k/p, min-p.
 
 Per-request seeds are honoured with one `torch.Generator` per seeded request: a row's noise
 comes only from its own generator, so a seeded request samples the same tokens whatever
@@ -8,10 +8,14 @@ else shares its batch. Only the sampled ids (and logprobs when asked) go back to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from kvflow.llm.protocol import SamplingOptions, StopConditions
+from kvflow.llm.protocol import EmbedOptions, SamplingOptions, StopConditions
+
+if TYPE_CHECKING:
+    from kvflow.engines.native.guided import Guide, GuidedDecoding
 
 _EPS = 1e-10
 
@@ -32,6 +36,10 @@ class RequestSampling:
     stop_ids: tuple[int, ...] = ()
     logprobs: int | None = None
     generator: torch.Generator | None = None
+    # Guided decoding (response_format): the request's grammar state.
+    guide: Guide | None = None
+    # An embedding request: pool its prompt's hidden states (its sampled token is dropped).
+    embed: EmbedOptions | None = None
 
     @property
     def greedy(self) -> bool:
@@ -39,8 +47,14 @@ class RequestSampling:
 
     @property
     def plain(self) -> bool:
-        """No penalties, no min_tokens, no logprobs: nothing beyond the choice itself."""
-        return not self.penalized and self.min_tokens == 0 and self.logprobs is None
+        """No penalties, no grammar, no min_tokens, no logprobs: nothing beyond the choice."""
+        return (not self.penalized and self.guide is None and self.min_tokens == 0
+                and self.logprobs is None)
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether sampling needs the request's real previous tokens (no step ahead)."""
+        return self.penalized or self.guide is not None
 
     @property
     def penalized(self) -> bool:
@@ -107,6 +121,8 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        # Set by the engine once a request asks for guided decoding.
+        self.guided: GuidedDecoding | None = None
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         return self.collect(logits, self.sample_ids(logits, rows), rows)
@@ -117,6 +133,7 @@ class Sampler:
         if all(p.greedy and p.plain for p in params):  # the common decode case: one argmax
             return logits.argmax(dim=-1)
         logits = self._penalize(logits, rows)
+        logits = self._apply_grammars(logits, rows)
         logits = self._mask_min_tokens(logits, rows)
         if all(p.greedy for p in params):
             return logits.argmax(dim=-1)
@@ -140,6 +157,12 @@ class Sampler:
         x = x - freq * counts - pres * (counts > 0).float()
         logits[rows_t] = x
         return logits
+
+    def _apply_grammars(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        guided = [(i, r.params.guide) for i, r in enumerate(rows) if r.params.guide is not None]
+        if not guided or self.guided is None:
+            return logits
+        return self.guided.mask_logits(logits, guided)
 
     def _mask_min_tokens(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         pairs = [

@@ -25,6 +25,7 @@ class Delivery:
     error: str | None = None
     cached_tokens: int | None = None  # prompt tokens the prefix cache served (first delivery)
     kv_transfer: KvTransferStats | None = None  # KV pulled from a prefill worker (first delivery)
+    embedding: list[float] | None = None  # an embedding request's result
 
 
 class RequestStream:
@@ -40,6 +41,7 @@ class RequestStream:
         self._top: list[list[TopLogprob]] = []
         self._finish: str | None = None
         self._error: str | None = None
+        self._embedding: list[float] | None = None
         self._reported_cache = False
         self._waiter: asyncio.Future[None] | None = None
 
@@ -60,6 +62,8 @@ class RequestStream:
         if d.cached_tokens is not None:
             self.cached_tokens = d.cached_tokens
             self.kv_transfer = d.kv_transfer
+        if d.embedding is not None:
+            self._embedding = d.embedding
         if d.finish_reason is not None:
             self._finish = d.finish_reason
         self._wake()
@@ -84,8 +88,9 @@ class RequestStream:
         if not self._tokens and self._finish is None:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        out = EngineOutput(token_ids=self._tokens, finish_reason=self._finish, error=self._error)
-        self._tokens = []
+        out = EngineOutput(token_ids=self._tokens, finish_reason=self._finish, error=self._error,
+                           embedding=self._embedding)
+        self._tokens, self._embedding = [], None
         if self.want_logprobs:
             out.logprobs, out.top_logprobs = self._logprobs, self._top
             self._logprobs, self._top = [], []

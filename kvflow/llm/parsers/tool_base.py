@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from kvflow.llm.parsers.registry import Registry
+from kvflow.llm.parsers.tool_stream import PieceTracker, ToolCallPiece, raw_arguments
+from kvflow.llm.structured import CallFormat
 
 
 def random_call_id() -> str:
@@ -40,10 +42,12 @@ class ToolParseResult:
 
 
 class ToolDelta(NamedTuple):
-    """What one streamed delta released: plain text, and calls that just completed."""
+    """What one streamed delta released: plain text, calls that just completed, and the
+    pieces of calls as they are written (see tool_stream.py)."""
 
     content: str
     calls: list[ToolCall]
+    pieces: list[ToolCallPiece] = []
 
 
 _REGISTRY: Registry[ToolParser] = Registry("tool call parser")
@@ -62,19 +66,24 @@ class Collected:
 
     content: list[str] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
+    pieces: list[ToolCallPiece] = field(default_factory=list)
 
     def delta(self) -> ToolDelta:
-        return ToolDelta("".join(self.content), self.calls)
+        return ToolDelta("".join(self.content), self.calls, self.pieces)
 
 
 class ToolParser:
     """Base class: content gating and call building; subclasses implement `_step`/`_finish`."""
+
+    # How calls are written, for guided decoding of forced calls (None: not known).
+    call_format: CallFormat | None = None
 
     def __init__(self, *, new_call_id: Callable[[], str] = random_call_id) -> None:
         self.new_call_id = new_call_id
         self._buf = ""
         self._held_ws = ""  # trailing whitespace of content, dropped if a call follows
         self._after_call = False  # drop leading whitespace of the next content
+        self._tracker = PieceTracker()
 
     def parse(self, text: str) -> ToolParseResult:
         """Split a whole message (does not touch this parser's streaming state)."""
@@ -89,7 +98,14 @@ class ToolParser:
         out = Collected()
         while self._step(out):
             pass
+        payload = self._payload()
+        if payload is not None:
+            self._tracker.update(payload, self.new_call_id, out.pieces)
         return out.delta()
+
+    def _payload(self) -> str | None:
+        """The text of the call being written, from its JSON's start (None: not in one)."""
+        return None
 
     def flush(self) -> ToolDelta:
         """End of stream: an unfinished call is returned as plain text."""
@@ -120,9 +136,14 @@ class ToolParser:
         self._held_ws = piece[len(body) :]
         out.content.append(body)
 
-    def _calls(self, calls: list[ToolCall], out: Collected) -> None:
-        """Emit completed calls; the whitespace around them is dropped."""
-        out.calls.extend(calls)
+    def _calls(self, calls: list[ToolCall], out: Collected, payload: str | None = None) -> None:
+        """Emit completed calls (arguments as the model wrote them when `payload` has the
+        streamable shape); the whitespace around them is dropped."""
+        raw = raw_arguments(payload, len(calls)) if payload is not None else None
+        if raw is not None:
+            calls = [ToolCall(c.id, c.name, args) for c, args in zip(calls, raw, strict=True)]
+        ids = self._tracker.complete([(c.id, c.name, c.arguments) for c in calls], out.pieces)
+        out.calls.extend(ToolCall(i, c.name, c.arguments) for i, c in zip(ids, calls, strict=True))
         self._held_ws = ""
         self._after_call = True
 

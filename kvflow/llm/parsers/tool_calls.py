@@ -5,7 +5,8 @@
         out = parser.push(delta)      # ToolDelta(content=..., calls=[ToolCall, ...])
     out = parser.flush()
 
-Plain text is released at once; text that may begin a call is held back; a call is emitted
+Plain text is released at once; text that may begin a call is held back; a call's arguments
+stream as pieces while it is written (tool_stream.py) and the call is emitted
 whole when it completes. A call whose JSON is malformed comes back as plain text.
 """
 
@@ -25,6 +26,7 @@ from kvflow.llm.parsers.tool_base import (
     register_tool_parser,
     tool_parser_registry,
 )
+from kvflow.llm.structured import CallFormat
 
 __all__ = [
     "HermesToolParser",
@@ -74,15 +76,19 @@ class _MarkerToolParser(ToolParser):
         self._begin_call()
         return True
 
+    def _payload(self) -> str | None:
+        return self._buf if self._in_call else None
+
     def _end_call(self, payload: str, raw: str, rest: str, out: Collected) -> None:
         """A call's text is complete: emit its calls, or its raw text if malformed."""
         self._buf = rest
         self._in_call = False
         calls = self._build_calls(decode_json(payload))
         if calls is None:
+            self._tracker.abandon()
             self._content(raw, out)
         else:
-            self._calls(calls, out)
+            self._calls(calls, out, payload)
 
     def _begin_call(self) -> None:
         """Reset per-call scanning state."""
@@ -97,6 +103,7 @@ class HermesToolParser(_MarkerToolParser):
 
     start_marker = "<tool_call>"
     end_marker = "</tool_call>"
+    call_format = CallFormat(call_open=start_marker, call_close=end_marker)
 
     def _begin_call(self) -> None:
         self._search_from = 0
@@ -124,6 +131,7 @@ class MistralToolParser(_MarkerToolParser):
     """`[TOOL_CALLS][{"name": …, "arguments": {…}}, …]`."""
 
     start_marker = "[TOOL_CALLS]"
+    call_format = CallFormat(list_open=start_marker + "[", list_close="]", separator=",")
 
     def _begin_call(self) -> None:
         self._scanner = JsonValueScanner()
@@ -132,6 +140,7 @@ class MistralToolParser(_MarkerToolParser):
         end = self._scanner.scan(self._buf)
         if self._scanner.invalid:
             self._in_call = False
+            self._tracker.abandon()
             self._content(self.start_marker, out)
             return True
         if end is None:
@@ -142,6 +151,7 @@ class MistralToolParser(_MarkerToolParser):
 
     def _finish(self, out: Collected) -> None:
         if self._in_call:
+            self._tracker.abandon()
             self._content(self.start_marker, out)
         self._content(self._buf, out)
 
@@ -152,6 +162,7 @@ class Llama3JsonToolParser(ToolParser):
     separated by `;`, optionally after `<|python_tag|>`. Any other message is plain text."""
 
     python_tag = "<|python_tag|>"
+    call_format = CallFormat(args_key="parameters", separator=";")
 
     def __init__(self, *, new_call_id: Callable[[], str] = random_call_id) -> None:
         super().__init__(new_call_id=new_call_id)
@@ -190,7 +201,7 @@ class Llama3JsonToolParser(ToolParser):
         calls = self._build_calls(decode_json(self._buf[:end]))
         if calls is None or len(calls) != 1:
             return self._to_text()
-        self._calls(calls, out)
+        self._calls(calls, out, self._buf[:end])
         self._tag = ""
         self._buf = self._buf[end:]
         self._state = "separator"
@@ -208,8 +219,12 @@ class Llama3JsonToolParser(ToolParser):
             self._state = "text"
         return True
 
+    def _payload(self) -> str | None:
+        return self._buf if self._state == "calls" else None
+
     def _to_text(self) -> bool:
         """Not a call after all: everything from here on is plain text."""
+        self._tracker.abandon()
         self._buf = self._tag + self._buf
         self._state = "text"
         return True

@@ -10,6 +10,7 @@ import pytest
 
 from kvflow.engines.base import get_engine
 from kvflow.engines.native import config_from_args
+from kvflow.llm.structured import available
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -29,7 +30,10 @@ def test_flags_build_the_config() -> None:
     config = config_from_args(ns)
     assert (config.model_path, config.dtype, config.block_size) == ("/m", "bf16", 32)
     assert (config.num_gpu_blocks, config.max_num_seqs, config.enforce_eager) == (100, 8, True)
-    assert get_engine("native").card_overrides(ns) == {"kv_cache_block_size": 32}
+    overrides = get_engine("native").card_overrides(ns)
+    # The card announces guided decoding when the grammar library is installed.
+    assert overrides == {"kv_cache_block_size": 32, "guided_decoding": available(),
+                         "embeddings": True}
 
 
 def test_missing_model_path_and_bad_values_are_explained() -> None:
