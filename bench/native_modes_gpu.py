@@ -37,7 +37,7 @@ from kvflow.runtime.context import Context
 async def start(path: Path, **overrides: object) -> NativeEngine:
     config = {"model_path": str(path), "device": "cuda", "dtype": "bfloat16", "max_num_seqs": 64,
               "max_num_batched_tokens": 8192, "max_model_len": 2048,
-              "gpu_memory_utilization": 0.35, **overrides}
+              "num_gpu_blocks": 8192, **overrides}
     engine = NativeEngine(NativeEngineConfig(**config))  # type: ignore[arg-type]
     t0 = time.perf_counter()
     await engine.start()
@@ -46,8 +46,9 @@ async def start(path: Path, **overrides: object) -> NativeEngine:
 
 
 async def stop(engine: NativeEngine) -> None:
+    """Stop and drop the model's tensors (callers drop their reference too)."""
     await engine.stop()
-    del engine
+    engine.runner = None
     gc.collect()
     torch.cuda.empty_cache()
 

@@ -114,7 +114,8 @@ def _triton_attention(
     from kvflow.engines.native.triton_attention import PrefillTiling, paged_prefill, store_kv
 
     store_kv(kv_cache, k, v, meta.slot_mapping)
-    return paged_prefill(q, kv_cache, meta, scale, window, PrefillTiling(16, KEYS * 2, 4, 2))
+    return paged_prefill(q, kv_cache, meta, scale, window, PrefillTiling(16, KEYS * 2, 4, 2),
+                         mask_all=True)
 
 
 def sequence_attention(
