@@ -10,7 +10,9 @@ take the tokens the host has not seen yet (async output).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -34,7 +36,7 @@ from kvflow.engines.native.model import CausalLM
 from kvflow.engines.native.ops import make_ops
 from kvflow.engines.native.pooling import Pooler
 from kvflow.engines.native.sampler import RequestSampling, Sampler, SamplerOutput, SampleRow
-from kvflow.engines.native.warmup import warm_up
+from kvflow.engines.native.warmup import warm_serving_path, warm_up
 from kvflow.engines.native.weights import (
     load_model,
     resolve_device,
@@ -214,6 +216,11 @@ class ModelRunner:
         done = warm_up(self.model, self.block_size, self.num_blocks,
                        min(self.engine.max_num_batched_tokens, self.max_model_len),
                        tuple(sorted(eager)), self.device)
+        start = time.perf_counter()
+        steps = warm_serving_path(self)
+        torch.cuda.synchronize()
+        done = dataclasses.replace(done, serving_steps=steps,
+                                   seconds=done.seconds + time.perf_counter() - start)
         log.info("native engine: %s", done.describe())
 
     # ---- one step -----------------------------------------------------------------

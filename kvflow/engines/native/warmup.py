@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,10 +27,12 @@ class WarmUp:
     prefill_lengths: tuple[int, ...]
     decode_batches: tuple[int, ...]
     seconds: float
+    serving_steps: int = 0
 
     def describe(self) -> str:
-        return (f"warmed prefill chunks {list(self.prefill_lengths)} and eager decode batches "
-                f"{list(self.decode_batches)} in {self.seconds:.1f}s")
+        return (f"warmed prefill chunks {list(self.prefill_lengths)}, eager decode batches "
+                f"{list(self.decode_batches)} and {self.serving_steps} steps of short requests "
+                f"in {self.seconds:.1f}s")
 
 
 def prefill_lengths(max_tokens: int) -> tuple[int, ...]:
@@ -89,3 +92,37 @@ def _decode_meta(batch: int, context: int, block_size: int, device: torch.device
         block_tables=table, max_query_len=1, max_seq_len=context + 1,
         query_start_host=list(range(batch + 1)), seq_lens_host=[context + 1] * batch,
     )
+
+
+def warm_serving_path(runner: Any) -> int:
+    """Short requests through the runner's own step path (inputs, model, sampler, readback) on a
+    private scheduler and block pool, so nothing reaches the prefix cache or its events:
+    greedy, sampled with top-k/top-p and logprobs, penalised; prompts of 1 to 300 tokens,
+    together, so steps mix prefill and decode. Returns the steps run."""
+    from kvflow.engines.core import BlockPool, Scheduler, SchedulerConfig, Sequence, StopRule
+    from kvflow.engines.native.sampler import RequestSampling
+
+    engine = runner.engine
+    pool = BlockPool(runner.num_blocks, runner.block_size)
+    sched = Scheduler(SchedulerConfig(
+        max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
+        block_size=runner.block_size, max_model_len=runner.max_model_len), pool)
+    variants = {
+        "greedy": RequestSampling(temperature=0.0),
+        "sampled": RequestSampling(temperature=0.8, top_p=0.9, top_k=20, logprobs=2),
+        "penalized": RequestSampling(temperature=0.0, repetition_penalty=1.1),
+    }
+    sampling: dict[str, RequestSampling] = {}
+    lengths = [n for n in (1, 17, 300) if n + 3 <= runner.max_model_len]
+    for name, params in variants.items():
+        for n in lengths:
+            rid = f"warm-{name}-{n}"
+            sampling[rid] = params
+            sched.add(Sequence(rid, [3] * n, StopRule(max_tokens=3, ignore_eos=True)))
+    steps = 0
+    with torch.inference_mode():
+        while sched.has_work():
+            out = sched.schedule()
+            sched.update(runner.execute(out.scheduled, sampling).sampled)
+            steps += 1
+    return steps

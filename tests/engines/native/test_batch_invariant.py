@@ -97,3 +97,15 @@ def test_warm_up_runs_every_size_class(tiny_models: Callable[[str], Path]) -> No
     done = warm_up(model, 4, 64, 128, (1, 8), cpu)
     assert done.prefill_lengths == prefill_lengths(128) == (1, 2, 8, 16, 64, 65, 128)
     assert done.decode_batches == (1, 8) and "warmed prefill chunks" in done.describe()
+
+
+def test_serving_path_warm_up_runs_on_a_private_pool(tiny_models: Callable[[str], Path]) -> None:
+    from kvflow.engines.native.config import NativeEngineConfig
+    from kvflow.engines.native.runner import ModelRunner
+    from kvflow.engines.native.warmup import warm_serving_path
+
+    runner = ModelRunner.load(NativeEngineConfig(
+        model_path=str(tiny_models("llama")), device="cpu", block_size=4, num_gpu_blocks=512,
+        max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512))
+    steps = warm_serving_path(runner)
+    assert steps > 300 // 64  # 9 requests of up to 300 prompt tokens, 64-token steps, 3 tokens each
