@@ -30,12 +30,19 @@ install_torch_cpu() {
   fi
 }
 
-install() {  # $1: pip extras
+install() {  # $1: pip extras; skipped when pyproject.toml and the extras are as last time
+  local stamp="$VENV/.kvflow-install-$1" want
+  want="$(cat pyproject.toml; echo "$1")"
+  if [ -x "$VPY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(printf '%s' "$want" | cksum)" ]; then
+    log "$VENV is up to date (pyproject.toml unchanged); skipping install"
+    return 0
+  fi
   make_venv
   install_torch_cpu
   local extras="$1"
   if "$VPY" -c "import torch" 2>/dev/null; then extras="$extras,torch"; fi
   "$VPY" -m pip install -q -e ".[$extras]"
+  printf '%s' "$want" | cksum > "$stamp"
 }
 
 observability_tools() {

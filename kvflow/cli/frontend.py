@@ -10,16 +10,24 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Metric
 
+from kvflow.cli.help import new_parser
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
 from kvflow.frontend.canary import add_canary_args, canary_config_from_args
 from kvflow.frontend.disagg import MODES, DisaggConfig
 from kvflow.frontend.stalls import add_stall_args, stall_config_from_args
-from kvflow.frontend.watcher import DEFAULT_MIGRATION_LIMIT, MigrationSettings, ModelWatcher
+from kvflow.frontend.watcher import (
+    DEFAULT_GRACE_S,
+    DEFAULT_MIGRATION_LIMIT,
+    MigrationSettings,
+    ModelWatcher,
+)
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
 from kvflow.runtime import DistributedRuntime, tracing
 from kvflow.runtime.component import parse_endpoint_path
-from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
+from kvflow.runtime.config import RuntimeConfig, add_config_args, build_config, config_from_args
+from kvflow.runtime.errors import ConfigError, is_addr_in_use, port_in_use
+from kvflow.runtime.flags import config_section, parse_layered
 from kvflow.runtime.logs import setup_logging
 from kvflow.runtime.worker import install_uvloop, run_with_runtime
 
@@ -34,15 +42,28 @@ ROUTER_MODES = {
 
 
 def add_frontend_args(parser: argparse.ArgumentParser) -> None:
+    with config_section(parser, "frontend"):
+        _add_http_args(parser)
+        _add_overload_args(parser)
+        add_disagg_args(parser)
+    with config_section(parser, "router"):
+        add_router_args(parser)
+
+
+def _add_http_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("http")
     g.add_argument("--http-host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    g.add_argument("--http-port", type=int, default=8000)
+    g.add_argument("--http-port", type=int, default=8000,
+                   help="port of the OpenAI-compatible API; 0 picks a free one")
     g.add_argument("--endpoint", default=None,
                    help="serve only models registered on this endpoint (dyn://ns.component.ep)")
-    g.add_argument("--api-key", action="append", default=[], help="accepted Bearer token (repeatable)")
-    g.add_argument("--tls-cert", dest="http_tls_cert", default=None)
-    g.add_argument("--tls-key", dest="http_tls_key", default=None)
-    g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes)
+    g.add_argument("--api-key", action="append", default=[],
+                   help="accepted Bearer token (repeatable; none = no authentication)")
+    g.add_argument("--tls-cert", dest="http_tls_cert", default=None,
+                   help="PEM certificate to serve HTTPS (with --tls-key)")
+    g.add_argument("--tls-key", dest="http_tls_key", default=None, help="PEM private key for --tls-cert")
+    g.add_argument("--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes,
+                   help="larger request bodies get 413")
     add_connection_args(g)
     add_access_args(g)
     g.add_argument(
@@ -53,6 +74,9 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--responses-store-size", type=int, default=FrontendConfig.responses_store_size,
         help="/v1/responses kept in memory for previous_response_id (default: %(default)s)")
+
+
+def _add_overload_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("overload, migration and worker health")
     g.add_argument(
         "--max-inflight-per-model", type=int, default=FrontendConfig.max_inflight_per_model,
@@ -72,6 +96,10 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         "--migration-limit", type=int, default=DEFAULT_MIGRATION_LIMIT,
         help="times a request may move to another worker when its worker is lost; a "
         "worker's --migration-limit overrides it for its model (default: %(default)s)")
+    g.add_argument(
+        "--model-grace-period", type=float, default=DEFAULT_GRACE_S,
+        help="seconds a model whose workers all left stays listed, answering 503 + Retry-After, "
+        "before it is dropped (404); 0 drops it at once (default: %(default)s)")
     add_stall_args(g)
     add_canary_args(g)
     g.add_argument(
@@ -80,8 +108,6 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="how requests pick a worker (default: kv)",
     )
-    add_router_args(parser)
-    add_disagg_args(parser)
 
 
 def add_disagg_args(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +171,7 @@ def add_access_args(g: argparse._ArgumentGroup) -> None:
 
 
 def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
-    return FrontendConfig(
+    return build_config(FrontendConfig, dict(
         host=ns.http_host,
         port=ns.http_port,
         api_keys=tuple(ns.api_key),
@@ -167,11 +193,14 @@ def frontend_config(ns: argparse.Namespace) -> FrontendConfig:
         overload_retry_after_s=ns.overload_retry_after_s,
         anthropic_stable_prefix=ns.anthropic_stable_prefix,
         responses_store_size=ns.responses_store_size,
-    )
+    ))
 
 
 def router_config(ns: argparse.Namespace):  # -> KvRouterConfig
-    config = router_from_args(ns)
+    try:
+        config = router_from_args(ns)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if ns.router_mode:
         config = dataclasses.replace(config, policy=ROUTER_MODES[ns.router_mode])
     return config
@@ -194,19 +223,28 @@ async def serve_frontend(
         on_stall=m.count_stall, on_canary_failure=m.count_canary_failure)
     only = ".".join(parse_endpoint_path(ns.endpoint)) if ns.endpoint else None
     watcher = ModelWatcher(runtime, models, router_config(ns), migration=migration, endpoint=only,
-                           disagg=disagg_config(ns))
+                           grace_s=ns.model_grace_period, disagg=disagg_config(ns))
     tracing.setup_tracing(runtime.config, "kvflow-frontend")
-    await watcher.start()
-    await frontend.start()
-    log.info("frontend: listening on %s", frontend.base_url)
-    if on_ready is not None:
-        on_ready(frontend, models)
+    await _bind(frontend)
     try:
+        await watcher.start()
+        log.info("frontend: listening on %s", frontend.base_url)
+        if on_ready is not None:
+            on_ready(frontend, models)
         await runtime.shutdown_event.wait()
     finally:
         await frontend.stop()
         await watcher.close()
         tracing.shutdown_tracing()
+
+
+async def _bind(frontend: HttpFrontend) -> None:
+    try:
+        await frontend.start()
+    except OSError as exc:
+        if is_addr_in_use(exc):
+            raise port_in_use("HTTP", frontend.config.host, frontend.config.port, "--http-port") from None
+        raise
 
 
 class RegistryForwarder:
@@ -220,14 +258,21 @@ class RegistryForwarder:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvflow frontend")
+    parser = new_parser("kvflow frontend", "The OpenAI-compatible HTTP frontend: serves every model "
+                        "its workers register in discovery.")
     add_frontend_args(parser)
-    add_config_args(parser.add_argument_group("runtime"), RuntimeConfig)  # type: ignore[arg-type]
+    add_runtime_args(parser)
     return parser
 
 
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    with config_section(parser, "runtime"):
+        add_config_args(parser.add_argument_group("runtime (discovery, planes; every command)"),
+                        RuntimeConfig)  # type: ignore[arg-type]
+
+
 def main(argv: list[str]) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = parse_layered(build_parser(), argv)
     setup_logging()
     install_uvloop()
     asyncio.run(run_with_runtime(serve_frontend, config_from_args(RuntimeConfig, "runtime", ns), ns))

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kvflow.runtime.threads import in_daemon_thread
+
 
 def _post(base_url: str, path: str, body: dict) -> http.client.HTTPResponse:
     url = urlsplit(base_url)
@@ -59,7 +61,7 @@ def _text_loop(base_url: str, model: str) -> None:
 
 
 async def run_text(base_url: str, model: str) -> None:
-    await asyncio.to_thread(_text_loop, base_url, model)
+    await in_daemon_thread(_text_loop, base_url, model, name="kvflow-text")
 
 
 def _batch(base_url: str, model: str, path: str) -> Path:
@@ -69,14 +71,30 @@ def _batch(base_url: str, model: str, path: str) -> Path:
         for n, line in enumerate(fin):
             if not line.strip():
                 continue
-            body = json.loads(line)
+            body = _parse_line(line, src, n + 1)
+            if body is None:
+                continue
             body.setdefault("model", model)
             body["stream"] = False
             route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
             resp = _post(base_url, route, body)
-            result = {"line": n, "status": resp.status, "response": json.loads(resp.read() or b"null")}
+            result = {"line": n + 1, "status": resp.status, "response": json.loads(resp.read() or b"null")}
             fout.write(json.dumps(result) + "\n")
     return dest
+
+
+def _parse_line(line: str, src: Path, number: int) -> dict | None:
+    """One request body, or None (reported on stderr with its line number) for a bad line."""
+    try:
+        body = json.loads(line)
+    except json.JSONDecodeError as exc:
+        print(f"kvflow run: {src}:{number}: not valid JSON ({exc.msg}); line skipped", file=sys.stderr)
+        return None
+    if not isinstance(body, dict):
+        print(f"kvflow run: {src}:{number}: not a JSON object (a request body); line skipped",
+              file=sys.stderr)
+        return None
+    return body
 
 
 async def run_batch(base_url: str, model: str, path: str) -> None:

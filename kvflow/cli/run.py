@@ -1,31 +1,35 @@
 """`kvflow run in=<http|text|batch:FILE> out=<engine|dyn://ns.comp.ep> [flags]`.
 
-Starts the frontend in this process and, for an engine name, one worker process
-(sharing a private file-discovery directory unless discovery is configured).
+Starts the frontend in this process and, for an engine name, one worker process — or
+`--prefill-workers N --decode-workers M` disaggregated ones — (sharing a private
+file-discovery directory unless discovery is configured).
 Flags the frontend does not know go to the worker (engine flags, --model-path).
-`--prefill-workers N --decode-workers M` starts N `--role prefill` and M `--role decode`
-worker processes instead: a disaggregated stack in one command.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
-from kvflow.cli.frontend import add_frontend_args, serve_frontend
+from kvflow.cli.frontend import add_frontend_args, add_runtime_args, serve_frontend
+from kvflow.cli.help import new_parser
 from kvflow.cli.interactive import run_batch, run_text
 from kvflow.frontend import HttpFrontend, ModelManager
 from kvflow.llm.register import MODELS_PREFIX, ROLE_DECODE, ROLE_PREFILL, ModelEntry
 from kvflow.runtime import DistributedRuntime
-from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
+from kvflow.runtime.config import CONFIG_FILE_ENV, RuntimeConfig, config_from_args
+from kvflow.runtime.errors import UserError
+from kvflow.runtime.flags import parse_layered
 from kvflow.runtime.logs import setup_logging
 from kvflow.runtime.worker import install_uvloop, run_with_runtime
 
@@ -49,23 +53,24 @@ def split_io(argv: list[str]) -> tuple[RunSpec, list[str]]:
             rest.append(arg)
     inp = io["in"]
     if inp not in ("http", "text") and not inp.startswith("batch:"):
-        raise SystemExit(f"kvflow run: in= must be http, text or batch:FILE.jsonl; got {inp!r}")
+        raise UserError(f"in= must be http, text or batch:FILE.jsonl; got {inp!r} (see kvflow run --help)")
     return RunSpec(inp, io["out"]), rest
 
 
-def start_workers(
-    spec: RunSpec, worker_argv: list[str], config: RuntimeConfig, prefill: int, decode: int
-) -> list[subprocess.Popen]:
-    """One aggregated worker, or `prefill` + `decode` disaggregated ones."""
+def start_workers(spec: RunSpec, worker_argv: list[str], config: RuntimeConfig,
+                  config_file: str | None, prefill: int = 0, decode: int = 0) -> list[subprocess.Popen]:
+    """One aggregated worker, or `prefill` + `decode` disaggregated ones (none for dyn://)."""
     if spec.output.startswith(("dyn://", "kvflow://")):
         return []
     if not prefill and not decode:
-        return [start_worker(spec, worker_argv, config)]
-    roles = ["prefill"] * prefill + ["decode"] * decode
-    return [start_worker(spec, [*worker_argv, "--role", role], config) for role in roles]
+        return [start_worker(spec, worker_argv, config, config_file)]
+    roles = [ROLE_PREFILL] * prefill + [ROLE_DECODE] * decode
+    return [start_worker(spec, [*worker_argv, "--role", role], config, config_file) for role in roles]
 
 
-def start_worker(spec: RunSpec, worker_argv: list[str], config: RuntimeConfig) -> subprocess.Popen:
+def start_worker(
+    spec: RunSpec, worker_argv: list[str], config: RuntimeConfig, config_file: str | None = None
+) -> subprocess.Popen:
     env = dict(os.environ)
     env.update(
         {
@@ -78,8 +83,18 @@ def start_worker(spec: RunSpec, worker_argv: list[str], config: RuntimeConfig) -
             "KVFLOW_OTLP_ENDPOINT": config.otlp_endpoint,
         }
     )
+    if config_file:
+        env[CONFIG_FILE_ENV] = config_file  # the worker reads its [worker] section too
     cmd = [sys.executable, "-m", "kvflow.cli.main", "worker", "--engine", spec.output, *worker_argv]
-    return subprocess.Popen(cmd, env=env)
+    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when `kvflow run` dies, even by SIGKILL (Linux prctl)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _runtime_config(ns: argparse.Namespace) -> RuntimeConfig:
@@ -93,8 +108,7 @@ def _runtime_config(ns: argparse.Namespace) -> RuntimeConfig:
 
 
 async def _main(
-    runtime: DistributedRuntime, spec: RunSpec, ns: argparse.Namespace,
-    workers: list[subprocess.Popen],
+    runtime: DistributedRuntime, spec: RunSpec, ns: argparse.Namespace, worker: WorkerSlot
 ) -> None:
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -102,10 +116,17 @@ async def _main(
         ready.set_result((frontend, models))
 
     serving = asyncio.ensure_future(serve_frontend(runtime, ns, on_ready))
-    frontend, models = await ready
     try:
-        name = await _wait_for_model(models, workers)
-        await _wait_for_roles(runtime, ns.prefill_workers, ns.decode_workers, workers)
+        # The port is bound before the worker starts: a taken port ends here, at once.
+        await asyncio.wait({ready, serving}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            await serving  # raises why the frontend could not start
+            return
+        frontend, models = ready.result()
+        worker.procs = start_workers(spec, worker.argv, runtime.config, ns.config,
+                                     ns.prefill_workers, ns.decode_workers)
+        name = await _wait_for_model(models, worker.procs)
+        await _wait_for_roles(runtime, ns.prefill_workers, ns.decode_workers, worker.procs)
         print(f"kvflow: model {name!r} ready at {frontend.base_url}/v1", flush=True)
         if spec.input == "text":
             await run_text(frontend.base_url, name)
@@ -118,11 +139,15 @@ async def _main(
         await serving
 
 
+def _check_alive(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        if worker.poll() is not None:
+            raise UserError(f"the worker exited with code {worker.returncode} (its error is above)")
+
+
 async def _wait_for_model(models: ModelManager, workers: list[subprocess.Popen]) -> str:
     while not models.names():
-        for worker in workers:
-            if worker.poll() is not None:
-                raise SystemExit(f"kvflow run: a worker exited with code {worker.returncode}")
+        _check_alive(workers)
         await asyncio.sleep(0.05)
     return models.names()[0]
 
@@ -133,53 +158,111 @@ async def _wait_for_roles(
     """A disaggregated stack is ready once every prefill and decode worker registered."""
     decoder = msgspec.msgpack.Decoder(ModelEntry)
     while prefill or decode:
-        entries = [decoder.decode(v) for v in (await runtime.discovery.get_prefix(MODELS_PREFIX)).values()]
-        roles = [e.role for e in entries]
+        found = (await runtime.discovery.get_prefix(MODELS_PREFIX)).values()
+        roles = [decoder.decode(v).role for v in found]
         if roles.count(ROLE_PREFILL) >= prefill and roles.count(ROLE_DECODE) >= decode:
             await asyncio.sleep(0.2)  # the frontend's watcher applies the last entries
             return
-        for worker in workers:
-            if worker.poll() is not None:
-                raise SystemExit(f"kvflow run: a worker exited with code {worker.returncode}")
+        _check_alive(workers)
         await asyncio.sleep(0.05)
 
 
-def main(argv: list[str]) -> int:
-    spec, rest = split_io(argv)
-    parser = argparse.ArgumentParser(prog="kvflow run", add_help=True)
+@dataclass
+class WorkerSlot:
+    """The worker processes `kvflow run` starts once its port is bound (none for dyn://)."""
+
+    argv: list[str]
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        live = [p for p in self.procs if p.poll() is None]
+        for proc in live:
+            proc.terminate()
+        for proc in live:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+RUN_HELP = """Run a whole local stack in one command: the frontend in this process, and for
+out=ENGINE one worker process beside it (sharing a private file-discovery directory unless
+--discovery is given).
+
+  in=http             serve the OpenAI-compatible API on --http-port (default)
+  in=text             chat in the terminal (an empty line or Ctrl-D ends)
+  in=batch:FILE       send each line of FILE (JSON Lines) and write FILE.out.jsonl; a line is a
+                      request body: {"messages": [...]} goes to /v1/chat/completions,
+                      {"prompt": "..."} to /v1/completions ("model" may be left out); a line
+                      that is not a JSON object is reported with its number and skipped
+  out=ENGINE          echo, mocker or native: start a worker with that engine
+  out=dyn://NS.COMP.EP  serve workers already registered on that endpoint
+  --prefill-workers N --decode-workers M
+                      a disaggregated stack: N prefill and M decode workers instead of one
+
+Worker and engine flags (--model-path, --block-size, ...) pass through to the worker.
+
+examples:
+  kvflow run in=http out=echo --model-path DIR
+  kvflow run in=text out=mocker --model-path DIR --speedup-ratio 10
+  kvflow run in=batch:requests.jsonl out=echo --model-path DIR
+"""
+
+
+def build_parser(engine: str | None = None, for_help: bool = False) -> argparse.ArgumentParser:
+    """Frontend and runtime flags; with `for_help` also the worker's and the engine's (shown only)."""
+    parser = new_parser("kvflow run", RUN_HELP)
+    parser.usage = "kvflow run in=<http|text|batch:FILE> out=<ENGINE|dyn://ns.comp.ep> [flags]"
     add_frontend_args(parser)
-    add_config_args(parser.add_argument_group("runtime"), RuntimeConfig)  # type: ignore[arg-type]
+    add_runtime_args(parser)
     g = parser.add_argument_group("disaggregated stack")
-    g.add_argument("--prefill-workers", type=int, default=0, help="prefill worker processes")
+    g.add_argument("--prefill-workers", type=int, default=0,
+                   help="prefill worker processes (with --decode-workers; default: one aggregated)")
     g.add_argument("--decode-workers", type=int, default=0, help="decode worker processes")
-    ns, worker_argv = parser.parse_known_args(rest)
+    if for_help:
+        from kvflow.engines.base import engine_names, get_engine
+        from kvflow.engines.worker import add_worker_args
+
+        parser.conflict_handler = "resolve"  # --migration-limit: the frontend's takes it in run
+        add_worker_args(parser)
+        if engine in engine_names():
+            get_engine(engine).add_args(parser)
+    return parser
+
+
+def check_worker_args(spec: RunSpec, worker_argv: list[str], config_file: str | None) -> None:
+    """Parse the worker's flags here, so a mistake is reported before anything starts."""
+    if spec.output.startswith(("dyn://", "kvflow://")):
+        return
+    from kvflow.engines.worker import parse_args
+
+    parse_args(["--engine", spec.output, *(["--config", config_file] if config_file else []), *worker_argv])
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        build_parser(for_help=True).print_help()
+        return 0
+    spec, rest = split_io(argv)
+    if "-h" in rest or "--help" in rest:
+        build_parser(spec.output, for_help=True).print_help()
+        return 0
+    ns, worker_argv = parse_layered(build_parser(), rest, known_only=True)
     if (ns.prefill_workers > 0) != (ns.decode_workers > 0) or min(ns.prefill_workers,
                                                                      ns.decode_workers) < 0:
-        raise SystemExit("kvflow run: give both --prefill-workers and --decode-workers (>= 1), "
-                         "or neither")
+        raise UserError("give both --prefill-workers and --decode-workers (>= 1), or neither")
+    check_worker_args(spec, worker_argv, ns.config)
     if spec.output.startswith(("dyn://", "kvflow://")):
         ns.endpoint = spec.output
     if spec.input != "http":
         ns.http_port = 0
     setup_logging()
     config = _runtime_config(ns)
-    workers = start_workers(spec, worker_argv, config, ns.prefill_workers, ns.decode_workers)
+    worker = WorkerSlot(worker_argv)
     install_uvloop()
     try:
-        asyncio.run(run_with_runtime(_main, config, spec, ns, workers))
-    except KeyboardInterrupt:
-        pass
+        asyncio.run(run_with_runtime(_main, config, spec, ns, worker))
     finally:
-        _stop(workers)
+        worker.stop()
     return 0
-
-
-def _stop(workers: list[subprocess.Popen]) -> None:
-    for worker in workers:
-        if worker.poll() is None:
-            worker.terminate()
-    for worker in workers:
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()

@@ -7,11 +7,12 @@ import argparse
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kvflow make-test-model")
-    parser.add_argument("path")
+    parser.add_argument("path", help="directory to create (its last part is the model's default name)")
     parser.add_argument(
         "--weights", action="store_true", help="also write random weights (needs torch + transformers)"
     )
-    parser.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "mistral"])
+    parser.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "mistral"],
+                        help="architecture of the random weights (default: llama)")
     ns = parser.parse_args(argv)
     if ns.weights:
         from kvflow.testing.models import make_tiny_model

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry
+
 from kvflow.kv.connector import ConnectorFactory
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
@@ -35,6 +37,8 @@ class EngineHooks:
     publish_load: Callable[[LoadMetrics], None] = _drop_metrics
     # Builds the engine's KV connector once its KV memory exists (disaggregation, tiers).
     make_connector: ConnectorFactory | None = None
+    # The worker process's Prometheus registry (its /metrics), for engine-side metrics.
+    metrics_registry: CollectorRegistry | None = None
 
 
 class Engine(Protocol):

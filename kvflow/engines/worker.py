@@ -35,6 +35,8 @@ from kvflow.llm.protocol import PreprocessedRequest
 from kvflow.llm.register import ROLE_AGGREGATED, ROLE_PREFILL, ROLES, ModelInput, ModelType, register_llm
 from kvflow.runtime import Context, DistributedRuntime, tracing
 from kvflow.runtime.config import RuntimeConfig, add_config_args, config_from_args
+from kvflow.runtime.flags import config_section, flag_keys, parse_layered, tolerate_keys
+from kvflow.runtime.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -63,41 +65,91 @@ class WorkerArgs:
                               timeout_s=self.kv_transfer_timeout_s, backends=names)
 
 
-def build_parser(engine: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvflow worker", description="Serve an engine.")
-    parser.add_argument("--engine", required=True, choices=engine_names())
-    parser.add_argument("--model-path", required=True, help="local HF-format directory or hub id")
-    parser.add_argument("--model-name", default=None, help="name clients use (default: the path)")
-    parser.add_argument("--component", default=None,
-                        help="component to serve on (default: 'prefill' for --role prefill, "
-                        "else 'backend')")
-    parser.add_argument("--role", default="aggregated", choices=ROLES,
-                        help="aggregated, or one side of disaggregated serving (default: %(default)s)")
+WORKER_HELP = """Serve one engine (--num-workers instances) for one model over the runtime.
+
+Engine flags are listed only for the chosen engine:
+  kvflow worker --engine NAME --help      (NAME: {engines})
+"""
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    """The worker's own flags (kvflow run passes them through to its worker)."""
+    g = parser.add_argument_group("worker")
+    g.add_argument("--engine", required=True, choices=engine_names(),
+                   help="the engine to run: echo (repeats the prompt), mocker (simulated, any "
+                   "CPU), native (PyTorch)")
+    g.add_argument("--model-path", required=True,
+                   help="local Hugging Face model directory (tokenizer.json, config.json) or hub id")
+    g.add_argument("--model-name", default=None,
+                   help="the name clients use (default: the last part of --model-path)")
+    g.add_argument("--component", default=None,
+                   help="component to serve on (default: 'prefill' for --role prefill, else 'backend')")
+    g.add_argument("--role", default="aggregated", choices=ROLES,
+                   help="aggregated, or one side of disaggregated serving (default: %(default)s)")
     transfer = TransferConfig()
-    parser.add_argument("--kv-transfer-lease-s", type=float, default=transfer.lease_s,
-                        help="release blocks held for a transfer nobody pulls after this long")
-    parser.add_argument("--kv-transfer-timeout-s", type=float, default=transfer.timeout_s,
-                        help="give up on one KV pull (the request recomputes) after this long")
-    parser.add_argument("--kv-transfer-backends", default=",".join(transfer.backends),
-                        help="KV transfer backends to use, best first (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=1, help="engine instances in this process")
-    parser.add_argument("--context-length", type=int, default=None)
-    parser.add_argument("--migration-limit", type=int, default=None)
-    parser.add_argument("--tool-call-parser", default=None)
-    parser.add_argument("--reasoning-parser", default=None)
-    parser.add_argument("--custom-template", default=None, help="chat template file (jinja)")
-    add_config_args(parser.add_argument_group("runtime"), RuntimeConfig)  # type: ignore[arg-type]
-    if engine is not None:
-        get_engine(engine).add_args(parser)
+    g.add_argument("--kv-transfer-lease-s", type=float, default=transfer.lease_s,
+                   help="release blocks held for a transfer nobody pulls after this long "
+                   "(default: %(default)s)")
+    g.add_argument("--kv-transfer-timeout-s", type=float, default=transfer.timeout_s,
+                   help="give up on one KV pull (the request recomputes) after this long "
+                   "(default: %(default)s)")
+    g.add_argument("--kv-transfer-backends", default=",".join(transfer.backends),
+                   help="KV transfer backends to use, best first (default: %(default)s)")
+    g.add_argument("--num-workers", type=int, default=1, help="engine instances in this process")
+    g.add_argument("--context-length", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's own)")
+    g.add_argument("--migration-limit", type=int, default=None,
+                   help="times a request of this model may move to another worker when its worker "
+                   "is lost (default: the frontend's)")
+    g.add_argument("--tool-call-parser", default=None,
+                   help="parse tool calls from the output: hermes, llama3_json, mistral, or none "
+                   "(default: picked from the chat template when it shows one of these formats)")
+    g.add_argument("--reasoning-parser", default=None,
+                   help="split <think> reasoning from the answer (e.g. deepseek_r1, qwen3)")
+    g.add_argument("--custom-template", default=None, help="chat template file (Jinja) to use instead "
+                   "of the model's")
+
+
+def build_parser(engine: str | None = None) -> argparse.ArgumentParser:
+    from kvflow.cli.help import new_parser  # the cli layer's parser style, without a cycle at import
+
+    parser = new_parser("kvflow worker", WORKER_HELP.format(engines=", ".join(engine_names())))
+    with config_section(parser, "worker"):
+        add_worker_args(parser)
+        if engine is not None:
+            get_engine(engine).add_args(parser)
+    tolerate_keys(parser, "worker", _all_engine_keys())
+    with config_section(parser, "runtime"):
+        add_config_args(parser.add_argument_group("runtime (discovery, planes; every command)"),
+                        RuntimeConfig)  # type: ignore[arg-type]
     return parser
 
 
+def _all_engine_keys() -> set[str]:
+    """Config keys of every engine's flags: a shared [worker] section may hold any of them."""
+    from kvflow.cli.help import new_parser
+
+    keys: set[str] = set()
+    for name in engine_names():
+        parser = new_parser("kvflow worker", "")
+        with config_section(parser, "worker"):
+            get_engine(name).add_args(parser)
+        keys |= flag_keys(parser)
+    return keys
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--engine")
-    known, _ = pre.parse_known_args(argv)
-    name = known.engine if known.engine in engine_names() else None
-    return build_parser(name).parse_args(argv)
+    pre = build_parser()
+    pre.add_help = False
+    pre.exit_on_error = False
+    for action in pre._actions:
+        action.required = False
+    try:
+        known, _ = parse_layered(pre, [a for a in argv if a not in ("-h", "--help")], known_only=True)
+        name = known.engine if known.engine in engine_names() else None
+    except argparse.ArgumentError:
+        name = None
+    return parse_layered(build_parser(name), argv)
 
 
 def worker_args(ns: argparse.Namespace) -> WorkerArgs:
@@ -144,12 +196,14 @@ class EventPublisher:
         gauges: LoadGauges | None = None,
     ) -> None:
         self.events = runtime.namespace(namespace).events
+        self.registry = runtime.metrics_registry
         self.worker_id = worker_id
         self.gauges = gauges
         self._encode = msgspec.msgpack.Encoder().encode
 
     def hooks(self) -> EngineHooks:
-        return EngineHooks(self.worker_id, self.publish_kv_events, self.publish_load)
+        return EngineHooks(self.worker_id, self.publish_kv_events, self.publish_load,
+                           metrics_registry=self.registry)
 
     def publish_kv_events(self, events: list[KvEvent]) -> None:
         if events:
@@ -188,7 +242,8 @@ async def serve_instance(
         hooks.make_connector = disagg_connector_factory(
             runtime, args.component, instance_id, args.transfer_config,
             metrics_for(runtime.metrics_registry), agents)
-    engine = spec.build(ns, hooks)
+    # Built off the loop: an engine's heavy imports (torch) must not hold off a signal.
+    engine = await in_daemon_thread(spec.build, ns, hooks, name="engine-build")
     await engine.start()
     for agent in agents:
         await agent.start()

@@ -82,13 +82,14 @@ def model_not_found(name: str, available: list[str]) -> ApiError:
     )
 
 
-def no_workers(name: str, detail: str = "") -> ApiError:
+def no_workers(name: str, detail: str = "", retry_after_s: float = 2.0) -> ApiError:
     why = f" ({detail})" if detail else ""
     return ApiError(
         503,
         f"No live worker is serving model '{name}' right now{why}; retry once a worker is up.",
         type="service_unavailable_error",
         code="no_workers",
+        retry_after_s=retry_after_s,
     )
 
 

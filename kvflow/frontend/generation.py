@@ -133,7 +133,20 @@ class Generation:
         prompt = self.prepared.prompt_tokens
         cached = self.cached_tokens()
         details = PromptTokensDetails(cached_tokens=cached)
+        by_tier = self.cached_by_tier()
+        if by_tier:
+            details.cached_tokens_by_tier = by_tier
         return Usage(prompt, completion, prompt + completion, details)
+
+    def cached_by_tier(self) -> dict[str, int]:
+        """The engines' split of the cached tokens by KV tier, summed like `cached_tokens`."""
+        n = self.prepared.n
+        total: dict[str, int] = {}
+        for i, p in self.processors.items():
+            if i % n == 0 and p.cached_by_tier:
+                for tier, count in p.cached_by_tier.items():
+                    total[tier] = total.get(tier, 0) + count
+        return total
 
     def cached_tokens(self) -> int:
         """Cached prompt tokens, counted once per prompt (from each prompt's first choice)."""

@@ -81,7 +81,9 @@ def resolve_model(models: ModelManager, name: str, kind: str) -> ServedModel:
             code="unsupported_endpoint",
         )
     if model.engine.live_workers() <= 0:
-        raise no_workers(name)
+        left = models.restarting().get(name)
+        raise no_workers(name, f"its workers are restarting; {left:.0f} s of grace left"
+                         if left is not None else "")
     return model
 
 
@@ -172,11 +174,14 @@ async def list_models(state: FrontendState, request: HttpRequest, responder: Res
 
 
 async def health(state: FrontendState, request: HttpRequest, responder: Responder) -> None:
-    """Ready when at least one model has a live worker."""
+    """Ready when at least one model has a live worker; lists models whose workers are restarting."""
     served = {m.name: m.engine.live_workers() for m in state.models.list()}
     ready = any(n > 0 for n in served.values())
-    body = {"status": "ready" if ready else "not_ready", "models": served}
-    responder.send(200 if ready else 503, _ENCODER.encode(body))
+    restarting = state.models.restarting()
+    status = "ready" if ready else "restarting" if restarting else "not_ready"
+    body = {"status": status, "models": served, "restarting": restarting}
+    retry = (b"retry-after: 2\r\n",) if restarting and not ready else ()
+    responder.send(200 if ready else 503, _ENCODER.encode(body), headers=retry)
 
 
 async def live(state: FrontendState, request: HttpRequest, responder: Responder) -> None:

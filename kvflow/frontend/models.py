@@ -44,6 +44,16 @@ class ServedModel:
     # Routed models: a snapshot of the router for the fleet view (/fleet).
     fleet: Callable[[], RouterView] | None = None
 
+    warned_no_tool_parser: bool = False
+
+    def warn_no_tool_parser(self) -> None:
+        """Once per model: a request carries tools, but no parser turns output into tool_calls."""
+        if not self.warned_no_tool_parser:
+            self.warned_no_tool_parser = True
+            log.warning("model %s: a request carries tools, but the model has no tool-call parser, "
+                        "so replies have no tool_calls; start its workers with --tool-call-parser "
+                        "(hermes, llama3_json, mistral)", self.name)
+
     def __post_init__(self) -> None:
         if self.card.reasoning_parser:
             self.reasoning_parser = get_reasoning_parser(self.card.reasoning_parser)
@@ -68,6 +78,20 @@ class ModelManager:
 
     def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
+        # Models whose last worker went away, by name → monotonic deadline: still listed, and
+        # answered 503 + Retry-After until a worker is back or the grace period ends.
+        self._restarting: dict[str, float] = {}
+
+    def mark_restarting(self, name: str, grace_s: float) -> None:
+        self._restarting[name] = time.monotonic() + grace_s
+
+    def clear_restarting(self, name: str) -> None:
+        self._restarting.pop(name, None)
+
+    def restarting(self) -> dict[str, float]:
+        """Models waiting for a worker to come back: name → seconds of grace left."""
+        now = time.monotonic()
+        return {name: round(max(0.0, end - now), 1) for name, end in self._restarting.items()}
 
     def add_model(
         self,
@@ -98,6 +122,7 @@ class ModelManager:
 
     def remove_model(self, name: str) -> bool:
         """Stop serving `name`; returns whether it was served."""
+        self._restarting.pop(name, None)
         return self._models.pop(name, None) is not None
 
     def get(self, name: str) -> ServedModel | None:

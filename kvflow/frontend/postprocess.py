@@ -74,6 +74,7 @@ class ChoiceProcessor:
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.cached_tokens: int | None = None
+        self.cached_by_tier: dict[str, int] | None = None  # kvflow extension: per KV tier
         self.tool_call_count = 0
         # True when a stop string ended the choice: the caller must stop the engine.
         self.stopped_by_string = False
@@ -102,6 +103,7 @@ class ChoiceProcessor:
             raise EngineError(_engine_failure(out))
         if out.cached_tokens is not None:
             self.cached_tokens = out.cached_tokens
+            self.cached_by_tier = out.cached_tokens_by_tier
         ids = out.token_ids
         text = ""
         if ids:
@@ -151,7 +153,9 @@ class ChoiceProcessor:
         """Text still held by the detokenizer and stop matcher, once the choice has ended."""
         if self.stopped_by_string:
             return ""
-        tail = self._detok.flush()
+        # An output cut inside a multi-byte character (max_tokens) ends before that character
+        # rather than in U+FFFD replacement characters.
+        tail = self._detok.flush().rstrip("\ufffd")
         if self._stopper is None:
             return tail
         tail = self._stop_filter(tail) if tail else ""

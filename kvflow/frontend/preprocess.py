@@ -206,6 +206,8 @@ def prepare_chat(
     max_tokens = req.max_completion_tokens or req.max_tokens
     max_tokens = _fit_context(model, len(ids), max_tokens, "messages")
     uses_tools = bool(req.tools) and req.tool_choice != "none"
+    if uses_tools and model.tool_parser is None:
+        model.warn_no_tool_parser()
     reasoning = model.reasoning_parser
     options = OutputOptions(
         stop=_stops(req.stop),

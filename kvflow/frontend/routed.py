@@ -130,8 +130,9 @@ class RoutedEngineClient:
         return decision
 
     def live_workers(self) -> int:
-        """Workers in discovery that are not suspect (stalled, or silent to the canary)."""
-        return sum(not self.health.is_suspect(w) for w in self.routed.instance_ids())
+        """Workers in discovery whose connection has not just failed and that are not suspect
+        (stalled, or silent to the canary)."""
+        return sum(not self.health.is_suspect(w) for w in self.routed.live_instance_ids())
 
     async def close(self) -> None:
         await self.canary.close()

@@ -33,7 +33,13 @@ from kvflow.frontend.models import ModelManager
 from kvflow.frontend.routed import HealthSettings, RoutedEngineClient
 from kvflow.frontend.stalls import StallConfig
 from kvflow.llm.model_card import ModelCard, materialize_card
-from kvflow.llm.register import MODELS_PREFIX, ROLE_PREFILL, ModelEntry, fetch_card_file
+from kvflow.llm.register import (
+    MODELS_PREFIX,
+    ROLE_PREFILL,
+    ModelEntry,
+    block_size_conflict,
+    fetch_card_file,
+)
 from kvflow.router.config import KvRouterConfig
 from kvflow.router.service import KvRoutedClient, RouterWiring
 from kvflow.runtime import DistributedRuntime
@@ -74,6 +80,15 @@ class ModelPool:
     routed: RoutedEngineClient
     client: EngineClient
     instances: set[str] = field(default_factory=set)
+    retire: asyncio.TimerHandle | None = None  # set while its workers are restarting
+
+
+def _first_instance(pool: ModelPool) -> int:
+    key = next(iter(pool.instances), "/0")
+    return int(key.rsplit("/", 1)[1], 16)
+
+
+DEFAULT_GRACE_S = 10.0
 
 
 class ModelWatcher:
@@ -88,10 +103,13 @@ class ModelWatcher:
         migration: MigrationSettings | None = None,
         endpoint: str | None = None,
         disagg: DisaggConfig | None = None,
+        grace_s: float = DEFAULT_GRACE_S,
     ) -> None:
         self.runtime = runtime
         # Serve only models registered on this endpoint ("ns.comp.ep"); None = every model.
         self.endpoint = endpoint
+        # A model whose last worker left stays listed this long (503 + Retry-After meanwhile).
+        self.grace_s = grace_s
         self.models = models
         self.router_config = router_config
         self.migration = migration or MigrationSettings()
@@ -114,6 +132,8 @@ class ModelWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for pool in self.pools.values():
+            if pool.retire is not None:
+                pool.retire.cancel()
             await pool.routed.close()
         self.pools.clear()
         await self.disagg.close()
@@ -137,7 +157,7 @@ class ModelWatcher:
         if prefill:
             await self.disagg.add(key, entry)
             return
-        pool = self.pools.get(entry.name)
+        pool = self._back_from_restart(self.pools.get(entry.name), entry)
         if pool is None:
             pool = await self._new_pool(entry)
             self.pools[entry.name] = pool
@@ -152,8 +172,27 @@ class ModelWatcher:
                 pool.card.tokenizer_checksum[:12],
             )
             return
+        elif pool.card.kv_block_size != entry.card.kv_block_size:
+            log.error("frontend: refusing worker %x: %s", entry.instance_id, block_size_conflict(
+                entry.name, pool.card.kv_block_size, _first_instance(pool),
+                entry.card.kv_block_size))
+            return
         pool.instances.add(key)
         self._key_model[key] = entry.name
+
+    def _back_from_restart(self, pool: ModelPool | None, entry: ModelEntry) -> ModelPool | None:
+        """A worker of a restarting model is back: keep the pool, unless its card changed."""
+        if pool is None or pool.retire is None:
+            return pool
+        pool.retire.cancel()
+        pool.retire = None
+        self.models.clear_restarting(entry.name)
+        if pool.card.checksum == entry.card.checksum:
+            log.info("frontend: model %s has a worker again (%x)", entry.name, entry.instance_id)
+            return pool
+        del self.pools[entry.name]
+        asyncio.ensure_future(pool.routed.close())
+        return None
 
     async def _new_pool(self, entry: ModelEntry) -> ModelPool:
         card = await self._local_card(entry)
@@ -198,8 +237,21 @@ class ModelWatcher:
         if pool is None:
             return
         pool.instances.discard(key)
-        if not pool.instances:
-            del self.pools[name]  # type: ignore[arg-type]
-            self.models.remove_model(name)  # type: ignore[arg-type]
-            await pool.routed.close()
-            log.info("frontend: model %s has no workers left; no longer listed", name)
+        if pool.instances or pool.retire is not None:
+            return
+        if self.grace_s <= 0:
+            await self._retire(name or "", pool)
+            return
+        log.info("frontend: model %s has no workers left; waiting %.0f s for one to come back",
+                 name, self.grace_s)
+        self.models.mark_restarting(name or "", self.grace_s)
+        pool.retire = asyncio.get_running_loop().call_later(
+            self.grace_s, lambda: asyncio.ensure_future(self._retire(name or "", pool)))
+
+    async def _retire(self, name: str, pool: ModelPool) -> None:
+        if self.pools.get(name) is not pool or pool.instances:
+            return
+        del self.pools[name]
+        self.models.remove_model(name)
+        await pool.routed.close()
+        log.info("frontend: model %s has no workers left; no longer listed", name)

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvflow.kv.blocks import KvBlockIO
+from kvflow.llm.kv_events import LoadMetrics
 from kvflow.llm.protocol import DisaggHint, KvTransferStats
 
 
@@ -49,6 +50,7 @@ class ConnectorSeq(Protocol):
     num_computed_tokens: int
     num_preemptions: int
     block_ids: list[int]
+    cached_by_tier: dict[str, int] | None  # prompt tokens served per KV tier (set by tiers)
 
     @property
     def num_tokens(self) -> int: ...
@@ -107,6 +109,16 @@ class KvConnector(Protocol):
 
     def has_pending(self) -> bool: ...
 
+    def observe_step(self, num_prefill_tokens: int, seconds: float) -> None: ...
+
+    def close(self) -> None:
+        """The engine stopped: finish queued writes and release threads (may block)."""
+        ...
+
+    def fill_load_metrics(self, metrics: LoadMetrics) -> None:
+        """Add what the connector publishes (tier costs and counters) to the engine's load."""
+        ...
+
 
 class BaseConnector:
     """No-op defaults for every hook; connectors override the ones they use."""
@@ -132,6 +144,16 @@ class BaseConnector:
     def has_pending(self) -> bool:
         return False
 
+    def observe_step(self, num_prefill_tokens: int, seconds: float) -> None:
+        """A step computed this many prompt tokens in `seconds` (the tiers' recompute speed)."""
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def fill_load_metrics(self, metrics: LoadMetrics) -> None:
+        return None
+
 
 @dataclass(frozen=True)
 class EngineKv:
@@ -140,6 +162,9 @@ class EngineKv:
     io: KvBlockIO
     shm_name: str | None = None  # the /dev/shm region holding the KV, when it is shared
     wake: Callable[[], None] = lambda: None  # thread-safe: the engine should poll its connector
+    # Appends a lower tier's BlocksStored/BlocksRemoved (with `medium`) to the block pool's
+    # event stream; call it only from hooks the scheduler runs (under the engine's lock).
+    record_event: Callable[[Any], None] | None = None
     # Modelled seconds to move n tokens' KV (the mocker's clock; 0 for real engines).
     modelled_s: Callable[[int], float] = lambda n: 0.0
     # The engine's own connector (e.g. a host tier) for requests this one does not take.

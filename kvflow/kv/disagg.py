@@ -35,6 +35,7 @@ from kvflow.kv.connector import (
 )
 from kvflow.kv.transfer.agent import TransferAgent, TransferConfig, TransferFailed
 from kvflow.kv.transfer.metrics import TransferMetrics
+from kvflow.llm.kv_events import LoadMetrics
 from kvflow.llm.protocol import PHASE_DECODE, PHASE_PREFILL
 from kvflow.runtime import DistributedRuntime
 
@@ -109,6 +110,15 @@ class DisaggConnector(BaseConnector):
     def has_pending(self) -> bool:
         return bool(self._loads or self._released) or self.fallback.has_pending()
 
+    def observe_step(self, num_prefill_tokens: int, seconds: float) -> None:
+        self.fallback.observe_step(num_prefill_tokens, seconds)
+
+    def fill_load_metrics(self, metrics: LoadMetrics) -> None:
+        self.fallback.fill_load_metrics(metrics)
+
+    def close(self) -> None:
+        self.fallback.close()
+
     # ---- loads (event loop) -------------------------------------------------------------
 
     async def _load(self, seq: ConnectorSeq, first: int, blocks: list[int], n: int) -> None:
@@ -155,14 +165,16 @@ def disagg_connector_factory(
     metrics: TransferMetrics, agents: list[TransferAgent],
 ) -> ConnectorFactory:
     """A factory an engine calls once its KV exists: an agent (appended to `agents`, for the
-    worker to start and close) and the connector in front of it."""
+    worker to start and close) and the connector in front of it. Call it on the worker's
+    event loop; `make` may then run on any thread (engines are built off the loop)."""
+    loop = asyncio.get_running_loop()
 
     def make(kv: EngineKv) -> DisaggConnector:
         connector: list[DisaggConnector] = []
         agent = TransferAgent(runtime, component, worker_id, kv.io,
                               lambda blocks: connector[0].release(blocks),
                               shm_name=kv.shm_name, config=config, metrics=metrics)
-        connector.append(DisaggConnector(kv, agent, asyncio.get_running_loop()))
+        connector.append(DisaggConnector(kv, agent, loop))
         agents.append(agent)
         return connector[0]
 

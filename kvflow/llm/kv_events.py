@@ -3,6 +3,10 @@
 One message module for the KV event channel, one codec (msgpack via msgspec).
 Every event carries a per-worker, monotonically increasing `event_id` so a consumer
 can detect gaps and recover by asking the worker for a `CacheSnapshot`.
+
+`medium` says which tier a stored/removed event is about: None (older workers) and
+"device" mean the engine's own cache (G1); "host", "disk" and "object" are the tiers
+of `kvflow.kv.tiers` (G2-G4). Snapshots describe the device tier only.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ class BlocksStored(msgspec.Struct, tag="stored"):
 
     blocks: list[StoredBlock]
     parent_hash: int | None = None
+    medium: str | None = None  # None / "device": G1; "host", "disk", "object": lower tiers
 
 
 class BlocksRemoved(msgspec.Struct, tag="removed"):
     block_hashes: list[int]
+    medium: str | None = None
 
 
 class AllCleared(msgspec.Struct, tag="cleared"):
@@ -75,3 +81,8 @@ class LoadMetrics(msgspec.Struct, omit_defaults=True):
     prefill_tokens_inflight: int = 0
     host_active_blocks: int = 0
     host_total_blocks: int = 0
+    # Measured seconds to load one block per tier, and to recompute one ("recompute").
+    tier_block_s: dict[str, float] | None = None
+    # The worker's KV tier metrics (kvflow.kv.tiers.metrics) as "sample|tier|reason" -> value,
+    # so a frontend's /metrics can show them too.
+    tier_counters: dict[str, float] | None = None

@@ -20,8 +20,9 @@ import msgspec
 
 from kvflow.llm.chat_template import TemplateError, load_template_source, special_tokens_of
 from kvflow.llm.parsers.reasoning import get_reasoning_parser
-from kvflow.llm.parsers.tool_calls import get_tool_parser
+from kvflow.llm.parsers.tool_calls import get_tool_parser, tool_parser_for_template
 from kvflow.llm.tokenizer import TOKENIZER_FILE, Tokenizer
+from kvflow.runtime.errors import UserError
 
 CARD_FILES = (
     "config.json",
@@ -44,7 +45,7 @@ DEFAULT_KV_BLOCK_SIZE = 16
 DEFAULT_INLINE_LIMIT = 512 * 1024
 
 
-class ModelCardError(ValueError):
+class ModelCardError(UserError, ValueError):
     """A model card could not be built or materialized; the message says what to do."""
 
 
@@ -111,7 +112,8 @@ def resolve_model_path(model_path: str) -> Path:
     if path.exists():
         raise ModelCardError(f"{model_path} is a file; pass the model's directory")
     if _looks_local(model_path):
-        raise ModelCardError(f"model directory {model_path} does not exist")
+        raise ModelCardError(f"model directory {model_path} does not exist; pass --model-path a directory "
+                             "with tokenizer.json and config.json (or a Hugging Face hub id)")
     return _download(model_path)
 
 
@@ -123,10 +125,26 @@ def _download(repo_id: str) -> Path:
     except (OSError, ValueError) as exc:
         raise ModelCardError(
             f"{repo_id!r} is not a local directory and could not be fetched from the Hugging "
-            f"Face Hub ({type(exc).__name__}: {exc}). Pass a local model directory, check the "
+            f"Face Hub ({hub_reason(exc)}).\nPass --model-path a local model directory, check the "
             "repo id, set HF_TOKEN for gated models; with HF_HUB_OFFLINE=1 only models "
             "already in the cache are found."
         ) from exc
+
+
+def default_model_name(model_path: str) -> str:
+    """A local directory's last component (`.kvflow/models/tiny` → `tiny`); a hub id as is."""
+    path = Path(model_path).expanduser()
+    return path.resolve().name if path.is_dir() else model_path
+
+
+def hub_reason(exc: BaseException) -> str:
+    """Why a hub download failed, in a few words (the hub's own messages run to paragraphs)."""
+    text = str(exc)
+    if "ConnectError" in text or "Name or service not known" in text or "offline" in text.lower():
+        return "no network, and not in the local hub cache"
+    if "RepositoryNotFound" in type(exc).__name__ or "404" in text:
+        return "no such repository (or it is gated: set HF_TOKEN)"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -203,7 +221,7 @@ def _check_options(
     unknown = [t for t in model_types if t not in MODEL_TYPES]
     if unknown or not model_types:
         raise ModelCardError(f"model_types must be a non-empty subset of {MODEL_TYPES}")
-    if tool_parser is not None:
+    if tool_parser not in (None, "none"):
         get_tool_parser(tool_parser)
     if reasoning_parser is not None:
         get_reasoning_parser(reasoning_parser)
@@ -227,7 +245,9 @@ def build_model_card(
     _check_options(model_input, model_types, tool_call_parser, reasoning_parser)
     root = resolve_model_path(model_path)
     if not (root / TOKENIZER_FILE).is_file():
-        raise ModelCardError(f"{root} has no {TOKENIZER_FILE}; kvflow needs a fast tokenizer")
+        raise ModelCardError(
+            f"{root} has no {TOKENIZER_FILE}; kvflow needs a fast tokenizer: save one with "
+            f"transformers' AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
     tok_cfg = _read_json(root / "tokenizer_config.json")
     config = _read_json(root / "config.json")
     tokenizer = Tokenizer.from_dir(root)
@@ -237,6 +257,9 @@ def build_model_card(
             f"{root} has no chat template, so it cannot serve chat; pass a template file "
             "(custom_template_path / --custom-jinja-template) or model_types=('completions',)"
         )
+    if tool_call_parser is None:  # "none" turns the guess off
+        tool_call_parser = tool_parser_for_template(template)
+    tool_call_parser = None if tool_call_parser == "none" else tool_call_parser
     length = context_length or _context_length(config)
     if length is None:
         raise ModelCardError(
@@ -245,7 +268,7 @@ def build_model_card(
         )
     specials = special_tokens_of(root, tok_cfg)
     card = ModelCard(
-        name=model_name or model_path,
+        name=model_name or default_model_name(model_path),
         model_path=str(root.resolve()),
         source=model_path,
         tokenizer_checksum=tokenizer.checksum,

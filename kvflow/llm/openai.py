@@ -157,6 +157,9 @@ class CompletionRequest(_GenerationFields, kw_only=True):
 
 class PromptTokensDetails(msgspec.Struct):
     cached_tokens: int = 0
+    # kvflow extension: `cached_tokens` split by KV tier ("device", "host", "disk", "object");
+    # left out of the JSON when the engine did not report a split.
+    cached_tokens_by_tier: dict[str, int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Usage(msgspec.Struct):

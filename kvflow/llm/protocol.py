@@ -135,6 +135,8 @@ class EngineOutput(msgspec.Struct, omit_defaults=True):
     top_logprobs: list[list[TopLogprob]] | None = None
     finish_reason: str | None = None
     cached_tokens: int | None = None
+    # Of `cached_tokens`, how many each KV tier served ("device", "host", "disk", "object").
+    cached_tokens_by_tier: dict[str, int] | None = None
     error: str | None = None
     # Index of the choice when n > 1.
     index: int = 0

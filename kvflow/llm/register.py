@@ -25,6 +25,7 @@ from kvflow.llm.model_card import (
     read_card_file,
 )
 from kvflow.runtime import Context, DistributedRuntime, Endpoint
+from kvflow.runtime.errors import UserError
 
 MODELS_PREFIX = "v1/models/"
 ROLE_AGGREGATED = "aggregated"
@@ -107,6 +108,7 @@ async def register_llm(
         card = msgspec.structs.replace(card, guided_decoding=True)
     runtime = endpoint.runtime
     iid = instance_id or runtime.lease_id
+    await check_compatible(runtime, endpoint.namespace, card, iid)
     files_ep = ""
     if any(ref.inline is None for ref in card.files.values()):
         files_ep = await _serve_files(runtime, endpoint, card, iid)
@@ -114,6 +116,28 @@ async def register_llm(
     key = model_key(endpoint.namespace, card.name, iid)
     await runtime.discovery.put(key, msgspec.msgpack.encode(entry), lease=True)
     return entry
+
+
+class ModelConflictError(UserError):
+    """Another worker already serves this model name with a card this one cannot join."""
+
+
+def block_size_conflict(name: str, theirs: int, other_id: int, ours: int) -> str:
+    """The one message for workers of one model with different KV block sizes."""
+    return (f"model {name!r} is already served with KV block size {theirs} (worker {other_id:x}); "
+            f"this worker's block size is {ours}. Workers of one model must share --block-size "
+            f"(KV routing compares blocks); use {theirs} or another --model-name")
+
+
+async def check_compatible(runtime: DistributedRuntime, namespace: str, card: ModelCard, iid: int) -> None:
+    """Refuse to join a model whose registered workers use another KV block size."""
+    prefix = f"{MODELS_PREFIX}{namespace}/{card.name}/"
+    decode = msgspec.msgpack.Decoder(ModelEntry).decode
+    for raw in (await runtime.discovery.get_prefix(prefix)).values():
+        other = decode(raw)
+        if other.instance_id != iid and other.card.kv_block_size != card.kv_block_size:
+            raise ModelConflictError(block_size_conflict(
+                card.name, other.card.kv_block_size, other.instance_id, card.kv_block_size))
 
 
 async def _serve_files(

@@ -91,17 +91,22 @@ _DEFAULTS = KvRouterConfig()
 def add_router_args(parser: argparse.ArgumentParser) -> None:
     """Add `--router-*` flags whose defaults come from `KvRouterConfig`."""
     from kvflow.router.policies import router_policy_names
+    from kvflow.runtime.config import field_help
 
-    group = parser.add_argument_group("router")
+    helps = field_help(KvRouterConfig)
+    group = parser.add_argument_group("router (KV-aware worker selection)")
     for f in fields(KvRouterConfig):
         flag = "--router-" + f.name.replace("_", "-")
         default = getattr(_DEFAULTS, f.name)
+        text = f"{helps.get(f.name, '')} (default: %(default)s)".replace("%", "%%").replace(
+            "%%(default)s", "%(default)s")
         if f.name == "policy":
-            group.add_argument(flag, default=default, choices=router_policy_names())
+            group.add_argument(flag, default=default, choices=router_policy_names(), help=text)
         elif isinstance(default, bool):
-            group.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
+            group.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=text)
         else:
-            group.add_argument(flag, default=default, type=_parser_for(f.name))
+            group.add_argument(flag, default=default, type=_parser_for(f.name), help=text,
+                               metavar=f.name.upper())
 
 
 def _parser_for(name: str) -> type:

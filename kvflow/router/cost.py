@@ -80,10 +80,16 @@ class RoutingDecision:
     session_blocks: int = 0
 
     def as_json(self) -> bytes:
-        """JSON for the explain endpoint (loads and terms as objects, worker ids as keys)."""
+        """JSON for the explain endpoint: worker ids in hex, as in logs and metrics."""
         body = {f.name: getattr(self, f.name) for f in fields(self)}
-        body["loads"] = {w: load._asdict() for w, load in self.loads.items()}
-        body["terms"] = {w: {**t._asdict(), "total": t.total} for w, t in self.terms.items()}
+        body["worker_id"] = f"{self.worker_id:x}"
+        for name in ("costs", "overlaps", "pending"):
+            body[name] = {f"{w:x}": v for w, v in body[name].items()}
+        if self.session_worker is not None:
+            body["session_worker"] = f"{self.session_worker:x}"
+        body["loads"] = {f"{w:x}": {**load._asdict(), "worker_id": f"{w:x}"}
+                         for w, load in self.loads.items()}
+        body["terms"] = {f"{w:x}": {**t._asdict(), "total": t.total} for w, t in self.terms.items()}
         return msgspec.json.encode(body)
 
 

@@ -14,6 +14,7 @@ from kvflow.llm.kv_events import (
     KvEvent,
 )
 from kvflow.router.blocks import BlockTable, OverlapScores
+from kvflow.router.tiers import TierResidency
 
 
 class ApplyStatus(enum.Enum):
@@ -48,6 +49,7 @@ class KvIndex:
 
     def __init__(self, first_event_id: int = 1) -> None:
         self._table = BlockTable()
+        self.tiers = TierResidency()  # blocks below the device (host, disk, object store)
         self._last_id: dict[int, int] = {}
         self._first_event_id = first_event_id
 
@@ -70,7 +72,9 @@ class KvIndex:
 
     def _apply_data(self, worker: int, event: KvEvent) -> None:
         data = event.data
-        if isinstance(data, BlocksStored):
+        if not isinstance(data, AllCleared) and data.medium not in (None, "device"):
+            self.tiers.apply(worker, data)
+        elif isinstance(data, BlocksStored):
             self._table.store(worker, [b.block_hash for b in data.blocks])
         elif isinstance(data, BlocksRemoved):
             self._table.remove(worker, data.block_hashes)
@@ -94,6 +98,7 @@ class KvIndex:
     def remove_worker(self, worker_id: int) -> None:
         """Forget the worker's blocks and event history."""
         self._table.remove_worker(worker_id)
+        self.tiers.remove_worker(worker_id)
         self._last_id.pop(worker_id, None)
 
     def forget_history(self, worker_id: int) -> None:

@@ -63,7 +63,7 @@ class RouterObserver:
                     decision: RoutingDecision) -> None:
         now = time.time()
         self.decisions.append(DecisionRecord(now, request_id, decision))
-        depth = min(max(decision.overlaps.values(), default=0), len(block_hashes))
+        depth = min(int(max(decision.overlaps.values(), default=0)), len(block_hashes))
         if depth <= 0:
             return
         key = block_hashes[depth - 1]

@@ -33,6 +33,7 @@ from kvflow.router.policies import DirectPolicy, KvPolicy, RoutingSnapshot, buil
 from kvflow.router.recovery import FetchSnapshot, GapRecovery, RecoveryStats
 from kvflow.router.sessions import SessionAffinity
 from kvflow.router.sync import RoutingSyncMessage, SyncKind, remote_key
+from kvflow.router.tiers import worker_tier_metrics
 
 PublishSync = Callable[[RoutingSyncMessage], None]
 _TOMBSTONES = 4096
@@ -87,8 +88,11 @@ class KvRouter:
         self._admission = AdmissionQueue(config.max_queue, config.queue_timeout_s,
                                          config.retry_after_s)
         self._rng = random.Random(config.seed)
-        self._metrics = RouterMetrics(registry if registry is not None else CollectorRegistry(),
-                                      name, self._admission.waiting, self._index.num_blocks)
+        self._metrics_registry = registry if registry is not None else CollectorRegistry()
+        self._metrics = RouterMetrics(self._metrics_registry, name, self._admission.waiting,
+                                      self._index.num_blocks)
+        self._tier_metrics = worker_tier_metrics(self._metrics_registry)
+        self._name = name
         self._workers: dict[int, None] = {}
         self._removed: dict[int, None] = {}
         self._decisions = 0
@@ -232,17 +236,18 @@ class KvRouter:
 
     def _match(self, hashes: list[int], candidates: Container[int]) -> tuple[OverlapScores,
                                                                              dict[int, int]]:
-        """Leading blocks per worker: the index's, extended by blocks pending there."""
+        """Leading blocks per worker: the index's, extended by blocks pending there (whole
+        blocks), then by lower KV tiers credited at their worth (router/tiers.py)."""
         overlaps = self._index.find_matches(hashes)
-        if self._pending is None:
-            return overlaps, {}
-        extra = self._pending.extend(hashes, overlaps.scores, candidates)
-        if not extra:
-            return overlaps, extra
-        scores = dict(overlaps.scores)
-        for w, n in extra.items():
-            scores[w] = scores.get(w, 0) + n
-        return OverlapScores(scores, overlaps.frequencies), extra
+        extra = self._pending.extend(hashes, overlaps.scores, candidates) if self._pending else {}
+        if extra:
+            scores = dict(overlaps.scores)
+            for w, n in extra.items():
+                scores[w] = scores.get(w, 0) + n
+            overlaps = OverlapScores(scores, overlaps.frequencies)
+        if self._kv_index is not None and self._kv_index.tiers:
+            overlaps = self._kv_index.tiers.extend(hashes, overlaps, list(candidates))
+        return overlaps, extra
 
     def _eligible(self, loads: dict[int, WorkerLoad]) -> dict[int, WorkerLoad]:
         """Candidates under the busy thresholds (all of them when none is, for explain)."""
@@ -266,7 +271,8 @@ class KvRouter:
             self._approx.record(worker, hashes)
             shared = hashes
         elif self._pending is not None:
-            shared = hashes[decision.overlap_blocks:]  # what the worker will newly store
+            # what the worker will newly store (a lower-tier credit may be fractional)
+            shared = hashes[int(decision.overlap_blocks):]
             self._pending.book(worker, shared)
         else:
             shared = []
@@ -306,6 +312,9 @@ class KvRouter:
         if metrics.worker_id in self._removed:
             return
         self._load.update_metrics(metrics)
+        if self._kv_index is not None:
+            self._kv_index.tiers.observe_costs(metrics)
+        self._tier_metrics.update(self._name, metrics)
         self._admission.pump()
 
     def on_worker_added(self, worker_id: int) -> None:
@@ -316,6 +325,7 @@ class KvRouter:
     def on_worker_removed(self, worker_id: int) -> None:
         """Forget the worker: its cached blocks, pending recovery and booked load."""
         self._workers.pop(worker_id, None)
+        self._tier_metrics.forget(self._name, worker_id)
         self._index.remove_worker(worker_id)
         if self._pending is not None:
             self._pending.clear_worker(worker_id)

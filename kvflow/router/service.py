@@ -213,8 +213,13 @@ class KvRoutedClient:
                                    cache_salt=request.cache_salt,
                                    session_id=hints.session_id if hints else None)
 
+    def live_instance_ids(self) -> list[int]:
+        """Workers in discovery, less those whose connection just failed (a dead worker whose
+        lease has not expired yet does not count as live, so /health and 503s follow it)."""
+        return self._generate.live_instance_ids()
+
     def live_workers(self) -> int:
-        return len(self._generate.instances)
+        return len(self.live_instance_ids())
 
     def view(self) -> RouterView:
         """A snapshot for the fleet page: workers, last decisions, hottest shared prefixes."""

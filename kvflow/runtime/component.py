@@ -180,6 +180,11 @@ class Client:
                 f"no instance of {self.endpoint.path} appeared within {timeout}s"
             ) from None
 
+    def live_instance_ids(self) -> list[int]:
+        """Instances in discovery that have not just failed a connection (down for 2 s)."""
+        now = asyncio.get_running_loop().time()
+        return sorted(i for i in self.instances if self._down.get(i, 0.0) <= now)
+
     # -- routing -----------------------------------------------------------------------
     def _live(self) -> list[int]:
         now = asyncio.get_running_loop().time()

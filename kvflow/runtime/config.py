@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import inspect
 import json
 import os
 import tempfile
@@ -17,6 +19,8 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+from kvflow.runtime.errors import ConfigError
 
 T = TypeVar("T")
 ENV_PREFIX = "KVFLOW_"
@@ -31,27 +35,27 @@ def default_discovery_path() -> str:
 class RuntimeConfig:
     """What a DistributedRuntime needs; one per process."""
 
-    namespace: str = "kvflow"
+    namespace: str = "kvflow"  # processes of one deployment share a namespace
     # Discovery backend: memory (one process), file (one host), etcd (cluster).
     discovery: str = "file"
-    discovery_path: str = dataclasses.field(default_factory=default_discovery_path)
-    etcd_endpoints: str = "http://127.0.0.1:2379"
+    discovery_path: str = dataclasses.field(default_factory=default_discovery_path)  # file discovery's dir
+    etcd_endpoints: str = "http://127.0.0.1:2379"  # comma-separated etcd URLs (discovery=etcd)
     # Request plane: tcp (default) or nats.
     request_plane: str = "tcp"
     # Event plane: zmq (brokerless, one host or many), inproc (one process), nats.
     event_plane: str = "zmq"
-    nats_url: str = "nats://127.0.0.1:4222"
-    advertise_host: str = "127.0.0.1"
-    bind_host: str = ""
-    tcp_port: int = 0
-    lease_ttl: float = 10.0
-    file_poll_interval: float = 0.1
-    max_frame_bytes: int = 64 * 1024 * 1024
-    graceful_shutdown_timeout: float = 30.0
-    stream_timeout: float = 0.0
+    nats_url: str = "nats://127.0.0.1:4222"  # NATS server (event or request plane nats)
+    advertise_host: str = "127.0.0.1"  # address other machines use to reach this process
+    bind_host: str = ""  # address the request plane binds (empty: advertise_host)
+    tcp_port: int = 0  # request plane port (0 picks a free one)
+    lease_ttl: float = 10.0  # seconds a dead process stays in discovery
+    file_poll_interval: float = 0.1  # seconds between file-discovery scans
+    max_frame_bytes: int = 64 * 1024 * 1024  # largest request-plane message
+    graceful_shutdown_timeout: float = 30.0  # seconds in-flight requests get on SIGTERM
+    stream_timeout: float = 0.0  # seconds a stream may wait for its next message (0 = forever)
     # System status server (/health, /live, /metrics); None = off.
     system_port: int | None = None
-    system_host: str = "127.0.0.1"
+    system_host: str = "127.0.0.1"  # address of the system status server
     # TLS for the TCP request plane (both sides); empty = plain TCP.
     request_plane_tls_cert: str = ""
     request_plane_tls_key: str = ""
@@ -94,7 +98,7 @@ def log_levels_from_env(env: typing.Mapping[str, str] | None = None) -> dict[str
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _base_type(tp: Any) -> Any:
@@ -125,22 +129,59 @@ def _coerce(raw: str, tp: Any, name: str) -> Any:
         if typing.get_origin(base) in (list, tuple):
             return [s for s in raw.split(",") if s]
     except ValueError as exc:
-        raise ValueError(f"bad value {raw!r} for {name}: expected {base.__name__}") from exc
+        raise ConfigError(f"bad value {raw!r} for {name}: expected {base.__name__}") from exc
     return raw
 
 
-def _read_file(path: str, section: str) -> dict[str, Any]:
-    text = Path(path).read_text()
-    if path.endswith(".toml"):
-        import tomllib  # py3.11+; TOML config needs 3.11 or a JSON file
+def environ() -> typing.Mapping[str, str]:
+    """The process environment (this module is the one that reads it)."""
+    return os.environ
 
-        data = tomllib.loads(text)
-    else:
-        data = json.loads(text)
-    got = data.get(section, {})
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A TOML (`.toml`) or JSON config file as {section: {key: value}}; mistakes are ConfigErrors."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path} ({exc.strerror}); check --config / "
+                          f"${CONFIG_FILE_ENV}") from None
+    try:
+        data = _toml_loads(text) if path.endswith(".toml") else json.loads(text)
+    except ValueError as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: "
+                          f"{exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold [section] tables")
+    return data
+
+
+def _toml_loads(text: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the tomli package (a dependency there)
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError("TOML config files on Python 3.10 need tomli: pip install tomli "
+                              "(or use a JSON config file)") from None
+    return tomllib.loads(text)
+
+
+def _read_file(path: str, section: str) -> dict[str, Any]:
+    got = read_config_file(path).get(section, {})
     if not isinstance(got, dict):
-        raise ValueError(f"config file {path}: section [{section}] must be a table")
+        raise ConfigError(f"config file {path}: section [{section}] must be a table")
     return got
+
+
+def build_config(cls: type[T], values: typing.Mapping[str, Any]) -> T:
+    """`cls(**values)`; a value its checks refuse is a ConfigError (one line for the user)."""
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_config(
@@ -160,7 +201,9 @@ def load_config(
     if file:
         for key, val in _read_file(file, section).items():
             if key not in names:
-                raise ValueError(f"config file {file}: unknown [{section}] key {key!r}")
+                close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"config file {file}: unknown key {key!r} in [{section}]{hint}")
             values[key] = val
     for name in names:
         raw = env.get(ENV_PREFIX + name.upper())
@@ -171,24 +214,58 @@ def load_config(
             raise ValueError(f"unknown {cls.__name__} option {key!r}")
         if val is not None:
             values[key] = val
-    return cls(**values)
+    return build_config(cls, values)
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: typing.Iterable[str] = ()) -> None:
-    """Add --flag per dataclass field; defaults None so unset flags don't override layers."""
-    hints = _hints(cls)
+def add_config_args(
+    parser: argparse.ArgumentParser, cls: type, *, skip: typing.Iterable[str] = (), prefix: str = "",
+) -> None:
+    """Add --[prefix-]flag per dataclass field, with help from the field's comment and its default.
+
+    Defaults are None so unset flags don't override the file and env layers of `load_config`.
+    """
+    hints, helps = _hints(cls), field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        text = f.metadata.get("help") or helps.get(f.name, "")
+        shown = _default_of(f)
+        help_text = f"{text} (default: {'unset' if shown in (None, '') else shown})".strip()
         base = _base_type(hints[f.name])
         if base is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
         else:
             conv = base if base in (int, float, str) else str
-            parser.add_argument(
-                flag, dest=f.name, type=conv, default=None, help=f"(default: {_default_of(f)})"
-            )
+            parser.add_argument(flag, dest=prefix + f.name, type=conv, default=None, help=help_text,
+                                metavar=f.name.upper())
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help: the comment lines right above it, or its trailing comment."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    block = ""  # a comment above several fields (no blank line between) covers them all
+    for i, line in enumerate(lines):
+        name, sep, rest = line.strip().partition(":")
+        if not line.strip():
+            block = ""
+        if not sep or name not in names or name in out:
+            continue
+        above = []
+        for prev in reversed(lines[:i]):
+            if not prev.strip().startswith("#"):
+                break
+            above.insert(0, prev.strip().lstrip("#").strip())
+        block = " ".join(above) or block
+        trailing = rest.split("  # ", 1)[1].strip() if "  # " in rest else ""
+        out[name] = trailing or block
+    return out
 
 
 def _default_of(f: dataclasses.Field) -> Any:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class KvflowError(Exception):
     """Base of every error the runtime raises on purpose."""
@@ -59,3 +62,47 @@ class FrameError(KvflowError):
 
 class DiscoveryError(KvflowError):
     """The discovery backend failed or is unreachable."""
+
+
+class UserError(KvflowError):
+    """A mistake the user can fix (a flag, a path, a port): shown as one or two lines, no traceback."""
+
+
+def port_in_use(what: str, host: str, port: int, flag: str) -> UserError:
+    """The one message for a port another process holds."""
+    return UserError(
+        f"{what} port {port} on {host} is already in use (another kvflow?); "
+        f"stop that process or pick another port with {flag} (0 picks a free one)"
+    )
+
+
+def is_addr_in_use(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+
+
+class ConfigError(UserError, ValueError):
+    """A bad setting in a flag, a KVFLOW_* variable or the config file."""
+
+
+class ServiceUnreachableError(DiscoveryError, UserError):
+    """etcd or NATS is not reachable at startup: start it, or point the flag at it."""
+
+
+class MissingDependencyError(UserError, ModuleNotFoundError):
+    """An optional feature's package is not installed; the message names the extra."""
+
+
+@contextlib.contextmanager
+def needs_extra(feature: str, extra: str) -> Iterator[None]:
+    """Around a lazy import: a missing third-party package becomes one line naming the extra."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if isinstance(exc, MissingDependencyError) or (exc.name or "").startswith("kvflow"):
+            raise
+        raise MissingDependencyError(
+            f"{feature} needs the {exc.name or 'missing'} package, which is not installed: "
+            f"pip install 'kvflow[{extra}]'"
+        ) from None

@@ -17,6 +17,7 @@ from kvflow.runtime.component import Endpoint, Instance, Namespace, parse_endpoi
 from kvflow.runtime.config import RuntimeConfig
 from kvflow.runtime.context import Context
 from kvflow.runtime.discovery import Discovery, make_discovery
+from kvflow.runtime.errors import needs_extra
 from kvflow.runtime.events import EventPlane, ScopedEvents, make_event_plane
 from kvflow.runtime.request_plane.metrics import EndpointMetrics
 from kvflow.runtime.request_plane.tcp_client import ConnectionPool
@@ -75,6 +76,11 @@ class DistributedRuntime:
     @property
     def lease_id(self) -> int:
         return self.discovery.lease_id
+
+    @property
+    def serving(self) -> bool:
+        """Whether any endpoint is served (then a shutdown drains it before closing)."""
+        return self._serving > 0
 
     def new_instance_id(self) -> int:
         return random.getrandbits(63) or 1
@@ -191,7 +197,8 @@ class DistributedRuntime:
         """The NATS request plane (kvflow.runtime.request_plane.nats), connected on first use."""
         async with self._server_lock:
             if self._nats_requests is None:
-                from kvflow.runtime.request_plane.nats import NatsRequestPlane
+                with needs_extra("the NATS request plane (--request-plane nats)", "nats"):
+                    from kvflow.runtime.request_plane.nats import NatsRequestPlane
 
                 plane = NatsRequestPlane(self.config.nats_url, metrics=self.endpoint_metrics)
                 self._nats_requests = await plane.start()

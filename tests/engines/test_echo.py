@@ -75,3 +75,19 @@ def test_cli_flag_builds_a_repeating_engine() -> None:
     ns = parse_args(["--engine", "echo", "--model-path", "x", "--echo-repeat"])
     engine = get_engine("echo").build(ns, EngineHooks())
     assert isinstance(engine, EchoEngine) and engine.config == EchoConfig(repeat=True)
+
+
+def test_chat_prompts_echo_their_last_message(tmp_path) -> None:
+    from kvflow.engines.echo import LastMessage
+    from kvflow.llm.tokenizer import Tokenizer
+    from kvflow.testing.tokenizer import make_model_dir
+
+    tok = Tokenizer.from_dir(make_model_dir(tmp_path / "tiny"))
+    reply = LastMessage(tok)
+    for prompt, want in [
+        ("<|im_start|>user\nhello kvflow<|im_end|>\n<|im_start|>assistant\n", "hello kvflow"),
+        ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nline one\nline two<|im_end|>\n"
+         "<|im_start|>assistant\n", "line one\nline two"),
+        ("a plain completion prompt", "a plain completion prompt"),
+    ]:
+        assert tok.decode(reply(tok.encode(prompt))) == want

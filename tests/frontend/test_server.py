@@ -56,7 +56,7 @@ async def test_health_and_live(served: Served, card):
     served.add(card, EchoEngineClient())
     ready = await raw_request(served.host, served.port, "GET", "/health")
     assert ready.status == 200
-    assert ready.json() == {"status": "ready", "models": {card.name: 1}}
+    assert ready.json() == {"status": "ready", "models": {card.name: 1}, "restarting": {}}
 
 
 async def test_metrics(served: Served, card):

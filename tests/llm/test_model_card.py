@@ -49,7 +49,7 @@ def test_card_fields(card_dir: Path) -> None:
 
 def test_overrides(card_dir: Path) -> None:
     card = build_model_card(str(card_dir), context_length=512, migration_limit=3)
-    assert card.name == str(card_dir) and card.served_name is None
+    assert card.name == card_dir.name and card.served_name is None
     assert card.context_length == 512 and card.migration_limit == 3
 
 

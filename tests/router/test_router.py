@@ -114,9 +114,9 @@ async def test_explain_changes_nothing() -> None:
     scheduled = await router.schedule(PROMPT, "r1")
     assert scheduled.worker_id == explained[0].worker_id
     doc = json.loads(explained[0].as_json())
-    assert doc["worker_id"] == explained[0].worker_id and doc["policy"] == "kv"
+    assert doc["worker_id"] == f"{explained[0].worker_id:x}" and doc["policy"] == "kv"
     assert doc["overlaps"] == {"1": 8, "2": 0}
-    assert doc["loads"]["1"] == {"worker_id": 1, "prefill_tokens": 0, "decode_blocks": 0,
+    assert doc["loads"]["1"] == {"worker_id": "1", "prefill_tokens": 0, "decode_blocks": 0,
                                  "active_requests": 0, "total_blocks": None}
 
 

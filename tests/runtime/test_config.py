@@ -28,7 +28,7 @@ def test_bad_names_and_values_are_clear(tmp_path) -> None:
         load_config(RuntimeConfig, "runtime", env={"KVFLOW_LEASE_TTL": "soon"})
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"runtime": {"lease": 1}}))
-    with pytest.raises(ValueError, match="unknown \\[runtime\\] key 'lease'"):
+    with pytest.raises(ValueError, match="unknown key 'lease' in \\[runtime\\]; did you mean 'lease_ttl'"):
         load_config(RuntimeConfig, "runtime", env={}, file=str(bad))
 
 

@@ -196,17 +196,23 @@ class BlockPool:
     def _emit_stored(self, seq_hash: int, parent: int | None, token_ids: Sequence[int]) -> None:
         block = StoredBlock(seq_hash, list(token_ids))
         last = self._events[-1].data if self._events else None
-        if isinstance(last, BlocksStored) and last.blocks[-1].block_hash == parent:
+        if isinstance(last, BlocksStored) and last.medium is None and last.blocks[-1].block_hash == parent:
             last.blocks.append(block)  # same chain, same step: extend the event
         else:
             self._push(BlocksStored([block], parent))
 
     def _emit_removed(self, seq_hash: int) -> None:
         last = self._events[-1].data if self._events else None
-        if isinstance(last, BlocksRemoved):
+        if isinstance(last, BlocksRemoved) and last.medium is None:
             last.block_hashes.append(seq_hash)
         else:
             self._push(BlocksRemoved([seq_hash]))
+
+    def record_event(self, data: BlocksStored | BlocksRemoved) -> None:
+        """Announce a change in a lower KV tier (`data.medium` set) in this pool's event
+        stream, so its ids stay consecutive; snapshots describe the device tier only."""
+        assert data.medium not in (None, "device"), "device changes come from the pool itself"
+        self._push(data)
 
     def drain_events(self) -> list[KvEvent]:
         """Events since the last drain, in event_id order; the snapshot advances to them."""
@@ -218,6 +224,8 @@ class BlockPool:
         return events
 
     def _apply_published(self, data: BlocksStored | BlocksRemoved | AllCleared) -> None:
+        if not isinstance(data, AllCleared) and data.medium is not None:
+            return  # a lower tier's residency: not part of the device snapshot
         if isinstance(data, BlocksStored):
             parent = data.parent_hash
             for block in data.blocks:

@@ -82,4 +82,6 @@ class KvLoads:
         seq.block_ids = []
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
+        seq.num_cached_tokens = -1  # counted again at its next admission
+        seq.cached_by_tier = None
         return seq

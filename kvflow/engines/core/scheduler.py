@@ -217,13 +217,28 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             scheduled = self._try_admit(self.waiting[0], budget, out)
             if scheduled is None:
-                break
+                if self.running or out.scheduled or not self._release_loaded():
+                    break
+                continue
             self.waiting.popleft()
             if scheduled is PARKED:
                 continue
             self.running.append(scheduled.seq)
             out.scheduled.append(scheduled)
             budget -= scheduled.num_new_tokens
+
+    def _release_loaded(self) -> bool:
+        """Nothing runs and the head of the queue does not fit, while sequences behind it
+        hold blocks their connector loaded: free the last such one (it recomputes), so a
+        full pool of landed loads never deadlocks the engine. False if there is none."""
+        for seq in reversed(self.waiting):
+            if seq is not self.waiting[0] and seq.block_ids:
+                self.pool.free(seq.block_ids)
+                seq.reset_for_recompute()
+                seq.num_cached_tokens = -1
+                seq.cached_by_tier = None
+                return True
+        return False
 
     def _try_admit(
         self, seq: Sequence, budget: int, out: SchedulerOutput
@@ -280,7 +295,7 @@ class Scheduler:
             self._undo_admission(seq)
             return None
         if seq.num_cached_tokens < 0:
-            seq.num_cached_tokens = cached
+            seq.num_cached_tokens = cached + external.num_cached_tokens
         self.loads.start(seq, self.pool.allocate(need), external.num_tokens)
         return PARKED
 
@@ -373,7 +388,7 @@ class Scheduler:
             for s in self.running
             if s.num_tokens - s.num_computed_tokens > 1
         )
-        return LoadMetrics(
+        metrics = LoadMetrics(
             worker_id=self.pool.worker_id,
             active_blocks=self.pool.num_active_blocks,
             total_blocks=self.pool.num_blocks,
@@ -381,6 +396,9 @@ class Scheduler:
             num_running=len(self.running),
             prefill_tokens_inflight=pending,
         )
+        if self.connector is not None:
+            self.connector.fill_load_metrics(metrics)
+        return metrics
 
 
 def _count_as_computed(out: SchedulerOutput) -> None:

@@ -72,6 +72,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens served from caches at first admission
+    cached_by_tier: dict[str, int] | None = None  # of those, per KV tier (device, host, ...)
     block_ids: list[int] = field(default_factory=list)
     num_committed_blocks: int = 0
     num_preemptions: int = 0

@@ -28,6 +28,11 @@ class MockerConfig:
     host_bandwidth: float = 25e9  # bytes/s, host -> GPU (PCIe 5 x16, effective)
     kv_transfer_bandwidth: float = 25e9  # bytes/s, prefill worker -> decode worker (modelled)
     profile: str | None = None  # JSON file overriding kvflow.engines.mocker.timing params
+    # Simulated lower KV tiers (sim_tiers.py): with either set, the host tier above joins them.
+    num_disk_blocks: int = 0  # G3 capacity in blocks; 0 = no disk tier
+    disk_bandwidth: float = 7e9  # bytes/s, disk -> GPU (one PCIe 4 NVMe)
+    object_store: bool = False  # G4, shared by the engines of this process
+    object_bandwidth: float = 12.5e9  # bytes/s, object store -> GPU (100 GbE)
 
     def __post_init__(self) -> None:
         if self.output not in output_names():
@@ -42,6 +47,8 @@ class MockerConfig:
             raise ValueError("num_host_blocks must be >= 0 and vocab_size >= 1")
         if self.num_host_blocks and not self.enable_prefix_caching:
             raise ValueError("a host tier (num_host_blocks > 0) needs prefix caching enabled")
+        if self.num_disk_blocks < 0 or min(self.disk_bandwidth, self.object_bandwidth) <= 0:
+            raise ValueError("num_disk_blocks must be >= 0 and tier bandwidths positive")
         if min(self.host_bandwidth, self.kv_transfer_bandwidth) <= 0:
             raise ValueError("host_bandwidth and kv_transfer_bandwidth must be positive")
         self.scheduler_config()  # checks the scheduler limits now, not at start
@@ -68,6 +75,8 @@ _FLAGS = {
     "--mocker-output": "output",
     "--mocker-profile": "profile",
     "--kv-transfer-bandwidth": "kv_transfer_bandwidth",
+    "--num-disk-blocks": "num_disk_blocks",
+    "--mocker-object-store": "object_store",
 }
 
 _HELP = {
@@ -81,6 +90,8 @@ _HELP = {
     "output": "output tokens: 'random' (seeded) or 'echo' (repeat the prompt)",
     "profile": "JSON file overriding the timing model's coefficients",
     "kv_transfer_bandwidth": "modelled bytes/s of KV moved from a prefill worker (--role decode)",
+    "num_disk_blocks": "simulated disk-tier KV blocks (G3; 0 = none)",
+    "object_store": "simulated object-store tier (G4) shared by this process's engines",
 }
 
 
@@ -90,7 +101,7 @@ def add_mocker_args(parser: argparse.ArgumentParser) -> None:
     types = {f.name: f.type for f in fields(MockerConfig)}
     group = parser.add_argument_group("mocker engine")
     for flag, name in _FLAGS.items():
-        kind = {"int": int, "float": float}.get(str(types[name]), str)
+        kind = {"int": int, "float": float, "bool": _yes}.get(str(types[name]), str)
         choices = {"output": output_names()}.get(name)
         group.add_argument(
             flag,
@@ -105,3 +116,11 @@ def add_mocker_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> MockerConfig:
     return MockerConfig(**{name: getattr(ns, f"mocker_{name}") for name in _FLAGS.values()})
+
+
+def _yes(text: str) -> bool:
+    """A boolean flag value: 1/true/yes/on (any case) or 0/false/no/off."""
+    value = text.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("1", "true", "yes", "on")

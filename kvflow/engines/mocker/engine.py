@@ -23,6 +23,7 @@ from kvflow.engines.core.scheduler import FinishedSeq, RequestRejected, Schedule
 from kvflow.engines.core.sequence import Sequence
 from kvflow.engines.mocker.config import MockerConfig
 from kvflow.engines.mocker.outputs import make_output, sequence_seed
+from kvflow.engines.mocker.sim_tiers import SharedSimStore, TieredMockerConnector, make_sim_tiers
 from kvflow.engines.mocker.stream import OutputStream
 from kvflow.engines.mocker.tiers import HostTier, MockerConnector
 from kvflow.engines.mocker.timing import TimingModel, TimingParams, load_profile
@@ -48,7 +49,8 @@ def mocker_kv_layout(config: MockerConfig) -> KvLayout:
 class MockerEngine:
     """A simulated LLM engine implementing kvflow.engines.base.Engine."""
 
-    def __init__(self, config: MockerConfig, hooks: EngineHooks | None = None) -> None:
+    def __init__(self, config: MockerConfig, hooks: EngineHooks | None = None,
+                 object_store: SharedSimStore | None = None) -> None:
         self.config = config
         self.hooks = hooks or EngineHooks()
         params = load_profile(config.profile) if config.profile else TimingParams()
@@ -59,20 +61,29 @@ class MockerEngine:
             enable_prefix_caching=config.enable_prefix_caching,
             worker_id=self.hooks.worker_id,
         )
-        self.host = HostTier(config.num_host_blocks) if config.num_host_blocks else None
-        self.connector: KvConnector = MockerConnector(
-            config.block_size, params.kv_bytes_per_token, self.host, config.host_bandwidth)
+        self.sim = make_sim_tiers(config, params, object_store)
+        self.host = HostTier(config.num_host_blocks) if config.num_host_blocks and not self.sim else None
+        args = (config.block_size, params.kv_bytes_per_token, self.host, config.host_bandwidth)
+        tiered = TieredMockerConnector(self.sim, *args) if self.sim is not None else None
+        self.connector: KvConnector = tiered or MockerConnector(*args)
         self._wakeup = asyncio.Event()
         self.kv_memory: SharedRegion | None = None
         if self.hooks.make_connector is not None:
             self.connector = self.hooks.make_connector(self._engine_kv(params.kv_bytes_per_token))
         self.scheduler = Scheduler(config.scheduler_config(), self.pool, self.connector)
+        if tiered is not None and self.sim is not None:
+            self.sim.record_event = self.pool.record_event
+            tiered.wake = self._wake
+            tiered.speedup_ratio = config.speedup_ratio
         self.output = make_output(config.output, config.vocab_size)
         self._streams: dict[str, OutputStream] = {}
         self._task: asyncio.Task[None] | None = None
         self._failure: str | None = None
         self._last_load: LoadMetrics | None = None
         self._last_load_at = float("-inf")
+
+    def _wake(self) -> None:
+        self._wakeup.set()
 
     def _engine_kv(self, kv_bytes_per_token: float) -> EngineKv:
         """Sized blocks for transfers (2 bytes per token), in /dev/shm when it is there."""
@@ -122,7 +133,7 @@ class MockerEngine:
 
     def _open(self, request: PreprocessedRequest) -> OutputStream:
         seq = self._make_sequence(request)
-        stream = OutputStream(seq)
+        stream = OutputStream(seq, request.sampling.logprobs)
         if self._failure is not None:
             stream.fail(self._failure)
             return stream
@@ -247,5 +258,9 @@ class MockerEngine:
         if self.host is not None:
             metrics.host_active_blocks = self.host.num_used
             metrics.host_total_blocks = self.host.num_blocks
+        if self.sim is not None:
+            metrics.tier_block_s = self.sim.costs()
+            metrics.host_active_blocks = self.sim.blocks_held("host")
+            metrics.host_total_blocks = self.config.num_host_blocks
         return metrics
 

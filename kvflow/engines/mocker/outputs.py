@@ -13,7 +13,7 @@ import xxhash
 
 from kvflow.engines.core.sequence import Sequence
 from kvflow.llm.kv_hash import HASH_SEED, local_block_hash
-from kvflow.llm.protocol import PreprocessedRequest
+from kvflow.llm.protocol import PreprocessedRequest, TopLogprob
 
 _U64 = (1 << 64) - 1
 
@@ -50,6 +50,28 @@ _OUTPUTS: dict[str, Callable[[int], OutputMode]] = {
     "random": RandomOutput,
     "echo": lambda vocab_size: EchoOutput(),
 }
+
+
+def mock_logprobs(
+    tokens: list[int], first_position: int, seed: int, top_k: int, known: list[int]
+) -> tuple[list[float], list[list[TopLogprob]]]:
+    """Plausible logprobs for emitted tokens: each token is its position's most likely one
+    (a logprob in [-2.5, -0.05]), then `top_k - 1` less likely alternatives taken from
+    `known` (the prompt's ids, which the tokenizer surely has), distinct, in falling order."""
+    logprobs, tops = [], []
+    pool = list(dict.fromkeys(known))
+    for i, token in enumerate(tokens):
+        h = xxhash.xxh3_64_intdigest((first_position + i).to_bytes(8, "little"), seed=seed & _U64)
+        lp = -0.05 - 2.45 * (h % 1000) / 1000
+        others = [t for t in pool if t != token]
+        start = h % len(others) if others else 0
+        picked = (others[start:] + others[:start])[: top_k - 1]
+        alternatives = [TopLogprob(token, lp)]
+        alternatives += [TopLogprob(t, lp - 0.7 * (j + 1) - (h >> j) % 50 / 100)
+                         for j, t in enumerate(picked)]
+        logprobs.append(lp)
+        tops.append(alternatives)
+    return logprobs, tops
 
 
 def output_names() -> list[str]:

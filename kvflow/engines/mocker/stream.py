@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 
 from kvflow.engines.core.sequence import Sequence
+from kvflow.engines.mocker.outputs import mock_logprobs
 from kvflow.llm.protocol import FINISH_ERROR, EngineOutput
 
 
 class OutputStream:
-    __slots__ = ("_error", "_finish", "_num_taken", "_reported_cache", "_tokens", "_waiter", "seq")
+    __slots__ = ("_error", "_finish", "_num_taken", "_reported_cache", "_tokens", "_waiter", "logprobs",
+                 "seq")
 
-    def __init__(self, seq: Sequence) -> None:
+    def __init__(self, seq: Sequence, logprobs: int | None = None) -> None:
         self.seq = seq
+        # Top alternatives per token when the request asked for logprobs (None: it did not).
+        self.logprobs = logprobs
         self._tokens: list[int] = []
         self._num_taken = seq.num_output_tokens  # a migrated request's earlier outputs
         self._finish: str | None = None
@@ -62,8 +66,14 @@ class OutputStream:
             await self._waiter
         tokens, self._tokens = self._tokens, []
         out = EngineOutput(token_ids=tokens, finish_reason=self._finish, error=self._error)
+        if self.logprobs is not None and tokens:
+            first = self._num_taken - len(tokens)
+            out.logprobs, out.top_logprobs = mock_logprobs(
+                tokens, first, self.seq.seed, max(self.logprobs, 1),
+                self.seq.token_ids[: self.seq.prompt_len])
         if not self._reported_cache:
             self._reported_cache = True
             out.cached_tokens = max(self.seq.num_cached_tokens, 0)
+            out.cached_tokens_by_tier = self.seq.cached_by_tier
             out.kv_transfer = self.seq.kv_transfer
         return out

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 from kvflow.engines.base import EngineHooks, EngineSpec, register_engine
 from kvflow.engines.native.config import DTYPES, NativeEngineConfig
+from kvflow.kv.tiers.config import add_tier_args, tier_config_from_args
+from kvflow.runtime.errors import needs_extra
 
 if TYPE_CHECKING:
     from kvflow.engines.native.engine import NativeEngine
@@ -37,7 +39,8 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(NativeEngineConfig)}
 
 def add_native_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("native engine")  # --model-path belongs to the worker
-    g.add_argument("--dtype", default=_DEFAULTS["dtype"], choices=[*DTYPES, "bf16", "fp16", "fp32"])
+    g.add_argument("--dtype", default=_DEFAULTS["dtype"], choices=[*DTYPES, "bf16", "fp16", "fp32"],
+                   help="weights and activations dtype (auto: the checkpoint's, float32 on CPU)")
     g.add_argument("--device", default=_DEFAULTS["device"], help="auto, cpu, cuda, cuda:N")
     g.add_argument("--block-size", type=int, default=_DEFAULTS["block_size"],
                    help="tokens per KV block")
@@ -48,16 +51,18 @@ def add_native_args(parser: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory for weights, activations and KV cache")
     g.add_argument("--cpu-kv-cache-gb", type=float, default=_DEFAULTS["cpu_kv_cache_gb"],
                    help="KV cache size on CPU when --num-gpu-blocks is not given")
-    g.add_argument("--max-num-seqs", type=int, default=_DEFAULTS["max_num_seqs"])
+    g.add_argument("--max-num-seqs", type=int, default=_DEFAULTS["max_num_seqs"],
+                   help="most sequences running at once")
     g.add_argument("--max-num-batched-tokens", type=int,
                    default=_DEFAULTS["max_num_batched_tokens"],
                    help="token budget per step (prefill chunk size)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length (default: the model's max_position_embeddings)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--seed", type=int, default=_DEFAULTS["seed"])
+    g.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="seed of the sampler")
     g.add_argument("--batch-invariant", action="store_true",
                    help="same tokens for a prompt whatever else is batched (slower; no CUDA graphs)")
+    add_tier_args(parser)
 
 
 def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
@@ -77,11 +82,13 @@ def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
         enforce_eager=ns.enforce_eager,
         seed=ns.seed,
         batch_invariant=ns.batch_invariant,
+        tiers=tier_config_from_args(ns),
     )
 
 
 def _build(ns: argparse.Namespace, hooks: EngineHooks) -> NativeEngine:
-    from kvflow.engines.native.engine import NativeEngine  # torch is imported here, lazily
+    with needs_extra("the native engine", "torch"):
+        from kvflow.engines.native.engine import NativeEngine  # torch is imported here, lazily
 
     return NativeEngine(config_from_args(ns), hooks)
 

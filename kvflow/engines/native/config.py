@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvflow.kv.tiers.config import TierConfig
+from kvflow.runtime.errors import UserError
+
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -21,7 +24,11 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
                   "float": "float32"}
 
 
-class UnsupportedModelError(ValueError):
+class MissingModelFileError(UserError, FileNotFoundError):
+    """The model directory lacks a file this engine needs (config.json)."""
+
+
+class UnsupportedModelError(UserError, ValueError):
     """The model directory holds an architecture or option this engine does not implement."""
 
 
@@ -52,6 +59,8 @@ class NativeEngineConfig:
     # The same prompt and sampling give the same tokens whatever else is in the batch and
     # however the prompt was chunked (invariant.py); runs eager, without CUDA graphs.
     batch_invariant: bool = False
+    # KV tiers below the device cache: host memory, disk, object store (kvflow.kv.tiers).
+    tiers: TierConfig = field(default_factory=TierConfig)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -114,7 +123,7 @@ class ModelConfig:
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.exists():
-            raise FileNotFoundError(
+            raise MissingModelFileError(
                 f"{path} not found: --model-path must be a Hugging Face model directory "
                 "(config.json + *.safetensors) or a hub id"
             )

@@ -45,6 +45,7 @@ from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
 from kvflow.engines.native.weights import resolve_model_dir
 from kvflow.kv.connector import EngineKv, KvConnector
+from kvflow.kv.tiers.connector import model_identity, tier_connector_factory
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import (
     FINISH_CANCELLED,
@@ -56,6 +57,7 @@ from kvflow.llm.protocol import (
 )
 from kvflow.llm.structured import GrammarError, is_guided
 from kvflow.runtime.context import Context
+from kvflow.runtime.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class InFlight:
 
     out: SchedulerOutput
     launched: Launched | None  # None: nothing ran (nothing fit, or the launch failed)
+    started: float = 0.0  # perf_counter at launch
 
 
 class NativeEngine:
@@ -99,7 +102,7 @@ class NativeEngine:
         config = self.config
         if self.hooks.make_connector is not None:
             config = dataclasses.replace(config, shared_kv=True)
-        runner = await self._loop.run_in_executor(None, ModelRunner.load, config)
+        runner = await in_daemon_thread(ModelRunner.load, config, name="native-load")
         self.runner = runner
         self.pool = BlockPool(runner.num_blocks, self.config.block_size,
                               worker_id=self.hooks.worker_id)
@@ -110,11 +113,19 @@ class NativeEngine:
         self._thread.start()
 
     def _connector(self) -> KvConnector | None:
-        assert self.runner is not None
+        """The KV tiers (when configured), behind the hooks' connector (disaggregation) when
+        there is one: that connector hands it every request it does not take (`fallback`)."""
+        assert self.runner is not None and self.pool is not None
+        kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake,
+                      record_event=self.pool.record_event)
+        tiers = None
+        if self.config.tiers.enabled:
+            make_tiers = tier_connector_factory(
+                self.config.tiers, model_identity(self.config.model_path), self.hooks.metrics_registry)
+            tiers = make_tiers(kv)
         if self.hooks.make_connector is None:
-            return None
-        kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake)
-        return self.hooks.make_connector(kv)
+            return tiers
+        return self.hooks.make_connector(dataclasses.replace(kv, fallback=tiers))
 
     def _wake(self) -> None:
         """The connector has results: let the engine thread poll them (any thread)."""
@@ -139,6 +150,8 @@ class NativeEngine:
             await self._loop.run_in_executor(None, self._thread.join)
             self._thread = None
         self._fail_all("the native engine stopped; retry the request on another worker")
+        if self.scheduler is not None and self.scheduler.connector is not None:
+            await self._loop.run_in_executor(None, self.scheduler.connector.close)  # type: ignore[union-attr]
         if self.runner is not None and self.runner.kv_memory.region is not None:
             self.runner.kv_memory.region.close()
 
@@ -280,11 +293,12 @@ class NativeEngine:
             out = self.scheduler.schedule()
         if self._num_penalized:  # penalties read the real tokens of the step in flight
             self._complete()
+        started = time.perf_counter()
         launched = self._launch(out)
         if not out.scheduled and self._inflight is None:
             time.sleep(0.001)  # nothing fits right now; let cancellations free blocks
         self._complete()
-        self._inflight = InFlight(out, launched)
+        self._inflight = InFlight(out, launched, started)
         if not self._async:
             self._complete()
 
@@ -308,6 +322,7 @@ class NativeEngine:
         assert self.scheduler is not None
         result = self._collect(inflight)
         self._advance_guides(result)
+        self._observe_prefill(inflight)
         with self._lock:
             finished = self.scheduler.update(result.sampled)
             deliveries = self._deliveries(inflight.out, result, finished)
@@ -321,6 +336,15 @@ class NativeEngine:
             params = self._sampling.get(rid)
             if params is not None and params.guide is not None:
                 params.guide.advance(tokens)
+
+    def _observe_prefill(self, inflight: InFlight) -> None:
+        """Tell the KV connector how fast this step computed prompt tokens (tiers' policy)."""
+        connector = self.scheduler.connector if self.scheduler is not None else None
+        if connector is None or inflight.launched is None:
+            return
+        tokens = sum(s.num_new_tokens for s in inflight.out.scheduled if s.is_prefill)
+        if tokens:
+            connector.observe_step(tokens, time.perf_counter() - inflight.started)
 
     def _collect(self, inflight: InFlight) -> StepResult:
         assert self.runner is not None
@@ -374,6 +398,7 @@ class NativeEngine:
             d.logprobs, d.top_logprobs = [lp.logprob], [lp.top]
         if seq.num_output_tokens == 1:
             d.cached_tokens = max(seq.num_cached_tokens, 0)
+            d.cached_by_tier = seq.cached_by_tier
             d.kv_transfer = seq.kv_transfer
         return d
 

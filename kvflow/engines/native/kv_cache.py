@@ -40,12 +40,18 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
-def cpu_num_blocks(cfg: ModelConfig, engine: NativeEngineConfig, dtype: torch.dtype) -> int:
-    """--num-gpu-blocks if given, else as many blocks as --cpu-kv-cache-gb holds."""
+def cpu_num_blocks(
+    cfg: ModelConfig, engine: NativeEngineConfig, dtype: torch.dtype, max_model_len: int | None = None
+) -> int:
+    """--num-gpu-blocks if given, else as many blocks as --cpu-kv-cache-gb holds, but no more
+    than every sequence at full length needs (a tiny model needs far less than 1 GB)."""
     if engine.num_gpu_blocks:
         return engine.num_gpu_blocks
     per_block = bytes_per_block(cfg, engine.block_size, dtype)
-    return _at_least_one(int(engine.cpu_kv_cache_gb * _GIB) // per_block, "--cpu-kv-cache-gb")
+    fits = _at_least_one(int(engine.cpu_kv_cache_gb * _GIB) // per_block, "--cpu-kv-cache-gb")
+    if max_model_len is None:
+        return fits
+    return min(fits, engine.max_num_seqs * -(-max_model_len // engine.block_size))
 
 
 def gpu_num_blocks(

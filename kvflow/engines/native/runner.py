@@ -28,6 +28,7 @@ from kvflow.engines.native.kv_cache import (
     KvCacheLayout,
     allocate_kv_cache,
     allocate_kv_memory,
+    bytes_per_block,
     cpu_num_blocks,
     gpu_num_blocks,
 )
@@ -144,7 +145,13 @@ class ModelRunner:
         backend_name, ops_name = engine.kernels
         backend = make_backend(backend_name, device)
         ops = make_ops(ops_name, device)
+        log.info("native engine: loading %s (%s, %d layers) on %s as %s", model_dir,
+                 cfg.arch, cfg.num_layers, device, str(dtype).removeprefix("torch."))
+        started = time.monotonic()
         model = load_model(model_dir, cfg, backend, max_len, device, dtype, ops)
+        params = sum(p.numel() for p in model.parameters())
+        log.info("native engine: weights loaded in %.1f s (%.1fM parameters)",
+                 time.monotonic() - started, params / 1e6)
         return cls(model, engine, device, dtype, max_len)
 
     @property
@@ -165,10 +172,12 @@ class ModelRunner:
         if self.device.type == "cuda":
             num_blocks = gpu_num_blocks(self.cfg, self.engine, self.dtype, self._profile())
         else:
-            num_blocks = cpu_num_blocks(self.cfg, self.engine, self.dtype)
+            num_blocks = cpu_num_blocks(self.cfg, self.engine, self.dtype, self.max_model_len)
         layout = KvCacheLayout(num_blocks, self.block_size, self.cfg.num_layers,
                                self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype)
-        log.info("native engine: %d KV blocks of %d tokens", num_blocks, self.block_size)
+        size = (num_blocks + 1) * bytes_per_block(self.cfg, self.block_size, self.dtype) / 2**30
+        log.info("native engine: KV cache of %d blocks x %d tokens (%d tokens, %.3f GiB) on %s",
+                 num_blocks, self.block_size, num_blocks * self.block_size, size, self.device)
         return layout
 
     @torch.inference_mode()

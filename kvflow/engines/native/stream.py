@@ -24,6 +24,7 @@ class Delivery:
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int | None = None  # prompt tokens the prefix cache served (first delivery)
+    cached_by_tier: dict[str, int] | None = None  # of those, per KV tier (first delivery)
     kv_transfer: KvTransferStats | None = None  # KV pulled from a prefill worker (first delivery)
     embedding: list[float] | None = None  # an embedding request's result
 
@@ -35,6 +36,7 @@ class RequestStream:
         self.request_id = request_id
         self.want_logprobs = want_logprobs
         self.cached_tokens = 0
+        self.cached_by_tier: dict[str, int] | None = None
         self.kv_transfer: KvTransferStats | None = None
         self._tokens: list[int] = []
         self._logprobs: list[float] = []
@@ -61,6 +63,7 @@ class RequestStream:
             self._error = d.error
         if d.cached_tokens is not None:
             self.cached_tokens = d.cached_tokens
+            self.cached_by_tier = d.cached_by_tier
             self.kv_transfer = d.kv_transfer
         if d.embedding is not None:
             self._embedding = d.embedding
@@ -97,5 +100,6 @@ class RequestStream:
         if not self._reported_cache:
             self._reported_cache = True
             out.cached_tokens = self.cached_tokens
+            out.cached_tokens_by_tier = self.cached_by_tier
             out.kv_transfer = self.kv_transfer
         return out

@@ -13,9 +13,15 @@ from kvflow.engines.native.config import ModelConfig, normalize_dtype
 from kvflow.engines.native.fp8 import dequantized_tensors, fp8_scheme
 from kvflow.engines.native.model import CausalLM, load_weights
 from kvflow.engines.native.ops import Ops
+from kvflow.llm.model_card import hub_reason
+from kvflow.runtime.errors import UserError
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelFilesError(UserError, FileNotFoundError):
+    """The model's directory or checkpoint files are missing: the user passes another path."""
 
 
 def resolve_model_dir(model_path: str) -> Path:
@@ -24,14 +30,16 @@ def resolve_model_dir(model_path: str) -> Path:
     if local.is_dir():
         return local
     if local.is_absolute() or model_path.startswith("."):
-        raise FileNotFoundError(f"model directory {model_path!r} does not exist")
+        raise ModelFilesError(f"model directory {model_path!r} does not exist; pass --model-path a "
+                              "directory with config.json and *.safetensors (or a hub id)")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=model_path, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:
-        raise FileNotFoundError(
-            f"{model_path!r} is neither a local directory nor a downloadable hub id ({exc}); "
+        raise ModelFilesError(
+            f"{model_path!r} is neither a local directory nor a downloadable hub id "
+            f"({hub_reason(exc)});\n"
             "pass --model-path a directory with config.json and *.safetensors"
         ) from exc
 
@@ -44,7 +52,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(
+        raise ModelFilesError(
             f"no *.safetensors weights in {model_dir}; the native engine reads safetensors only "
             "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
         )

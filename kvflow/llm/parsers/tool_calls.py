@@ -231,3 +231,17 @@ class Llama3JsonToolParser(ToolParser):
 
     def _finish(self, out: Collected) -> None:
         self._content(self._tag + self._buf, out)
+
+
+# Markers in a chat template that tell which tool-call format the model was trained on.
+_TEMPLATE_MARKERS = (
+    ("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"), ("<|python_tag|>", "llama3_json"),
+)
+
+
+def tool_parser_for_template(template: str | None) -> str | None:
+    """The tool-call parser a chat template calls for, when it is recognisable; else None."""
+    for marker, name in _TEMPLATE_MARKERS:
+        if template and marker in template:
+            return name
+    return None

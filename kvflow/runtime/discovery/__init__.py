@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvflow.runtime.config import RuntimeConfig
 from kvflow.runtime.discovery.base import DELETE, PUT, Discovery, Watch, WatchEvent
+from kvflow.runtime.errors import needs_extra
 
 __all__ = ["DELETE", "PUT", "Discovery", "Watch", "WatchEvent", "make_discovery"]
 
@@ -18,7 +19,8 @@ def make_discovery(config: RuntimeConfig) -> Discovery:
 
         return FileDiscovery(config.discovery_path, config.lease_ttl, config.file_poll_interval)
     if config.discovery == "etcd":
-        from kvflow.runtime.discovery.etcd import EtcdDiscovery
+        with needs_extra("etcd discovery (--discovery etcd)", "etcd"):
+            from kvflow.runtime.discovery.etcd import EtcdDiscovery
 
         return EtcdDiscovery(config.etcd_endpoints, config.lease_ttl)
     raise ValueError(f"unknown discovery backend {config.discovery!r}")

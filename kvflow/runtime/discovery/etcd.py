@@ -36,7 +36,7 @@ from aetcd import exceptions as etcd_errors
 from aetcd.utils import prefix_range_end
 
 from kvflow.runtime.discovery.base import DELETE, PUT, Discovery, Watch, WatchEvent
-from kvflow.runtime.errors import DiscoveryError
+from kvflow.runtime.errors import DiscoveryError, ServiceUnreachableError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,7 +124,7 @@ class EtcdDiscovery(Discovery):
                 await self._drop_session()
                 self._endpoint_index += 1
         else:
-            raise DiscoveryError(
+            raise ServiceUnreachableError(
                 f"cannot reach etcd ({'; '.join(errors)}); start etcd or point --etcd-endpoints "
                 f"(KVFLOW_ETCD_ENDPOINTS) at a running cluster")
         self._up.set()

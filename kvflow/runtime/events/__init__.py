@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvflow.runtime.config import RuntimeConfig
 from kvflow.runtime.discovery.base import Discovery
+from kvflow.runtime.errors import needs_extra
 from kvflow.runtime.events.base import EventPlane, ScopedEvents, Subscription, subject_matches
 
 __all__ = ["EventPlane", "ScopedEvents", "Subscription", "make_event_plane", "subject_matches"]
@@ -19,7 +20,8 @@ def make_event_plane(config: RuntimeConfig, discovery: Discovery) -> EventPlane:
 
         return ZmqEventPlane(discovery, config.advertise_host)
     if config.event_plane == "nats":
-        from kvflow.runtime.events.nats import NatsEventPlane
+        with needs_extra("the NATS event plane (--event-plane nats)", "nats"):
+            from kvflow.runtime.events.nats import NatsEventPlane
 
         return NatsEventPlane(config.nats_url)
     raise ValueError(f"unknown event plane {config.event_plane!r}")

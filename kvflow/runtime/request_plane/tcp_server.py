@@ -27,6 +27,7 @@ import msgspec
 from kvflow.runtime import codec
 from kvflow.runtime.codec import FrameKind
 from kvflow.runtime.context import Context
+from kvflow.runtime.errors import is_addr_in_use, port_in_use
 from kvflow.runtime.request_plane.metrics import EndpointMetrics
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,14 @@ class TcpServer:
 
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: ServerConnection(self), self.host, self.port, ssl=self.ssl_context
-        )
+        try:
+            self._server = await loop.create_server(
+                lambda: ServerConnection(self), self.host, self.port, ssl=self.ssl_context
+            )
+        except OSError as exc:
+            if is_addr_in_use(exc):
+                raise port_in_use("request plane", self.host, self.port, "--tcp-port") from None
+            raise
         self.port = self._server.sockets[0].getsockname()[1]
         return self.host, self.port
 

@@ -1,0 +1,202 @@
+"""TierConnector: the tiered KV cache behind an engine core's KV connector hooks.
+
+- `before_evict` (write-back): the block's KV is read out of the device cache and
+  offloaded (host now, disk / object store from the writer thread).
+- `request_finished`: the request's blocks count as used once more (disk admission);
+  with write-through, its computed blocks are offloaded now.
+- `match_external`: after the device prefix hit, the leading run of the prompt's next
+  blocks held in a lower tier and predicted faster to load than to recompute; the
+  request is parked (`load_async`) while `start_load` fetches and writes them on a
+  background thread, so the I/O overlaps the other requests' steps.
+- `take_finished_loads` also hands tier residency changes to the pool's event stream
+  (`medium` = "host" / "disk" / "object"), so routers see every tier.
+
+The engine reports its prefill speed through `observe_step`, which the load-vs-recompute
+prediction uses. Each request's cached prompt tokens by tier land in `seq.cached_by_tier`
+(device included) at its first admission.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+from prometheus_client import CollectorRegistry
+
+from kvflow.kv.blocks import KvBlockIO
+from kvflow.kv.connector import (
+    NO_EXTERNAL,
+    BaseConnector,
+    ConnectorFactory,
+    ConnectorSeq,
+    EngineKv,
+    ExternalMatch,
+    LoadResult,
+)
+from kvflow.kv.layout import KvLayout
+from kvflow.kv.tiers.config import TierConfig
+from kvflow.kv.tiers.manager import LoadedRun, TieredKvCache
+from kvflow.kv.tiers.metrics import metrics_snapshot
+from kvflow.kv.tiers.record import KvIdentity
+from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, LoadMetrics, StoredBlock
+
+RecordEvent = Callable[[BlocksStored | BlocksRemoved], None]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    hashes: list[int]
+    tiers: list[str]
+    first_admission: bool  # count its tokens in the usage split (not on a re-admission)
+
+
+class TierConnector(BaseConnector):
+    """Connects one engine's device cache (through its KvBlockIO) to its TieredKvCache."""
+
+    def __init__(self, tiers: TieredKvCache, io: KvBlockIO, block_size: int,
+                 wake: Callable[[], None], record_event: RecordEvent | None = None) -> None:
+        self.tiers = tiers
+        self.io = io
+        self.block_size = block_size
+        self._wake = wake
+        self._record_event = record_event
+        self._write_through = tiers.config.kv_offload == "write-through"
+        self._plans: dict[str, _Plan] = {}
+        self._lock = threading.Lock()
+        self._finished: list[LoadResult] = []
+        tiers.on_residency = self._residency_changed
+
+    # ---- offload --------------------------------------------------------------------
+
+    def before_evict(self, block_id: int, seq_hash: int) -> None:
+        if not self._write_through:
+            self.tiers.offload(seq_hash, self.io.read_run(block_id, 1))
+
+    def request_finished(self, seq: ConnectorSeq) -> bool:
+        n = min(len(seq.block_ids), seq.num_computed_tokens // self.block_size)
+        hashes = seq.block_hashes(n, self.block_size)
+        self.tiers.note_use(hashes)
+        self.tiers.metrics.served(seq.num_tokens)
+        if self._write_through:
+            for block_id, seq_hash in zip(seq.block_ids[:n], hashes, strict=True):
+                if not self.tiers.holds_below(seq_hash):
+                    self.tiers.offload(seq_hash, self.io.read_run(block_id, 1))
+        return False
+
+    def observe_step(self, num_prefill_tokens: int, seconds: float) -> None:
+        self.tiers.costs.observe_prefill(num_prefill_tokens, seconds)
+
+    def fill_load_metrics(self, metrics: LoadMetrics) -> None:
+        metrics.tier_block_s = self.tiers.costs.snapshot()
+        metrics.tier_counters = metrics_snapshot(self.tiers.metrics.registry)
+
+    def close(self) -> None:
+        """Write what is queued (a graceful stop keeps write-back/through blocks), then stop."""
+        self.tiers.close()
+
+    # ---- onboard --------------------------------------------------------------------
+
+    def match_external(self, seq: ConnectorSeq, num_local_tokens: int) -> ExternalMatch:
+        bs = self.block_size
+        first, last = num_local_tokens // bs, (seq.num_tokens - 1) // bs
+        first_admission = seq.num_cached_tokens < 0
+        if first_admission:  # the split usage reports
+            seq.cached_by_tier = {"device": num_local_tokens} if num_local_tokens else {}
+        if first >= last or num_local_tokens % bs:
+            return NO_EXTERNAL
+        hashes = seq.block_hashes(last, bs)[first:]
+        tiers = self.tiers.probe(hashes)
+        if not tiers:
+            return NO_EXTERNAL
+        self._plans[seq.request_id] = _Plan(hashes[: len(tiers)], tiers, first_admission)
+        n = len(tiers) * bs
+        predicted = sum(self.tiers.costs.load_s(t, 1) for t in tiers)
+        return ExternalMatch(num_tokens=n, num_cached_tokens=n, transfer_s=predicted, load_async=True)
+
+    def start_load(self, seq: ConnectorSeq, block_ids: Sequence[int], num_tokens: int) -> None:
+        plan = self._plans.pop(seq.request_id)
+        n = num_tokens // self.block_size
+        assert len(block_ids) == n == len(plan.hashes), "a tier load covers whole blocks"
+        blocks = list(block_ids)
+        self.tiers.prefetch(plan.hashes).add_done_callback(
+            lambda done: self._landed(seq, blocks, done, plan.first_admission))
+
+    def _landed(self, seq: ConnectorSeq, block_ids: list[int], done: Future[LoadedRun],
+                count: bool) -> None:
+        ok, reason = False, "missing"
+        try:
+            run = done.result()
+            if len(run) == len(block_ids):
+                for block_id, payload in zip(block_ids, run.payloads, strict=True):
+                    self.io.write_run(block_id, 1, payload)
+                if count:
+                    self._count_loaded(seq, run)
+                ok, reason = True, ""
+        except Exception as exc:  # a failed load recomputes; never a worker crash
+            reason = repr(exc)
+        with self._lock:
+            self._finished.append(LoadResult(seq.request_id, ok, reason))
+        self._wake()
+
+    def _count_loaded(self, seq: ConnectorSeq, run: LoadedRun) -> None:
+        if seq.cached_by_tier is None:
+            seq.cached_by_tier = {}
+        for tier, blocks in run.by_tier().items():
+            seq.cached_by_tier[tier] = seq.cached_by_tier.get(tier, 0) + blocks * self.block_size
+
+    # ---- polled by the scheduler (under the engine's lock) ----------------------------
+
+    def take_finished_loads(self) -> list[LoadResult]:
+        self._flush_residency()
+        with self._lock:
+            done, self._finished = self._finished, []
+        return done
+
+    def has_pending(self) -> bool:
+        return bool(self._finished) or self.tiers.has_residency_changes()
+
+    def _residency_changed(self) -> None:
+        self._wake()
+
+    def _flush_residency(self) -> None:
+        if self._record_event is None:
+            self.tiers.drain_residency()
+            return
+        for medium, stored, hashes in self.tiers.drain_residency():
+            if stored:
+                self._record_event(BlocksStored([StoredBlock(h, []) for h in hashes], medium=medium))
+            else:
+                self._record_event(BlocksRemoved(list(hashes), medium=medium))
+
+
+def model_identity(model_path: str) -> str:
+    """The model part of a block's identity: the model's name and its config.json digest."""
+    path = Path(model_path)
+    config = path / "config.json"
+    digest = f"{xxhash.xxh3_64_intdigest(config.read_bytes()):016x}" if config.is_file() else ""
+    return f"{path.name or model_path}:{digest}"
+
+
+def layout_identity(layout: KvLayout) -> str:
+    """The layout part of a block's identity: everything that shapes one block's bytes."""
+    return (f"L{layout.num_layers} H{layout.num_kv_heads} D{layout.head_dim} "
+            f"bs{layout.block_size} {layout.dtype} {','.join(layout.axes)}")
+
+
+def tier_connector_factory(config: TierConfig, model: str,
+                           registry: CollectorRegistry | None = None) -> ConnectorFactory:
+    """A ConnectorFactory (EngineHooks.make_connector) that builds the tiers once the
+    engine's KV memory, and so its layout, exists."""
+
+    def make(kv: EngineKv) -> TierConnector:
+        layout = kv.io.layout
+        identity = KvIdentity(model, layout_identity(layout))
+        tiers = TieredKvCache(config, identity, layout.block_bytes, layout.block_size,
+                              registry=registry)
+        return TierConnector(tiers, kv.io, layout.block_size, kv.wake, kv.record_event)
+
+    return make

@@ -1,0 +1,300 @@
+"""TieredKvCache: offload device blocks to G2/G3/G4 and load them back when that pays.
+
+Engine-agnostic (no torch): blocks are bytes addressed by sequence hash. The engine
+calls `offload` with a block's KV when the device pool evicts it (write-back) or as
+soon as it is computed (write-through), and `load` / `prefetch` for the blocks after
+its device prefix hit. Tiers are inclusive: an offloaded block goes to host memory at
+once (if configured) and, from a writer thread, to disk (when the admission filter
+admits it) and to the object store. A load walks the blocks in order and takes each
+from the fastest tier holding it, stopping at the first block that is missing,
+refused (checksum, identity) or predicted slower to load than to recompute.
+
+Faults: a store that raises `TierUnavailable` is skipped for `tier_retry_s` with one
+warning per outage and a metric; every other tier, and serving, carry on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry
+
+from kvflow.kv.tiers.admission import AdmissionFilter
+from kvflow.kv.tiers.config import TierConfig
+from kvflow.kv.tiers.metrics import TierMetrics
+from kvflow.kv.tiers.policy import LoadCostModel
+from kvflow.kv.tiers.record import BlockRejected, KvIdentity, decode_record, encode_record
+from kvflow.kv.tiers.store import KvStore, TierUnavailable
+
+log = logging.getLogger(__name__)
+OFFLOAD_QUEUE = 4096
+PROBE_LIMIT = 512  # blocks of one prompt asked of the object store at admission
+T = TypeVar("T")
+
+
+@dataclass
+class LoadedRun:
+    """Leading blocks found below the device: their hashes, KV bytes and source tiers."""
+
+    hashes: list[int] = field(default_factory=list)
+    payloads: list[memoryview] = field(default_factory=list)
+    tiers: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def by_tier(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for tier in self.tiers:
+            counts[tier] = counts.get(tier, 0) + 1
+        return counts
+
+    def head(self, n: int) -> LoadedRun:
+        return LoadedRun(self.hashes[:n], self.payloads[:n], self.tiers[:n])
+
+
+def build_stores(config: TierConfig, identity: KvIdentity, on_error: Callable[[TierUnavailable], None],
+                 ) -> list[KvStore]:
+    """The configured stores, fastest first; one that cannot start is reported and left out."""
+    from kvflow.kv.tiers.disk import DiskStore
+    from kvflow.kv.tiers.host import HostStore
+
+    stores: list[KvStore] = []
+    if config.host_bytes:
+        stores.append(HostStore(config.host_bytes))
+    try:
+        if config.disk_kv_cache_dir:
+            stores.append(DiskStore(config.disk_kv_cache_dir, config.disk_bytes, identity.key_prefix))
+        if config.kv_object_store:
+            from kvflow.kv.tiers.object_store import S3Store
+
+            stores.append(S3Store(config.kv_object_store, identity.key_prefix,
+                                  endpoint_url=config.kv_object_store_endpoint,
+                                  timeout_s=config.kv_object_store_timeout_s))
+    except TierUnavailable as exc:
+        on_error(exc)
+    return stores
+
+
+class TieredKvCache:
+    """The tiers below one engine's device cache, with their policy and metrics."""
+
+    def __init__(self, config: TierConfig, identity: KvIdentity, block_bytes: int, block_size: int,
+                 *, registry: CollectorRegistry | None = None, stores: list[KvStore] | None = None,
+                 ) -> None:
+        self.config = config
+        self.identity = identity
+        self.metrics = TierMetrics(registry)
+        self.costs = LoadCostModel(block_bytes, block_size, always=config.kv_onboard == "always")
+        self.admission = AdmissionFilter(config.disk_admit_after, config.disk_admission_window)
+        self._fingerprint = identity.fingerprint
+        self._down_until: dict[str, float] = {}
+        self._fault_lock = threading.Lock()
+        self.stores = stores if stores is not None else build_stores(config, identity, self._report)
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(OFFLOAD_QUEUE)
+        self._writer = threading.Thread(target=self._write_loop, name="kv-offload", daemon=True)
+        self._writer.start()
+        self._prefetcher = ThreadPoolExecutor(8, thread_name_prefix="kv-prefetch")
+        # Residency changes (medium, stored?, hashes) for KV events; `on_residency` is
+        # called when the writer thread adds some (the engine thread drains them).
+        self._residency: list[tuple[str, bool, list[int]]] = []
+        self._residency_lock = threading.Lock()
+        self.on_residency: Callable[[], None] | None = None
+        for store in self.stores:
+            if hasattr(store, "on_evict"):
+                store.on_evict = functools.partial(self._note_residency, store.tier, False)
+
+    @property
+    def tiers(self) -> list[str]:
+        return [s.tier for s in self.stores]
+
+    def has_shared_tier(self) -> bool:
+        return any(s.shared for s in self.stores)
+
+    # ---- faults ---------------------------------------------------------------------
+
+    def _report(self, exc: TierUnavailable) -> None:
+        self.metrics.errors.labels(exc.tier, exc.reason).inc()
+        with self._fault_lock:  # parallel probes may fail together: still one warning
+            first = exc.tier not in self._down_until
+            self._down_until[exc.tier] = time.monotonic() + self.config.tier_retry_s
+        if first:
+            log.warning("%s; skipping this tier for %.0fs, serving continues without it",
+                        exc, self.config.tier_retry_s)
+
+    def available(self, store: KvStore) -> bool:
+        until = self._down_until.get(store.tier)
+        return until is None or time.monotonic() >= until
+
+    def _guard(self, store: KvStore, fn: Callable[..., T], *args: object) -> T | None:
+        if not self.available(store):
+            return None
+        try:
+            result = fn(*args)
+        except TierUnavailable as exc:
+            self._report(exc)
+            return None
+        if self._down_until.pop(store.tier, None) is not None:
+            log.info("KV tier %r is back", store.tier)
+        return result
+
+    # ---- residency (what each tier holds, for routers) ---------------------------------
+
+    def _note_residency(self, tier: str, stored: bool, seq_hash: int) -> None:
+        with self._residency_lock:
+            last = self._residency[-1] if self._residency else None
+            if last is not None and last[0] == tier and last[1] == stored:
+                last[2].append(seq_hash)
+            else:
+                self._residency.append((tier, stored, [seq_hash]))
+
+    def has_residency_changes(self) -> bool:
+        return bool(self._residency)
+
+    def drain_residency(self) -> list[tuple[str, bool, list[int]]]:
+        with self._residency_lock:
+            out, self._residency = self._residency, []
+        return out
+
+    def holds_below(self, seq_hash: int) -> bool:
+        """Some local tier (host, disk) already holds this block (no I/O)."""
+        return any(not s.shared and s.contains(seq_hash) for s in self.stores)
+
+    # ---- offload --------------------------------------------------------------------
+
+    def note_use(self, hashes: Sequence[int]) -> None:
+        """One request used these blocks (computed or hit): feeds the disk admission filter."""
+        self.admission.note(hashes)
+
+    def offload(self, seq_hash: int, payload: bytes | memoryview) -> None:
+        """Save one block's KV below the device: host now, disk and object store soon."""
+        record = encode_record(self._fingerprint, seq_hash, payload)
+        for store in self.stores:
+            if store.tier == "host" and self._guard(store, store.put, seq_hash, record):
+                self.metrics.offloaded("host", len(record))
+                self._note_residency("host", True, seq_hash)
+        if any(s.tier != "host" for s in self.stores):
+            try:
+                self._queue.put_nowait((seq_hash, record))
+            except queue.Full:
+                self.metrics.dropped.labels("all").inc()
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            seq_hash, record = item
+            for store in self.stores:
+                if store.tier != "host":
+                    self._write(store, seq_hash, record)
+            self._queue.task_done()
+
+    def _write(self, store: KvStore, seq_hash: int, record: bytes) -> None:
+        if store.tier == "disk" and not self.admission.admits(seq_hash):
+            return
+        if self._guard(store, store.contains, seq_hash) is not False:
+            return  # already there (content-addressed), or the tier is down
+        if self._guard(store, store.put, seq_hash, record):
+            self.metrics.offloaded(store.tier, len(record))
+            self._note_residency(store.tier, True, seq_hash)
+            if self.on_residency is not None:
+                self.on_residency()
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until queued offloads are written (tests, shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    # ---- onboard --------------------------------------------------------------------
+
+    def probe(self, hashes: Sequence[int]) -> list[str]:
+        """For the leading run of `hashes` held below the device and worth loading, the
+        tier each block would come from. The object store is asked about every block no
+        local tier holds at once, in parallel (one round trip, not one per block)."""
+        shared = self._shared_presence(hashes)
+        tiers: list[str] = []
+        for seq_hash in hashes:
+            tier = self._probe_one(seq_hash, shared)
+            if tier is None:
+                break
+            tiers.append(tier)
+        return tiers
+
+    def _shared_presence(self, hashes: Sequence[int]) -> dict[int, bool]:
+        stores = [s for s in self.stores if s.shared and self.available(s)]
+        if not stores:
+            return {}
+        ask = [h for h in hashes[:PROBE_LIMIT] if not self.holds_below(h)]
+        answers = self._prefetcher.map(lambda h: bool(self._guard(stores[0], stores[0].contains, h)), ask)
+        return dict(zip(ask, answers, strict=True))
+
+    def _probe_one(self, seq_hash: int, shared: dict[int, bool]) -> str | None:
+        for store in self.stores:
+            present = shared.get(seq_hash, False) if store.shared else self._guard(
+                store, store.contains, seq_hash)
+            if not present:
+                continue
+            if self.costs.worth_loading(store.tier, 1):
+                return store.tier
+            self.metrics.skipped.labels(store.tier).inc()
+            return None
+        return None
+
+    def load(self, hashes: Sequence[int]) -> LoadedRun:
+        """The leading run of `hashes` found below the device and worth loading."""
+        run = LoadedRun()
+        for seq_hash in hashes:
+            found = self._load_one(seq_hash)
+            if found is None:
+                break
+            run.hashes.append(seq_hash)
+            run.tiers.append(found[0])
+            run.payloads.append(found[1])
+        return run
+
+    def prefetch(self, hashes: Sequence[int]) -> Future[LoadedRun]:
+        """`load` on a background thread, so the I/O overlaps the request's queueing."""
+        return self._prefetcher.submit(self.load, list(hashes))
+
+    def _load_one(self, seq_hash: int) -> tuple[str, memoryview] | None:
+        for store in self.stores:
+            if not self.available(store) or (not store.shared and not store.contains(seq_hash)):
+                continue
+            if not self.costs.worth_loading(store.tier, 1):
+                self.metrics.skipped.labels(store.tier).inc()
+                return None
+            payload = self._fetch(store, seq_hash)
+            if payload is not None:
+                return store.tier, payload
+        return None
+
+    def _fetch(self, store: KvStore, seq_hash: int) -> memoryview | None:
+        started = time.perf_counter()
+        record = self._guard(store, store.get, seq_hash)
+        self.metrics.lookup(store.tier, record is not None)
+        if record is None:
+            return None
+        try:
+            payload = decode_record(record, self._fingerprint, seq_hash)
+        except BlockRejected as exc:
+            self.metrics.rejected.labels(store.tier, exc.reason).inc()
+            log.warning("KV tier %r: refused block %016x (%s); it will be recomputed",
+                        store.tier, seq_hash, exc)
+            self._guard(store, store.discard, seq_hash)
+            return None
+        seconds = time.perf_counter() - started
+        self.costs.observe_load(store.tier, 1, seconds)
+        self.metrics.onboarded(store.tier, 1, len(payload), seconds)
+        return payload
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join(timeout=10)
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)

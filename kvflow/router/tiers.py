@@ -1,0 +1,166 @@
+"""Lower KV tiers in the router: which worker holds which block in host memory, on disk, or
+in the shared object store, and how much a hit there is worth against recomputing it.
+
+Workers publish KV events with a `medium` ("host", "disk", "object"); host and disk
+blocks belong to one worker, object-store blocks to every worker of the model. After
+the device prefix match, a worker's overlap is extended through the blocks it can
+reach in a lower tier, each counted by its worth
+
+    credit(tier) = max(0, 1 - load_s_per_block(tier) / recompute_s_per_block)
+
+from the speeds the worker measured and published (`LoadMetrics.tier_block_s`), or
+from the tier priors of `kvflow.kv.tiers.policy` until it has. A block worth 0 (loading
+slower than recomputing) ends the extension: the engine recomputes from there too.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from kvflow.kv.tiers.policy import PRIOR_BANDWIDTH, PRIOR_LATENCY_S, PRIOR_RECOMPUTE_S_PER_TOKEN
+from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, LoadMetrics
+from kvflow.router.blocks import BlockTable, OverlapScores
+
+LOCAL_TIERS = ("host", "disk")
+SHARED_TIER = "object"
+# Prior per-block costs for a 16-token block of an 8B model (128 KiB/token), until measured.
+_PRIOR_BLOCK_BYTES = 16 * 128 * 1024
+PRIOR_BLOCK_S = {t: PRIOR_LATENCY_S[t] + _PRIOR_BLOCK_BYTES / bw for t, bw in PRIOR_BANDWIDTH.items()}
+PRIOR_BLOCK_S["recompute"] = 16 * PRIOR_RECOMPUTE_S_PER_TOKEN
+
+
+class TierResidency:
+    """Per-tier block tables (host, disk per worker; object shared) and per-worker costs."""
+
+    def __init__(self) -> None:
+        self._tables = {tier: BlockTable() for tier in LOCAL_TIERS}
+        self._shared: set[int] = set()
+        self._costs: dict[int, dict[str, float]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._shared) or any(t.num_blocks() for t in self._tables.values())
+
+    def apply(self, worker: int, data: BlocksStored | BlocksRemoved) -> None:
+        tier = data.medium
+        hashes: Iterable[int]
+        if isinstance(data, BlocksStored):
+            hashes = [b.block_hash for b in data.blocks]
+            if tier == SHARED_TIER:
+                self._shared.update(hashes)
+            elif tier in self._tables:
+                self._tables[tier].store(worker, hashes)
+        elif tier == SHARED_TIER:
+            self._shared.difference_update(data.block_hashes)
+        elif tier in self._tables:
+            self._tables[tier].remove(worker, data.block_hashes)
+
+    def observe_costs(self, metrics: LoadMetrics) -> None:
+        if metrics.tier_block_s:
+            self._costs[metrics.worker_id] = dict(metrics.tier_block_s)
+
+    def remove_worker(self, worker: int) -> None:
+        for table in self._tables.values():
+            table.remove_worker(worker)
+        self._costs.pop(worker, None)
+
+    def holds(self, worker: int, tier: str, block_hash: int) -> bool:
+        if tier == SHARED_TIER:
+            return block_hash in self._shared
+        return self._tables[tier].holds(worker, block_hash)
+
+    def credit(self, worker: int, tier: str) -> float:
+        costs = self._costs.get(worker, PRIOR_BLOCK_S)
+        load = costs.get(tier, PRIOR_BLOCK_S[tier])
+        recompute = costs.get("recompute", PRIOR_BLOCK_S["recompute"])
+        return max(0.0, 1.0 - load / recompute) if recompute > 0 else 0.0
+
+    def extend(self, block_hashes: Sequence[int], overlaps: OverlapScores,
+               workers: Iterable[int]) -> OverlapScores:
+        """Each worker's device overlap plus its credited lower-tier blocks that follow."""
+        scores: dict[int, float] = dict(overlaps.scores)
+        for w in workers:
+            extra = self._lower_credit(w, block_hashes, overlaps.score(w))
+            if extra:
+                scores[w] = overlaps.score(w) + extra
+        return OverlapScores(scores=scores, frequencies=overlaps.frequencies)  # type: ignore[arg-type]
+
+    def _lower_credit(self, worker: int, block_hashes: Sequence[int], start: int) -> float:
+        return sum(self._walk(worker, block_hashes, start))
+
+    def reachable(self, worker: int, block_hashes: Sequence[int], start: int) -> int:
+        """Blocks after `start` the worker would load from a lower tier (the cached tokens
+        its engine will report, in blocks, beyond the device hit)."""
+        return len(self._walk(worker, block_hashes, start))
+
+    def _walk(self, worker: int, block_hashes: Sequence[int], start: int) -> list[float]:
+        credits = {t: self.credit(worker, t) for t in (*LOCAL_TIERS, SHARED_TIER)}
+        out: list[float] = []
+        used: dict[str, int] = {}
+        for h in block_hashes[start:]:
+            tier = next((t for t in credits if self.holds(worker, t, h)), None)
+            if tier is None or credits[tier] <= 0:
+                break
+            out.append(credits[tier])
+            used[tier] = used.get(tier, 0) + 1
+        return out if self._run_pays(worker, used) else []
+
+    def _run_pays(self, worker: int, used: dict[str, int]) -> bool:
+        """With per-load latencies published ("<tier>_latency"), the whole run must still
+        load faster than it recomputes (the engine decides the same way)."""
+        costs = self._costs.get(worker)
+        if not used or costs is None or not any(f"{t}_latency" in costs for t in used):
+            return True
+        load = sum(costs.get(f"{t}_latency", 0.0) + n * costs.get(t, PRIOR_BLOCK_S[t])
+                   for t, n in used.items())
+        return load < sum(used.values()) * costs.get("recompute", PRIOR_BLOCK_S["recompute"])
+
+
+class WorkerTierMetrics:
+    """The KV tier metrics workers publish (`LoadMetrics.tier_counters`), re-exposed on the
+    router's registry (a frontend's /metrics) with `router` and `worker_id` labels."""
+
+    def __init__(self) -> None:
+        self._latest: dict[tuple[str, int], dict[str, float]] = {}
+
+    def update(self, router: str, metrics: LoadMetrics) -> None:
+        if metrics.tier_counters:
+            self._latest[(router, metrics.worker_id)] = dict(metrics.tier_counters)
+
+    def forget(self, router: str, worker: int) -> None:
+        self._latest.pop((router, worker), None)
+
+    def describe(self) -> list[Metric]:
+        return []  # names depend on what workers send; no registration-time check
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for (router, worker), counters in list(self._latest.items()):
+            for key, value in counters.items():
+                name, tier, reason = [*key.split("|"), "", ""][:3]
+                family = families.get(name) or families.setdefault(name, _family(name))
+                family.add_metric([router, f"{worker:x}", tier, reason], value)
+        yield from families.values()
+
+
+def _family(name: str) -> Metric:
+    labels = ["router", "worker_id", "tier", "reason"]
+    doc = "KV tier metric published by a worker (kvflow.kv.tiers.metrics)"
+    if name.endswith("_total"):
+        return CounterMetricFamily(name.removesuffix("_total"), doc, labels=labels)
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, WorkerTierMetrics] = weakref.WeakKeyDictionary()
+
+
+def worker_tier_metrics(registry: CollectorRegistry) -> WorkerTierMetrics:
+    """The one collector of `registry` (several routers, one per model, share it)."""
+    found = _SHARED.get(registry)
+    if found is None:
+        found = _SHARED[registry] = WorkerTierMetrics()
+        registry.register(found)  # type: ignore[arg-type]
+    return found
