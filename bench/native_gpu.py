@@ -83,9 +83,22 @@ def build_model(path: Path):  # type: ignore[no-untyped-def]
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    model.save_pretrained(path)
-    return model
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return load_reference(path)
+
+
+def load_reference(path: Path):  # type: ignore[no-untyped-def]
+    """transformers' model in bf16, loaded with the dtype argument (not `.to(bfloat16)`), so the
+    rotary inverse frequencies stay float32 as in a real deployment."""
+    from transformers import LlamaForCausalLM
+
+    try:
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, device_map="cuda")
+    inv_freq = model.model.rotary_emb.inv_freq
+    assert inv_freq.dtype == torch.float32, f"rotary inv_freq is {inv_freq.dtype}"
+    return model.eval()
 
 
 def non_embedding_bytes(model) -> int:  # type: ignore[no-untyped-def]
@@ -264,13 +277,16 @@ def decode_meta(runner, batch: int, context: int):  # type: ignore[no-untyped-de
     )
 
 
-def profiles(runner, prefill_len: int) -> None:  # type: ignore[no-untyped-def]
+def profiles(runner, prefill_len: int, batches: list[int]) -> None:  # type: ignore[no-untyped-def]
     from kvflow.engines.native.runner import single_prefill_meta
 
     model = runner.model
-    meta = decode_meta(runner, 1, 576)
-    ids, pos = torch.tensor([5], device="cuda"), torch.tensor([576], device="cuda")
-    kernel_profile(lambda: model.compute_logits(model(ids, pos, meta)), "eager decode b=1")
+    for b in batches:  # eager, so each kernel shows (the graph replays the same kernels)
+        meta = decode_meta(runner, b, 576)
+        ids = torch.full((b,), 5, device="cuda")
+        pos = torch.full((b,), 576, device="cuda")
+        kernel_profile(lambda meta=meta, ids=ids, pos=pos: model.compute_logits(
+            model(ids, pos, meta)), f"eager decode b={b}")
     meta = single_prefill_meta(prefill_len, runner.block_size, runner.device)
     ids = torch.randint(3, 30000, (prefill_len,), device="cuda")
     pos = torch.arange(prefill_len, device="cuda")
@@ -286,7 +302,7 @@ def breakdown(engine: NativeEngine, args: argparse.Namespace) -> None:
             phases = decode_breakdown(runner, batch, args.isl, min(args.osl, 64), sync)
             text = " ".join(f"{k}={v:.3f}" for k, v in phases.items())
             print(f"  sync={sync}: {text}", flush=True)
-    profiles(runner, args.prefill_len)
+    profiles(runner, args.prefill_len, args.batches)
     if args.prefill_tilings:
         prefill_breakdown(runner, args.prefill_len)
 

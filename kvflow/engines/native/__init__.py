@@ -64,6 +64,8 @@ def add_native_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="seed of the sampler")
     g.add_argument("--tensor-parallel-size", type=int, default=_DEFAULTS["tensor_parallel_size"],
                    help="processes (GPUs) to split the model's heads and MLP over")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="same tokens for a prompt whatever else is batched (slower; no CUDA graphs)")
     add_tier_args(parser)
 
 
@@ -84,6 +86,7 @@ def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
         enforce_eager=ns.enforce_eager,
         seed=ns.seed,
         tensor_parallel_size=ns.tensor_parallel_size,
+        batch_invariant=ns.batch_invariant,
         tiers=tier_config_from_args(ns),
     )
 

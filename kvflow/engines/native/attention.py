@@ -97,6 +97,8 @@ def make_backend(name: str, device: torch.device) -> AttentionBackend:
         name = "triton" if device.type == "cuda" else "torch"
     if name == "triton":
         from kvflow.engines.native import triton_attention  # noqa: F401  (registers itself)
+    if name == "invariant":
+        from kvflow.engines.native import invariant  # noqa: F401  (registers itself)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; known: auto, {', '.join(_BACKENDS)}")
     return _BACKENDS[name]()

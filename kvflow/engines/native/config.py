@@ -58,6 +58,9 @@ class NativeEngineConfig:
     shared_kv: bool = False
     # Ranks (processes, one GPU each) the model's heads and MLP columns are split over.
     tensor_parallel_size: int = 1
+    # The same prompt and sampling give the same tokens whatever else is in the batch and
+    # however the prompt was chunked (invariant.py); runs eager, without CUDA graphs.
+    batch_invariant: bool = False
     # KV tiers below the device cache: host memory, disk, object store (kvflow.kv.tiers).
     tiers: TierConfig = field(default_factory=TierConfig)
 
@@ -75,6 +78,13 @@ class NativeEngineConfig:
             )
         if normalize_dtype(self.dtype) not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    @property
+    def kernels(self) -> tuple[str, str]:
+        """(attention backend, ops) to build: --batch-invariant overrides both."""
+        if self.batch_invariant:
+            return "invariant", "invariant"
+        return self.attention_backend, self.ops
 
 
 def normalize_dtype(name: str) -> str:

@@ -86,6 +86,8 @@ def make_ops(name: str, device: torch.device) -> Ops:
         name = "triton" if device.type == "cuda" else "torch"
     if name == "triton":
         from kvflow.engines.native import triton_ops  # noqa: F401  (registers itself)
+    if name == "invariant":
+        from kvflow.engines.native import invariant  # noqa: F401  (registers itself)
     if name not in _OPS:
         raise ValueError(f"unknown ops {name!r}; known: auto, {', '.join(_OPS)}")
     return _OPS[name]()

@@ -10,6 +10,7 @@ take the tokens the host has not seen yet (async output).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ from kvflow.engines.native.ops import make_ops
 from kvflow.engines.native.parallel import agree_num_blocks, load_local_model
 from kvflow.engines.native.pooling import Pooler
 from kvflow.engines.native.sampler import RequestSampling, Sampler, SamplerOutput, SampleRow
+from kvflow.engines.native.warmup import warm_serving_path, warm_up
 from kvflow.engines.native.weights import (
     resolve_device,
     resolve_dtype,
@@ -130,6 +132,7 @@ class ModelRunner:
         self.kv_caches = list(self.kv_memory.whole.unbind(0))
         model.set_kv_caches(self.kv_caches)
         self.graphs = self._capture_graphs()
+        self._warm_up()
 
     @classmethod
     def load(cls, engine: NativeEngineConfig) -> ModelRunner:
@@ -139,8 +142,9 @@ class ModelRunner:
         dtype = resolve_dtype(engine.dtype, cfg)
         max_len = min(engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         torch.manual_seed(engine.seed)
-        backend = make_backend(engine.attention_backend, device)
-        ops = make_ops(engine.ops, device)
+        backend_name, ops_name = engine.kernels
+        backend = make_backend(backend_name, device)
+        ops = make_ops(ops_name, device)
         log.info("native engine: loading %s (%s, %d layers) on %s as %s", model_dir,
                  cfg.arch, cfg.num_layers, device, str(dtype).removeprefix("torch."))
         started = time.monotonic()
@@ -203,7 +207,7 @@ class ModelRunner:
         return peak + 2 * rows * self.cfg.vocab_size * 4  # sampler temporaries on top
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or self.engine.enforce_eager:
+        if self.device.type != "cuda" or self.engine.enforce_eager or self.engine.batch_invariant:
             return None
         sizes = tuple(s for s in self.engine.cuda_graph_batch_sizes if s <= self.engine.max_num_seqs)
         if not sizes:
@@ -213,6 +217,22 @@ class ModelRunner:
         with torch.inference_mode():
             graphs.capture()
         return graphs
+
+    def _warm_up(self) -> None:
+        """GPU: every prefill size class and the decode batches graphs leave eager (warmup.py)."""
+        if self.device.type != "cuda":
+            return
+        graphed = set(self.graphs.sizes) if self.graphs is not None else set()
+        eager = {1, self.engine.max_num_seqs} - graphed
+        done = warm_up(self.model, self.block_size, self.num_blocks,
+                       min(self.engine.max_num_batched_tokens, self.max_model_len),
+                       tuple(sorted(eager)), self.device)
+        start = time.perf_counter()
+        steps = warm_serving_path(self)
+        torch.cuda.synchronize()
+        done = dataclasses.replace(done, serving_steps=steps,
+                                   seconds=done.seconds + time.perf_counter() - start)
+        log.info("native engine: %s", done.describe())
 
     # ---- one step -----------------------------------------------------------------
 

@@ -25,7 +25,7 @@ def _prefill_kernel(
     scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, MASK_ALL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -49,6 +49,8 @@ def _prefill_kernel(
     full_hi = first_q // BLOCK_N * BLOCK_N  # tiles below it need no mask
     if HAS_WINDOW:
         lo = tl.maximum(first_q - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_hi = lo
+    if MASK_ALL:  # every key tile through the masked loop: a row rounds alike in any tile
         full_hi = lo
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -154,9 +156,10 @@ SHORT_TILING = PrefillTiling(block_m=16, block_n=64, num_warps=4, num_stages=2)
 
 def paged_prefill(
     q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-    window: int | None, tiling: PrefillTiling | None = None,
+    window: int | None, tiling: PrefillTiling | None = None, mask_all: bool = False,
 ) -> torch.Tensor:
-    """Any number of query tokens per sequence, causal over cached + new tokens."""
+    """Any number of query tokens per sequence, causal over cached + new tokens. `mask_all`:
+    no unmasked fast loop, so a row's rounding does not depend on where its tile starts."""
     _, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     t = tiling or (LONG_TILING if meta.max_query_len > 64 else SHORT_TILING)
@@ -173,7 +176,7 @@ def paged_prefill(
         scale, window or 0,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision(q), HAS_WINDOW=window is not None,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        MASK_ALL=mask_all, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out
 

@@ -183,6 +183,7 @@ class TritonOps(TorchOps):
     def chain_ids(self, ids: torch.Tensor, src_rows: torch.Tensor, sampled: torch.Tensor) -> None:
         n = ids.shape[0]
         assert ids.stride(0) == 1 and src_rows.stride(0) == 1 and sampled.stride(0) == 1
-        block = min(triton.next_power_of_2(n), 1024)
-        _chain_ids_kernel[(triton.cdiv(n, block),)](ids, src_rows, sampled, n, BLOCK=block,
-                                                    num_warps=4)
+        # one BLOCK for every n: a BLOCK per power of two compiled anew for each new step size,
+        # up to half a second on the first request of that size
+        _chain_ids_kernel[(triton.cdiv(n, 1024),)](ids, src_rows, sampled, n, BLOCK=1024,
+                                                   num_warps=4)

@@ -10,6 +10,7 @@ import torch
 
 from kvflow.engines.native.attention import AttentionBackend
 from kvflow.engines.native.config import ModelConfig, normalize_dtype
+from kvflow.engines.native.fp8 import dequantized_tensors, fp8_scheme
 from kvflow.engines.native.model import CausalLM, load_weights
 from kvflow.engines.native.ops import Ops
 from kvflow.llm.model_card import hub_reason
@@ -114,7 +115,11 @@ def load_model(
     dtype: torch.dtype,
     ops: Ops | None = None,
 ) -> CausalLM:
-    """Build the model on `device` and fill it from the directory's safetensors."""
+    """Build the model on `device` and fill it from the directory's safetensors (FP8 too)."""
+    scheme = fp8_scheme(json.loads((model_dir / "config.json").read_text()))
     model = empty_model(cfg, backend, max_positions, device, dtype, ops)
-    load_weights(model, iter_tensors(safetensors_files(model_dir), device))
+    tensors = iter_tensors(safetensors_files(model_dir), device)
+    if scheme is not None:  # FP8 weights: dequantised into `dtype` as they stream in (fp8.py)
+        tensors = dequantized_tensors(tensors, dtype)
+    load_weights(model, tensors)
     return model

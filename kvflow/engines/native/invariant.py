@@ -1,0 +1,166 @@
+"""Batch-invariant ops and attention (`--batch-invariant`): a row's result never depends on its batch.
+
+A library matmul or reduction may pick its algorithm (tile sizes, split-K, vector widths)
+from the whole tensor's shape, so the same row can round differently when it shares a step
+with other rows or when its prompt is chunked differently. Here every reduction runs on
+tensors of one fixed shape:
+
+- matmuls and norms take rows in chunks of exactly `ROWS` (the last chunk zero-padded), so
+  the library sees the same shape whatever the batch, and each row of a chunk is reduced
+  the same way (over K, in the library's fixed order for that shape);
+- attention walks a sequence's keys in blocks of `KEYS` aligned at position 0 with an online
+  softmax in float32, queries in chunks of `ROWS`; blocks past a query's position are masked
+  to exact no-ops (scale 1, add 0), so how far a chunk reaches changes nothing for a row, and
+  decode rows, prefill rows and chunked-prefill rows go through the same code. On CUDA the
+  same holds for the Triton varlen kernel run with one fixed tiling for every step.
+
+Elementwise ops (rope, silu * up) are invariant as they are. Sampling is per row already;
+random sampling is invariant for requests with their own seed (sampler.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kvflow.engines.native.attention import (
+    AttentionMetadata,
+    Rope,
+    gather_context,
+    register_backend,
+    write_kv,
+)
+from kvflow.engines.native.ops import Projected, TorchOps, register_ops, torch_rms_norm
+
+ROWS = 64  # rows per matmul / norm chunk and queries per attention chunk
+KEYS = 32  # keys per attention block
+
+
+def by_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn applied to x's rows in zero-padded chunks of exactly ROWS rows; x is [T, ...]."""
+    rows = x.shape[0]
+    pad = (-rows) % ROWS
+    if pad:
+        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+    outs = [fn(chunk) for chunk in x.split(ROWS)]
+    return torch.cat(outs)[:rows]
+
+
+@register_ops("invariant")
+class InvariantOps(TorchOps):
+    """TorchOps with every reduction (matmul over K, norm over the hidden dim) on fixed shapes."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        return by_chunks(lambda c: torch_rms_norm(c, weight, eps), flat).reshape(shape)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return by_chunks(lambda c: F.linear(c, weight), x)
+
+    def norm_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+        eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+    ) -> Projected:
+        summed = x if residual is None else x + residual
+        out = self.linear(self.rms_norm(summed, norm_weight, eps), weight)
+        return Projected(out if bias is None else out + bias, summed)
+
+    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.silu_mul(gate_up), weight)
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, weight).float()
+
+
+@register_backend("invariant")
+class InvariantAttention:
+    """Per sequence, fixed-shape blocks with an online softmax (see the module docstring)."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+        rope: Rope | None = None,
+    ) -> torch.Tensor:
+        if rope is not None:
+            q, k = rope(q, k)
+        head_dim = q.shape[-1]
+        if q.is_cuda and not head_dim & (head_dim - 1):
+            return _triton_attention(q, k, v, kv_cache, meta, scale, window)
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        starts = meta.query_start_host
+        for i, seq_len in enumerate(meta.seq_lens_host):
+            lo, hi = starts[i], starts[i + 1]
+            keys, values = gather_context(kv_cache, meta.block_tables[i], seq_len)
+            out[lo:hi] = sequence_attention(q[lo:hi], keys, values, scale, window)
+        return out
+
+
+def _triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float, window: int | None,
+) -> torch.Tensor:
+    """GPU: the varlen prefill kernel for every step, decode too, with one fixed tiling. Each
+    query row walks key tiles from position 0 in order; tiles past it are exact no-ops."""
+    from kvflow.engines.native.triton_attention import PrefillTiling, paged_prefill, store_kv
+
+    store_kv(kv_cache, k, v, meta.slot_mapping)
+    return paged_prefill(q, kv_cache, meta, scale, window, PrefillTiling(16, KEYS * 2, 4, 2),
+                         mask_all=True)
+
+
+def sequence_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None
+) -> torch.Tensor:
+    """Causal attention of one sequence's last q_len positions over its seq_len keys."""
+    q_len, heads, _ = q.shape
+    seq_len, kv_heads, _ = keys.shape
+    group = heads // kv_heads
+    key_pad = (-seq_len) % KEYS
+    k = F.pad(keys.float(), (0, 0, 0, 0, 0, key_pad)).repeat_interleave(group, dim=1)
+    v = F.pad(values.float(), (0, 0, 0, 0, 0, key_pad)).repeat_interleave(group, dim=1)
+    k, v = k.transpose(0, 1), v.transpose(0, 1)  # [H, keys, D]
+    first_pos = seq_len - q_len
+    outs = []
+    for c0 in range(0, q_len, ROWS):
+        chunk = q[c0 : c0 + ROWS].float()
+        rows = chunk.shape[0]
+        chunk = F.pad(chunk, (0, 0, 0, 0, 0, ROWS - rows)).transpose(0, 1)  # [H, ROWS, D]
+        q_pos = torch.arange(ROWS, device=q.device) + first_pos + c0
+        outs.append(_chunk_attention(chunk, k, v, q_pos, scale, window)[:, :rows])
+    return torch.cat(outs, dim=1).transpose(0, 1).to(q.dtype)
+
+
+def _chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """q [H, ROWS, D] at positions q_pos over k, v [H, n*KEYS, D], key blocks in order from 0."""
+    heads, rows, dim = q.shape
+    acc = q.new_zeros(heads, rows, dim)
+    total = q.new_zeros(heads, rows, 1)
+    run_max = q.new_full((heads, rows, 1), -1e30)
+    reach = min(int(q_pos[-1].item()) + 1, k.shape[1])
+    for b0 in range(0, reach, KEYS):
+        k_pos = torch.arange(b0, b0 + KEYS, device=q.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed &= k_pos[None, :] > q_pos[:, None] - window
+        scores = torch.bmm(q, k[:, b0 : b0 + KEYS].transpose(1, 2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        new_max = torch.maximum(run_max, scores.amax(dim=-1, keepdim=True))
+        probs = torch.exp(scores - new_max)
+        alpha = torch.exp(run_max - new_max)
+        total = total * alpha + probs.sum(dim=-1, keepdim=True)
+        acc = acc * alpha + torch.bmm(probs, v[:, b0 : b0 + KEYS])
+        run_max = new_max
+    return acc / total.clamp(min=1e-30)

@@ -1,0 +1,131 @@
+"""Startup warm-up: run every step shape serving can hit once, so no request waits for a compile.
+
+Triton compiles a kernel the first time it meets a new specialisation (tiling, row-count
+path, split count), and cuBLAS / CUDA load their kernels lazily; either can cost a request
+up to a second. `warm_up` runs, before the engine takes requests, prefill chunks of every
+size class the ops and attention pick kernels by (one row, a few rows, the short and the long
+attention tilings, the full step budget) and eager decode steps at the batch sizes CUDA graphs
+do not cover, then logits and a softmax. It returns what it ran and how long it took.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvflow.engines.native.attention import AttentionMetadata
+from kvflow.engines.native.model import CausalLM
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What the warm-up ran, for the startup log."""
+
+    prefill_lengths: tuple[int, ...]
+    decode_batches: tuple[int, ...]
+    seconds: float
+    serving_steps: int = 0
+
+    def describe(self) -> str:
+        return (f"warmed prefill chunks {list(self.prefill_lengths)}, eager decode batches "
+                f"{list(self.decode_batches)} and {self.serving_steps} steps of short requests "
+                f"in {self.seconds:.1f}s")
+
+
+def prefill_lengths(max_tokens: int) -> tuple[int, ...]:
+    """One row, a few rows (GEMV paths), both sides of the attention tiling switch (64), the budget."""
+    sizes = {1, 2, 8, 16, 64, 65, 256, 1024, max_tokens}
+    return tuple(sorted(s for s in sizes if s <= max_tokens))
+
+
+def warm_up(
+    model: CausalLM, block_size: int, num_blocks: int, max_tokens: int,
+    decode_batches: tuple[int, ...], device: torch.device,
+) -> WarmUp:
+    """Run each shape once (on free KV blocks: nothing is cached yet) and synchronise."""
+    start = time.perf_counter()
+    capacity = num_blocks * block_size
+    lengths = tuple(n for n in prefill_lengths(max_tokens) if n <= capacity)
+    with torch.inference_mode():
+        for n in lengths:
+            _step(model, _prefill_meta(n, block_size, device), torch.arange(n, device=device))
+        batches = tuple(b for b in decode_batches if b * 2 * block_size <= capacity)
+        for b in batches:
+            context = 2 * block_size - 1
+            meta = _decode_meta(b, context, block_size, device)
+            _step(model, meta, torch.full((b,), context, device=device))
+        # async output's id chaining (one kernel for every step size)
+        ids = torch.zeros(4, dtype=torch.int64, device=device)
+        model.ops.chain_ids(ids, torch.tensor([0, -1, 1, -1], device=device), ids.clone())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return WarmUp(lengths, batches, time.perf_counter() - start)
+
+
+def _step(model: CausalLM, meta: AttentionMetadata, positions: torch.Tensor) -> None:
+    ids = torch.full_like(positions, 3)
+    hidden = model(ids, positions, meta)
+    rows = meta.query_start_loc[1:].long() - 1
+    torch.softmax(model.compute_logits(hidden[rows]), dim=-1).argmax(dim=-1)
+
+
+def _prefill_meta(tokens: int, block_size: int, device: torch.device) -> AttentionMetadata:
+    blocks = -(-tokens // block_size)
+    return AttentionMetadata(
+        slot_mapping=torch.arange(tokens, device=device),
+        query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([tokens], dtype=torch.int32, device=device),
+        block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None, :],
+        max_query_len=tokens, max_seq_len=tokens,
+        query_start_host=[0, tokens], seq_lens_host=[tokens],
+    )
+
+
+def _decode_meta(batch: int, context: int, block_size: int, device: torch.device) -> AttentionMetadata:
+    """`batch` sequences of `context` cached tokens, each decoding its next one."""
+    blocks = -(-(context + 1) // block_size)
+    table = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
+    return AttentionMetadata(
+        slot_mapping=table[:, -1].long() * block_size + context % block_size,
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=device),
+        seq_lens=torch.full((batch,), context + 1, dtype=torch.int32, device=device),
+        block_tables=table, max_query_len=1, max_seq_len=context + 1,
+        query_start_host=list(range(batch + 1)), seq_lens_host=[context + 1] * batch,
+    )
+
+
+def warm_serving_path(runner: Any) -> int:
+    """Short requests through the runner's own step path (inputs, model, sampler, readback) on a
+    private scheduler and block pool, so nothing reaches the prefix cache or its events:
+    greedy, sampled with top-k/top-p and logprobs, penalised; prompts of 1 to 300 tokens,
+    together, so steps mix prefill and decode. Returns the steps run."""
+    from kvflow.engines.core import BlockPool, Scheduler, SchedulerConfig, Sequence, StopRule
+    from kvflow.engines.native.sampler import RequestSampling
+
+    engine = runner.engine
+    pool = BlockPool(runner.num_blocks, runner.block_size)
+    sched = Scheduler(SchedulerConfig(
+        max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
+        block_size=runner.block_size, max_model_len=runner.max_model_len), pool)
+    variants = {
+        "greedy": RequestSampling(temperature=0.0),
+        "sampled": RequestSampling(temperature=0.8, top_p=0.9, top_k=20, logprobs=2),
+        "penalized": RequestSampling(temperature=0.0, repetition_penalty=1.1),
+    }
+    sampling: dict[str, RequestSampling] = {}
+    lengths = [n for n in (1, 17, 300) if n + 3 <= runner.max_model_len]
+    for name, params in variants.items():
+        for n in lengths:
+            rid = f"warm-{name}-{n}"
+            sampling[rid] = params
+            sched.add(Sequence(rid, [3] * n, StopRule(max_tokens=3, ignore_eos=True)))
+    steps = 0
+    with torch.inference_mode():
+        while sched.has_work():
+            out = sched.schedule()
+            sched.update(runner.execute(out.scheduled, sampling).sampled)
+            steps += 1
+    return steps
