@@ -298,7 +298,10 @@ class KvRoutedClient:
     async def _publish_sync(self) -> None:
         while True:
             message = await self._outbox.get()
-            await self._namespace.events.publish(self.wiring.sync_subject, encode_sync(message))
+            try:
+                await self._namespace.events.publish(self.wiring.sync_subject, encode_sync(message))
+            except Exception as exc:  # the event plane closing at shutdown, or a lost broker
+                log.debug("router: replica sync message not sent: %s", exc)
 
     async def close(self) -> None:
         if self._replica_key:
@@ -309,7 +312,7 @@ class KvRoutedClient:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.router.close()
         for client in (self._generate, self._snapshots):
