@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -26,8 +23,8 @@ from kvflow.cli.help import new_parser
 from kvflow.cli.interactive import run_batch, run_text
 from kvflow.frontend import HttpFrontend, ModelManager
 from kvflow.llm.register import MODELS_PREFIX, ROLE_DECODE, ROLE_PREFILL, ModelEntry
-from kvflow.runtime import DistributedRuntime
-from kvflow.runtime.config import CONFIG_FILE_ENV, RuntimeConfig, config_from_args
+from kvflow.runtime import DistributedRuntime, launcher
+from kvflow.runtime.config import RuntimeConfig, config_from_args
 from kvflow.runtime.errors import UserError
 from kvflow.runtime.flags import parse_layered
 from kvflow.runtime.logs import setup_logging
@@ -71,30 +68,8 @@ def start_workers(spec: RunSpec, worker_argv: list[str], config: RuntimeConfig,
 def start_worker(
     spec: RunSpec, worker_argv: list[str], config: RuntimeConfig, config_file: str | None = None
 ) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.update(
-        {
-            "KVFLOW_DISCOVERY": config.discovery,
-            "KVFLOW_DISCOVERY_PATH": config.discovery_path,
-            "KVFLOW_NAMESPACE": config.namespace,
-            "KVFLOW_EVENT_PLANE": config.event_plane,
-            "KVFLOW_ETCD_ENDPOINTS": config.etcd_endpoints,
-            "KVFLOW_NATS_URL": config.nats_url,
-            "KVFLOW_OTLP_ENDPOINT": config.otlp_endpoint,
-        }
-    )
-    if config_file:
-        env[CONFIG_FILE_ENV] = config_file  # the worker reads its [worker] section too
-    cmd = [sys.executable, "-m", "kvflow.cli.main", "worker", "--engine", spec.output, *worker_argv]
-    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when `kvflow run` dies, even by SIGKILL (Linux prctl)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    return launcher.launch("worker", ["--engine", spec.output, *worker_argv],
+                           launcher.child_env(config, config_file))
 
 
 def _runtime_config(ns: argparse.Namespace) -> RuntimeConfig:
@@ -175,15 +150,7 @@ class WorkerSlot:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def stop(self, timeout: float = 30.0) -> None:
-        live = [p for p in self.procs if p.poll() is None]
-        for proc in live:
-            proc.terminate()
-        for proc in live:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        launcher.stop(self.procs, timeout)
 
 
 RUN_HELP = """Run a whole local stack in one command: the frontend in this process, and for

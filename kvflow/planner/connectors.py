@@ -1,7 +1,8 @@
 """How the planner acts, registered by name: `virtual` (records), `local` (worker processes), `kubernetes`.
 
-The local connector starts `kvflow worker` processes on this machine with the given
-worker arguments (plus `--role` for disaggregated pools) and removes one with
+The local connector starts `kvflow worker` processes on this machine through
+kvflow.runtime.launcher (as `kvflow run` does) with the given worker arguments (plus
+`--role` for disaggregated pools) and removes one with
 SIGTERM: the worker leaves discovery first, so no new request reaches it, finishes
 the streams it has, and exits — no request is lost. A worker that died by itself
 no longer counts, so the planner sees the difference and reconciles.
@@ -15,12 +16,12 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvflow.planner.model import Fleet
+from kvflow.runtime import launcher
 
 log = logging.getLogger(__name__)
 ROLES = ("aggregated", "prefill", "decode")
@@ -108,16 +109,12 @@ class LocalConnector:
                 self._drain(live.pop())
 
     def _start(self, role: str) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "kvflow.cli.main", "worker", *self.argv]
-        if role != "aggregated":
-            argv += ["--role", role]
+        args = [*self.argv, *(["--role", role] if role != "aggregated" else [])]
         self._n += 1
-        out = (open(os.path.join(self.log_dir, f"worker-{role}-{self._n}.log"), "wb")
-               if self.log_dir else subprocess.DEVNULL)
-        proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        if out is not subprocess.DEVNULL:
-            out.close()  # the child holds its own descriptor
+        log_path = os.path.join(self.log_dir, f"worker-{role}-{self._n}.log") if self.log_dir else None
+        # Its own session and no death signal: a planner that crashes leaves the fleet serving.
+        proc = launcher.launch("worker", args, self.env, log_path=log_path, die_with_parent=False,
+                               new_session=True)
         log.info("planner: started %s worker pid %d", role, proc.pid)
         return proc
 
@@ -136,16 +133,8 @@ class LocalConnector:
         self.draining = [p for p in self.draining if p.poll() is None]
 
     def close(self) -> None:
-        everyone = [p for live in self.procs.values() for p in live] + self.draining
-        for proc in everyone:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in everyone:
-            try:
-                proc.wait(self.drain_timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        launcher.stop([p for live in self.procs.values() for p in live] + self.draining,
+                      self.drain_timeout_s)
 
 
 @register_connector("kubernetes")

@@ -10,11 +10,8 @@ step time at batch B. Prompts are token ids no cache has seen, so nothing is a h
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ from pathlib import Path
 from kvflow.planner.perf import DECODE_BATCH, DECODE_CONTEXT, PREFILL_ISL, PerfModel
 from kvflow.replay.http import Target, send_one
 from kvflow.replay.trace import TraceRequest
+from kvflow.runtime import launcher
 
 
 @dataclass(frozen=True)
@@ -40,10 +38,8 @@ class Stack:
 
     def __init__(self, engine: str, engine_args: list[str], ready_timeout: float = 300.0) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="kvflow-profile-", suffix=".log", delete=False)
-        argv = [sys.executable, "-m", "kvflow.cli.main", "run", "in=http", f"out={engine}",
-                "--http-port", "0", *engine_args]
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=os.environ.copy())
+        self.proc = launcher.launch("run", ["in=http", f"out={engine}", "--http-port", "0", *engine_args],
+                                    launcher.child_env(), log_path=self.log.name)
         self.url = self._wait(ready_timeout)
 
     def _wait(self, timeout: float) -> str:
@@ -60,12 +56,7 @@ class Stack:
         raise RuntimeError(f"the worker stack was not ready after {timeout:.0f}s (log: {self.log.name})")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        launcher.stop([self.proc])
         self.log.close()
 
 
