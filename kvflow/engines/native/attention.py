@@ -149,14 +149,26 @@ class TorchGatherBackend:
     ) -> torch.Tensor:
         if rope is not None:
             q, k = rope(q, k)
-        write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
-        starts = meta.query_start_host
-        for i, seq_len in enumerate(meta.seq_lens_host):
-            lo, hi = starts[i], starts[i + 1]
-            keys, values = gather_context(kv_cache, meta.block_tables[i], seq_len)
-            out[lo:hi] = _sdpa(q[lo:hi], keys, values, scale, window)
-        return out
+        return attend_per_sequence(q, k, v, kv_cache, meta, scale, window, _sdpa)
+
+
+SequenceAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, "int | None"],
+                             torch.Tensor]
+
+
+def attend_per_sequence(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float, window: int | None, attend: SequenceAttention,
+) -> torch.Tensor:
+    """Store the step's K/V, then per sequence gather its context and `attend` over it."""
+    write_kv(kv_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    starts = meta.query_start_host
+    for i, seq_len in enumerate(meta.seq_lens_host):
+        lo, hi = starts[i], starts[i + 1]
+        keys, values = gather_context(kv_cache, meta.block_tables[i], seq_len)
+        out[lo:hi] = attend(q[lo:hi], keys, values, scale, window)
+    return out
 
 
 def _sdpa(

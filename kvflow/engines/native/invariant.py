@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from kvflow.engines.native.attention import (
     AttentionMetadata,
     Rope,
-    gather_context,
+    attend_per_sequence,
     register_backend,
-    write_kv,
 )
 from kvflow.engines.native.ops import Projected, TorchOps, register_ops, torch_rms_norm
 
@@ -95,14 +94,7 @@ class InvariantAttention:
         head_dim = q.shape[-1]
         if q.is_cuda and not head_dim & (head_dim - 1):
             return _triton_attention(q, k, v, kv_cache, meta, scale, window)
-        write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
-        starts = meta.query_start_host
-        for i, seq_len in enumerate(meta.seq_lens_host):
-            lo, hi = starts[i], starts[i + 1]
-            keys, values = gather_context(kv_cache, meta.block_tables[i], seq_len)
-            out[lo:hi] = sequence_attention(q[lo:hi], keys, values, scale, window)
-        return out
+        return attend_per_sequence(q, k, v, kv_cache, meta, scale, window, sequence_attention)
 
 
 def _triton_attention(
