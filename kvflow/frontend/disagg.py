@@ -165,14 +165,20 @@ class DisaggClient:
         }
         return msgspec.json.encode(body)
 
-    async def generate(
+    def generate(
         self, request: PreprocessedRequest, context: Context, exclude: Collection[int] = ()
     ) -> AsyncIterator[EngineOutput]:
+        """The decode pool's stream as it is while the model has no prefill worker (no extra
+        generator layer per token); otherwise the two-step path."""
         pool = self.prefill()
         if pool is None or pool.live_workers() == 0:
-            async for out in self.decode.generate(request, context, exclude):
-                yield out
-            return
+            return self.decode.generate(request, context, exclude)
+        return self._split(pool, request, context, exclude)
+
+    async def _split(
+        self, pool: RoutedEngineClient, request: PreprocessedRequest, context: Context,
+        exclude: Collection[int],
+    ) -> AsyncIterator[EngineOutput]:
         plan = self.plan(request, self.decode.routed.explain(request), pool)
         self.stats.decided(self.model, plan)
         if not plan.remote:
