@@ -94,3 +94,35 @@ def kvflow_proc(*args: str, env: Mapping[str, str], log_dir: Path, name: str = "
     log_dir.mkdir(parents=True, exist_ok=True)
     n = len(list(log_dir.glob(f"{name}-*.log")))
     return Proc([sys.executable, "-m", "kvflow.cli.main", *args], env, log_dir / f"{name}-{n}.log")
+
+
+class LocalStack:
+    """Real kvflow processes sharing one private file-discovery directory (tests, benches)."""
+
+    def __init__(self, tmp_path: Path, prefix: str = "stack", **settings: object) -> None:
+        import uuid
+
+        self.log_dir = tmp_path / "logs"
+        self.env = runtime_env(discovery="file", discovery_path=tmp_path / "discovery",
+                               namespace=prefix + uuid.uuid4().hex[:6], lease_ttl=1.0,
+                               file_poll_interval=0.05, **settings)
+        self.procs: list[Proc] = []
+
+    def start(self, *args: str, name: str = "kvflow") -> Proc:
+        proc = kvflow_proc(*args, env=self.env, log_dir=self.log_dir, name=name)
+        self.procs.append(proc)
+        return proc
+
+    def frontend(self, *args: str) -> str:
+        """Start `kvflow frontend` on a free port; its base URL once it listens."""
+        import re
+
+        proc = self.start("frontend", "--http-port", "0", *args, name="frontend")
+        proc.wait_for_output("frontend: listening on", timeout=60)
+        found = re.search(r"listening on (http://\S+)", proc.output())
+        assert found is not None
+        return found.group(1)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kvflow.testing.procs import Proc, kvflow_proc, runtime_env
+from kvflow.testing.procs import LocalStack, Proc
 from kvflow.testing.tokenizer import make_model_dir
 
 
@@ -21,33 +19,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("models") / "tiny")
 
 
-class Stack:
+class Stack(LocalStack):
     """Real kvflow processes sharing one private file-discovery directory."""
 
     def __init__(self, tmp_path: Path, **settings: object) -> None:
-        self.log_dir = tmp_path / "logs"
-        self.env = runtime_env(discovery="file", discovery_path=tmp_path / "discovery",
-                               namespace="obs" + uuid.uuid4().hex[:6], lease_ttl=1.0,
-                               file_poll_interval=0.05, **settings)
-        self.procs: list[Proc] = []
-
-    def start(self, *args: str, name: str = "kvflow") -> Proc:
-        proc = kvflow_proc(*args, env=self.env, log_dir=self.log_dir, name=name)
-        self.procs.append(proc)
-        return proc
-
-    def frontend(self, *args: str) -> str:
-        proc = self.start("frontend", "--http-port", "0", *args, name="frontend")
-        proc.wait_for_output("frontend: listening on", timeout=60)
-        return re.search(r"listening on (http://\S+)", proc.output()).group(1)  # type: ignore[union-attr]
+        super().__init__(tmp_path, "obs", **settings)
 
     def mocker(self, model_dir: Path, *args: str) -> Proc:
         return self.start("worker", "--engine", "mocker", "--model-path", str(model_dir),
                           "--model-name", "m", "--speedup-ratio", "0", *args, name="worker")
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
 
     wait_workers = staticmethod(lambda *a, **kw: wait_workers(*a, **kw))
     get_json = staticmethod(lambda *a, **kw: get_json(*a, **kw))
