@@ -146,6 +146,18 @@ class BlockPool:
             out.append(block)
         return out
 
+    def cached_prefix_blocks(self, seq_hashes: Sequence[int]) -> int:
+        """How many leading blocks of `seq_hashes` are cached now (no reference taken)."""
+        if not self.enable_prefix_caching:
+            return 0
+        n = 0
+        cached = self._cached
+        for seq_hash in seq_hashes:
+            if seq_hash not in cached:
+                break
+            n += 1
+        return n
+
     def _take_ref(self, block: int) -> None:
         if self._ref[block] == 0:
             del self._evictable[block]

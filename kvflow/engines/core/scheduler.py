@@ -381,8 +381,23 @@ class Scheduler:
 
     # ---- metrics ------------------------------------------------------------------
 
+    def _cached_tokens(self, seq: Sequence) -> int:
+        """Prompt tokens of a not-yet-admitted `seq` the pool caches (as `_match_local`
+        would take them now); 0 once admission has counted them."""
+        if seq.num_computed_tokens or not self.pool.enable_prefix_caching:
+            return 0
+        bs = self.config.block_size
+        max_blocks = (seq.num_tokens - 1) // bs
+        if max_blocks <= 0:
+            return 0
+        return self.pool.cached_prefix_blocks(seq.block_hashes(max_blocks, bs)) * bs
+
     def load_metrics(self) -> LoadMetrics:
-        pending = sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
+        # A waiting sequence's prefix already cached here will not be computed: count it
+        # out, or a worker holding a hot prefix looks busiest exactly when its queue is
+        # cheapest (each queued request would weigh its whole prompt).
+        pending = sum(s.num_tokens - s.num_computed_tokens - self._cached_tokens(s)
+                      for s in self.waiting)
         pending += sum(
             s.num_tokens - s.num_computed_tokens
             for s in self.running

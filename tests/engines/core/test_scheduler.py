@@ -226,3 +226,17 @@ def test_load_metrics() -> None:
     m = sched.load_metrics()
     assert (m.num_running, m.num_waiting, m.prefill_tokens_inflight) == (1, 1, 40 + 5)
     assert m.active_blocks == 4 and m.total_blocks == 64
+
+
+def test_load_metrics_count_a_waiting_prompt_net_of_its_cached_prefix() -> None:
+    sched = make(max_num_seqs=1)
+    sched.add(seq("a", 12, max_tokens=1))
+    run_all(sched)  # a's three full blocks stay cached
+    sched.add(seq("b", 14, max_tokens=4))
+    sched.add(seq("c", 14, max_tokens=4))
+    sched.schedule()  # b is admitted (its 12 cached tokens counted as computed), c waits
+    m = sched.load_metrics()
+    # c would recompute only its 2 uncached tokens; b has 2 left to compute (> 1: prefill)
+    assert (m.num_running, m.num_waiting, m.prefill_tokens_inflight) == (1, 1, 2 + 2)
+    sched.pool.clear()  # evicted: c's whole prompt is work again
+    assert sched.load_metrics().prefill_tokens_inflight == 14 + 2
