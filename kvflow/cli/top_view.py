@@ -54,10 +54,25 @@ def decisions_table(snap: Snapshot, limit: int = 10) -> Table:
     return table
 
 
+def transfers_table(snap: Snapshot, limit: int = 10) -> Table:
+    table = Table(title="KV transfers (disaggregated requests)", expand=True,
+                  title_justify="left")
+    for col in ("time", "request", "prefill -> decode", "backend", "KiB", "prefill ms",
+                "transfer ms", "GB/s"):
+        table.add_column(col, overflow="ellipsis", no_wrap=True)
+    for t in snap["transfers"][:limit]:
+        rate = "-" if t["gb_per_s"] is None else f"{t['gb_per_s']:.2f}"
+        table.add_row(time.strftime("%H:%M:%S", time.localtime(t["at"])), t["request_id"][-12:],
+                      f"{t['prefill_worker']} -> {t['decode_worker']}", t["backend"] or "-",
+                      f"{t['bytes'] / 1024:.1f}", f"{t['prefill_ms']:.1f}",
+                      f"{t['transfer_ms']:.1f}", rate)
+    return table
+
+
 def fleet_view(snap: Snapshot) -> Group:
     parts: list[Any] = [workers_table(snap), prefixes_table(snap), decisions_table(snap)]
     if snap.get("transfers"):
-        parts.append(Text("KV transfers: " + ", ".join(map(str, snap["transfers"]))))
+        parts.append(transfers_table(snap))
     if snap.get("planner"):
         parts.append(Text(f"Planner: {snap['planner']}"))
     return Group(*parts)

@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -45,7 +45,9 @@ from kvflow.llm.protocol import (
     PreprocessedRequest,
     RoutingHints,
 )
+from kvflow.llm.register import ROLE_AGGREGATED, ROLE_DECODE, ROLE_PREFILL
 from kvflow.router.cost import RoutingDecision
+from kvflow.router.observe import RouterView
 from kvflow.runtime import Context
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,16 @@ class RequestTiming:
     decode_first_s: float = 0.0  # decode queue + first decode step (transfer excluded)
     kv_bytes: int = 0
     backend: str = ""
+    model: str = ""
+    at: float = field(default_factory=time.time)  # wall clock when the prefill stage ended
+
+
+@dataclass(frozen=True)
+class ModelFleet:
+    """One model's part of /fleet: its pools' router views by role, its recent KV transfers."""
+
+    pools: list[tuple[str, RouterView]]
+    transfers: list[RequestTiming]
 
 
 class DisaggStats:
@@ -149,6 +161,16 @@ class DisaggClient:
 
     def live_workers(self) -> int:
         return self.decode.live_workers()
+
+    def fleet(self) -> ModelFleet:
+        """/fleet's view: the decode pool ("aggregated" while the model has no prefill
+        worker), the prefill pool, and this model's recent disaggregated requests."""
+        pool = self.prefill()
+        if pool is None:
+            return ModelFleet([(ROLE_AGGREGATED, self.decode.routed.view())], [])
+        transfers = [t for t in self.stats.recent if t.model == self.model]
+        return ModelFleet([(ROLE_DECODE, self.decode.routed.view()),
+                           (ROLE_PREFILL, pool.routed.view())], transfers)
 
     def explain(self, request: PreprocessedRequest) -> bytes:
         """/debug/route: the decode pool's decision; with a prefill pool, also the prefill
@@ -246,7 +268,7 @@ class DisaggClient:
                 decode_request = msgspec.structs.replace(
                     request, routing=msgspec.structs.replace(routing, disagg=hint))
                 timing = RequestTiming(request.request_id, hint.source_worker, decode_worker,
-                                       time.perf_counter() - started)
+                                       time.perf_counter() - started, model=self.model)
                 return decode_request, timing
         self.stats.decisions.labels(self.model, "local", "prefill_failed").inc()
         return request, None

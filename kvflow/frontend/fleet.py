@@ -1,9 +1,11 @@
 """GET /fleet, /fleet/events, /fleet/snapshot: the live fleet view (page, SSE feed, JSON).
 
-One snapshot lists, per served model, every worker (instance id in hex, as logs and
-metrics name it; role, KV blocks by tier, running/waiting, tokens/s), the hottest shared
-prefixes with the workers holding them, and the last routing decisions with every
-candidate's overlap, load and cost. The page (`fleet_page.PAGE`, no external assets)
+One snapshot lists, per served model, every worker of every pool (instance id in hex, as
+logs and metrics name it; role: aggregated, or prefill/decode for a disaggregated model;
+KV blocks by tier, running/waiting, tokens/s), the hottest shared prefixes with the
+workers holding them, the last routing decisions with every candidate's overlap, load and
+cost, and the KV transfers of recent disaggregated requests (prefill worker, decode
+worker, backend, bytes, prefill and transfer time). The page (`fleet_page.PAGE`, no external assets)
 and `kvflow top` both read the SSE feed, one snapshot every `INTERVAL_S`.
 
 With API keys set these routes need one too (their access class is "fleet" in
@@ -21,17 +23,17 @@ from typing import Any
 
 import msgspec
 
+from kvflow.frontend.disagg import ModelFleet, RequestTiming
 from kvflow.frontend.fleet_page import PAGE
 from kvflow.frontend.handlers import FrontendState
 from kvflow.frontend.http_response import HttpRequest, Responder
 from kvflow.frontend.models import ModelManager
-from kvflow.router.observe import DecisionRecord, HotPrefix, RouterView, WorkerView
+from kvflow.router.observe import DecisionRecord, HotPrefix, WorkerView
 
 INTERVAL_S = 0.5
 RATE_WINDOW_S = 5.0
 MAX_STREAM_S = 3600.0  # browsers reconnect an EventSource by themselves
 HTML = b"text/html; charset=utf-8"
-ROLE = "aggregated"  # every worker today; disaggregated roles come with their registration
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -63,9 +65,9 @@ class TokenRates:
         return 0.0
 
 
-def _worker(model: str, w: WorkerView, rate: float) -> dict[str, Any]:
+def _worker(model: str, role: str, w: WorkerView, rate: float) -> dict[str, Any]:
     return {
-        "id": f"{w.worker_id:x}", "model": model, "role": ROLE,
+        "id": f"{w.worker_id:x}", "model": model, "role": role,
         "kv": {"gpu": [w.gpu_blocks_used, w.gpu_blocks_total],
                "host": [w.host_blocks_used, w.host_blocks_total]},
         "index_blocks": w.index_blocks, "running": w.running, "waiting": w.waiting,
@@ -94,6 +96,17 @@ def _prefix(model: str, p: HotPrefix, block_size: int, text: str) -> dict[str, A
             "holders": [f"{w:x}" for w in p.holders], "preview": text}
 
 
+def _transfer(t: RequestTiming) -> dict[str, Any]:
+    """One disaggregated request: where it was prefilled, where its KV went, how fast."""
+    rate = t.kv_bytes / t.transfer_s / 1e9 if t.transfer_s > 0 else None
+    return {"at": t.at, "model": t.model, "request_id": t.request_id,
+            "prefill_worker": f"{t.prefill_worker:x}", "decode_worker": f"{t.decode_worker:x}",
+            "backend": t.backend, "bytes": t.kv_bytes, "prefill_ms": round(t.prefill_s * 1e3, 2),
+            "transfer_ms": round(t.transfer_s * 1e3, 2),
+            "decode_first_ms": round(t.decode_first_s * 1e3, 2),
+            "gb_per_s": round(rate, 3) if rate is not None else None}
+
+
 class FleetFeed:
     """Builds fleet snapshots from the served models' routers."""
 
@@ -102,23 +115,28 @@ class FleetFeed:
 
     def snapshot(self, state: FrontendState) -> dict[str, Any]:
         now = time.time()
-        views: list[tuple[str, RouterView, Any]] = []
+        fleets: list[tuple[str, ModelFleet, Any]] = []
         for model in state.models.list():
             if model.fleet is not None:
-                views.append((model.name, model.fleet(), model.tokenizer))
-        totals = {f"{w.worker_id:x}": w.tokens_total for _, v, _ in views for w in v.workers}
+                fleets.append((model.name, model.fleet(), model.tokenizer))
+        totals = {f"{w.worker_id:x}": w.tokens_total
+                  for _, f, _ in fleets for _, v in f.pools for w in v.workers}
         rates = self._rates.update(totals, time.monotonic())
-        workers, decisions, prefixes = [], [], []
-        for name, view, tokenizer in views:
-            workers += [_worker(name, w, rates.get(f"{w.worker_id:x}", 0.0)) for w in view.workers]
-            decisions += [_decision(name, d) for d in view.decisions]
-            prefixes += [_prefix(name, p, view.block_size, tokenizer.decode(p.preview))
-                         for p in view.prefixes]
+        workers, decisions, prefixes, transfers = [], [], [], []
+        for name, fleet, tokenizer in fleets:
+            for role, view in fleet.pools:
+                workers += [_worker(name, role, w, rates.get(f"{w.worker_id:x}", 0.0))
+                            for w in view.workers]
+                decisions += [_decision(name, d) for d in view.decisions]
+                prefixes += [_prefix(name, p, view.block_size, tokenizer.decode(p.preview))
+                             for p in view.prefixes]
+            transfers += [_transfer(t) for t in fleet.transfers]
         decisions.sort(key=lambda d: d["at"], reverse=True)
         prefixes.sort(key=lambda p: p["hits"], reverse=True)
-        return {"at": now, "models": [n for n, _, _ in views], "workers": workers,
+        transfers.sort(key=lambda t: t["at"], reverse=True)
+        return {"at": now, "models": [n for n, _, _ in fleets], "workers": workers,
                 "decisions": decisions[:20], "prefixes": prefixes[:8],
-                "transfers": [], "planner": None}
+                "transfers": transfers[:20], "planner": None}
 
 
 _FEEDS: weakref.WeakKeyDictionary[ModelManager, FleetFeed] = weakref.WeakKeyDictionary()

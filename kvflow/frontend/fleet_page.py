@@ -1,8 +1,9 @@
 """The fleet page served at GET /fleet: one self-contained HTML document (no external assets).
 
 It opens an EventSource on /fleet/events (passing on its own `?key=`) and redraws from
-each snapshot: worker tiles, hottest shared prefixes, last routing decisions, and the
-transfers and planner sections once snapshots carry them.
+each snapshot: worker tiles (with their pool role), hottest shared prefixes, last routing
+decisions, the KV transfers of recent disaggregated requests (shown while there are any),
+and a planner section once snapshots carry one.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ PAGE = b"""<!doctype html>
  <table><thead><tr><th>time</th><th>model</th><th>request</th><th>chosen</th><th>hit rate</th>
  <th>candidates (overlap blocks / cost / active)</th></tr></thead>
  <tbody id="decisions"></tbody></table>
- <section id="transfers-section" hidden><h2>KV transfers</h2><div id="transfers"></div></section>
+ <section id="transfers-section" hidden><h2>KV transfers (disaggregated requests)</h2>
+ <table><thead><tr><th>time</th><th>model</th><th>request</th><th>prefill &rarr; decode</th>
+ <th>backend</th><th>KiB</th><th>prefill ms</th><th>transfer ms</th><th>GB/s</th></tr></thead>
+ <tbody id="transfers"></tbody></table></section>
  <section id="planner-section" hidden><h2>Planner</h2><div id="planner"></div></section>
 </main>
 <script>
@@ -83,7 +87,11 @@ function render(s) {
       `${c.id}: ${c.overlap} / ${c.cost === null ? "-" : c.cost.toFixed(2)} / ${c.active}`
     ).join("   "))])));
   document.getElementById("transfers-section").hidden = !(s.transfers && s.transfers.length);
-  replace("transfers", (s.transfers || []).map(t => el("div", {class: "mono"}, JSON.stringify(t))));
+  replace("transfers", (s.transfers || []).map(t => row([
+    new Date(t.at * 1000).toLocaleTimeString(), t.model, el("span", {class: "mono"}, t.request_id),
+    el("span", {class: "mono"}, `${t.prefill_worker} \\u2192 ${t.decode_worker}`),
+    t.backend || "-", (t.bytes / 1024).toFixed(1), t.prefill_ms.toFixed(1),
+    t.transfer_ms.toFixed(1), t.gb_per_s === null ? "-" : t.gb_per_s.toFixed(2)])));
   document.getElementById("planner-section").hidden = !s.planner;
   replace("planner", s.planner ? [el("div", {class: "mono"}, JSON.stringify(s.planner))] : []);
   document.getElementById("summary").textContent =

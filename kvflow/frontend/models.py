@@ -24,7 +24,7 @@ from kvflow.llm.protocol import PreprocessedRequest
 from kvflow.llm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from kvflow.router.observe import RouterView
+    from kvflow.frontend.disagg import ModelFleet
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ class ServedModel:
     reasoning_parser: type[ReasoningParser] | None = None
     tool_parser: type[ToolParser] | None = None
     explain: Callable[[PreprocessedRequest], bytes] | None = None
-    # Routed models: a snapshot of the router for the fleet view (/fleet).
-    fleet: Callable[[], RouterView] | None = None
+    # Routed models: snapshots of the model's routers (by pool role) and recent KV
+    # transfers, for the fleet view (/fleet).
+    fleet: Callable[[], ModelFleet] | None = None
 
     warned_no_tool_parser: bool = False
 
@@ -101,7 +102,7 @@ class ModelManager:
         tokenizer: Tokenizer | None = None,
         template: ChatTemplate | None = None,
         explain: Callable[[PreprocessedRequest], bytes] | None = None,
-        fleet: Callable[[], RouterView] | None = None,
+        fleet: Callable[[], ModelFleet] | None = None,
     ) -> ServedModel:
         """Serve `card.name` through `engine_client`; tokenizer/template load from the card.
 

@@ -205,7 +205,7 @@ class ModelWatcher:
                              self.disagg_config, self.disagg_stats, card.kv_block_size)
         client = self._migrating(card, split)
         await asyncio.to_thread(functools.partial(
-            self.models.add_model, card, client, explain=split.explain, fleet=routed.view))
+            self.models.add_model, card, client, explain=split.explain, fleet=split.fleet))
         return ModelPool(card, engine, client)
 
     def _migrating(self, card: ModelCard, engine: DisaggClient) -> EngineClient:

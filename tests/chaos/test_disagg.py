@@ -10,6 +10,8 @@ import urllib.request
 
 import pytest
 
+from kvflow.cli.top_view import render_text
+
 # Tiny test model: ~1 token per 3-letter word; long enough prompts to take the remote path.
 ALWAYS = ("--disagg-mode", "always")
 
@@ -30,6 +32,11 @@ def debug_route(url: str, text: str) -> dict:
     req = urllib.request.Request(url + "/debug/route", data=body, method="POST",
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def fleet_snapshot(url: str) -> dict:
+    with urllib.request.urlopen(url + "/fleet/snapshot", timeout=5) as resp:
         return json.loads(resp.read())
 
 
@@ -70,6 +77,16 @@ async def test_2p2d_serves_200_concurrent_requests_exactly(chaos) -> None:
     assert debug["plan"]["remote"] and set(debug) >= {"decode", "prefill", "recent"}
     split = debug["recent"][-1]
     assert split["kv_bytes"] > 0 and split["prefill_s"] > 0 and split["backend"] == "shm"
+    # /fleet shows both pools by role and the transfers between them; so does `kvflow top`
+    snap = fleet_snapshot(url)
+    roles = {w["id"]: w["role"] for w in snap["workers"]}
+    assert sorted(roles.values()) == ["decode", "decode", "prefill", "prefill"]
+    moved = snap["transfers"]
+    assert 0 < len(moved) <= 20 and all(t["model"] == "m" for t in moved)
+    assert all(roles[t["prefill_worker"]] == "prefill" and roles[t["decode_worker"]] == "decode"
+               and t["bytes"] > 0 and t["backend"] == "shm" for t in moved)
+    text = render_text(snap)
+    assert "KV transfers" in text and f"{moved[0]['prefill_worker']} -> " in text
 
 
 async def test_kill_9_prefill_worker_mid_transfer_recomputes_on_decode(chaos) -> None:

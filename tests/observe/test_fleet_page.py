@@ -89,3 +89,34 @@ async def test_fleet_page_in_headless_chromium(stack, model_dir, tmp_path: Path)
         await browser.close()
     await client.close()
     assert errors == [], errors
+
+
+async def test_fleet_page_shows_pools_and_kv_transfers(stack, model_dir) -> None:
+    playwright_api = pytest.importorskip("playwright.async_api", reason="needs playwright")
+    base = stack.frontend("--disagg-mode", "always")
+    stack.mocker(model_dir, "--role", "prefill")
+    stack.mocker(model_dir, "--role", "decode")
+    await stack.wait_workers(base, "m", 1)  # the decode pool serves; prefill stays behind it
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused")
+    for _ in range(50):  # until the prefill pool is known and a request took the remote path
+        await client.completions.create(model="m", prompt="a long prompt to prefill " * 30,
+                                        max_tokens=2)
+        if (await asyncio.to_thread(stack.get_json, base + "/fleet/snapshot"))["transfers"]:
+            break
+        await asyncio.sleep(0.2)
+    await client.close()
+    errors: list[str] = []
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = await browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        await page.goto(f"{base}/fleet")
+        await page.wait_for_function("document.querySelectorAll('#transfers tr').length >= 1")
+        tiles = await page.inner_text("#tiles")
+        assert "prefill \u00b7 m" in tiles and "decode \u00b7 m" in tiles
+        row = await page.inner_text("#transfers tr")
+        assert "\u2192" in row and "shm" in row
+        assert await page.is_visible("#transfers-section")
+        await browser.close()
+    assert errors == [], errors
