@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 
 from kvflow.frontend.worker_health import WorkerHealth
 from kvflow.runtime.component import PingResult
+from kvflow.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,8 @@ class Canary:
                     self._on_failure(worker)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 def add_canary_args(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -29,6 +28,7 @@ from typing import NamedTuple
 
 from kvflow.runtime.errors import WorkerStalledError
 from kvflow.runtime.request_plane.stream import ResponseStream
+from kvflow.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,8 @@ class StallMonitor:
                                             instance_id=w.worker))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 def add_stall_args(parser: argparse.ArgumentParser) -> None:

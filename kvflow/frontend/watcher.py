@@ -12,7 +12,6 @@ Workers registered with role "prefill" form the model's prefill pool instead
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -44,6 +43,7 @@ from kvflow.router.config import KvRouterConfig
 from kvflow.router.service import KvRoutedClient, RouterWiring
 from kvflow.runtime import DistributedRuntime
 from kvflow.runtime.discovery.base import PUT
+from kvflow.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 DEFAULT_MIGRATION_LIMIT = 3
@@ -127,10 +127,7 @@ class ModelWatcher:
         self._task = asyncio.ensure_future(self._follow(watch))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         for pool in self.pools.values():
             if pool.retire is not None:
                 pool.retire.cancel()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import random
@@ -18,6 +17,7 @@ from kvflow.runtime.discovery.base import PUT
 from kvflow.runtime.errors import NoInstancesError, WorkerUnavailableError
 from kvflow.runtime.events.base import ScopedEvents
 from kvflow.runtime.request_plane.stream import ResponseStream
+from kvflow.runtime.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from kvflow.runtime.runtime import DistributedRuntime
@@ -156,10 +156,7 @@ class Client:
                 cb()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def instance_ids(self) -> list[int]:
         return sorted(self.instances)
