@@ -8,9 +8,6 @@ events and load metrics, and serves `engine.generate` on an endpoint.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.metadata
-import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,8 +18,7 @@ from kvflow.kv.connector import ConnectorFactory
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
 from kvflow.runtime.context import Context
-
-log = logging.getLogger(__name__)
+from kvflow.runtime.plugins import PluginRegistry
 
 
 def _drop_events(events: list[KvEvent]) -> None:
@@ -73,60 +69,32 @@ class EngineSpec:
     kv_events: Callable[[argparse.Namespace], bool] = field(default=lambda ns: False)
 
 
-_ENGINES: dict[str, EngineSpec] = {}
 ENTRY_POINT_GROUP = "kvflow.engines"
-# Imported directly too, so the built-ins work from a source tree whose installed
-# metadata predates their entry points.
-_BUILTIN_MODULES = (
-    "kvflow.engines.echo", "kvflow.engines.mocker", "kvflow.engines.native", "kvflow.engines.vllm",
-)
+
+
+def _check_spec(name: str, spec: Any) -> EngineSpec:
+    if not isinstance(spec, EngineSpec) or spec.name != name:
+        raise TypeError(f"entry point {name} of {ENTRY_POINT_GROUP} must name an EngineSpec "
+                        f"called {name!r}")
+    return spec
+
+
+# The built-in modules are imported directly too, so they work from a source tree whose
+# installed metadata predates their entry points.
+ENGINES: PluginRegistry[EngineSpec] = PluginRegistry(
+    "engine", ENTRY_POINT_GROUP, check=_check_spec, builtin_modules=(
+        "kvflow.engines.echo", "kvflow.engines.mocker", "kvflow.engines.native",
+        "kvflow.engines.vllm"))
 
 
 def register_engine(spec: EngineSpec) -> EngineSpec:
     """Register `spec` under its name; registering the same spec again is a no-op."""
-    known = _ENGINES.get(spec.name)
-    assert known is None or known is spec, f"engine {spec.name!r} registered twice"
-    _ENGINES[spec.name] = spec
-    return spec
+    return ENGINES.add(spec.name, spec)
 
 
 def engine_names() -> list[str]:
-    _load_engines()
-    return sorted(_ENGINES)
+    return ENGINES.names()
 
 
 def get_engine(name: str) -> EngineSpec:
-    _load_engines()
-    if name not in _ENGINES:
-        raise KeyError(f"unknown engine {name!r}; known engines: {', '.join(sorted(_ENGINES))}")
-    return _ENGINES[name]
-
-
-def _load_engines() -> None:
-    """Register the built-in engines and every `kvflow.engines` entry point."""
-    for module in _BUILTIN_MODULES:
-        _optional(lambda m=module: importlib.import_module(m), module)
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _ENGINES:
-            _register_entry_point(ep)
-
-
-def _register_entry_point(ep: importlib.metadata.EntryPoint) -> None:
-    spec = _optional(ep.load, ep.module)
-    if spec is None:
-        return
-    if not isinstance(spec, EngineSpec) or spec.name != ep.name:
-        raise TypeError(f"entry point {ep.name} = {ep.value!r} must name an EngineSpec called {ep.name!r}")
-    register_engine(spec)
-
-
-def _optional(load: Callable[[], Any], module: str) -> Any:
-    """`load()`, or None when it fails only for lack of a third-party dependency (torch)."""
-    try:
-        return load()
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if missing.startswith("kvflow") and missing != module:
-            raise
-        log.debug("engine module %s unavailable: %s", module, exc)
-        return None
+    return ENGINES.get(name)

@@ -65,9 +65,14 @@ class RuntimeConfig:
     otlp_endpoint: str = ""
 
     def __post_init__(self) -> None:
-        check_choice("discovery", self.discovery, ("memory", "file", "etcd"))
+        from kvflow.runtime.discovery import DISCOVERY  # they import this module
+        from kvflow.runtime.events import EVENT_PLANES
+
+        if self.discovery not in DISCOVERY:
+            check_choice("discovery", self.discovery, tuple(DISCOVERY.names()))
         check_choice("request_plane", self.request_plane, ("tcp", "nats"))
-        check_choice("event_plane", self.event_plane, ("zmq", "inproc", "nats"))
+        if self.event_plane not in EVENT_PLANES:
+            check_choice("event_plane", self.event_plane, tuple(EVENT_PLANES.names()))
         if self.lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be > 0, got {self.lease_ttl}")
 

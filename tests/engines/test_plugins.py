@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from kvflow.engines.base import EngineSpec, engine_names, get_engine
+from kvflow.engines.base import ENGINES, EngineSpec, engine_names, get_engine
 from kvflow.engines.selfcheck import BlockSizeMismatchError
 from kvflow.engines.worker import LoadGauges, parse_args, serve_instance, worker_args
 from kvflow.llm.protocol import PreprocessedRequest, StopConditions
@@ -86,7 +86,8 @@ def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def demo(plugin_dir: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.syspath_prepend(str(plugin_dir))
-    return importlib.import_module("kvflow_demo_engine")
+    yield importlib.import_module("kvflow_demo_engine")
+    ENGINES.discard("demo")  # gone with its sys.path entry, for the tests that follow
 
 
 def test_a_third_party_engine_is_found_by_its_entry_point(demo) -> None:

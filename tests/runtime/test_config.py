@@ -22,7 +22,7 @@ def test_layers_in_order(tmp_path) -> None:
 
 
 def test_bad_names_and_values_are_clear(tmp_path) -> None:
-    with pytest.raises(ValueError, match="discovery must be one of memory, file, etcd"):
+    with pytest.raises(ValueError, match="discovery must be one of etcd, file, memory"):
         RuntimeConfig(discovery="zookeeper")
     with pytest.raises(ValueError, match="KVFLOW_LEASE_TTL"):
         load_config(RuntimeConfig, "runtime", env={"KVFLOW_LEASE_TTL": "soon"})

@@ -23,6 +23,7 @@ from kvflow.kv.heads import copy_run_heads
 from kvflow.kv.shm import SharedRegion
 from kvflow.kv.transfer.cuda_ipc import CudaIpcBackend
 from kvflow.kv.transfer.messages import AgentInfo, Chunk, Reply, TransferRequest
+from kvflow.runtime.plugins import PluginRegistry
 
 
 @dataclass
@@ -49,29 +50,26 @@ class TransferBackend(Protocol):
     async def pull(self, job: PullJob) -> int: ...
 
 
-_BACKENDS: dict[str, TransferBackend] = {}
+BACKENDS: PluginRegistry[TransferBackend] = PluginRegistry(
+    "KV transfer backend", "kvflow.kv_transfer_backends")
 
 
 def register_backend(backend: TransferBackend) -> TransferBackend:
-    assert backend.name not in _BACKENDS, f"transfer backend {backend.name!r} registered twice"
-    _BACKENDS[backend.name] = backend
-    return backend
+    return BACKENDS.add(backend.name, backend)
 
 
 def backend_names() -> list[str]:
-    return list(_BACKENDS)
+    return BACKENDS.names()
 
 
 def get_backend(name: str) -> TransferBackend:
-    if name not in _BACKENDS:
-        raise KeyError(f"unknown KV transfer backend {name!r}; known: {', '.join(_BACKENDS)}")
-    return _BACKENDS[name]
+    return BACKENDS.get(name)
 
 
 def choose_backend(preference: tuple[str, ...], local: AgentInfo, remote: AgentInfo) -> str:
     """The first backend in `preference` both agents support."""
     for name in preference:
-        backend = _BACKENDS.get(name)
+        backend = BACKENDS.find(name)
         if backend is not None and name in remote.backends and backend.usable(local, remote):
             return name
     raise LookupError(
