@@ -29,6 +29,7 @@ from kvflow.runtime.config import RuntimeConfig, add_config_args, build_config, 
 from kvflow.runtime.errors import ConfigError, is_addr_in_use, port_in_use
 from kvflow.runtime.flags import config_section, parse_layered
 from kvflow.runtime.logs import setup_logging
+from kvflow.runtime.tasks import cancel_and_wait
 from kvflow.runtime.worker import install_uvloop, run_with_runtime
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ async def serve_frontend(
                            grace_s=ns.model_grace_period, disagg=disagg_config(ns))
     tracing.setup_tracing(runtime.config, "kvflow-frontend")
     await _bind(frontend)
+    planner = asyncio.ensure_future(frontend.planner_feed.follow(runtime.events))
     try:
         await watcher.start()
         log.info("frontend: listening on %s", frontend.base_url)
@@ -234,6 +236,7 @@ async def serve_frontend(
         await runtime.shutdown_event.wait()
     finally:
         await frontend.stop()
+        await cancel_and_wait(planner)
         await watcher.close()
         tracing.shutdown_tracing()
 

@@ -69,12 +69,30 @@ def transfers_table(snap: Snapshot, limit: int = 10) -> Table:
     return table
 
 
+def _fleet(f: dict[str, int]) -> str:
+    if f["prefill"] or f["decode"]:
+        return f"{f['prefill']}P + {f['decode']}D"
+    return f"{f['aggregated']} aggregated"
+
+
+def planner_table(snap: Snapshot) -> Table:
+    table = Table(title="Planner (latest decision per model)", expand=True, title_justify="left")
+    for col in ("time", "model", "action", "workers", "reason", "mode"):
+        table.add_column(col, overflow="ellipsis", no_wrap=True)
+    for d in snap["planner"]["decisions"]:
+        table.add_row(time.strftime("%H:%M:%S", time.localtime(d["received_at"])),
+                      d["model"] or "(all)", d["action"],
+                      f"{_fleet(d['previous'])} -> {_fleet(d['target'])}", d["reason"],
+                      "applied" if d["applied"] else "advisory")
+    return table
+
+
 def fleet_view(snap: Snapshot) -> Group:
     parts: list[Any] = [workers_table(snap), prefixes_table(snap), decisions_table(snap)]
     if snap.get("transfers"):
         parts.append(transfers_table(snap))
     if snap.get("planner"):
-        parts.append(Text(f"Planner: {snap['planner']}"))
+        parts.append(planner_table(snap))
     return Group(*parts)
 
 

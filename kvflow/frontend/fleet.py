@@ -136,7 +136,7 @@ class FleetFeed:
         transfers.sort(key=lambda t: t["at"], reverse=True)
         return {"at": now, "models": [n for n, _, _ in fleets], "workers": workers,
                 "decisions": decisions[:20], "prefixes": prefixes[:8],
-                "transfers": transfers[:20], "planner": None}
+                "transfers": transfers[:20], "planner": state.planner.snapshot()}
 
 
 _FEEDS: weakref.WeakKeyDictionary[ModelManager, FleetFeed] = weakref.WeakKeyDictionary()

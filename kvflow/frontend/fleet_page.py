@@ -2,8 +2,8 @@
 
 It opens an EventSource on /fleet/events (passing on its own `?key=`) and redraws from
 each snapshot: worker tiles (with their pool role), hottest shared prefixes, last routing
-decisions, the KV transfers of recent disaggregated requests (shown while there are any),
-and a planner section once snapshots carry one.
+decisions, the KV transfers of recent disaggregated requests and the planner's latest
+decision per model (each section shown while it has rows).
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ PAGE = b"""<!doctype html>
  <table><thead><tr><th>time</th><th>model</th><th>request</th><th>prefill &rarr; decode</th>
  <th>backend</th><th>KiB</th><th>prefill ms</th><th>transfer ms</th><th>GB/s</th></tr></thead>
  <tbody id="transfers"></tbody></table></section>
- <section id="planner-section" hidden><h2>Planner</h2><div id="planner"></div></section>
+ <section id="planner-section" hidden><h2>Planner (latest decision per model)</h2>
+ <table><thead><tr><th>time</th><th>model</th><th>action</th><th>workers</th><th>reason</th>
+ <th>predicted load</th><th>mode</th></tr></thead><tbody id="planner"></tbody></table></section>
 </main>
 <script>
 "use strict";
@@ -74,6 +76,9 @@ function tile(w) {
     el("div", {}, `running ${w.running} \\u00b7 waiting ${w.waiting} \\u00b7 routed ${w.routed_active}`),
     el("div", {}, `${w.tokens_per_s.toFixed(1)} tok/s \\u00b7 index ${w.index_blocks} blocks`));
 }
+function fleetText(f) {
+  return f.prefill || f.decode ? `${f.prefill}P + ${f.decode}D` : `${f.aggregated} aggregated`;
+}
 function row(cells) { return el("tr", {}, ...cells.map(c => el("td", {}, c))); }
 function replace(id, nodes) { document.getElementById(id).replaceChildren(...nodes); }
 function render(s) {
@@ -93,7 +98,12 @@ function render(s) {
     t.backend || "-", (t.bytes / 1024).toFixed(1), t.prefill_ms.toFixed(1),
     t.transfer_ms.toFixed(1), t.gb_per_s === null ? "-" : t.gb_per_s.toFixed(2)])));
   document.getElementById("planner-section").hidden = !s.planner;
-  replace("planner", s.planner ? [el("div", {class: "mono"}, JSON.stringify(s.planner))] : []);
+  replace("planner", (s.planner ? s.planner.decisions : []).map(d => row([
+    new Date(d.received_at * 1000).toLocaleTimeString(), d.model || "(all)", d.action,
+    el("span", {class: "mono"}, `${fleetText(d.previous)} \\u2192 ${fleetText(d.target)}`), d.reason,
+    d.predicted ? `${d.predicted.rate.toFixed(2)} req/s, ISL ${d.predicted.isl.toFixed(0)}, ` +
+      `OSL ${d.predicted.osl.toFixed(0)}` : "-",
+    d.applied ? "applied" : "advisory"])));
   document.getElementById("summary").textContent =
     `${s.workers.length} workers \\u00b7 models: ${s.models.join(", ") || "none"}`;
   const n = document.getElementById("updates");

@@ -18,6 +18,7 @@ from kvflow.frontend.errors import ApiError, from_decode_error, model_not_found,
 from kvflow.frontend.http_response import JSON, HttpRequest, Responder
 from kvflow.frontend.metrics import CONTENT_TYPE, FrontendMetrics, RequestRecord
 from kvflow.frontend.models import ModelManager, ServedModel
+from kvflow.frontend.planner_feed import PlannerFeed
 from kvflow.frontend.responses_request import ResponseStore
 from kvflow.llm.openai import ModelList, ModelObject
 from kvflow.llm.protocol import RoutingHints
@@ -44,6 +45,8 @@ class FrontendState:
     caller_ids: set[str] = field(default_factory=set)
     # /v1/responses: recent responses for previous_response_id (bounded, this process only).
     responses: ResponseStore = field(init=False)
+    # The planner's latest decisions from the event plane, for /fleet (cli/frontend.py feeds it).
+    planner: PlannerFeed = field(default_factory=PlannerFeed)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "responses", ResponseStore(self.config.responses_store_size))

@@ -16,6 +16,7 @@ from kvflow.frontend.http_timeouts import raise_fd_limit
 from kvflow.frontend.metrics import FrontendMetrics
 from kvflow.frontend.models import ModelManager
 from kvflow.frontend.openapi import openapi_bytes
+from kvflow.frontend.planner_feed import PlannerFeed
 from kvflow.frontend.routes import ROUTES, check_access
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ class HttpFrontend:
         )
         self.metrics.connections_open.set_function(lambda: len(self._server.connections))
         self.address: tuple[str, int] | None = None
+
+    @property
+    def planner_feed(self) -> PlannerFeed:
+        return self._state.planner
 
     async def start(self) -> tuple[str, int]:
         """Bind and serve; returns the bound (host, port) (port 0 in the config picks one)."""

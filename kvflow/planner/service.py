@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kvflow.planner.config import PlannerConfig
@@ -70,8 +71,10 @@ def decision_json(d: Decision) -> str:
 
 class PlannerService:
     def __init__(self, config: PlannerConfig, connector: Connector | None = None,
-                 scraper: FrontendScraper | None = None) -> None:
+                 scraper: FrontendScraper | None = None,
+                 on_decision: Callable[[Decision], None] | None = None) -> None:
         self.config = config
+        self.on_decision = on_decision  # e.g. publish it for the frontends (cli/planner.py)
         self.connector = connector or build_connector(config)
         urls = [u for u in config.frontend_urls.split(",") if u]
         self.scraper = scraper or FrontendScraper(urls, config.model or None)
@@ -97,6 +100,8 @@ class PlannerService:
         if self.decisions_file is not None:
             with self.decisions_file.open("a") as f:
                 f.write(decision_json(decision) + "\n")
+        if self.on_decision is not None:
+            self.on_decision(decision)
         if self.config.apply and decision.target != self.connector.current():
             self.connector.apply(decision.target)
         return decision

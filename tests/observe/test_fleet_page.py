@@ -91,7 +91,7 @@ async def test_fleet_page_in_headless_chromium(stack, model_dir, tmp_path: Path)
     assert errors == [], errors
 
 
-async def test_fleet_page_shows_pools_and_kv_transfers(stack, model_dir) -> None:
+async def test_fleet_page_shows_pools_kv_transfers_and_the_planner(stack, model_dir) -> None:
     playwright_api = pytest.importorskip("playwright.async_api", reason="needs playwright")
     base = stack.frontend("--disagg-mode", "always")
     stack.mocker(model_dir, "--role", "prefill")
@@ -105,6 +105,9 @@ async def test_fleet_page_shows_pools_and_kv_transfers(stack, model_dir) -> None
             break
         await asyncio.sleep(0.2)
     await client.close()
+    # an advisory planner beside the stack: its decisions reach the page over the event plane
+    stack.start("planner", "--frontend-urls", base, "--model", "m", "--interval-s", "0.3",
+                name="planner")
     errors: list[str] = []
     async with playwright_api.async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -118,5 +121,9 @@ async def test_fleet_page_shows_pools_and_kv_transfers(stack, model_dir) -> None
         row = await page.inner_text("#transfers tr")
         assert "\u2192" in row and "shm" in row
         assert await page.is_visible("#transfers-section")
+        await page.wait_for_function("document.querySelectorAll('#planner tr').length == 1",
+                                     timeout=30_000)
+        planner = await page.inner_text("#planner tr")
+        assert "\tm\t" in planner and "advisory" in planner and "aggregated" in planner
         await browser.close()
     assert errors == [], errors

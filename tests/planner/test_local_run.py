@@ -13,10 +13,16 @@ from pathlib import Path
 
 import openai
 
+from kvflow.cli.top_view import render_text
 from kvflow.engines.mocker.timing import TimingModel, load_profile
 from kvflow.planner.perf import PerfModel
 from kvflow.testing.procs import kvflow_proc, runtime_env
 from kvflow.testing.tokenizer import make_model_dir
+
+
+def _fleet(url: str) -> dict:
+    with urllib.request.urlopen(url + "/fleet/snapshot", timeout=5) as resp:
+        return json.loads(resp.read())
 
 
 def _live_workers(url: str) -> int:
@@ -82,6 +88,11 @@ async def test_planner_adds_then_drains_workers_and_no_request_fails(tmp_path: P
         assert busy >= 40
         assert "scale_up" in actions and peak >= 2, (actions, peak)
         assert "scale_down" in actions and _live_workers(url) == 1, (actions, planner.output()[-3000:])
+        # each decision also reached the frontend over the event plane, for /fleet and top
+        snap = _fleet(url)
+        (latest,) = snap["planner"]["decisions"]
+        assert latest["model"] == "m" and latest["applied"] and latest["action"] in actions
+        assert "Planner (latest decision per model)" in render_text(snap)
     finally:
         await client.close()
         planner.stop()

@@ -1,0 +1,21 @@
+"""The planner's decisions on the event plane (the subject and wire form both sides share),
+for the frontends' /fleet page and `kvflow top`.
+
+Each interval's decision is published on `DECISIONS_SUBJECT` in the runtime namespace as
+the JSON of `--decisions-file` plus the model it is for; frontends keep the latest one
+per model (frontend.planner_feed).
+"""
+
+from __future__ import annotations
+
+import json
+
+DECISIONS_SUBJECT = "planner.decisions"
+
+
+def encode_decision(decision_json: str, model: str, apply: bool) -> bytes:
+    """One published decision: the decision's JSON with the model and whether it acts."""
+    body = json.loads(decision_json)
+    body["model"] = model
+    body["applied"] = apply
+    return json.dumps(body).encode()
