@@ -83,8 +83,10 @@ async def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        heads = max(4, args.hidden // 128)  # 128-wide heads, as Llama-class models have
         path = make_tiny_model(Path(tmp) / "m", hidden_size=args.hidden, num_layers=args.layers,
-                               intermediate_size=args.hidden * 2, vocab_size=args.vocab)
+                               intermediate_size=args.hidden * 2, vocab_size=args.vocab,
+                               num_heads=heads, num_kv_heads=max(2, heads // 4))
         batches = [int(b) for b in args.batches.split(",")]
         engine = await small_native_engine(
             path, device=args.device, max_num_seqs=max(batches), num_gpu_blocks=4096,

@@ -7,7 +7,7 @@ new K/V (`store_kv`), then attend; a decode step is one fused launch (triton_dec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -154,6 +154,18 @@ LONG_TILING = PrefillTiling()
 SHORT_TILING = PrefillTiling(block_m=16, block_n=64, num_warps=4, num_stages=2)
 
 
+def prefill_tiling(head_dim: int, max_query_len: int) -> PrefillTiling:
+    """The long tiling for steps with a long prompt chunk, else the short one; above a
+    128-wide head the tiles shrink in proportion so a tile's Q, K and V stay within shared
+    memory (a 512-wide head with the 128 x 64 tile needs ~545 KiB; an H200 SM has 227)."""
+    t = LONG_TILING if max_query_len > 64 else SHORT_TILING
+    shrink = max(head_dim // 128, 1)
+    if shrink == 1:
+        return t
+    return replace(t, block_m=max(16, t.block_m // shrink),
+                               block_n=max(16, t.block_n // shrink))
+
+
 def paged_prefill(
     q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
     window: int | None, tiling: PrefillTiling | None = None, mask_all: bool = False,
@@ -162,7 +174,7 @@ def paged_prefill(
     no unmasked fast loop, so a row's rounding does not depend on where its tile starts."""
     _, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
-    t = tiling or (LONG_TILING if meta.max_query_len > 64 else SHORT_TILING)
+    t = tiling or prefill_tiling(head_dim, meta.max_query_len)
     block_m, block_n = t.block_m, t.block_n
     seqs, starts = prefill_tiles(meta, block_m)
     tiles = torch.tensor([seqs, starts], dtype=torch.int32).to(q.device, non_blocking=True)

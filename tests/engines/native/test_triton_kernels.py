@@ -81,6 +81,20 @@ def test_triton_matches_gather_backend(
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
 
 
+@pytest.mark.parametrize("head_dim", [256, 512])
+def test_wide_heads_fit_the_prefill_tiles(head_dim: int) -> None:
+    """Long and short prefill chunks and decode rows with heads wider than 128 (the long
+    tile would need more shared memory than an SM has)."""
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    q, k, v, cache, meta = _random_batch(
+        [100, 9, 1], [20, 0, 50], heads=4, kv_heads=2, head_dim=head_dim, block_size=16,
+        dtype=dtype, seed=2)
+    ref = make_backend("torch", DEVICE).forward(q, k, v, cache.clone(), meta, 0.05, None)
+    out = make_backend("triton", DEVICE).forward(q, k, v, cache, meta, 0.05, None)
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+
+
 @pytest.mark.parametrize(("ctx_lens", "window"), [([0, 37, 130, 5], None), ([200, 5], 16)])
 def test_fused_decode_applies_rope_and_stores_kv(ctx_lens: list[int], window: int | None) -> None:
     """Decode in one launch (rope on q and the new k, K/V store, splits merged by the last
