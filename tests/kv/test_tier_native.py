@@ -83,7 +83,8 @@ async def test_prefix_evicted_to_a_tier_gives_identical_greedy_output(
         assert sum(by_tier.values()) <= len(PROMPT) - 1
         assert sample(engine, "kvflow_kv_onboard_blocks_total", tier=tier) >= 4
         assert sample(engine, "kvflow_kv_offload_blocks_total", tier=tier) >= 4
-        assert sample(engine, "kvflow_kv_onboard_seconds_count", tier=tier) >= 4
+        # one observation per block read from disk; one per batched copy from host
+        assert sample(engine, "kvflow_kv_onboard_seconds_count", tier=tier) >= (4 if tier == "disk" else 1)
         assert sample(engine, "kvflow_kv_tier_hit_rate", tier=tier) > 0
         if tier == "disk":
             assert sample(engine, "kvflow_kv_disk_bytes_per_served_token") > 0
