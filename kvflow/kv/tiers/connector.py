@@ -186,11 +186,31 @@ class TierConnector(BaseConnector):
         self.tiers.landed(run, time.perf_counter() - started)
         lower = np.flatnonzero(~from_host)
         if len(lower):
-            staging = host_tensor(len(lower), self.mover.block_bytes, pin=False)
-            rows = staging.numpy()
-            for row, i in enumerate(lower):  # one file / object per block: its bytes
-                rows[row] = np.frombuffer(run.payload(int(i)), dtype=np.uint8)
-            self.mover.to_device(ids[lower], staging, range(len(lower)))
+            self._copy_in_lower(run, lower, ids[lower])
+
+    def _copy_in_lower(self, run: LoadedRun, lower: np.ndarray, block_ids: np.ndarray) -> None:
+        """Disk/object blocks: their checked bytes go into host slab slots (a G3/G4 hit
+        also fills G2, and the slab is pinned), or into a staging tensor when there is no
+        host tier or no free slot; the per-block byte copies run on the fetch threads."""
+        host = self.tiers.host
+        slots = host.reserve(len(lower)) if host is not None else []
+        if host is not None and len(slots) == len(lower):
+            dst, rows = host.slab, slots
+        else:
+            if host is not None:
+                host.unreserve(slots)
+            host, dst, rows = None, host_tensor(len(lower), self.mover.block_bytes, pin=False), \
+                list(range(len(lower)))
+        arr = dst.numpy()
+
+        def put(k: int) -> None:
+            arr[rows[k]] = np.frombuffer(run.payload(int(lower[k])), dtype=np.uint8)
+
+        for _ in self.tiers.map_io(put, range(len(lower))):
+            pass
+        self.mover.to_device(block_ids, dst, rows)
+        if host is not None:
+            self.tiers.promoted_to_host([run.hashes[int(i)] for i in lower], slots)
 
     def _count_loaded(self, seq: ConnectorSeq, run: LoadedRun) -> None:
         if seq.cached_by_tier is None:

@@ -169,6 +169,15 @@ class HostStore:
     def put(self, seq_hash: int, record: bytes) -> bool:
         return self.put_payload(seq_hash, decode_record(record, self.identity, seq_hash))
 
+    def clear(self) -> list[int]:
+        """Drop every entry (pinned slots come free once released); the hashes dropped."""
+        with self._lock:
+            gone = list(self._lru)
+            for seq_hash in gone:
+                self._drop(seq_hash)
+        self._report(gone)
+        return gone
+
     def discard(self, seq_hash: int) -> None:
         with self._lock:
             self._drop(seq_hash)

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -229,6 +229,18 @@ class TieredKvCache:
         if self._lower:
             for seq_hash in hashes:
                 self._enqueue(seq_hash, None)
+
+    def promoted_to_host(self, hashes: Sequence[int], slots: Sequence[int]) -> None:
+        """Blocks loaded from disk/object were copied into reserved host slots: index them
+        there (they are already below, so nothing is queued for the lower tiers)."""
+        assert self.host is not None
+        self.host.commit(hashes, slots)
+        with self._residency_lock:
+            self._residency.append(("host", True, list(hashes)))
+
+    def map_io(self, fn: Callable[[T], object], items: Sequence[T]) -> Iterator[object]:
+        """`fn` over `items` on the I/O threads (byte copies and reads release the GIL)."""
+        return self._fetcher.map(fn, items)
 
     def _enqueue(self, seq_hash: int, record: bytes | None) -> None:
         try:
