@@ -218,7 +218,7 @@ def main() -> None:
     parser.add_argument("--prefix-tokens", type=int, default=16384)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--host-gb", type=float, default=0.0,
-                        help="G2 size (default: room for four prompts' KV)")
+                        help="G2 size (default: room for three prompts' KV)")
     parser.add_argument("--disk-gb", type=float, default=0.0, help="G3 size (default: 12 prompts)")
     parser.add_argument("--chunk", type=int, default=8192, help="--max-num-batched-tokens")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -234,7 +234,7 @@ def main() -> None:
                      num_kv_heads=max(1, args.hidden // 128), intermediate_size=args.hidden * 3)
     kv_per_token = 2 * args.layers * shape["num_kv_heads"] * (shape["hidden_size"] // shape["num_heads"]) * 2
     prompt_bytes = (args.prefix_tokens + 2 * TAIL + 32) * kv_per_token
-    args.host_gb = args.host_gb or 4 * prompt_bytes / 2**30
+    args.host_gb = args.host_gb or 3 * prompt_bytes / 2**30
     args.disk_gb = args.disk_gb or 12 * prompt_bytes / 2**30
     work = Path(tempfile.mkdtemp(prefix="tiers-gpu-"))
     model = args.model_dir or work / "model"
