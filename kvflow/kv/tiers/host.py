@@ -23,11 +23,14 @@ import heapq
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from kvflow.kv.tiers.mover import host_tensor
 from kvflow.kv.tiers.record import decode_record, encode_record
+
+if TYPE_CHECKING:
+    import torch
 
 
 class HostStore:
@@ -46,7 +49,9 @@ class HostStore:
                              f"blocks of {block_bytes} bytes")
         self.block_bytes = block_bytes
         self.identity = identity
-        self.slab = host_tensor(slots, block_bytes, pin=pin)
+        from kvflow.kv.tiers.mover import host_tensor  # torch: only once a host tier exists
+
+        self.slab: torch.Tensor = host_tensor(slots, block_bytes, pin=pin)
         self.capacity_bytes = slots * block_bytes
         self._lru: OrderedDict[int, int] = OrderedDict()  # hash -> slot, oldest first
         self._owner: dict[int, int] = {}  # slot -> hash, for indexed slots
@@ -153,7 +158,7 @@ class HostStore:
         slots = self.reserve(1)
         if not slots:
             return False
-        self.slab[slots[0]].copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        self.slab[slots[0]].numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
         self.commit([seq_hash], slots)
         return True
 

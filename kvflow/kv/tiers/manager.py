@@ -1,6 +1,7 @@
 """TieredKvCache: offload device blocks to G2/G3/G4 and load them back when that pays.
 
-Engine-agnostic (no torch): blocks are bytes addressed by sequence hash. The engine
+Engine-agnostic (torch only for the host tier's slab, imported when one is built):
+blocks are bytes addressed by sequence hash. The engine
 calls `offload` with a block's KV when the device pool evicts it (write-back) or as
 soon as it is computed (write-through), and `load` / `prefetch` for the blocks after
 its device prefix hit. Tiers are inclusive: an offloaded block goes to host memory at
