@@ -12,8 +12,9 @@ for every engine we own; disaggregation (kvflow.kv.disagg) and the cache tiers a
 - `request_finished(seq)` when a request ends: True means "save": the connector now owns
   the request's block references (e.g. until a decode worker has pulled them) and hands
   them back through `take_released()`.
-- `before_evict(block_id, seq_hash)`, set as the block pool's eviction hook: the last
-  moment to copy a cached block out (the block's KV is still intact during the call).
+- `before_evict(block_ids, seq_hashes)`, set as the block pool's eviction hook: the last
+  moment to copy cached blocks out, all those one allocation reuses at once (their KV
+  is still intact during the call).
 - `take_finished_loads()` / `take_released()`: polled by the scheduler at every
   `schedule()`, under the engine's lock; `has_pending()` says whether there is
   something to poll (so an idle engine wakes). The connector calls the engine's `wake`
@@ -97,8 +98,8 @@ class KvConnector(Protocol):
         """The request ended; True: keep its blocks (returned later by take_released)."""
         ...
 
-    def before_evict(self, block_id: int, seq_hash: int) -> None:
-        """The pool is about to reuse cached block `block_id`; its KV is still intact."""
+    def before_evict(self, block_ids: Sequence[int], seq_hashes: Sequence[int]) -> None:
+        """The pool is about to reuse these cached blocks; their KV is still intact."""
         ...
 
     def take_finished_loads(self) -> list[LoadResult]: ...
@@ -132,7 +133,7 @@ class BaseConnector:
     def request_finished(self, seq: ConnectorSeq) -> bool:
         return False
 
-    def before_evict(self, block_id: int, seq_hash: int) -> None:
+    def before_evict(self, block_ids: Sequence[int], seq_hashes: Sequence[int]) -> None:
         return None
 
     def take_finished_loads(self) -> list[LoadResult]:

@@ -96,8 +96,8 @@ class DisaggConnector(BaseConnector):
         self.agent.holds.add(hint.transfer_id, list(seq.block_ids), seq.prompt_len)
         return True
 
-    def before_evict(self, block_id: int, seq_hash: int) -> None:
-        self.fallback.before_evict(block_id, seq_hash)
+    def before_evict(self, block_ids: Sequence[int], seq_hashes: Sequence[int]) -> None:
+        self.fallback.before_evict(block_ids, seq_hashes)
 
     def take_finished_loads(self) -> list[LoadResult]:
         out = _drain(self._loads)

@@ -72,7 +72,7 @@ class FakeLoader(BaseConnector):
         self.results: list[LoadResult] = []
         self.released: list[list[int]] = []
         self.held: dict[str, list[int]] = {}
-        self.evicted: list[int] = []
+        self.evicted: list[list[int]] = []
         self.hold = hold
         self.failed: set[str] = set()
 
@@ -89,8 +89,9 @@ class FakeLoader(BaseConnector):
             self.held[seq.request_id] = list(seq.block_ids)
         return self.hold
 
-    def before_evict(self, block_id: int, seq_hash: int) -> None:
-        self.evicted.append(block_id)
+    def before_evict(self, block_ids: list[int], seq_hashes: list[int]) -> None:
+        assert len(block_ids) == len(seq_hashes)
+        self.evicted.append(list(block_ids))
 
     def take_finished_loads(self) -> list[LoadResult]:
         out, self.results = self.results, []
@@ -178,5 +179,6 @@ def test_request_finished_hold_and_evict_hook() -> None:
     conn.hold = False
     sched.add(Sequence("q", list(range(500, 521)), StopRule(max_tokens=1)))
     run(sched)
-    assert conn.evicted  # cached blocks of "p" were reused for "q", hook first
+    # cached blocks of "p" were reused for "q": the hook saw them, one call per allocation
+    assert conn.evicted and all(conn.evicted)
     sched.pool.check_invariants()

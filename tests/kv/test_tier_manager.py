@@ -69,11 +69,15 @@ def test_host_offload_then_load_in_order(make_cache) -> None:
         cache.offload(h, payload(h))
     run = cache.load([1, 2, 9, 3])  # stops at the first miss
     assert run.hashes == [1, 2] and run.tiers == ["host", "host"]
-    assert bytes(run.payloads[1]) == payload(2)
+    assert bytes(run.payload(1)) == payload(2)
+    assert run.payloads == [None, None]  # host blocks stay in their (pinned) slab slots
+    assert sample(cache, "kvflow_kv_onboard_blocks_total", tier="host") == 0
+    cache.landed(run, 0.002)  # the engine copied them: counted now, slots unpinned
     assert sample(cache, "kvflow_kv_onboard_blocks_total", tier="host") == 2
     assert sample(cache, "kvflow_kv_offload_blocks_total", tier="host") == 3
-    assert sample(cache, "kvflow_kv_onboard_seconds_count", tier="host") == 2
+    assert sample(cache, "kvflow_kv_onboard_seconds_count", tier="host") == 1  # one batch
     assert sample(cache, "kvflow_kv_tier_hit_rate", tier="host") == 1.0
+    assert cache.costs.per_block_s["host"].value == pytest.approx(0.001)
 
 
 def test_disk_admits_blocks_used_twice_and_survives_a_restart(make_cache, tmp_path) -> None:

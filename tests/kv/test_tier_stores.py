@@ -35,17 +35,39 @@ def test_record_round_trip_and_every_refusal() -> None:
         decode_record(record[:5], ID.fingerprint, 42)
 
 
-def test_host_store_is_an_lru_bounded_in_bytes() -> None:
-    store = HostStore(capacity_bytes=300)
+def test_host_store_is_an_lru_slab_of_block_slots() -> None:
+    store = HostStore(capacity_bytes=350, block_bytes=100, identity=ID.fingerprint)
+    assert store.num_slots == 3 and store.slab.shape == (3, 100)
     for h in range(3):
-        assert store.put(h, bytes(100))
-    store.get(0)  # 0 becomes most recent; 1 is now the oldest
-    store.put(3, bytes(100))
+        assert store.put_payload(h, bytes([h]) * 100)
+    assert store.get(0) is not None  # 0 becomes most recent; 1 is now the oldest
+    assert store.put_payload(3, bytes([3]) * 100)
     assert [store.contains(h) for h in range(4)] == [True, False, True, True]
     assert store.used_bytes == 300
-    assert not store.put(9, bytes(301))
+    assert not store.put_payload(9, bytes(101))  # not one block
+    assert decode_record(store.get(3), ID.fingerprint, 3).tobytes() == bytes([3]) * 100
     store.discard(0)
     assert store.get(0) is None and store.used_bytes == 200
+    with pytest.raises(ValueError, match="holds no KV block"):
+        HostStore(capacity_bytes=99, block_bytes=100)
+
+
+def test_host_store_reserves_consecutive_slots_and_never_reuses_pinned_ones() -> None:
+    store = HostStore(capacity_bytes=40, block_bytes=10)  # 4 slots
+    evicted: list[int] = []
+    store.on_evict = evicted.append
+    slots = store.reserve(3)
+    assert slots == [0, 1, 2]
+    store.commit([10, 11, 12], slots)
+    pinned = store.acquire_run([10, 11, 99, 12])  # the leading run only
+    assert pinned == [0, 1]
+    again = store.reserve(3)  # needs two evictions; 10 and 11 are pinned, so 12 goes
+    assert again == [2, 3] and evicted == [12]
+    store.unreserve(again)
+    store.discard(10)  # dropped while pinned: its slot stays taken until released
+    assert 0 not in store.reserve(4)
+    store.release(pinned)
+    assert store.reserve(1) == [0]
 
 
 def test_disk_store_writes_atomically_evicts_and_survives_a_restart(tmp_path) -> None:

@@ -12,8 +12,9 @@ Ownership rules
 - A referenced block is never evicted or handed out again. An unreferenced committed
   block stays cached and matchable (LRU) until an allocation needs its memory; an
   unreferenced uncommitted block goes straight back to the free list.
-- `evict_hook(block_id, seq_hash)`, when set (a KV connector's `before_evict`), runs
-  just before an unreferenced cached block is taken for reuse, while its KV is intact.
+- `evict_hook(block_ids, seq_hashes)`, when set (a KV connector's `before_evict`), runs
+  once per `allocate` that reuses unreferenced cached blocks, with all of them, before
+  `allocate` returns them: their KV is still intact during the call.
 - Blocks are released tail-first (`free` walks the list backwards), so a prefix
   chain is evicted from its deepest block up and a cached child never outlives its
   parent through LRU order alone.
@@ -71,7 +72,8 @@ class BlockPool:
         # The cache as the drained events describe it: hash -> parent hash, for snapshots.
         self._published: dict[int, int | None] = {}
         self._last_drained_id = 0
-        self.evict_hook: Callable[[int, int], None] | None = None
+        self._last_evicted_hash = 0
+        self.evict_hook: Callable[[list[int], list[int]], None] | None = None
 
     # ---- counts -------------------------------------------------------------------
 
@@ -99,19 +101,27 @@ class BlockPool:
         """Take `n` blocks (uncached ones first, then LRU evictions); one reference each."""
         assert n >= 0 and self.can_allocate(n), f"allocate({n}) with {self.num_free_blocks} free"
         out: list[int] = []
+        evicted: list[int] = []
+        hashes: list[int] = []
         for _ in range(n):
-            block = self._free.popleft() if self._free else self._evict_oldest()
+            if self._free:
+                block = self._free.popleft()
+            else:
+                block = self._evict_oldest()
+                evicted.append(block)
+                hashes.append(self._last_evicted_hash)
             self._ref[block] = 1
             out.append(block)
         self._num_active += n
+        if evicted and self.evict_hook is not None:
+            self.evict_hook(evicted, hashes)
         return out
 
     def _evict_oldest(self) -> int:
         block, _ = self._evictable.popitem(last=False)
         seq_hash = self._hash[block]
         assert seq_hash is not None and self._ref[block] == 0
-        if self.evict_hook is not None:
-            self.evict_hook(block, seq_hash)
+        self._last_evicted_hash = seq_hash
         del self._cached[seq_hash]
         self._hash[block] = None
         self._emit_removed(seq_hash)

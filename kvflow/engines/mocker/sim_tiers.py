@@ -175,8 +175,9 @@ class TieredMockerConnector(MockerConnector):
     def has_pending(self) -> bool:
         return bool(self._done)
 
-    def before_evict(self, block_id: int, seq_hash: int) -> None:
-        self.sim.offload(seq_hash)
+    def before_evict(self, block_ids: Sequence[int], seq_hashes: Sequence[int]) -> None:
+        for seq_hash in seq_hashes:
+            self.sim.offload(seq_hash)
 
     def request_finished(self, seq: Seq) -> bool:  # type: ignore[override]
         n = min(len(seq.block_ids), seq.num_computed_tokens // self.block_size)

@@ -2,7 +2,8 @@
 
     record.py       one stored block: identity, hash, checksum, KV bytes
     store.py        the store contract and TierUnavailable
-    host.py / disk.py / object_store.py    the three stores
+    host.py / disk.py / object_store.py    the three stores (host: one slab of block slots)
+    mover.py        batched copies between the engine's KV cache and host slab rows
     admission.py    the disk admission filter
     policy.py       load-vs-recompute prediction from measured speeds
     manager.py      TieredKvCache: offload, load, prefetch, faults

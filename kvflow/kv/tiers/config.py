@@ -63,7 +63,8 @@ class TierConfig:
 
 
 _HELP = {
-    "host_kv_cache_gb": "GiB of host memory for KV blocks evicted from the device (G2; 0 = off)",
+    "host_kv_cache_gb": "GiB of host memory for KV blocks evicted from the device (G2; 0 = off); "
+                        "one slab, page-locked when the engine runs on CUDA",
     "disk_kv_cache_dir": "directory for KV blocks on local disk (G3; unset = off)",
     "disk_kv_cache_gb": "GiB the disk tier may use",
     "disk_admit_after": "write a block to disk once this many requests used it (1 = always)",

@@ -1,13 +1,16 @@
 """TierConnector: the tiered KV cache behind an engine core's KV connector hooks.
 
-- `before_evict` (write-back): the block's KV is read out of the device cache and
-  offloaded (host now, disk / object store from the writer thread).
+- `before_evict` (write-back): the evicted blocks' KV is copied out of the device cache
+  in one batch (`BlockMover`: a gather and one copy per run, on a side CUDA stream on
+  GPUs) into host slab slots, then written to disk / object store from the writer thread.
 - `request_finished`: the request's blocks count as used once more (disk admission);
   with write-through, its computed blocks are offloaded now.
 - `match_external`: after the device prefix hit, the leading run of the prompt's next
   blocks held in a lower tier and predicted faster to load than to recompute; the
-  request is parked (`load_async`) while `start_load` fetches and writes them on a
-  background thread, so the I/O overlaps the other requests' steps.
+  request is parked (`load_async`) while `start_load` fetches them and copies them in on
+  a background thread, so the I/O overlaps the other requests' steps. Host blocks are
+  copied straight from their pinned slab slots, disk/object blocks from a staging
+  tensor, each with one batched `BlockMover.to_device` (no per-block copy loop).
 - `take_finished_loads` also hands tier residency changes to the pool's event stream
   (`medium` = "host" / "disk" / "object"), so routers see every tier.
 
@@ -19,11 +22,14 @@ prediction uses. Each request's cached prompt tokens by tier land in `seq.cached
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 import xxhash
 from prometheus_client import CollectorRegistry
 
@@ -41,6 +47,7 @@ from kvflow.kv.layout import KvLayout
 from kvflow.kv.tiers.config import TierConfig
 from kvflow.kv.tiers.manager import LoadedRun, TieredKvCache
 from kvflow.kv.tiers.metrics import metrics_snapshot
+from kvflow.kv.tiers.mover import BlockMover, host_tensor
 from kvflow.kv.tiers.record import KvIdentity
 from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, LoadMetrics, StoredBlock
 
@@ -61,6 +68,7 @@ class TierConnector(BaseConnector):
                  wake: Callable[[], None], record_event: RecordEvent | None = None) -> None:
         self.tiers = tiers
         self.io = io
+        self.mover = BlockMover(io)
         self.block_size = block_size
         self._wake = wake
         self._record_event = record_event
@@ -72,9 +80,9 @@ class TierConnector(BaseConnector):
 
     # ---- offload --------------------------------------------------------------------
 
-    def before_evict(self, block_id: int, seq_hash: int) -> None:
+    def before_evict(self, block_ids: Sequence[int], seq_hashes: Sequence[int]) -> None:
         if not self._write_through:
-            self.tiers.offload(seq_hash, self.io.read_run(block_id, 1))
+            self.offload(block_ids, seq_hashes)
 
     def request_finished(self, seq: ConnectorSeq) -> bool:
         n = min(len(seq.block_ids), seq.num_computed_tokens // self.block_size)
@@ -82,10 +90,30 @@ class TierConnector(BaseConnector):
         self.tiers.note_use(hashes)
         self.tiers.metrics.served(seq.num_tokens)
         if self._write_through:
-            for block_id, seq_hash in zip(seq.block_ids[:n], hashes, strict=True):
-                if not self.tiers.holds_below(seq_hash):
-                    self.tiers.offload(seq_hash, self.io.read_run(block_id, 1))
+            keep = [i for i, h in enumerate(hashes) if not self.tiers.holds_below(h)]
+            self.offload([seq.block_ids[i] for i in keep], [hashes[i] for i in keep])
         return False
+
+    def offload(self, block_ids: Sequence[int], hashes: Sequence[int]) -> None:
+        """Copy device blocks below: into host slab slots with one batched copy (then the
+        writer thread takes them further down), or, with no host tier, through a staging
+        tensor as records for disk / object store."""
+        if not block_ids:
+            return
+        host = self.tiers.host
+        if host is None:
+            staging = host_tensor(len(block_ids), self.mover.block_bytes, pin=False)
+            self.mover.to_host(block_ids, staging, range(len(block_ids)))
+            for i, seq_hash in enumerate(hashes):
+                self.tiers.offload(seq_hash, memoryview(staging[i].numpy()))
+            return
+        new = [i for i, h in enumerate(hashes) if not host.contains(h)]
+        slots = host.reserve(len(new))
+        new = new[: len(slots)]  # the rest: the slab is full of blocks being loaded
+        if not new:
+            return
+        self.mover.to_host([block_ids[i] for i in new], host.slab, slots)
+        self.tiers.stored_on_host([hashes[i] for i in new], slots)
 
     def observe_step(self, num_prefill_tokens: int, seconds: float) -> None:
         self.tiers.costs.observe_prefill(num_prefill_tokens, seconds)
@@ -128,19 +156,61 @@ class TierConnector(BaseConnector):
     def _landed(self, seq: ConnectorSeq, block_ids: list[int], done: Future[LoadedRun],
                 count: bool) -> None:
         ok, reason = False, "missing"
+        run: LoadedRun | None = None
         try:
             run = done.result()
             if len(run) == len(block_ids):
-                for block_id, payload in zip(block_ids, run.payloads, strict=True):
-                    self.io.write_run(block_id, 1, payload)
+                self._copy_in(run, block_ids)
                 if count:
                     self._count_loaded(seq, run)
                 ok, reason = True, ""
         except Exception as exc:  # a failed load recomputes; never a worker crash
             reason = repr(exc)
+        finally:
+            if run is not None:
+                run.release()
         with self._lock:
             self._finished.append(LoadResult(seq.request_id, ok, reason))
         self._wake()
+
+    def _copy_in(self, run: LoadedRun, block_ids: list[int]) -> None:
+        """Copy a loaded run into its device blocks: host blocks straight from their slab
+        slots, the others from one staging tensor; one batched copy each."""
+        started = time.perf_counter()
+        slots = np.asarray(run.slots, dtype=np.int64)
+        ids = np.asarray(block_ids, dtype=np.int64)
+        from_host = slots >= 0
+        if from_host.any():
+            assert self.tiers.host is not None
+            self.mover.to_device(ids[from_host], self.tiers.host.slab, slots[from_host])
+        self.tiers.landed(run, time.perf_counter() - started)
+        lower = np.flatnonzero(~from_host)
+        if len(lower):
+            self._copy_in_lower(run, lower, ids[lower])
+
+    def _copy_in_lower(self, run: LoadedRun, lower: np.ndarray, block_ids: np.ndarray) -> None:
+        """Disk/object blocks: their checked bytes go into host slab slots (a G3/G4 hit
+        also fills G2, and the slab is pinned), or into a staging tensor when there is no
+        host tier or no free slot; the per-block byte copies run on the fetch threads."""
+        host = self.tiers.host
+        slots = host.reserve(len(lower)) if host is not None else []
+        if host is not None and len(slots) == len(lower):
+            dst, rows = host.slab, slots
+        else:
+            if host is not None:
+                host.unreserve(slots)
+            host, dst, rows = None, host_tensor(len(lower), self.mover.block_bytes, pin=False), \
+                list(range(len(lower)))
+        arr = dst.numpy()
+
+        def put(k: int) -> None:
+            arr[rows[k]] = np.frombuffer(run.payload(int(lower[k])), dtype=np.uint8)
+
+        for _ in self.tiers.map_io(put, range(len(lower))):
+            pass
+        self.mover.to_device(block_ids, dst, rows)
+        if host is not None:
+            self.tiers.promoted_to_host([run.hashes[int(i)] for i in lower], slots)
 
     def _count_loaded(self, seq: ConnectorSeq, run: LoadedRun) -> None:
         if seq.cached_by_tier is None:
@@ -195,8 +265,10 @@ def tier_connector_factory(config: TierConfig, model: str,
     def make(kv: EngineKv) -> TierConnector:
         layout = kv.io.layout
         identity = KvIdentity(model, layout_identity(layout))
+        whole = kv.io.device_tensor()
+        pin = isinstance(whole, torch.Tensor) and whole.device.type == "cuda"
         tiers = TieredKvCache(config, identity, layout.block_bytes, layout.block_size,
-                              registry=registry)
+                              registry=registry, pin_host=pin)
         return TierConnector(tiers, kv.io, layout.block_size, kv.wake, kv.record_event)
 
     return make

@@ -1,6 +1,7 @@
 """TieredKvCache: offload device blocks to G2/G3/G4 and load them back when that pays.
 
-Engine-agnostic (no torch): blocks are bytes addressed by sequence hash. The engine
+Engine-agnostic (torch only for the host tier's slab, imported when one is built):
+blocks are bytes addressed by sequence hash. The engine
 calls `offload` with a block's KV when the device pool evicts it (write-back) or as
 soon as it is computed (write-through), and `load` / `prefetch` for the blocks after
 its device prefix hit. Tiers are inclusive: an offloaded block goes to host memory at
@@ -20,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -29,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from kvflow.kv.tiers.admission import AdmissionFilter
 from kvflow.kv.tiers.config import TierConfig
+from kvflow.kv.tiers.host import HostStore
 from kvflow.kv.tiers.metrics import TierMetrics
 from kvflow.kv.tiers.policy import LoadCostModel
 from kvflow.kv.tiers.record import BlockRejected, KvIdentity, decode_record, encode_record
@@ -42,11 +44,18 @@ T = TypeVar("T")
 
 @dataclass
 class LoadedRun:
-    """Leading blocks found below the device: their hashes, KV bytes and source tiers."""
+    """Leading blocks found below the device: their hashes, source tiers and KV.
+
+    A block from the host tier stays in its (pinned) slab slot, `slots[i]`, and its
+    `payloads[i]` is None; a block from disk or the object store has its checked KV
+    bytes in `payloads[i]` and slot -1. `release` unpins the host slots once copied.
+    """
 
     hashes: list[int] = field(default_factory=list)
-    payloads: list[memoryview] = field(default_factory=list)
+    payloads: list[memoryview | None] = field(default_factory=list)
     tiers: list[str] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    host: HostStore | None = None
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -57,19 +66,40 @@ class LoadedRun:
             counts[tier] = counts.get(tier, 0) + 1
         return counts
 
-    def head(self, n: int) -> LoadedRun:
-        return LoadedRun(self.hashes[:n], self.payloads[:n], self.tiers[:n])
+    def payload(self, i: int) -> memoryview:
+        """Block i's KV bytes, wherever it came from."""
+        data = self.payloads[i]
+        if data is not None:
+            return data
+        assert self.host is not None
+        return self.host.payload(self.slots[i])
+
+    def host_slots(self) -> list[int]:
+        return [s for s in self.slots if s >= 0]
+
+    def release(self) -> None:
+        """Unpin the host slots this run holds (once their KV is copied); idempotent."""
+        if self.host is not None:
+            self.host.release(self.host_slots())
+            self.host = None
+            self.slots = [-1] * len(self.slots)
+
+    def extend(self, other: LoadedRun) -> None:
+        self.hashes += other.hashes
+        self.payloads += other.payloads
+        self.tiers += other.tiers
+        self.slots += other.slots
 
 
 def build_stores(config: TierConfig, identity: KvIdentity, on_error: Callable[[TierUnavailable], None],
-                 ) -> list[KvStore]:
+                 block_bytes: int, pin_host: bool = False) -> list[KvStore]:
     """The configured stores, fastest first; one that cannot start is reported and left out."""
     from kvflow.kv.tiers.disk import DiskStore
-    from kvflow.kv.tiers.host import HostStore
 
     stores: list[KvStore] = []
     if config.host_bytes:
-        stores.append(HostStore(config.host_bytes))
+        stores.append(HostStore(config.host_bytes, block_bytes, identity=identity.fingerprint,
+                                pin=pin_host))
     try:
         if config.disk_kv_cache_dir:
             stores.append(DiskStore(config.disk_kv_cache_dir, config.disk_bytes, identity.key_prefix))
@@ -89,7 +119,7 @@ class TieredKvCache:
 
     def __init__(self, config: TierConfig, identity: KvIdentity, block_bytes: int, block_size: int,
                  *, registry: CollectorRegistry | None = None, stores: list[KvStore] | None = None,
-                 ) -> None:
+                 pin_host: bool = False) -> None:
         self.config = config
         self.identity = identity
         self.metrics = TierMetrics(registry)
@@ -98,11 +128,18 @@ class TieredKvCache:
         self._fingerprint = identity.fingerprint
         self._down_until: dict[str, float] = {}
         self._fault_lock = threading.Lock()
-        self.stores = stores if stores is not None else build_stores(config, identity, self._report)
-        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(OFFLOAD_QUEUE)
+        self.block_bytes = block_bytes
+        self.stores = stores if stores is not None else build_stores(
+            config, identity, self._report, block_bytes, pin_host)
+        self.host: HostStore | None = next(
+            (s for s in self.stores if isinstance(s, HostStore)), None)
+        self._lower = [s for s in self.stores if s is not self.host]
+        # (hash, record) to write below host; record None: read it from the host slab then
+        self._queue: queue.Queue[tuple[int, bytes | None] | None] = queue.Queue(OFFLOAD_QUEUE)
         self._writer = threading.Thread(target=self._write_loop, name="kv-offload", daemon=True)
         self._writer.start()
         self._prefetcher = ThreadPoolExecutor(8, thread_name_prefix="kv-prefetch")
+        self._fetcher = ThreadPoolExecutor(8, thread_name_prefix="kv-fetch")  # disk/object reads
         # Residency changes (medium, stored?, hashes) for KV events; `on_residency` is
         # called when the writer thread adds some (the engine thread drains them).
         self._residency: list[tuple[str, bool, list[int]]] = []
@@ -176,22 +213,51 @@ class TieredKvCache:
 
     def offload(self, seq_hash: int, payload: bytes | memoryview) -> None:
         """Save one block's KV below the device: host now, disk and object store soon."""
-        record = encode_record(self._fingerprint, seq_hash, payload)
-        for store in self.stores:
-            if store.tier == "host" and self._guard(store, store.put, seq_hash, record):
-                self.metrics.offloaded("host", len(record))
-                self._note_residency("host", True, seq_hash)
-        if any(s.tier != "host" for s in self.stores):
-            try:
-                self._queue.put_nowait((seq_hash, record))
-            except queue.Full:
-                self.metrics.dropped.labels("all").inc()
+        if self.host is not None and self.host.put_payload(seq_hash, payload):
+            self.metrics.offloaded("host", len(payload))
+            self._note_residency("host", True, seq_hash)
+        if self._lower:
+            self._enqueue(seq_hash, encode_record(self._fingerprint, seq_hash, payload))
+
+    def stored_on_host(self, hashes: Sequence[int], slots: Sequence[int]) -> None:
+        """Blocks just copied into reserved host slots (a batched offload): index them,
+        count them, and queue them for the lower tiers (read back from the slab there)."""
+        assert self.host is not None
+        self.host.commit(hashes, slots)
+        self.metrics.offloaded_many("host", len(hashes), len(hashes) * self.block_bytes)
+        with self._residency_lock:
+            self._residency.append(("host", True, list(hashes)))
+        if self._lower:
+            for seq_hash in hashes:
+                self._enqueue(seq_hash, None)
+
+    def promoted_to_host(self, hashes: Sequence[int], slots: Sequence[int]) -> None:
+        """Blocks loaded from disk/object were copied into reserved host slots: index them
+        there (they are already below, so nothing is queued for the lower tiers)."""
+        assert self.host is not None
+        self.host.commit(hashes, slots)
+        with self._residency_lock:
+            self._residency.append(("host", True, list(hashes)))
+
+    def map_io(self, fn: Callable[[T], object], items: Sequence[T]) -> Iterator[object]:
+        """`fn` over `items` on the I/O threads (byte copies and reads release the GIL)."""
+        return self._fetcher.map(fn, items)
+
+    def _enqueue(self, seq_hash: int, record: bytes | None) -> None:
+        try:
+            self._queue.put_nowait((seq_hash, record))
+        except queue.Full:
+            self.metrics.dropped.labels("all").inc()
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
             seq_hash, record = item
-            for store in self.stores:
-                if store.tier != "host":
+            if record is None and self.host is not None:
+                record = self.host.get(seq_hash)  # checksummed here, off the engine's path
+            if record is None:
+                self.metrics.dropped.labels("all").inc()  # left host before it was written
+            else:
+                for store in self._lower:
                     self._write(store, seq_hash, record)
             self._queue.task_done()
 
@@ -248,23 +314,67 @@ class TieredKvCache:
         return None
 
     def load(self, hashes: Sequence[int]) -> LoadedRun:
-        """The leading run of `hashes` found below the device and worth loading."""
+        """The leading run of `hashes` found below the device and worth loading.
+
+        Host blocks are pinned in their slots (no copy here; `landed` unpins them and
+        counts them once the engine copied them); runs of blocks from disk or the object
+        store are fetched and checked in parallel."""
+        run = LoadedRun(host=self.host)
+        hashes = list(hashes)
+        i = 0
+        while i < len(hashes):
+            got = self._host_run(hashes[i:])
+            if not got:
+                got = self._lower_run(hashes[i:])
+            if not got:
+                break
+            run.extend(got)
+            i += len(got)
+        return run
+
+    def _host_run(self, hashes: list[int]) -> LoadedRun:
+        host = self.host
+        if host is None or not host.contains(hashes[0]):
+            return LoadedRun()
+        if not self.costs.worth_loading("host", 1):
+            self.metrics.skipped.labels("host").inc()
+            return LoadedRun()
+        slots = host.acquire_run(hashes)
+        self.metrics.lookup_many("host", len(slots), len(slots))
+        n = len(slots)
+        return LoadedRun(hashes[:n], [None] * n, ["host"] * n, slots)
+
+    def _lower_run(self, hashes: list[int]) -> LoadedRun:
+        """The leading blocks of `hashes` no host holds, from disk/object, in parallel."""
+        host = self.host
+        end = next((j for j, h in enumerate(hashes) if host is not None and host.contains(h)),
+                   len(hashes))
         run = LoadedRun()
-        for seq_hash in hashes:
-            found = self._load_one(seq_hash)
+        for seq_hash, found in zip(hashes[:end], self._fetcher.map(self._load_one, hashes[:end]),
+                                   strict=False):
             if found is None:
                 break
             run.hashes.append(seq_hash)
             run.tiers.append(found[0])
             run.payloads.append(found[1])
+            run.slots.append(-1)
         return run
+
+    def landed(self, run: LoadedRun, seconds: float) -> None:
+        """The engine copied `run` into its cache in `seconds`: count the host part (its
+        copy is the host tier's load time) and unpin its slots."""
+        n = len(run.host_slots())
+        if n:
+            self.costs.observe_load("host", n, seconds)
+            self.metrics.onboarded("host", n, n * self.block_bytes, seconds)
+        run.release()
 
     def prefetch(self, hashes: Sequence[int]) -> Future[LoadedRun]:
         """`load` on a background thread, so the I/O overlaps the request's queueing."""
         return self._prefetcher.submit(self.load, list(hashes))
 
     def _load_one(self, seq_hash: int) -> tuple[str, memoryview] | None:
-        for store in self.stores:
+        for store in self._lower:
             if not self.available(store) or (not store.shared and not store.contains(seq_hash)):
                 continue
             if not self.costs.worth_loading(store.tier, 1):
@@ -298,3 +408,4 @@ class TieredKvCache:
         self._queue.put(None)
         self._writer.join(timeout=10)
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        self._fetcher.shutdown(wait=True, cancel_futures=True)

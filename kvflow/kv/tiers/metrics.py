@@ -52,15 +52,23 @@ class TierMetrics:
         self._served = 0
 
     def lookup(self, tier: str, hit: bool) -> None:
-        self.lookups.labels(tier).inc()
-        self._lookups[tier] = self._lookups.get(tier, 0) + 1
-        if hit:
-            self.hits.labels(tier).inc()
-            self._hits[tier] = self._hits.get(tier, 0) + 1
+        self.lookup_many(tier, 1, int(hit))
+
+    def lookup_many(self, tier: str, looked: int, found: int) -> None:
+        if not looked:
+            return
+        self.lookups.labels(tier).inc(looked)
+        self._lookups[tier] = self._lookups.get(tier, 0) + looked
+        if found:
+            self.hits.labels(tier).inc(found)
+            self._hits[tier] = self._hits.get(tier, 0) + found
         self.hit_rate.labels(tier).set(self._hits.get(tier, 0) / self._lookups[tier])
 
     def offloaded(self, tier: str, num_bytes: int) -> None:
-        self.offload_blocks.labels(tier).inc()
+        self.offloaded_many(tier, 1, num_bytes)
+
+    def offloaded_many(self, tier: str, num_blocks: int, num_bytes: int) -> None:
+        self.offload_blocks.labels(tier).inc(num_blocks)
         self.offload_bytes.labels(tier).inc(num_bytes)
         if tier == "disk":
             self._disk_bytes += num_bytes
