@@ -118,11 +118,10 @@ class NativeEngine:
         """The KV tiers (when configured), behind the hooks' connector (disaggregation) when
         there is one: that connector hands it every request it does not take (`fallback`)."""
         assert self.runner is not None and self.pool is not None
-        regions = self._ranks.kv_regions if self._ranks is not None else []
-        shards = tuple(r for r in regions if r)  # tensor parallel: the other ranks' KV heads
+        # Tensor parallel: the other ranks' KV heads, opened here for the transfer plane.
+        shards = self._ranks.kv_shards(self.runner) if self._ranks is not None else ()
         kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake,
-                      record_event=self.pool.record_event,
-                      head_shards=shards if len(shards) == len(regions) else ())
+                      record_event=self.pool.record_event, head_shards=shards)
         tiers = None
         if self.config.tiers.enabled:
             make_tiers = tier_connector_factory(
@@ -154,12 +153,14 @@ class NativeEngine:
         if self._thread is not None and self._loop is not None:
             await self._loop.run_in_executor(None, self._thread.join)
             self._thread = None
-        if self._ranks is not None:
-            await self._loop.run_in_executor(None, self._ranks.stop)
-            self._ranks = None
+        ranks, self._ranks = self._ranks, None
+        if ranks is not None:
+            await self._loop.run_in_executor(None, ranks.stop)
         self._fail_all("the native engine stopped; retry the request on another worker")
         if self.scheduler is not None and self.scheduler.connector is not None:
             await self._loop.run_in_executor(None, self.scheduler.connector.close)  # type: ignore[union-attr]
+        if ranks is not None:
+            ranks.close_shards()
         if self.runner is not None and self.runner.kv_memory.region is not None:
             self.runner.kv_memory.region.close()
 

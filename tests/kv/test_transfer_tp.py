@@ -1,0 +1,157 @@
+"""Transfer agents between engines of different tensor-parallel sizes (no model): every rank's
+KV heads move, re-sliced, over shm and tcp, in both directions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from kvflow.kv.blocks import RegionBlockIO
+from kvflow.kv.connector import KvShard
+from kvflow.kv.layout import KvLayout, KvLayoutMismatch
+from kvflow.kv.shm import SharedRegion
+from kvflow.kv.transfer.agent import TransferAgent, TransferConfig, TransferFailed
+from kvflow.runtime import DistributedRuntime, RuntimeConfig
+
+LAYERS, SLOTS, BS, HEADS, DIM = 2, 8, 4, 4, 8
+
+
+def _layout(heads: int) -> KvLayout:
+    return KvLayout(num_layers=LAYERS, block_size=BS, num_kv_heads=heads, head_dim=DIM,
+                    dtype="float32", num_slots=SLOTS)
+
+
+@dataclass
+class Ranks:
+    """A TP=n engine's KV: one /dev/shm region per rank, as its rank processes create them;
+    `attached` are ranks 1..n-1 mapped writable in rank 0's process (what tp_ranks does)."""
+
+    regions: list[SharedRegion]
+    attached: list[SharedRegion]
+
+    @classmethod
+    def make(cls, full: np.ndarray, n: int) -> Ranks:
+        regions = []
+        for r in range(n):
+            part = np.ascontiguousarray(full[:, :, :, r * HEADS // n : (r + 1) * HEADS // n])
+            region = SharedRegion.create(part.nbytes)
+            region.view[:] = part.tobytes()
+            regions.append(region)
+        return cls(regions, [SharedRegion.attach(r.name, writable=True) for r in regions[1:]])
+
+    def io(self) -> RegionBlockIO:
+        return RegionBlockIO(_layout(HEADS // len(self.regions)), self.regions[0].view)
+
+    def shards(self, publish_shm: bool = True) -> tuple[KvShard, ...]:
+        layout = _layout(HEADS // len(self.regions))
+        return tuple(KvShard(RegionBlockIO(layout, a.view), shm_name=a.name if publish_shm else None)
+                     for a in self.attached)
+
+    def gather(self) -> np.ndarray:
+        n = len(self.regions)
+        parts = [np.frombuffer(r.view, dtype=np.float32).reshape(2 * LAYERS, SLOTS, BS, HEADS // n, DIM)
+                 for r in self.regions]
+        return np.concatenate(parts, axis=3)
+
+    def close(self) -> None:
+        for region in [*self.attached, *self.regions]:
+            region.close()
+
+
+def _full(seed: int) -> np.ndarray:
+    """All KV heads of one engine: [slab, slot, token, head, dim]."""
+    return np.random.default_rng(seed).standard_normal((2 * LAYERS, SLOTS, BS, HEADS, DIM),
+                                                       dtype=np.float32)
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[DistributedRuntime]:
+    rt = await DistributedRuntime(RuntimeConfig(
+        namespace="kvtp", discovery="memory", event_plane="inproc")).start()
+    yield rt
+    await rt.shutdown()
+
+
+async def _agents(runtime: DistributedRuntime, holder: Ranks, puller: Ranks, backends: tuple[str, ...],
+                  publish_shm: bool = True) -> list[TransferAgent]:
+    config = TransferConfig(timeout_s=5.0, backends=backends, chunk_bytes=1)  # a chunk per block
+    agents = []
+    for worker_id, component, ranks in ((11, "prefill", holder), (22, "backend", puller)):
+        agent = TransferAgent(runtime, component, worker_id, ranks.io(), lambda blocks: None,
+                              shm_name=ranks.regions[0].name if publish_shm else None, config=config,
+                              head_shards=ranks.shards(publish_shm))
+        await agent.start()
+        agents.append(agent)
+    return agents
+
+
+@pytest.mark.parametrize("backend", ["shm", "tcp"])
+@pytest.mark.parametrize(("src_tp", "dst_tp"), [(2, 1), (1, 2), (2, 2), (4, 2), (1, 1)])
+async def test_pull_reslices_every_ranks_heads(runtime: DistributedRuntime, backend: str,
+                                               src_tp: int, dst_tp: int) -> None:
+    full = _full(seed=10 * src_tp + dst_tp)
+    holder, puller = Ranks.make(full, src_tp), Ranks.make(np.zeros_like(full), dst_tp)
+    agents = await _agents(runtime, holder, puller, (backend,))
+    try:
+        assert agents[0].info.shards == src_tp and backend in agents[0].info.backends
+        agents[0].holds.add("t1", [1, 2, 3, 6], 16)
+        stats = await agents[1].pull(11, "t1", 1, [4, 5, 0])  # the hold's blocks 2, 3, 6
+        assert stats.backend == backend and stats.blocks == 3
+        assert stats.bytes == full[:, :3].nbytes  # every head of 3 blocks, once
+        want = np.zeros_like(full)
+        want[:, [4, 5, 0]] = full[:, [2, 3, 6]]
+        np.testing.assert_array_equal(puller.gather(), want)
+        assert len(agents[0].holds) == 0  # released: the copy is valid
+    finally:
+        for agent in agents:
+            await agent.close()
+        holder.close()
+        puller.close()
+
+
+async def test_a_holder_without_every_ranks_region_serves_tcp_only(runtime: DistributedRuntime) -> None:
+    """No /dev/shm names (e.g. GPU ranks without CUDA IPC): shm would miss heads, so only
+    tcp (which reads each rank's memory in the holder's process) is published."""
+    full = _full(seed=3)
+    holder, puller = Ranks.make(full, 2), Ranks.make(np.zeros_like(full), 2)
+    agents = await _agents(runtime, holder, puller, ("cuda_ipc", "shm", "tcp"), publish_shm=False)
+    try:
+        assert agents[0].info.backends == ["tcp"] and agents[0].info.head_shards == []
+        agents[0].holds.add("t2", [0, 1], 8)
+        stats = await agents[1].pull(11, "t2", 0, [6, 7])
+        assert stats.backend == "tcp"
+        np.testing.assert_array_equal(puller.gather()[:, 6:8], full[:, 0:2])
+    finally:
+        for agent in agents:
+            await agent.close()
+        holder.close()
+        puller.close()
+
+
+async def test_engines_of_different_models_are_refused_by_total_heads(
+    runtime: DistributedRuntime,
+) -> None:
+    """2 ranks x 2 heads here vs 1 rank x 2 heads there: 4 vs 2 KV heads, not the same model."""
+    holder = Ranks.make(_full(seed=4)[:, :, :, :2], 1)
+    holder_layout = _layout(2)
+    puller = Ranks.make(np.zeros_like(_full(seed=4)), 2)
+    config = TransferConfig(timeout_s=5.0, backends=("tcp",))
+    agents = [TransferAgent(runtime, "prefill", 11, RegionBlockIO(holder_layout, holder.regions[0].view),
+                            lambda blocks: None, config=config),
+              TransferAgent(runtime, "backend", 22, puller.io(), lambda blocks: None, config=config,
+                            head_shards=puller.shards())]
+    for agent in agents:
+        await agent.start()
+    try:
+        agents[0].holds.add("t3", [0], 4)
+        with pytest.raises(TransferFailed, match="num_kv_heads: this worker 4 vs peer 2") as info:
+            await agents[1].pull(11, "t3", 0, [1])
+        assert isinstance(info.value.__cause__, KvLayoutMismatch)
+    finally:
+        for agent in agents:
+            await agent.close()
+        holder.close()
+        puller.close()
