@@ -155,3 +155,73 @@ async def test_engines_of_different_models_are_refused_by_total_heads(
             await agent.close()
         holder.close()
         puller.close()
+
+
+def _devices() -> list[str]:
+    """Where the GPU variant puts rank r: cuda:r when there are GPUs enough, else cuda:0."""
+    import torch
+
+    return [f"cuda:{r}" if torch.cuda.device_count() > r else "cuda:0" for r in range(4)]
+
+
+@pytest.mark.parametrize("gpu", [False, pytest.param(True, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(("src_tp", "dst_tp"), [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2)])
+def test_cuda_ipc_copy_runs_reslices_between_rank_caches(gpu: bool, src_tp: int, dst_tp: int) -> None:
+    """The cuda_ipc backend's copy on cache tensors `[layer, 2, slot, token, head, dim]`:
+    plain torch on CPU tensors here; on GPUs (marked gpu) each rank's cache on its own GPU."""
+    torch = pytest.importorskip("torch")
+    from kvflow.kv.blocks import BlockRun
+    from kvflow.kv.transfer.cuda_ipc import copy_runs
+
+    devices = _devices() if gpu else ["cpu"] * 4
+    full = torch.randn(LAYERS, 2, SLOTS, BS, HEADS, DIM)
+    src = [t.contiguous().to(devices[r]) for r, t in enumerate(full.chunk(src_tp, dim=4))]
+    dst = [torch.zeros_like(t).to(devices[r]) for r, t in enumerate(full.chunk(dst_tp, dim=4))]
+    runs = [BlockRun(src=0, dst=5, count=2), BlockRun(src=4, dst=1, count=1)]
+    moved = copy_runs(src, dst, runs)
+    want = torch.zeros_like(full)
+    want[:, :, 5:7], want[:, :, 1] = full[:, :, 0:2], full[:, :, 4]
+    assert torch.equal(torch.cat([t.cpu() for t in dst], dim=4), want)
+    assert moved == full[:, :, :3].numel() * 4
+
+
+async def test_cuda_ipc_pull_opens_every_holder_rank_and_writes_every_local_rank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The backend's plumbing without a GPU: the holder's handles (rank 0's, then
+    `cuda_ipc_shards`) are opened in rank order and the copy fills every local rank's cache."""
+    torch = pytest.importorskip("torch")
+    from kvflow.kv.blocks import BlockRun
+    from kvflow.kv.transfer import cuda_ipc
+    from kvflow.kv.transfer.backends import PullJob
+    from kvflow.kv.transfer.messages import AgentInfo
+
+    full = torch.randn(LAYERS, 2, SLOTS, BS, HEADS, DIM)
+    holder = {f"h{r}".encode(): t.contiguous() for r, t in enumerate(full.chunk(2, dim=4))}
+    opened: list[bytes] = []
+
+    def fake_open(handle: list, layout: KvLayout, device: object = None) -> object:
+        opened.append(handle[0])
+        assert layout.num_kv_heads == HEADS // 2
+        return holder[handle[0]]
+
+    monkeypatch.setattr(cuda_ipc, "open_handle", fake_open)
+
+    class CacheIO:  # a KvBlockIO whose memory is a cache tensor (as TensorBlockIO)
+        def __init__(self, tensor: object) -> None:
+            self.tensor = tensor
+
+        def device_tensor(self) -> object:
+            return self.tensor
+
+    local = [torch.zeros_like(full)]  # a TP=1 puller
+    remote = AgentInfo(11, "ns.prefill.kv_transfer", _layout(HEADS // 2), "host", ["cuda_ipc"],
+                       cuda_ipc=[b"h0", 0], shards=2, cuda_ipc_shards=[[b"h1", 0]])
+    me = AgentInfo(22, "ns.backend.kv_transfer", _layout(HEADS), "host", ["cuda_ipc"], cuda_ipc=[b"me"])
+    backend = cuda_ipc.CudaIpcBackend()
+    assert backend.usable(me, remote)
+    job = PullJob(CacheIO(local[0]), me, remote, "t", [BlockRun(2, 0, 3)], call=None,  # type: ignore[arg-type]
+                  local_shards=[CacheIO(local[0])])  # type: ignore[list-item]
+    assert await backend.pull(job) == full[:, :, :3].numel() * 4
+    assert opened == [b"h0", b"h1"]
+    assert torch.equal(local[0][:, :, 0:3], full[:, :, 2:5]) and not local[0][:, :, 3:].any()

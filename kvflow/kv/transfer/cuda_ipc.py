@@ -84,19 +84,20 @@ def open_handle(handle: list, layout: KvLayout, device: Any = None) -> Any:
 
 def copy_runs(src: list[Any], dst: list[Any], runs: list) -> int:
     """Copy `runs` from the holder's rank caches `src` into ours `dst` (any GPUs), heads
-    re-sliced when the splits differ; returns when every copy is done on every GPU."""
+    re-sliced when the splits differ; returns when every copy is done on every GPU.
+    (Plain torch: CPU tensors work too, which is how it is tested without a GPU.)"""
     import torch
 
     if len(src) == 1 and len(dst) == 1:
-        with torch.cuda.device(dst[0].device):
-            for run in runs:
-                dst[0][:, :, run.dst : run.dst + run.count].copy_(
-                    src[0][:, :, run.src : run.src + run.count], non_blocking=True)
+        for run in runs:
+            dst[0][:, :, run.dst : run.dst + run.count].copy_(
+                src[0][:, :, run.src : run.src + run.count], non_blocking=True)
         moved = sum(r.count for r in runs) * src[0][:, :, :1].numel() * src[0].element_size()
     else:
         moved = sum(copy_run_heads_tensors(src, dst, run) for run in runs)
     for device in {t.device for t in [*src, *dst]}:
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return moved
 
 
