@@ -225,3 +225,36 @@ async def test_cuda_ipc_pull_opens_every_holder_rank_and_writes_every_local_rank
     assert await backend.pull(job) == full[:, :, :3].numel() * 4
     assert opened == [b"h0", b"h1"]
     assert torch.equal(local[0][:, :, 0:3], full[:, :, 2:5]) and not local[0][:, :, 3:].any()
+
+
+@pytest.mark.parametrize("backend", ["shm", "tcp"])
+@pytest.mark.parametrize("dst_tp", [1, 2])
+async def test_pull_into_ranks_that_are_not_host_regions(runtime: DistributedRuntime, backend: str,
+                                                         dst_tp: int) -> None:
+    """A puller whose ranks' KV are cache tensors (as on GPUs: `TensorBlockIO`, no host region):
+    shm stages each holder rank's run and re-cuts it, tcp writes the re-cut runs."""
+    torch = pytest.importorskip("torch")
+    from kvflow.engines.native.kv_io import TensorBlockIO
+
+    full = _full(seed=9)
+    holder = Ranks.make(full, 2)
+    caches = [torch.zeros(LAYERS, 2, SLOTS, BS, HEADS // dst_tp, DIM) for _ in range(dst_tp)]
+    ios = [TensorBlockIO(_layout(HEADS // dst_tp), c) for c in caches]
+    config = TransferConfig(timeout_s=5.0, backends=(backend,))
+    agents = [TransferAgent(runtime, "prefill", 11, holder.io(), lambda blocks: None,
+                            shm_name=holder.regions[0].name, config=config, head_shards=holder.shards()),
+              TransferAgent(runtime, "backend", 22, ios[0], lambda blocks: None, config=config,
+                            head_shards=tuple(KvShard(io) for io in ios[1:]))]
+    for agent in agents:
+        await agent.start()
+    try:
+        agents[0].holds.add("t4", [3, 4], 8)
+        stats = await agents[1].pull(11, "t4", 0, [0, 1])
+        assert stats.backend == backend and stats.bytes == full[:, 3:5].nbytes
+        got = torch.cat(caches, dim=4).flatten(0, 1).numpy()  # [slab, slot, token, head, dim]
+        np.testing.assert_array_equal(got[:, 0:2], full[:, 3:5])
+        assert not got[:, 2:].any()
+    finally:
+        for agent in agents:
+            await agent.close()
+        holder.close()
