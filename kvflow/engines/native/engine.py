@@ -45,7 +45,7 @@ from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
 from kvflow.engines.native.tp_ranks import RankGroup, load_runner
 from kvflow.engines.native.weights import resolve_model_dir
-from kvflow.kv.connector import EngineKv, KvConnector
+from kvflow.kv.connector import EngineKv, KvConnector, KvShard
 from kvflow.kv.tiers.connector import model_identity, tier_connector_factory
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import (
@@ -118,8 +118,11 @@ class NativeEngine:
         """The KV tiers (when configured), behind the hooks' connector (disaggregation) when
         there is one: that connector hands it every request it does not take (`fallback`)."""
         assert self.runner is not None and self.pool is not None
-        # Tensor parallel: the other ranks' KV heads, opened here for the transfer plane.
-        shards = self._ranks.kv_shards(self.runner) if self._ranks is not None else ()
+        # Tensor parallel: the other ranks' KV heads, opened here for the transfer plane (only
+        # then: on GPUs opening rank r's cache costs this process a CUDA context on GPU r).
+        shards: tuple[KvShard, ...] = ()
+        if self._ranks is not None and self.hooks.make_connector is not None:
+            shards = self._ranks.kv_shards(self.runner)
         kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake,
                       record_event=self.pool.record_event, head_shards=shards)
         tiers = None
