@@ -16,11 +16,14 @@ disk), each rank holding its shard exactly as `--tensor-parallel-size 2` loads i
    bandwidth. The 8B shape also runs at TP=1 (one GPU) in the same invocation: the ratio.
    Eager: CUDA-graph capture of the NCCL all-reduce is not implemented yet.
 2. KV transfer: a 2,048-token 8B-shape prompt's KV (32 layers x 8 KV heads x 128 dims,
-   bf16: 256 MiB) from a holder process on GPU 0 to a puller on GPU 1 through its CUDA
-   IPC handle (kvflow's cuda_ipc backend path), one run and block by block; then the
-   TP=2 -> TP=1 case: shards of 4 KV heads on GPU 0 and GPU 1 re-sliced into one 8-head
-   cache on GPU 1 (kvflow.kv.heads). Each against the measured GPU0->GPU1 copy bandwidth
-   of a 1 GiB tensor; every copy is checked bit-exact against its source.
+   bf16: 256 MiB) through kvflow's cuda_ipc backend copy (`copy_runs`) between engines of
+   TP size 1 and 2 in every direction: TP=1 GPU0 -> TP=1 GPU1 (one run, and block by
+   block), TP=2 -> TP=1 and TP=1 -> TP=2 (heads re-sliced, half of them cross GPUs) and
+   TP=2 -> TP=2. Each source rank's cache is its own process's, opened by CUDA IPC, and so
+   is a TP=2 puller's rank-1 cache (as a decode engine's rank 0 writes it). Against the
+   measured GPU0->GPU1 copy bandwidth of a 1 GiB tensor (the floor), with NCCL send/recv
+   and host staging (what shm/tcp would do between GPUs) measured in the same run; every
+   copy is checked bit-exact against its source.
 """
 
 from __future__ import annotations
@@ -44,9 +47,8 @@ from kvflow.engines.native.kv_cache import KvCacheLayout, allocate_kv_cache
 from kvflow.engines.native.ops import make_ops
 from kvflow.engines.native.weights import empty_model
 from kvflow.kv.blocks import BlockRun
-from kvflow.kv.heads import copy_run_heads_tensors
 from kvflow.kv.layout import KvLayout
-from kvflow.kv.transfer.cuda_ipc import _plain, open_handle
+from kvflow.kv.transfer.cuda_ipc import copy_runs, open_handle, share_handle
 
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
@@ -185,12 +187,14 @@ def kv_layout(tokens: int, heads: int, shape: str, dtype: str) -> KvLayout:
                     head_dim=cfg.head_dim, dtype=dtype, num_slots=tokens // BLOCK)
 
 
-def holder(conn, layout: KvLayout, device: str) -> None:  # type: ignore[no-untyped-def]
-    """GPU 0's process: a filled cache, its CUDA IPC handle sent once, held until told."""
+def keeper(conn, layout: KvLayout, device: str, fill: bool) -> None:  # type: ignore[no-untyped-def]
+    """Another process's KV memory on `device` (random, or zeros for a destination rank), its
+    CUDA IPC handle sent once, kept until told: a TP engine's rank, or a whole TP=1 engine."""
     dtype = getattr(torch, layout.dtype)
     shape = (layout.num_layers, 2, layout.num_slots, BLOCK, layout.num_kv_heads, layout.head_dim)
-    cache = torch.randn(shape, device=device).to(dtype)
-    conn.send(([_plain(x) for x in cache.untyped_storage()._share_cuda_()], cache.sum().item()))
+    cache = (torch.randn(shape, device=device) if fill else torch.zeros(shape, device=device)).to(dtype)
+    torch.cuda.synchronize(device)
+    conn.send(share_handle(cache))
     conn.recv()
 
 
@@ -202,39 +206,101 @@ def copy_gbps(fn, nbytes: int, device: torch.device, reps: int = 5) -> float:  #
     return nbytes * reps / (_timer(device) - t0) / 1e9
 
 
+def nccl_rank(rank: int, port: int, nbytes: int, reps: int, out: str) -> None:
+    """GPU0 -> GPU1 by NCCL send/recv (the other way a KV plane could move blocks)."""
+    device = torch.device(f"cuda:{rank}")
+    store = torch.distributed.TCPStore(parallel.HOST, port, 2, is_master=rank == 0,
+                                       timeout=parallel.GROUP_TIMEOUT)
+    parallel.join_group(rank, 2, store, device)
+    buf = torch.ones(nbytes, dtype=torch.uint8, device=device) if rank == 0 else \
+        torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def once() -> None:
+        if rank == 0:
+            torch.distributed.send(buf, 1)
+        else:
+            torch.distributed.recv(buf, 0)
+
+    once()
+    torch.distributed.barrier()
+    t0 = _timer(device)
+    for _ in range(reps):
+        once()
+    seconds = _timer(device) - t0
+    if rank == 1:
+        assert bool((buf == 1).all())
+        Path(out).write_text(json.dumps(nbytes * reps / seconds / 1e9))
+    parallel.leave_group()
+
+
+def nccl_gbps(nbytes: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "gbps.json")
+        mp.spawn(nccl_rank, args=(free_port(), nbytes, 5, out), nprocs=2, join=True)
+        return float(json.loads(Path(out).read_text()))
+
+
 def run_transfer(tokens: int) -> None:
+    """GPU0 <-> GPU1 KV of an 8B-shape prompt, through kvflow's cuda_ipc copy
+    (`kvflow.kv.transfer.cuda_ipc.copy_runs`, the backend's own code) between engines of TP
+    size 1 and 2, every source rank a separate process whose cache is opened by CUDA IPC,
+    and a TP=2 puller's rank-1 cache opened the same way (as tp_ranks.RankGroup.kv_shards
+    does); against P2P copy, NCCL send/recv and host staging measured here."""
     src_dev, dst_dev = torch.device("cuda:0"), torch.device("cuda:1")
     big = torch.empty(1 << 30, dtype=torch.uint8, device=src_dev)
     big_dst = torch.empty_like(big, device=dst_dev)
     p2p = copy_gbps(lambda: big_dst.copy_(big), big.numel(), dst_dev)
+    local = copy_gbps(lambda: big_dst[: 1 << 29].copy_(big_dst[1 << 29 :]), 1 << 29, dst_dev)
     print(f"P2P copy GPU0->GPU1, 1 GiB: {p2p:.1f} GB/s "
-          f"(peer access: {torch.cuda.can_device_access_peer(1, 0)})")
-    layout = kv_layout(tokens, 8, "8b", "bfloat16")
+          f"(peer access: {torch.cuda.can_device_access_peer(1, 0)}); "
+          f"within GPU1, 512 MiB: {local:.1f} GB/s")
+    whole, half = kv_layout(tokens, 8, "8b", "bfloat16"), kv_layout(tokens, 4, "8b", "bfloat16")
+    nbytes = whole.num_slots * whole.block_bytes
+    pinned = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    staged = copy_gbps(lambda: (pinned.copy_(big[:nbytes]),  # waits: D2H done before H2D
+                                big_dst[:nbytes].copy_(pinned, non_blocking=True)), nbytes, dst_dev)
+    nccl = nccl_gbps(nbytes)
+    print(f"KV {tokens} tokens 8B shape ({nbytes / 2**20:.0f} MiB): NCCL send/recv GPU0->GPU1 "
+          f"{nccl:.1f} GB/s ({nccl / p2p:.0%} of P2P); host-staged D2H+H2D {staged:.1f} GB/s "
+          f"({staged / p2p:.0%})")
     ctx = mp.get_context("spawn")
-    ours, theirs = ctx.Pipe()
-    proc = ctx.Process(target=holder, args=(theirs, layout, "cuda:0"))
-    proc.start()
-    handle, checksum = ours.recv()
-    src = open_handle(handle, layout, dst_dev)
-    dst = torch.empty(src.shape, dtype=src.dtype, device=dst_dev)
-    nbytes = src.numel() * src.element_size()
-    whole = copy_gbps(lambda: dst.copy_(src, non_blocking=True), nbytes, dst_dev)
-    per_block = copy_gbps(lambda: [dst[:, :, b].copy_(src[:, :, b], non_blocking=True)
-                                   for b in range(layout.num_slots)], nbytes, dst_dev)
-    assert torch.equal(dst, src) and abs(dst.float().sum().item() - checksum) < 1e-3 * abs(checksum) + 1
-    print(f"KV {tokens} tokens 8B shape ({nbytes / 2**20:.0f} MiB) GPU0->GPU1 by CUDA IPC: "
-          f"one run {whole:.1f} GB/s ({whole / p2p:.0%} of P2P), "
-          f"block by block {per_block:.1f} GB/s ({per_block / p2p:.0%})")
-    shards = [src[:, :, :, :, :4], src[:, :, :, :, 4:].to("cuda:1")]  # TP=2: heads 0-3 / 4-7
-    shards = [shards[0].contiguous(), shards[1].contiguous()]
-    out = [torch.empty_like(dst)]
-    run = BlockRun(0, 0, layout.num_slots)
-    resliced = copy_gbps(lambda: copy_run_heads_tensors(shards, out, run), nbytes, dst_dev)
-    assert torch.equal(out[0], src)
-    print(f"TP=2 -> TP=1 re-sliced (half the heads cross GPUs): {resliced:.1f} GB/s of KV "
-          f"({resliced / p2p:.0%} of P2P); bit-exact")
-    ours.send("done")
-    proc.join()
+    keepers = {  # name: (layout, device, random)
+        "tp1@0": (whole, "cuda:0", True), "tp2r0@0": (half, "cuda:0", True),
+        "tp2r1@1": (half, "cuda:1", True), "dst_tp2r1@1": (half, "cuda:1", False)}
+    conns, procs, opened = {}, [], {}
+    for name, (layout, device, fill) in keepers.items():
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=keeper, args=(theirs, layout, device, fill))
+        proc.start()
+        conns[name] = ours
+        procs.append(proc)
+    for name, (layout, _, _) in keepers.items():
+        opened[name] = open_handle(conns[name].recv(), layout)
+    dst_tp1 = torch.empty(opened["tp1@0"].shape, dtype=opened["tp1@0"].dtype, device=dst_dev)
+    dst_tp2 = [torch.empty(opened["tp2r0@0"].shape, dtype=dst_tp1.dtype, device=src_dev),
+               opened["dst_tp2r1@1"]]
+    tp1_src, tp2_src = [opened["tp1@0"]], [opened["tp2r0@0"], opened["tp2r1@1"]]
+    one_run = [BlockRun(0, 0, whole.num_slots)]
+    by_block = [BlockRun(b, b, 1) for b in range(whole.num_slots)]
+    cases = [  # name, src ranks, dst ranks, runs, the part that crosses GPUs
+        ("TP=1 GPU0 -> TP=1 GPU1, one run", tp1_src, [dst_tp1], one_run, "all"),
+        ("TP=1 GPU0 -> TP=1 GPU1, block by block", tp1_src, [dst_tp1], by_block, "all"),
+        ("TP=2 GPU0+1 -> TP=1 GPU1 (re-sliced)", tp2_src, [dst_tp1], one_run, "half"),
+        ("TP=1 GPU0 -> TP=2 GPU0+1 (re-sliced)", tp1_src, dst_tp2, one_run, "half"),
+        ("TP=2 GPU0+1 -> TP=2 GPU0+1", tp2_src, dst_tp2, one_run, "none"),
+    ]
+    for name, src, dst, runs, crossing in cases:
+        for t in dst:
+            t.zero_()
+        gbps = copy_gbps(lambda src=src, dst=dst, runs=runs: copy_runs(src, dst, runs), nbytes, dst_dev)
+        want = torch.cat([t.to(dst_dev) for t in src], dim=4)
+        assert torch.equal(torch.cat([t.to(dst_dev) for t in dst], dim=4), want), name
+        print(f"{name}: {gbps:.1f} GB/s of KV ({gbps / p2p:.0%} of P2P; {crossing} of it crosses "
+              "GPUs); bit-exact")
+    for conn in conns.values():
+        conn.send("done")
+    for proc in procs:
+        proc.join()
 
 
 def main() -> None:

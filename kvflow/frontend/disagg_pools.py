@@ -5,6 +5,8 @@ pool behind its own KV router (a `RoutedEngineClient`) that frontend.disagg pref
 Every prefill or decode worker's KV layout (its transfer agent's `AgentInfo`, published
 before its model entry) must match the model's first one: a worker that differs is
 refused at registration with a log line naming both values (block size, heads, dtype...).
+Heads are counted over all of a tensor-parallel worker's ranks (`AgentInfo.shards`), so
+prefill and decode workers of different TP sizes are one pool (the transfer re-slices).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from kvflow.frontend.routed import RoutedEngineClient
+from kvflow.kv.heads import whole_layout
 from kvflow.kv.layout import KvLayout, layout_mismatches
 from kvflow.kv.transfer.messages import AgentInfo, agent_key
 from kvflow.llm.register import ROLE_AGGREGATED, ROLE_PREFILL, ModelEntry
@@ -57,7 +60,8 @@ class DisaggPools:
                       "agent; start it with this kvflow version", entry.role, entry.instance_id,
                       entry.name)
             return False
-        layout = msgspec.msgpack.decode(raw, type=AgentInfo).layout
+        info = msgspec.msgpack.decode(raw, type=AgentInfo)
+        layout = whole_layout(info.layout, info.shards)  # tensor parallel: all ranks' heads
         first = self.layouts.setdefault(entry.name, (entry.instance_id, layout))
         problems = layout_mismatches(layout, first[1])
         if problems:

@@ -157,6 +157,16 @@ class BaseConnector:
 
 
 @dataclass(frozen=True)
+class KvShard:
+    """Another tensor-parallel rank's KV memory (the next KV heads), opened in this process:
+    `io` reads and writes its blocks; `shm_name` / `cuda_ipc` are how a peer opens it."""
+
+    io: KvBlockIO
+    shm_name: str | None = None
+    cuda_ipc: list[bytes | int] | None = None
+
+
+@dataclass(frozen=True)
 class EngineKv:
     """What an engine hands its connector factory once its KV memory exists."""
 
@@ -170,8 +180,8 @@ class EngineKv:
     modelled_s: Callable[[int], float] = lambda n: 0.0
     # The engine's own connector (e.g. a host tier) for requests this one does not take.
     fallback: KvConnector | None = None
-    # Tensor parallel: the /dev/shm regions of ranks 1..N-1 (the next KV heads each).
-    head_shards: tuple[str, ...] = ()
+    # Tensor parallel: the KV memories of ranks 1..N-1 (the next KV heads each; `io` is rank 0's).
+    head_shards: tuple[KvShard, ...] = ()
 
 
 ConnectorFactory = Callable[[EngineKv], KvConnector]

@@ -5,9 +5,10 @@ of every layer, each memory in the usual `kvflow.kv.layout` order (slab = layer 
 then block, token, head, dim) with `num_kv_heads = H/N`. Moving a run of blocks from a
 TP=N holder to a TP=M puller is then one strided copy per (source shard, destination
 shard) pair whose head ranges overlap: `head_pieces` plans them, `copy_run_heads` does
-them between host regions (shm: the puller maps every source shard), and
-`scatter_wire_run` does one for a source shard's run received as wire bytes (tcp).
-`copy_run_heads_tensors` is the same on torch cache tensors (GPU shards, CUDA IPC).
+them between host regions (shm: the puller maps every source shard and every local
+shard), `reslice_wire` re-cuts one run received as wire bytes from every source shard
+(tcp) into each destination shard's wire bytes, and `copy_run_heads_tensors` is the
+same on torch cache tensors (GPU shards opened by CUDA IPC).
 With N == M every piece is a whole shard and this is the plain block copy.
 """
 
@@ -127,24 +128,22 @@ def copy_run_heads(
     return moved
 
 
-def scatter_wire_run(
-    src_shard: int, src_split: HeadSplit, src_layout: KvLayout, data: bytes | memoryview,
-    dst: Sequence[tuple[KvLayout, memoryview]], dst_start: int, count: int,
-) -> int:
-    """Write one source shard's run (wire bytes, e.g. a tcp chunk) into the destination
-    shards' regions at block `dst_start`, re-slicing heads; returns the bytes written."""
-    _check_alike(src_layout, dst[0][0])
-    wire = wire_array(src_layout, data, count)
-    dst_arrays = [region_array(lay, reg) for lay, reg in dst]
-    moved = 0
-    for p in head_pieces(src_split, split_of([d[0] for d in dst])):
-        if p.src_shard != src_shard:
-            continue
-        piece = wire[:, :, :, p.src_head : p.src_head + p.count]
-        dst_arrays[p.dst_shard][:, dst_start : dst_start + count, :,
-                                p.dst_head : p.dst_head + p.count] = piece
-        moved += piece.nbytes
-    return moved
+def reslice_wire(layout: KvLayout, parts: Sequence[bytes | memoryview], count: int,
+                 dst_shards: int) -> list[np.ndarray]:
+    """A run of `count` blocks from every source shard (`parts`, rank order, each in wire
+    order shaped by `layout`, e.g. the tcp chunks of one position) as the `dst_shards`
+    destination shards' runs in wire order (flat uint8 arrays: `.data` is what
+    `KvBlockIO.write_run` takes)."""
+    src_split = HeadSplit(layout.num_kv_heads * len(parts), len(parts))
+    dst_split = HeadSplit(src_split.total_heads, dst_shards)
+    wires = [wire_array(layout, part, count) for part in parts]
+    slab, blocks, tokens, _, width = wires[0].shape
+    out = [np.empty((slab, blocks, tokens, dst_split.per_shard, width), dtype=np.uint8)
+           for _ in range(dst_shards)]
+    for p in head_pieces(src_split, dst_split):
+        out[p.dst_shard][:, :, :, p.dst_head : p.dst_head + p.count] = \
+            wires[p.src_shard][:, :, :, p.src_head : p.src_head + p.count]
+    return [o.reshape(-1) for o in out]
 
 
 def copy_run_heads_tensors(src: Sequence[Any], dst: Sequence[Any], run: BlockRun) -> int:

@@ -26,7 +26,8 @@ def shm_available() -> bool:
 
 
 class SharedRegion:
-    """One mmapped /dev/shm file: `view` is its bytes (writable only for the creator)."""
+    """One mmapped /dev/shm file: `view` is its bytes (writable for the creator, or when
+    attached `writable`)."""
 
     def __init__(self, name: str, mm: mmap.mmap, owner: bool) -> None:
         self.name = name
@@ -52,12 +53,15 @@ class SharedRegion:
         return cls(name, mm, owner=True)
 
     @classmethod
-    def attach(cls, name: str) -> SharedRegion:
+    def attach(cls, name: str, writable: bool = False) -> SharedRegion:
+        """Map another process's region: read-only, or `writable` (a tensor-parallel engine's
+        rank 0 writing pulled KV into its other ranks' regions)."""
         if not name.startswith(PREFIX) or "/" in name:
             raise ValueError(f"not a kvflow shared KV region name: {name!r}")
-        fd = os.open(SHM_DIR / name, os.O_RDONLY)
+        fd = os.open(SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
         try:
-            mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, 0, prot=prot)
         finally:
             os.close(fd)
         return cls(name, mm, owner=False)

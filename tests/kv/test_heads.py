@@ -1,11 +1,11 @@
-"""Head re-slicing between KV memories split over different TP sizes (shm regions, wire bytes)."""
+"""Head re-slicing between KV memories split over different TP sizes (shm regions, wire bytes, tensors)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kvflow.kv.blocks import BlockRun, read_run_from
+from kvflow.kv.blocks import BlockRun, read_run_from, write_run_into
 from kvflow.kv.heads import (
     HeadPiece,
     HeadSplit,
@@ -13,7 +13,7 @@ from kvflow.kv.heads import (
     copy_run_heads,
     copy_run_heads_tensors,
     head_pieces,
-    scatter_wire_run,
+    reslice_wire,
 )
 from kvflow.kv.layout import KvLayout
 from kvflow.kv.shm import SharedRegion
@@ -83,19 +83,22 @@ def test_copy_run_heads_between_shm_regions(src_tp: int, dst_tp: int) -> None:
             region.close()
 
 
-def test_scatter_wire_runs_of_each_source_shard() -> None:
-    full = _full(seed=7)
-    src = _shards(full, 2)
-    dst = _shards(np.zeros_like(full), 1)
+@pytest.mark.parametrize(("src_tp", "dst_tp"), [(2, 1), (1, 2), (2, 4), (4, 2), (2, 2)])
+def test_reslice_wire_runs_of_every_source_shard(src_tp: int, dst_tp: int) -> None:
+    """What a tcp puller does with one position's chunks (one per holder rank)."""
+    full = _full(seed=src_tp + 7 * dst_tp)
+    src = _shards(full, src_tp)
+    dst = _shards(np.zeros_like(full), dst_tp)
     try:
-        layout = _layout(HEADS // 2)
-        for shard, region in enumerate(src):  # what a tcp holder streams, one shard at a time
-            wire = read_run_from(layout, region.view, 0, 2)
-            scatter_wire_run(shard, HeadSplit(HEADS, 2), layout, wire,
-                             [(_layout(HEADS), dst[0].view)], dst_start=4, count=2)
+        layout = _layout(HEADS // src_tp)
+        wires = [read_run_from(layout, region.view, 1, 2) for region in src]
+        out = reslice_wire(layout, wires, 2, dst_tp)
+        assert len(out) == dst_tp
+        for region, wire in zip(dst, out, strict=True):  # each rank's run, as write_run takes it
+            write_run_into(_layout(HEADS // dst_tp), region.view, 3, 2, wire.data)
         got = _gather(dst)
-        np.testing.assert_array_equal(got[:, 4:6], full[:, 0:2])
-        assert not got[:, :4].any()
+        np.testing.assert_array_equal(got[:, 3:5], full[:, 1:3])
+        assert not got[:, :3].any() and not got[:, 5:].any()
     finally:
         for region in [*src, *dst]:
             region.close()

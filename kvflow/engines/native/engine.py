@@ -45,7 +45,7 @@ from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
 from kvflow.engines.native.tp_ranks import RankGroup, load_runner
 from kvflow.engines.native.weights import resolve_model_dir
-from kvflow.kv.connector import EngineKv, KvConnector
+from kvflow.kv.connector import EngineKv, KvConnector, KvShard
 from kvflow.kv.tiers.connector import model_identity, tier_connector_factory
 from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
 from kvflow.llm.protocol import (
@@ -118,11 +118,13 @@ class NativeEngine:
         """The KV tiers (when configured), behind the hooks' connector (disaggregation) when
         there is one: that connector hands it every request it does not take (`fallback`)."""
         assert self.runner is not None and self.pool is not None
-        regions = self._ranks.kv_regions if self._ranks is not None else []
-        shards = tuple(r for r in regions if r)  # tensor parallel: the other ranks' KV heads
+        # Tensor parallel: the other ranks' KV heads, opened here for the transfer plane (only
+        # then: on GPUs opening rank r's cache costs this process a CUDA context on GPU r).
+        shards: tuple[KvShard, ...] = ()
+        if self._ranks is not None and self.hooks.make_connector is not None:
+            shards = self._ranks.kv_shards(self.runner)
         kv = EngineKv(self.runner.block_io(), self.runner.shared_region_name(), self._wake,
-                      record_event=self.pool.record_event,
-                      head_shards=shards if len(shards) == len(regions) else ())
+                      record_event=self.pool.record_event, head_shards=shards)
         tiers = None
         if self.config.tiers.enabled:
             make_tiers = tier_connector_factory(
@@ -154,12 +156,14 @@ class NativeEngine:
         if self._thread is not None and self._loop is not None:
             await self._loop.run_in_executor(None, self._thread.join)
             self._thread = None
-        if self._ranks is not None:
-            await self._loop.run_in_executor(None, self._ranks.stop)
-            self._ranks = None
+        ranks, self._ranks = self._ranks, None
+        if ranks is not None:
+            await self._loop.run_in_executor(None, ranks.stop)
         self._fail_all("the native engine stopped; retry the request on another worker")
         if self.scheduler is not None and self.scheduler.connector is not None:
             await self._loop.run_in_executor(None, self.scheduler.connector.close)  # type: ignore[union-attr]
+        if ranks is not None:
+            ranks.close_shards()
         if self.runner is not None and self.runner.kv_memory.region is not None:
             self.runner.kv_memory.region.close()
 

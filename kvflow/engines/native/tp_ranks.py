@@ -7,11 +7,16 @@ Ctrl-C reaches only rank 0, which stops them in order), then joins the group and
 own shard. A rank that dies unexpectedly takes the engine down: the watcher logs which
 rank and its exit code, ends the remaining ranks and exits the process (a collective
 would otherwise wait for the dead rank). A rank whose parent disappears exits too.
+
+Each rank tells rank 0 (through the rendezvous store) where its KV shard lives: its /dev/shm
+region (CPU, shared_kv) or its cache's CUDA IPC handle (GPU). Rank 0 opens them all
+(`RankGroup.kv_shards`), so its transfer agent serves and writes every rank's KV heads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -27,7 +32,11 @@ import torch
 
 from kvflow.engines.native import parallel
 from kvflow.engines.native.config import NativeEngineConfig
+from kvflow.engines.native.kv_io import block_io, kv_layout
 from kvflow.engines.native.runner import ModelRunner
+from kvflow.kv.blocks import RegionBlockIO
+from kvflow.kv.connector import KvShard
+from kvflow.kv.shm import SharedRegion
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,10 @@ def _region_key(rank: int) -> str:
     return f"kv_region/{rank}"
 
 
+def _cuda_key(rank: int) -> str:
+    return f"kv_cuda_ipc/{rank}"
+
+
 def _die(message: str) -> None:
     log.error("%s", message)
     sys.stderr.write(message + "\n")
@@ -58,10 +71,14 @@ class RankGroup:
     """Ranks 1..N-1 seen from rank 0: started, watched, stopped."""
 
     def __init__(self, procs: list[subprocess.Popen], device: torch.device,
-                 kv_regions: list[str | None], on_lost: Callable[[str], None] = _die) -> None:
+                 kv_regions: list[str | None], on_lost: Callable[[str], None] = _die,
+                 kv_handles: list[list[bytes | int] | None] | None = None) -> None:
         self.procs, self.device, self.on_lost = procs, device, on_lost
-        # The /dev/shm KV region of ranks 1..N-1 (shared_kv on CPU), for re-slicing transfers.
+        # Where ranks 1..N-1 keep their KV: /dev/shm regions (shared_kv on CPU) or CUDA IPC
+        # handles (GPU); rank 0 opens them for the transfer plane (kv_shards).
         self.kv_regions = kv_regions
+        self.kv_handles = kv_handles or [None] * len(kv_regions)
+        self._opened: list[SharedRegion] = []
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="tp-ranks", daemon=True)
         self._watcher.start()
@@ -81,6 +98,33 @@ class RankGroup:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
+
+    def kv_shards(self, runner: ModelRunner) -> tuple[KvShard, ...]:
+        """Ranks 1..N-1's KV memories opened in this process, shaped like rank 0's (`runner`'s);
+        empty when some rank's memory cannot be opened here (no shared_kv on CPU)."""
+        shards: list[KvShard] = []
+        for name, handle in zip(self.kv_regions, self.kv_handles, strict=True):
+            if handle is not None:
+                from kvflow.kv.transfer.cuda_ipc import open_handle
+
+                tensor = open_handle(handle, kv_layout(runner.layout, runner.device))
+                layout = kv_layout(runner.layout, tensor.device)  # rank r's own GPU
+                shards.append(KvShard(block_io(layout, tensor), cuda_ipc=handle))
+            elif name is not None:
+                region = SharedRegion.attach(name, writable=True)
+                self._opened.append(region)
+                layout = kv_layout(runner.layout, runner.device)
+                shards.append(KvShard(RegionBlockIO(layout, region.view), shm_name=name))
+            else:
+                return ()
+        return tuple(shards)
+
+    def close_shards(self) -> None:
+        """Unmap the other ranks' regions (after the transfer plane stopped using them)."""
+        for region in self._opened:
+            with contextlib.suppress(BufferError):  # a pull still holds a view: unmapped at exit
+                region.close()
+        self._opened.clear()
 
     def stop(self) -> None:
         """Tell every rank to stop after its current step, then wait (kill on timeout)."""
@@ -125,7 +169,8 @@ def load_runner(config: NativeEngineConfig) -> tuple[ModelRunner, RankGroup | No
         raise
     parallel.drive_ranks(runner.model)
     regions = [store.get(_region_key(rank)).decode() or None for rank in range(1, size)]
-    return runner, RankGroup(procs, runner.device, regions)
+    handles = [msgspec.msgpack.decode(store.get(_cuda_key(rank))) or None for rank in range(1, size)]
+    return runner, RankGroup(procs, runner.device, regions, kv_handles=handles)
 
 
 # ---- a non-zero rank's process --------------------------------------------------------
@@ -148,6 +193,13 @@ def serve_rank(config: NativeEngineConfig, rank: int, port: int) -> int:
     parallel.join_group(rank, size, store, device)
     runner = ModelRunner.load(local)
     store.set(_region_key(rank), runner.shared_region_name() or "")
+    whole = runner.kv_memory.whole
+    handle = None
+    if whole.device.type == "cuda":
+        from kvflow.kv.transfer.cuda_ipc import share_handle
+
+        handle = share_handle(whole)
+    store.set(_cuda_key(rank), msgspec.msgpack.encode(handle))
     steps = parallel.serve_steps(runner.model, runner.device)
     parallel.leave_group()
     if runner.kv_memory.region is not None:

@@ -10,6 +10,12 @@ Pulling side, `pull(source, transfer_id, first_block, dst_blocks)`:
     -> describe (the hold's block ids) -> merge runs -> backend pull (with a timeout)
     -> release (True proves the hold outlived the copy: the data is valid)
 Any failure raises `TransferFailed`; the caller recomputes.
+
+Tensor parallel (either side): an engine's KV is one memory per rank, each holding a slice
+of the KV heads. The agent runs in rank 0's process with every rank's memory opened there
+(`KvShard`), serves them all and writes them all; backends re-slice the heads when the two
+engines' splits differ (kvflow.kv.heads), so a TP=2 prefill engine feeds a TP=1 decode
+engine and the other way round.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import msgspec
 
 from kvflow.kv.blocks import KvBlockIO, pair_runs
+from kvflow.kv.connector import KvShard
 from kvflow.kv.heads import whole_layout
 from kvflow.kv.layout import KvLayoutMismatch, check_compatible
 from kvflow.kv.transfer.backends import (
@@ -50,7 +57,6 @@ from kvflow.runtime import Context, DistributedRuntime
 
 log = logging.getLogger(__name__)
 ENDPOINT = "kv_transfer"
-SHARD_BACKENDS = ("shm",)  # backends that re-slice a tensor-parallel holder's KV heads
 
 
 class TransferFailed(Exception):
@@ -81,29 +87,35 @@ class TransferAgent:
         self, runtime: DistributedRuntime, component: str, worker_id: int, io: KvBlockIO,
         on_release: Callable[[list[int]], None], *, shm_name: str | None = None,
         config: TransferConfig | None = None, metrics: TransferMetrics | None = None,
-        head_shards: tuple[str, ...] = (),
+        head_shards: tuple[KvShard, ...] = (),
     ) -> None:
         self.runtime = runtime
         self.config = config or TransferConfig()
         self.io = io
+        # Tensor parallel: every rank's KV memory, rank 0's (`io`) first; pulls write them all.
+        self.shard_ios: list[KvBlockIO] = [io, *(s.io for s in head_shards)]
         self.namespace = runtime.config.namespace
         self.holds = HoldTable(self.config.lease_s, on_release)
         self.metrics = metrics or metrics_for(runtime.metrics_registry)
         self.info = self._describe(f"{self.namespace}.{component}.{ENDPOINT}", worker_id, shm_name,
-                                   list(head_shards))
+                                   head_shards)
         self._peers: dict[int, AgentInfo] = {}
         self._clients: dict[str, Any] = {}
         self._tasks: list[asyncio.Task] = []
         self._warned_tcp = False
 
     def _describe(self, endpoint: str, worker_id: int, shm_name: str | None,
-                  head_shards: list[str]) -> AgentInfo:
+                  head_shards: tuple[KvShard, ...]) -> AgentInfo:
+        # Another rank's memory is published only when every rank's is (else peers would
+        # see part of the heads): a backend then serves only if it has all of them.
+        names = [s.shm_name for s in head_shards if s.shm_name is not None]
+        handles = [s.cuda_ipc for s in head_shards if s.cuda_ipc is not None]
         info = AgentInfo(worker_id, endpoint, self.io.layout, host_id(), [], shm_name,
-                         head_shards=head_shards)
+                         shards=1 + len(head_shards),
+                         head_shards=names if len(names) == len(head_shards) else [],
+                         cuda_ipc_shards=handles if len(handles) == len(head_shards) else [])
         served: list[str] = []
         for name in self.config.backends:
-            if head_shards and name not in SHARD_BACKENDS:  # they would move rank 0's heads only
-                continue
             published = get_backend(name).publish(info, self.io) if name in backend_names() else None
             if published is not None:
                 info = published
@@ -156,6 +168,7 @@ class TransferAgent:
             raise ValueError(f"unknown KV transfer op {request.op!r}")
 
     def _chunks(self, request: TransferRequest, held: set[int]) -> list[Chunk]:
+        """The runs as chunks; tensor parallel: each position once per rank, rank order."""
         per_chunk = max(1, self.config.chunk_bytes // self.io.layout.block_bytes)
         out: list[Chunk] = []
         for src, count in request.runs:
@@ -163,7 +176,8 @@ class TransferAgent:
                 raise ValueError(f"blocks {src}..{src + count - 1} are not held for this transfer")
             for at in range(src, src + count, per_chunk):
                 n = min(per_chunk, src + count - at)
-                out.append(Chunk(at, n, self.io.read_run(at, n)))
+                out.extend(Chunk(at, n, io.read_run(at, n), shard)
+                           for shard, io in enumerate(self.shard_ios))
         return out
 
     # ---- pulling side -----------------------------------------------------------------
@@ -194,8 +208,9 @@ class TransferAgent:
         self, source: int, transfer_id: str, first_block: int, dst_blocks: list[int]
     ) -> KvTransferStats:
         remote = await self._peer(source)
-        whole = whole_layout(remote.layout, 1 + len(remote.head_shards))
-        check_compatible(self.io.layout, whole, f"worker {remote.worker_id:x}")
+        # Tensor parallel on either side: the heads of all ranks together must match.
+        check_compatible(whole_layout(self.io.layout, len(self.shard_ios)),
+                         whole_layout(remote.layout, remote.shards), f"worker {remote.worker_id:x}")
         described = await self._one(remote, TransferRequest("describe", transfer_id))
         src = described.block_ids[first_block : first_block + len(dst_blocks)]
         if not described.held or len(src) < len(dst_blocks):
@@ -204,7 +219,7 @@ class TransferAgent:
         backend = choose_backend(self.config.backends, self.info, remote)
         self._note_backend(backend, remote)
         job = PullJob(self.io, self.info, remote, transfer_id, pair_runs(src, dst_blocks),
-                      lambda r: self._call(remote, r))
+                      lambda r: self._call(remote, r), self.shard_ios)
         nbytes = await get_backend(backend).pull(job)
         released = await self._one(remote, TransferRequest("release", transfer_id))
         if not released.held:

@@ -8,18 +8,21 @@
   tensor, opened once from its published CUDA IPC handle (cuda_ipc.py).
 
 A backend pulls a `PullJob`: runs (src on the holder, dst here) that the agent already
-merged and validated against the hold; it returns the bytes it moved.
+merged and validated against the hold; it returns the bytes it moved. Either engine may be
+tensor parallel (`AgentInfo.shards` memories on the holder, `PullJob.local_shards` here):
+every backend then moves every rank's heads, re-sliced to this engine's split
+(kvflow.kv.heads); with one memory on both sides that is the plain block copy.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvflow.kv.blocks import BlockRun, KvBlockIO, copy_run, read_run_from
-from kvflow.kv.heads import copy_run_heads
+from kvflow.kv.heads import copy_run_heads, reslice_wire
 from kvflow.kv.shm import SharedRegion
 from kvflow.kv.transfer.cuda_ipc import CudaIpcBackend
 from kvflow.kv.transfer.messages import AgentInfo, Chunk, Reply, TransferRequest
@@ -34,6 +37,23 @@ class PullJob:
     transfer_id: str
     runs: list[BlockRun]
     call: Callable[[TransferRequest], AsyncIterator[Reply]]  # a request to the holder's agent
+    # Every rank's KV memory here, rank 0's (`local_io`) first; empty means just `local_io`.
+    local_shards: list[KvBlockIO] = field(default_factory=list)
+
+    @property
+    def destinations(self) -> list[KvBlockIO]:
+        return self.local_shards or [self.local_io]
+
+
+def write_shards(job: PullJob, dst: int, count: int, parts: list[bytes | memoryview]) -> None:
+    """Write one run of every holder rank (`parts`, wire order) into this engine's ranks."""
+    dests = job.destinations
+    if len(parts) == len(dests):  # the same split: rank r's heads go to rank r
+        for io, part in zip(dests, parts, strict=True):
+            io.write_run(dst, count, part)
+        return
+    for io, wire in zip(dests, reslice_wire(job.remote.layout, parts, count, len(dests)), strict=True):
+        io.write_run(dst, count, wire.data)
 
 
 class TransferBackend(Protocol):
@@ -92,16 +112,24 @@ class TcpBackend:
     async def pull(self, job: PullJob) -> int:
         request = TransferRequest("read", job.transfer_id, [(r.src, r.count) for r in job.runs])
         pending = list(job.runs)
+        parts: list[bytes] = []  # one position's chunks so far, holder rank order
         moved = 0
         async for reply in job.call(request):
             if not isinstance(reply, Chunk):
                 raise ValueError(f"unexpected transfer reply {type(reply).__name__}")
+            if not pending:
+                raise ValueError(f"chunk for block {reply.src} after every run arrived")
             run = pending[0]
             if not run.src <= reply.src < run.src + run.count:
                 raise ValueError(f"chunk for block {reply.src} outside the run {run}")
-            dst = run.dst + (reply.src - run.src)
-            job.local_io.write_run(dst, reply.count, reply.data)
+            if reply.shard != len(parts):
+                raise ValueError(f"chunk of rank {reply.shard} where rank {len(parts)} was due")
+            parts.append(reply.data)
             moved += len(reply.data)
+            if len(parts) < job.remote.shards:
+                continue
+            write_shards(job, run.dst + (reply.src - run.src), reply.count, list(parts))
+            parts.clear()
             if reply.src + reply.count == run.src + run.count:
                 pending.pop(0)
         if pending:
@@ -118,14 +146,15 @@ class ShmBackend:
         self._attached: dict[str, SharedRegion] = {}
 
     def publish(self, info: AgentInfo, io: KvBlockIO) -> AgentInfo | None:
-        return info if info.shm_name is not None else None
+        every_rank = len(info.head_shards) == info.shards - 1
+        return info if info.shm_name is not None and every_rank else None
 
     def usable(self, local: AgentInfo, remote: AgentInfo) -> bool:
         return remote.shm_name is not None and remote.host_id == local.host_id
 
     async def pull(self, job: PullJob) -> int:
         assert job.remote.shm_name is not None
-        if job.remote.head_shards:
+        if job.remote.shards > 1 or len(job.destinations) > 1:
             return await asyncio.to_thread(self._copy_shards, job)
         region = self._attach(job.remote.shm_name)
         return await asyncio.to_thread(self._copy, job, region.view)
@@ -137,15 +166,23 @@ class ShmBackend:
         return region
 
     def _copy_shards(self, job: PullJob) -> int:
-        """A tensor-parallel holder: every rank's region, heads re-sliced into ours."""
-        dst_region = job.local_io.region()
-        if dst_region is None:
-            raise ValueError("KV from a tensor-parallel holder needs host-memory KV here")
+        """Tensor parallel on either side: every holder rank's region, heads re-sliced into
+        every rank's memory here (strided copies between regions; staged when ours are not
+        host memory)."""
         rl = job.remote.layout
         assert job.remote.shm_name is not None
-        src = [(rl, self._attach(name).view) for name in [job.remote.shm_name, *job.remote.head_shards]]
-        dst = [(job.local_io.layout, dst_region)]
-        return sum(copy_run_heads(src, dst, run) for run in job.runs)
+        names = [job.remote.shm_name, *job.remote.head_shards]
+        src = [(rl, self._attach(name).view) for name in names]
+        regions = [io.region() for io in job.destinations]
+        if all(r is not None for r in regions):
+            dst = [(io.layout, r) for io, r in zip(job.destinations, regions, strict=True)
+                   if r is not None]
+            return sum(copy_run_heads(src, dst, run) for run in job.runs)
+        for run in job.runs:
+            parts: list[bytes | memoryview] = [read_run_from(rl, view, run.src, run.count)
+                                               for _, view in src]
+            write_shards(job, run.dst, run.count, parts)
+        return sum(r.count for r in job.runs) * rl.block_bytes * len(names)
 
     @staticmethod
     def _copy(job: PullJob, src: memoryview) -> int:

@@ -29,9 +29,14 @@ class AgentInfo(msgspec.Struct, frozen=True):
     backends: list[str]  # the backends this agent serves, best first
     shm_name: str | None = None  # /dev/shm region holding the KV (backend "shm")
     cuda_ipc: list[bytes | int] | None = None  # torch CUDA IPC handle of the KV (backend "cuda_ipc")
-    # A tensor-parallel holder: the /dev/shm regions of ranks 1..N-1, each holding the next
-    # `layout.num_kv_heads` KV heads (rank 0's is `shm_name`); pulled by "shm" (kv/heads.py).
+    # Tensor parallel: the engine's KV is `shards` memories (one per rank), rank r holding KV
+    # heads r*H/N.. of every layer, each shaped like `layout` (rank 0's). Peers re-slice heads
+    # to their own split (kv/heads.py). The other ranks' memories, for "shm" their /dev/shm
+    # regions and for "cuda_ipc" their handles (rank 0's are `shm_name` / `cuda_ipc`);
+    # "tcp" streams every rank's run (Chunk.shard).
+    shards: int = 1
     head_shards: list[str] = []
+    cuda_ipc_shards: list[list[bytes | int]] = []
 
 
 class TransferRequest(msgspec.Struct, frozen=True):
@@ -53,6 +58,7 @@ class Chunk(msgspec.Struct, tag="chunk"):
     src: int  # first source block of this piece
     count: int
     data: bytes
+    shard: int = 0  # tensor parallel: whose KV heads (a position's shards come 0..N-1 in a row)
 
 
 Reply = HoldReply | Chunk

@@ -99,11 +99,17 @@ def test_shard_config_and_split_rules(tiny_models: Callable[[str], Path]) -> Non
     assert split_dim("model.embed_tokens.weight") is None
 
 
-async def test_tp2_prefill_to_tp1_decode_reslices_heads_over_shm(
-    tiny_models: Callable[[str], Path], hf_greedy: Callable[[Path, list[int], int], list[int]],
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)])
+async def test_disaggregated_between_tp_sizes_matches_aggregated_tp1(
+    tiny_models: Callable[[str], Path], prefill_tp: int, decode_tp: int,
 ) -> None:
-    """Disaggregated: a TP=2 prefill engine holds the prompt's KV in two processes' regions;
-    a TP=1 decode engine pulls it (shm, heads re-sliced) and decodes exactly like transformers."""
+    """A prefill engine and a decode engine of different TP sizes (the TP=2 one has its rank 1
+    in its own process, KV heads split over two /dev/shm regions): the decode engine pulls
+    the prompt's KV over shm and then over tcp (heads re-sliced both times; at TP=2 decode
+    rank 0 writes rank 1's heads into its region) and its greedy output equals the TP=1
+    engine's own aggregated output."""
+    import dataclasses
+
     from kvflow.engines.base import EngineHooks
     from kvflow.kv.disagg import disagg_connector_factory
     from kvflow.kv.transfer.agent import TransferAgent, TransferConfig
@@ -114,28 +120,37 @@ async def test_tp2_prefill_to_tp1_decode_reslices_heads_over_shm(
     path = tiny_models("llama")
     runtime = await DistributedRuntime(RuntimeConfig(
         namespace="tpkv", discovery="memory", event_plane="inproc")).start()
-    config = TransferConfig(timeout_s=10.0, backends=("shm", "tcp"))
+    config = TransferConfig(timeout_s=10.0, backends=("shm", "tcp"), chunk_bytes=4096)
     agents: list[TransferAgent] = []
     engines = []
     try:
-        for worker_id, component, tp in ((11, "prefill", 2), (22, "backend", 1)):
+        for worker_id, component, tp in ((11, "prefill", prefill_tp), (22, "backend", decode_tp)):
             hooks = EngineHooks(worker_id=worker_id, make_connector=disagg_connector_factory(
                 runtime, component, worker_id, config, metrics_for(runtime.metrics_registry), agents))
             engines.append(await small_native_engine(path, hooks, tensor_parallel_size=tp))
         for agent in agents:
             await agent.start()
-        assert agents[0].info.backends == ["shm"] and len(agents[0].info.head_shards) == 1
-        prompt = prompt_ids(29, seed=3)
-        routing = RoutingHints(disagg=DisaggHint(PHASE_PREFILL, "t1"))
-        first = greedy_request("t1-p", prompt, 1)
-        await collect(engines[0], msgspec.structs.replace(first, routing=routing))
-        hint = DisaggHint(PHASE_DECODE, "t1", source_worker=11, num_tokens=len(prompt))
-        decode = msgspec.structs.replace(_request(0, prompt), routing=RoutingHints(disagg=hint))
-        outs = await collect(engines[1], decode)
-        stats = outs[0].kv_transfer
-        assert stats is not None and stats.backend == "shm" and stats.blocks == 7
-        hf = hf_greedy(path, prompt, 8)  # stops at EOS; ours ignores it
-        assert len(tokens(outs)) == 8 and tokens(outs)[: len(hf)] == hf
+        assert [a.info.shards for a in agents] == [prefill_tp, decode_tp]
+        assert agents[0].info.backends == ["shm", "tcp"]
+        aggregated = engines[0] if prefill_tp == 1 else engines[1]
+        for n, backend in enumerate(["shm", "tcp"]):
+            agents[1].config = dataclasses.replace(config, backends=(backend,))
+            prompt = prompt_ids(29, seed=3 + n)
+            tid = f"t-{backend}"
+            first = greedy_request(f"{tid}-p", prompt, 1)
+            routing = RoutingHints(disagg=DisaggHint(PHASE_PREFILL, tid))
+            await collect(engines[0], msgspec.structs.replace(first, routing=routing))
+            hint = DisaggHint(PHASE_DECODE, tid, source_worker=11, num_tokens=len(prompt))
+            decode = msgspec.structs.replace(_request(n, prompt), routing=RoutingHints(disagg=hint))
+            outs = await collect(engines[1], decode)
+            stats = outs[0].kv_transfer
+            assert stats is not None and stats.backend == backend and stats.blocks == 7
+            # 2 layers x K,V x 4 tokens x 2 KV heads x 16 dims x 4 bytes per block, every head once
+            assert stats.bytes == 7 * 2048
+            # The reference: the TP=1 engine alone, its prefix cache kept apart by a salt.
+            alone = msgspec.structs.replace(_request(n, prompt), request_id=f"agg-{n}", cache_salt="agg")
+            want = tokens(await collect(aggregated, alone))
+            assert len(want) == 8 and tokens(outs) == want
     finally:
         for agent in agents:
             await agent.close()
