@@ -80,7 +80,8 @@ class PlannerService:
             start = Fleet(aggregated=config.min_workers) if config.mode != "disaggregated" else \
                 Fleet(prefill=1, decode=max(config.min_workers - 1, 1))
             self.connector.apply(start)
-        self.planner = Planner(config.rules(), load_perf(config.perf_model), start, config.predictor)
+        self.planner = Planner(config.rules(), load_perf(config.perf_model), start, config.predictor,
+                               settle_s=config.worker_startup_s, baseline_s=config.baseline_s)
         self.decisions_file = Path(config.decisions_file) if config.decisions_file else None
 
     def tick(self, now: float) -> Decision:

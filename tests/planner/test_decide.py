@@ -131,3 +131,27 @@ def test_the_operator_s_planner_command_parses_as_a_planner_config() -> None:
     config = config_from_args(PlannerConfig, "planner", parser.parse_args(command[2:]))
     assert config.connector == "kubernetes" and config.apply and config.mode == "disaggregated"
     assert "prefill=" in config.k8s_scale_targets and "decode=" in config.k8s_scale_targets
+
+
+def test_scale_down_goes_to_the_largest_fleet_the_voting_intervals_wanted() -> None:
+    # Best fleets on the flat model: 10 req/s -> 2 (1 worker: rho 1); 18 req/s -> 3 (2: rho 0.9).
+    r = rules(scale_down_intervals=3, cooldown_s=0.0, max_scale_down_step=8)
+    state = PlanState(Fleet(aggregated=6))
+    for t, rate in ((5.0, 10.0), (10.0, 18.0)):
+        decision, state = plan_step(state, t, Load(rate, 512, 100), FLAT, r)
+        assert decision.action == "hold"
+    assert state.down_to == Fleet(aggregated=3)
+    decision, state = plan_step(state, 15.0, Load(10, 512, 100), FLAT, r)
+    assert decision.target == Fleet(aggregated=3)  # not 2: the 18 req/s interval wanted 3
+    assert state.down_to is None and state.down_votes == 0
+    one_step = rules(scale_down_intervals=1, cooldown_s=0.0, max_scale_down_step=1)
+    assert plan_step(PlanState(Fleet(aggregated=6)), 5.0, Load(10, 512, 100), FLAT,
+                     one_step)[0].target == Fleet(aggregated=5)
+
+
+def test_a_vote_that_wants_the_current_fleet_resets_the_floor() -> None:
+    r = rules(scale_down_intervals=2, cooldown_s=0.0, max_scale_down_step=8)
+    state = PlanState(Fleet(aggregated=3))
+    _, state = plan_step(state, 5.0, Load(10, 512, 100), FLAT, r)  # wants 2
+    _, state = plan_step(state, 10.0, Load(18, 512, 100), FLAT, r)  # wants 3: the current fleet
+    assert state.down_votes == 0 and state.down_to is None
