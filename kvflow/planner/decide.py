@@ -145,7 +145,8 @@ def plan_step(state: PlanState, now: float, predicted: Load | None, perf: PerfMo
     fleet = state.fleet
     if predicted is None:
         reason = "no fresh metrics: holding the current fleet (never scaling down blind)"
-        return Decision(now, "hold", fleet, fleet, reason), dataclasses.replace(state, down_votes=0, down_to=None)
+        held = dataclasses.replace(state, down_votes=0, down_to=None)
+        return Decision(now, "hold", fleet, fleet, reason), held
     best, options = choose(predicted, perf, rules, calib, baseline=baseline)
     planned = planned_load(predicted, rules, baseline)
     current = evaluate(fleet, planned, perf, rules, calib)

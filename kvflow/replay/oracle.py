@@ -104,10 +104,24 @@ class _Search:
         return True
 
 
+def _smallest(ok: Callable[[int], bool], start: int, top: int) -> tuple[int, bool]:
+    """The smallest n in 1..top with ok(n), searching from start (ok is monotone enough); else top."""
+    n = start
+    if ok(n):
+        while n > 1 and ok(n - 1):
+            n -= 1
+        return n, True
+    while n < top:
+        n += 1
+        if ok(n):
+            return n, True
+    return top, False
+
+
 def oracle_schedule(trace: list[TraceRequest], make_sim: Callable[[int], Simulation], *,
                     window_s: float, ttft_sla: float, itl_sla: float, startup_s: float,
                     max_workers: int) -> OracleResult:
-    """The greedy least-workers-per-window schedule; `make_sim(n)` starts a simulation with n ready workers."""
+    """The greedy least-workers-per-window schedule; `make_sim(n)` starts with n ready workers."""
     if not 0 <= startup_s < window_s:
         raise ValueError(f"the oracle needs 0 <= startup_s < window_s; got {startup_s} and {window_s}")
     search = _Search(trace, _Sla(window_s, ttft_sla, itl_sla), startup_s)
@@ -115,25 +129,14 @@ def oracle_schedule(trace: list[TraceRequest], make_sim: Callable[[int], Simulat
     base: Simulation | None = None
     previous_ok = False
     for k in range(search.windows):
-        def ok(n: int, k: int = k) -> bool:
-            start = make_sim(n) if base is None else base
-            return search.trial(start, k, n, previous_ok)
-        n = schedule[-1] if schedule else 1
-        if ok(n):
-            while n > 1 and ok(n - 1):
-                n -= 1
-            meets = True
-        else:
-            meets = False
-            while n < max_workers and not (meets := ok(n + 1)):
-                n += 1
-            n = min(n + 1, max_workers)
-        schedule.append(n)
-        previous_ok = meets
         if base is None:
+            n, previous_ok = _smallest(lambda n: search.trial(make_sim(n), 0, n, False), 1, max_workers)
             base = make_sim(n)
         else:
+            n, previous_ok = _smallest(lambda n, s=base, k=k, c=previous_ok: search.trial(s, k, n, c),
+                                       schedule[-1], max_workers)
             search.apply(base, k, n)
+        schedule.append(n)
         base.advance((k + 1) * window_s - startup_s if k + 1 < search.windows else float("inf"))
     if base is None:
         base = make_sim(1)
