@@ -52,6 +52,8 @@ def describe(d: Decision) -> str:
         p = d.predicted
         parts.append(f"predicted {p.rate:.2f} req/s ISL {p.isl:.0f} OSL {p.osl:.0f} "
                      f"cached {p.cached_fraction:.2f}")
+    if d.planned is not None:
+        parts.append(f"sized for {d.planned.rate:.2f} req/s")
     for o in d.options[:3]:
         parts.append(f"option {o.fleet}: TTFT {o.ttft_s:.3f}s ITL {o.itl_s * 1e3:.1f}ms "
                      f"{'meets' if o.meets else 'misses'}")
