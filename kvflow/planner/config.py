@@ -24,9 +24,12 @@ class PlannerConfig:
     gpus_per_worker: int = 1
     predictor: str = "kalman"
     headroom: float = 0.1
+    burst_ratio: float = 0.0  # keep capacity for this multiple of the baseline (median) rate; 0 = off
+    baseline_s: float = 120.0  # the baseline is the median rate over this many seconds
     scale_down_intervals: int = 3  # hysteresis: intervals in a row that must want a scale-down
     cooldown_s: float = 60.0  # after any change, before a scale-down
     max_scale_down_step: int = 1
+    worker_startup_s: float = 30.0  # from asking for a worker to its first request: no calibration meanwhile
     perf_model: str = ""  # JSON from `kvflow profile`; "" = the mocker's default timing model
     connector: str = "virtual"  # virtual | local | kubernetes
     worker_args: str = ""  # local connector: arguments of each `kvflow worker`
@@ -49,5 +52,5 @@ class PlannerConfig:
     def rules(self) -> Rules:
         return Rules(Sla(self.ttft_p90_s, self.itl_p90_s),
                      Bounds(self.min_workers, self.max_workers, self.gpu_budget, self.gpus_per_worker),
-                     self.mode, self.headroom, self.scale_down_intervals, self.cooldown_s,
+                     self.mode, self.headroom, self.burst_ratio, self.scale_down_intervals, self.cooldown_s,
                      self.max_scale_down_step)

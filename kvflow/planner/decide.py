@@ -1,11 +1,14 @@
 """The planner's decision, a pure function: which fleet meets the SLA at least cost, and when to move.
 
 `choose` enumerates fleet shapes within the bounds and GPU budget and takes the
-cheapest that meets the SLA on the predicted load plus headroom. `plan_step` adds
+cheapest that meets the SLA on the planned load: the predicted rate plus headroom,
+and, with a `burst_ratio`, at least that multiple of the baseline rate (the recent
+median), so a burst finds its capacity already there while new workers start. `plan_step` adds
 the rules that keep a fleet from oscillating: scale up (or fix a fleet that misses
 the SLA) at once; scale down only after `scale_down_intervals` intervals in a row
-want it and `cooldown_s` after the last change, by at most `max_scale_down_step`
-workers per pool; hold, and say so, when there is no fresh observation.
+want it and `cooldown_s` after the last change, to the largest fleet any of those
+intervals wanted and by at most `max_scale_down_step` workers per pool; hold, and
+say so, when there is no fresh observation.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Rules:
     bounds: Bounds = Bounds()
     mode: str = "aggregated"
     headroom: float = 0.1  # plan for predicted load x (1 + headroom)
+    burst_ratio: float = 0.0  # and for at least burst_ratio x the baseline rate (0: off)
     scale_down_intervals: int = 3
     cooldown_s: float = 60.0
     max_scale_down_step: int = 1
@@ -48,6 +52,14 @@ class Rules:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"planner mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.headroom < 0 or self.burst_ratio < 0:
+            raise ValueError("planner headroom and burst_ratio must be >= 0")
+
+
+def planned_load(load: Load, rules: Rules, baseline: float = 0.0) -> Load:
+    """The load a fleet is sized for: prediction x (1 + headroom), at least burst_ratio x baseline."""
+    rate = max(load.rate * (1 + rules.headroom), baseline * rules.burst_ratio)
+    return Load(rate, load.isl, load.osl, load.cached_fraction)
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,14 @@ class PlanState:
     fleet: Fleet
     last_change_s: float = float("-inf")
     down_votes: int = 0
+    down_to: Fleet | None = None  # the largest fleet the intervals voting for a scale-down wanted
+
+
+def _larger(a: Fleet | None, b: Fleet) -> Fleet:
+    """Pool by pool, the larger of two fleets of the same kind (b when they differ in kind)."""
+    if a is None or a.disaggregated != b.disaggregated:
+        return b
+    return Fleet(*(max(x, y) for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b), strict=True)))
 
 
 @dataclass(frozen=True)
@@ -67,6 +87,7 @@ class Decision:
     target: Fleet
     reason: str
     predicted: Load | None = None
+    planned: Load | None = None  # what the fleet was sized for (headroom, burst reserve)
     chosen: Estimate | None = None
     current: Estimate | None = None
     options: tuple[Estimate, ...] = ()
@@ -93,10 +114,10 @@ def evaluate(fleet: Fleet, load: Load, perf: PerfModel, rules: Rules, calib: Cal
 
 
 def choose(load: Load, perf: PerfModel, rules: Rules, calib: Calibration | None = None,
-           mode: str | None = None) -> tuple[Estimate, tuple[Estimate, ...]]:
+           mode: str | None = None, baseline: float = 0.0) -> tuple[Estimate, tuple[Estimate, ...]]:
     """The cheapest shape meeting the SLA (ties: most slack); else the biggest allowed."""
     calib = calib or Calibration()
-    planned = load.scaled(1 + rules.headroom)
+    planned = planned_load(load, rules, baseline)
     options = [evaluate(f, planned, perf, rules, calib) for f in _shapes(rules, mode or rules.mode)]
     if not options:
         raise ValueError(f"no fleet shape fits the bounds {rules.bounds}")
@@ -113,21 +134,24 @@ def choose(load: Load, perf: PerfModel, rules: Rules, calib: Calibration | None 
 def _step_down(current: Fleet, target: Fleet, step: int) -> Fleet:
     if current.disaggregated != target.disaggregated:
         return target  # a change of mode is taken whole (cooldown and votes still apply)
-    return Fleet(*(max(t, c - step) for c, t in zip(dataclasses.astuple(current),
+    return Fleet(*(min(c, max(t, c - step)) for c, t in zip(dataclasses.astuple(current),
                                                     dataclasses.astuple(target), strict=True)))
 
 
 def plan_step(state: PlanState, now: float, predicted: Load | None, perf: PerfModel, rules: Rules,
-              calib: Calibration | None = None) -> tuple[Decision, PlanState]:
-    """Decide this interval's target fleet and the planner's next state."""
+              calib: Calibration | None = None, baseline: float = 0.0) -> tuple[Decision, PlanState]:
+    """Decide this interval's target fleet and the planner's next state (baseline: see planned_load)."""
     calib = calib or Calibration()
     fleet = state.fleet
     if predicted is None:
         reason = "no fresh metrics: holding the current fleet (never scaling down blind)"
-        return Decision(now, "hold", fleet, fleet, reason), dataclasses.replace(state, down_votes=0)
-    best, options = choose(predicted, perf, rules, calib)
-    current = evaluate(fleet, predicted.scaled(1 + rules.headroom), perf, rules, calib)
-    common = {"predicted": predicted, "chosen": best, "current": current, "options": options}
+        held = dataclasses.replace(state, down_votes=0, down_to=None)
+        return Decision(now, "hold", fleet, fleet, reason), held
+    best, options = choose(predicted, perf, rules, calib, baseline=baseline)
+    planned = planned_load(predicted, rules, baseline)
+    current = evaluate(fleet, planned, perf, rules, calib)
+    common = {"predicted": predicted, "planned": planned, "chosen": best, "current": current,
+              "options": options}
     if best.fleet == fleet:
         why = "the current fleet is the cheapest that meets the SLA" if best.meets else \
             "no fleet within the bounds meets the SLA; this is the closest"
@@ -139,14 +163,18 @@ def plan_step(state: PlanState, now: float, predicted: Load | None, perf: PerfMo
                f"{verdict} the SLA; {best.fleet} is the cheapest that meets it")
         return Decision(now, action, fleet, best.fleet, why, **common), PlanState(best.fleet, now)
     votes = state.down_votes + 1
+    floor = _larger(state.down_to, best.fleet)
     waited = now - state.last_change_s
     if votes < rules.scale_down_intervals or waited < rules.cooldown_s:
         why = (f"{best.fleet} would meet the SLA at lower cost; waiting ({votes}/"
                f"{rules.scale_down_intervals} intervals, {min(waited, rules.cooldown_s):.0f}/"
                f"{rules.cooldown_s:.0f}s cool-down)")
-        held = PlanState(fleet, state.last_change_s, votes)
+        held = PlanState(fleet, state.last_change_s, votes, floor)
         return Decision(now, "hold", fleet, fleet, why, **common), held
-    target = _step_down(fleet, best.fleet, rules.max_scale_down_step)
+    target = _step_down(fleet, floor, rules.max_scale_down_step)
+    if target == fleet:  # the intervals agreed only on a different split: take the latest
+        target = _step_down(fleet, best.fleet, rules.max_scale_down_step)
     action = "scale_down" if target.workers < fleet.workers else "resplit"
-    why = f"{best.fleet} meets the SLA with the full predicted load; moving to {target}"
+    why = (f"{best.fleet} meets the SLA with the full predicted load ({floor} the largest wanted "
+           f"over the last {votes} intervals); moving to {target}")
     return Decision(now, action, fleet, target, why, **common), PlanState(target, now)

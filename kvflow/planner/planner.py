@@ -3,12 +3,18 @@
 The rate is forecast by the configured predictor; prompt/output lengths and the
 cached fraction by a moving average (they drift slowly). After each observed
 interval with enough requests, the performance model is calibrated: the observed
-TTFT/ITL p90 against what the model predicts for the fleet that served them.
+TTFT/ITL p90 against what the model predicts for the fleet that served them. After
+a fleet change, intervals are not used until `settle_s` (a worker's start-up time)
+plus one predicted request duration (OSL x ITL) have passed: until then the requests
+finishing were served, at least in part, by a fleet other than the one set. The
+baseline rate for the burst reserve (`Rules.burst_ratio`) is the median observed rate
+over the last `baseline_s` seconds.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from kvflow.planner.decide import Decision, PlanState, Rules, plan_step
 from kvflow.planner.model import Fleet, Load, estimate
@@ -22,13 +28,17 @@ MIN_REQUESTS_TO_CALIBRATE = 20
 
 class Planner:
     def __init__(self, rules: Rules, perf: PerfModel, fleet: Fleet, predictor: str = "kalman",
-                 calibrate: bool = True) -> None:
+                 calibrate: bool = True, settle_s: float = 0.0, baseline_s: float = 120.0) -> None:
         self.rules, self.perf = rules, perf
         self.state = PlanState(fleet)
         self.rate = make_predictor(predictor)
         self.shape = [MovingAveragePredictor(4) for _ in range(3)]  # isl, osl, cached fraction
         self.calib = Calibration()
         self.calibrate = calibrate
+        self.settle_s = settle_s
+        self.calibrate_from = float("-inf")  # intervals starting earlier are not calibrated on
+        self.baseline_s = baseline_s
+        self.rates: deque[tuple[float, float]] = deque()  # (at_s, observed rate) over baseline_s
         self.decisions: list[Decision] = []
         self._seen = False
 
@@ -38,15 +48,31 @@ class Planner:
 
     def step(self, now: float, obs: Observation | None) -> Decision:
         predicted = self._predict(obs)
-        decision, self.state = plan_step(self.state, now, predicted, self.perf, self.rules, self.calib)
+        decision, self.state = plan_step(self.state, now, predicted, self.perf, self.rules, self.calib,
+                                         self.baseline())
+        if decision.target != decision.previous:
+            chosen, load = decision.chosen, decision.predicted
+            serve = load.osl * chosen.itl_s if chosen and load and chosen.itl_s < float("inf") else 0.0
+            self.calibrate_from = now + self.settle_s + serve
         self.decisions.append(decision)
         del self.decisions[:-1000]
         return decision
+
+    def baseline(self) -> float:
+        """The median observed rate over the last baseline_s: a burst shorter than half of it leaves
+        it where it was, the daily trend moves it."""
+        if not self.rates:
+            return 0.0
+        ordered = sorted(r for _, r in self.rates)
+        return ordered[len(ordered) // 2]
 
     def _predict(self, obs: Observation | None) -> Load | None:
         if obs is None:
             return None
         self.rate.observe(obs.load.rate)
+        self.rates.append((obs.at_s, obs.load.rate))
+        while self.rates and self.rates[0][0] <= obs.at_s - self.baseline_s:
+            self.rates.popleft()
         if obs.requests:
             for p, v in zip(self.shape, (obs.load.isl, obs.load.osl, obs.load.cached_fraction),
                             strict=True):
@@ -61,6 +87,8 @@ class Planner:
     def _calibrate(self, obs: Observation) -> None:
         if not self.calibrate or obs.requests < MIN_REQUESTS_TO_CALIBRATE:
             return
+        if obs.at_s - obs.interval_s < self.calibrate_from:
+            return  # new workers were still starting (or old ones draining) during this interval
         ttft, itl = estimate(self.fleet, obs.load, self.perf)
         if ttft == float("inf") or itl == float("inf"):
             return

@@ -53,6 +53,8 @@ def describe(d: Decision) -> str:
         p = d.predicted
         parts.append(f"predicted {p.rate:.2f} req/s ISL {p.isl:.0f} OSL {p.osl:.0f} "
                      f"cached {p.cached_fraction:.2f}")
+    if d.planned is not None:
+        parts.append(f"sized for {d.planned.rate:.2f} req/s")
     for o in d.options[:3]:
         parts.append(f"option {o.fleet}: TTFT {o.ttft_s:.3f}s ITL {o.itl_s * 1e3:.1f}ms "
                      f"{'meets' if o.meets else 'misses'}")
@@ -83,7 +85,8 @@ class PlannerService:
             start = Fleet(aggregated=config.min_workers) if config.mode != "disaggregated" else \
                 Fleet(prefill=1, decode=max(config.min_workers - 1, 1))
             self.connector.apply(start)
-        self.planner = Planner(config.rules(), load_perf(config.perf_model), start, config.predictor)
+        self.planner = Planner(config.rules(), load_perf(config.perf_model), start, config.predictor,
+                               settle_s=config.worker_startup_s, baseline_s=config.baseline_s)
         self.decisions_file = Path(config.decisions_file) if config.decisions_file else None
 
     def tick(self, now: float) -> Decision:

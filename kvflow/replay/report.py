@@ -34,6 +34,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
+def meets_sla(group: list[RequestResult], ttft_sla: float, itl_sla: float) -> bool:
+    """A group of requests meets the SLA when its TTFT and ITL p90s do and none failed."""
+    itl = [r.itl_s for r in group if r.output_tokens > 1]
+    return (not any(r.error for r in group) and percentile([r.ttft_s for r in group], 90) <= ttft_sla
+            and percentile(itl, 90) <= itl_sla)
+
+
 def windows(results: list[RequestResult], window_s: float, ttft_sla: float,
             itl_sla: float) -> list[WindowStats]:
     """Requests grouped by arrival window; a window meets the SLA when its p90s do and none failed."""
@@ -48,10 +55,9 @@ def windows(results: list[RequestResult], window_s: float, ttft_sla: float,
         ttft = [r.ttft_s for r in group]
         itl = [r.itl_s for r in group if r.output_tokens > 1]
         errors = sum(1 for r in group if r.error)
-        t90, i90 = percentile(ttft, 90), percentile(itl, 90)
-        meets = errors == 0 and t90 <= ttft_sla and i90 <= itl_sla
-        out.append(WindowStats(i * window_s, len(group), errors, percentile(ttft, 50), t90,
-                               percentile(itl, 50), i90, meets))
+        out.append(WindowStats(i * window_s, len(group), errors, percentile(ttft, 50),
+                               percentile(ttft, 90), percentile(itl, 50), percentile(itl, 90),
+                               meets_sla(group, ttft_sla, itl_sla)))
     return out
 
 

@@ -6,13 +6,14 @@ event loop instead of asyncio sleeps, so hours of traffic take minutes. Requests
 to the ready worker with the fewest requests (least-loaded). A controller (the
 planner) is called every interval with what happened in it and may set a new
 worker count; new workers serve after `startup_s`, removed ones drain first.
-Aggregated workers only.
+Aggregated workers only. `advance(until)` runs part of the trace and `fork()` copies
+the whole state, so a search (the benchmark's oracle) can try several futures.
 """
 
 from __future__ import annotations
 
+import copy
 import heapq
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -82,8 +83,9 @@ class Simulation:
         self.interval_s, self.controller = interval_s, controller
         self.now = 0.0
         self._events: list[tuple[float, int, str, object]] = []
-        self._order = itertools.count()
-        self._ids = itertools.count()
+        self._order = 0  # event tie-break: first scheduled, first handled
+        self._next_wid = 0
+        self._started = False
         self.workers: list[_Worker] = []
         self._queue: list[Sequence] = []  # arrived while no worker was ready
         self._records: dict[str, _Record] = {}
@@ -97,31 +99,64 @@ class Simulation:
 
     # -- event loop -----------------------------------------------------------------
     def _at(self, t: float, kind: str, data: object = None) -> None:
-        heapq.heappush(self._events, (t, next(self._order), kind, data))
+        self._order += 1
+        heapq.heappush(self._events, (t, self._order, kind, data))
 
-    def run(self) -> SimResult:
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
         for i, req in enumerate(self.trace):
             self._at(req.arrival_s, "arrive", (i, req))
         if self.controller is not None:
             self._at(self.interval_s, "plan")
+
+    def advance(self, until: float = float("inf")) -> None:
+        """Handle every event up to `until` (virtual seconds); the clock then reads `until`."""
+        self._start()
         handlers = {"arrive": self._arrive, "step": self._step_done, "ready": self._ready,
                     "plan": self._plan}
-        while self._events:
+        while self._events and self._events[0][0] <= until:
             self.now, _, kind, data = heapq.heappop(self._events)
             handlers[kind](data)
+        if until != float("inf"):
+            self.now = max(self.now, until)
+
+    @property
+    def done(self) -> bool:
+        return self._started and not self._events
+
+    def fork(self) -> Simulation:
+        """An independent copy of the whole state (the trace and timing model are shared)."""
+        memo: dict[int, object] = {id(self.trace): self.trace, id(self.timing): self.timing,
+                                   id(self.controller): self.controller}
+        memo.update((id(r), r) for r in self.trace)
+        return copy.deepcopy(self, memo)
+
+    def result(self) -> SimResult:
         end = self.now
         held = sum((w.stopped_s if w.stopped_s is not None else end) - w.started_s for w in self.workers)
         return SimResult(self.results, held, end, self.timeline)
 
+    def run(self) -> SimResult:
+        self.advance()
+        return self.result()
+
     # -- workers --------------------------------------------------------------------
     def _add_worker(self, ready_now: bool = False) -> None:
-        w = _Worker(next(self._ids), self.engine, self.now)
+        w = _Worker(self._next_wid, self.engine, self.now)
+        self._next_wid += 1
         if ready_now:
             w.ready_s = self.now
         else:
             self._at(w.ready_s, "ready", w)
         self.workers.append(w)
         self._mark()
+
+    @property
+    def active_workers(self) -> int:
+        """Workers serving or starting, not draining: what the controller last asked for."""
+        return len(self._active())
 
     def _active(self) -> list[_Worker]:
         return [w for w in self.workers if w.stopped_s is None and not w.draining]
@@ -198,6 +233,7 @@ class Simulation:
             rec.last_s = self.now
         for f in sched.update(sampled):
             self._finish(f.seq.request_id)
+        sched.pool.drain_events()  # nobody subscribes here; keep the pool's event list short
         w.stepping = False
         self._kick(w)
         self._maybe_stop(w)

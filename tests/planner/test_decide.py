@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvflow.planner.decide import Bounds, PlanState, Rules, Sla, choose, plan_step
+from kvflow.planner.decide import Bounds, PlanState, Rules, Sla, choose, plan_step, planned_load
 from kvflow.planner.model import Fleet, Load, estimate
 from kvflow.planner.perf import PerfModel
 
@@ -131,3 +131,44 @@ def test_the_operator_s_planner_command_parses_as_a_planner_config() -> None:
     config = config_from_args(PlannerConfig, "planner", parser.parse_args(command[2:]))
     assert config.connector == "kubernetes" and config.apply and config.mode == "disaggregated"
     assert "prefill=" in config.k8s_scale_targets and "decode=" in config.k8s_scale_targets
+
+
+def test_scale_down_goes_to_the_largest_fleet_the_voting_intervals_wanted() -> None:
+    # Best fleets on the flat model: 10 req/s -> 2 (1 worker: rho 1); 18 req/s -> 3 (2: rho 0.9).
+    r = rules(scale_down_intervals=3, cooldown_s=0.0, max_scale_down_step=8)
+    state = PlanState(Fleet(aggregated=6))
+    for t, rate in ((5.0, 10.0), (10.0, 18.0)):
+        decision, state = plan_step(state, t, Load(rate, 512, 100), FLAT, r)
+        assert decision.action == "hold"
+    assert state.down_to == Fleet(aggregated=3)
+    decision, state = plan_step(state, 15.0, Load(10, 512, 100), FLAT, r)
+    assert decision.target == Fleet(aggregated=3)  # not 2: the 18 req/s interval wanted 3
+    assert state.down_to is None and state.down_votes == 0
+    one_step = rules(scale_down_intervals=1, cooldown_s=0.0, max_scale_down_step=1)
+    assert plan_step(PlanState(Fleet(aggregated=6)), 5.0, Load(10, 512, 100), FLAT,
+                     one_step)[0].target == Fleet(aggregated=5)
+
+
+def test_a_vote_that_wants_the_current_fleet_resets_the_floor() -> None:
+    r = rules(scale_down_intervals=2, cooldown_s=0.0, max_scale_down_step=8)
+    state = PlanState(Fleet(aggregated=3))
+    _, state = plan_step(state, 5.0, Load(10, 512, 100), FLAT, r)  # wants 2
+    _, state = plan_step(state, 10.0, Load(18, 512, 100), FLAT, r)  # wants 3: the current fleet
+    assert state.down_votes == 0 and state.down_to is None
+
+
+def test_burst_reserve_sizes_for_a_multiple_of_the_baseline_not_of_a_burst() -> None:
+    r = rules(burst_ratio=2.0)
+    assert choose(Load(10, 512, 100), FLAT, r)[0].fleet == Fleet(aggregated=2)  # no baseline yet
+    # Baseline 9 req/s: planned max(10, 2 x 9) = 18 req/s -> 3 workers (2 would be at rho 0.9).
+    assert planned_load(Load(10, 512, 100), r, baseline=9.0).rate == 18.0
+    assert choose(Load(10, 512, 100), FLAT, r, baseline=9.0)[0].fleet == Fleet(aggregated=3)
+    # During a burst of 30 req/s: max(30, 18) = 30 -> 5 workers, as without a reserve.
+    assert choose(Load(30, 512, 100), FLAT, r, baseline=9.0)[0].fleet == Fleet(aggregated=5)
+    # Headroom multiplies the prediction only: max(10 x 1.25, 18) = 18.
+    assert planned_load(Load(10, 512, 100), rules(headroom=0.25, burst_ratio=2.0), 9.0).rate == 18.0
+    decision, _ = plan_step(PlanState(Fleet(aggregated=2)), 5.0, Load(10, 512, 100), FLAT, r, baseline=9.0)
+    assert decision.action == "scale_up" and decision.target == Fleet(aggregated=3)
+    assert decision.planned is not None and decision.planned.rate == 18.0
+    with pytest.raises(ValueError, match="burst_ratio must be >= 0"):
+        rules(burst_ratio=-1.0)

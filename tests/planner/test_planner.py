@@ -1,0 +1,36 @@
+"""The Planner's loop state: calibration waits until a changed fleet has settled."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvflow.planner.model import Fleet, Load, estimate
+from kvflow.planner.observe import Observation
+from kvflow.planner.planner import Planner
+from tests.planner.test_decide import FLAT, rules
+
+
+def test_calibration_skips_intervals_while_a_changed_fleet_settles() -> None:
+    planner = Planner(rules(), FLAT, Fleet(aggregated=1), settle_s=10.0)
+    load = Load(10, 512, 100)
+    decision = planner.step(100.0, Observation(100.0, 5.0, 50, load, 0.3, 0.02))
+    assert decision.target == Fleet(aggregated=2)  # 1 worker cannot keep up (and is not calibrated on)
+    # Settled from 100 + 10 (start-up) + 100 tokens x ITL 0.01 / (1 - 0.5) = 112 s.
+    ttft, itl = estimate(Fleet(aggregated=2), load, FLAT)  # 0.225 s, 0.02 s
+    assert planner.calibrate_from == pytest.approx(110.0 + 100 * itl)
+    planner.step(115.0, Observation(115.0, 5.0, 50, load, 2 * ttft, itl))  # 110..115: too early
+    assert (planner.calib.ttft, planner.calib.itl) == (1.0, 1.0)
+    planner.step(120.0, Observation(120.0, 5.0, 50, load, 2 * ttft, itl))  # 115..120: settled
+    assert planner.calib.ttft == pytest.approx(0.7 + 0.3 * 2.0)
+    assert planner.calib.itl == pytest.approx(1.0)
+
+
+def test_the_baseline_is_the_median_rate_of_the_last_baseline_s() -> None:
+    planner = Planner(rules(), FLAT, Fleet(aggregated=8), baseline_s=30.0)
+    assert planner.baseline() == 0.0
+    for i, rate in enumerate((20.0, 4.0, 5.0, 6.0, 30.0, 40.0)):  # every 10 s
+        planner.step(10.0 * (i + 1), Observation(10.0 * (i + 1), 10.0, int(rate * 10), Load(rate, 512, 100)))
+    # Kept: t = 40, 50, 60 (older than 60 - 30 dropped): rates 6, 30, 40 -> median 30.
+    assert planner.baseline() == 30.0
+    planner.step(70.0, Observation(70.0, 10.0, 50, Load(5.0, 512, 100)))
+    assert planner.baseline() == 30.0  # 30, 40, 5 -> sorted 5, 30, 40
