@@ -187,11 +187,14 @@ def prefill_floor(model, length: int, peak: float) -> float:  # type: ignore[no-
 def decode_breakdown(runner, batch: int, isl: int, osl: int, sync: bool) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """ms per decode step in each phase, on the scheduler directly (no threads, no asyncio)."""
     from kvflow.engines.core import BlockPool, Scheduler, SchedulerConfig, Sequence, StopRule
+    from kvflow.engines.native.sampler import RequestSampling
 
     pool = BlockPool(runner.num_blocks, runner.block_size)
     sched = Scheduler(SchedulerConfig(max_num_seqs=max(batch, 1), max_num_batched_tokens=8192,
                                       block_size=runner.block_size,
                                       max_model_len=runner.max_model_len), pool)
+    greedy = RequestSampling(temperature=0.0)  # as the decode runs above (graph argmax)
+    sampling = {f"x{i}": greedy for i in range(batch)}
     for i, p in enumerate(prompts(batch, isl, 50 + batch)):
         sched.add(Sequence(f"x{i}", p, StopRule(max_tokens=osl, ignore_eos=True)))
     phases = dict.fromkeys(("schedule", "prepare", "launch", "collect", "update"), 0.0)
@@ -202,7 +205,7 @@ def decode_breakdown(runner, batch: int, isl: int, osl: int, sync: bool) -> dict
         t.append(time.perf_counter())
         inputs = runner.prepare(out.scheduled)
         t.append(time.perf_counter())
-        launched = runner.launch(inputs, {})
+        launched = runner.launch(inputs, sampling, greedy_plain=True)
         if sync:
             torch.cuda.synchronize()
         t.append(time.perf_counter())

@@ -60,6 +60,12 @@ class _Inputs:
         self.ints = self.dev[4 * top :].view(torch.int32)[:n_ints]
         # The last upload has read the host buffer (CUDA; on the CPU the copy is synchronous).
         self.copied = torch.cuda.Event() if cuda else None
+        # Block-table rows are written incrementally: row i holds `_lists[i]` (a sequence's
+        # block list, kept by identity) whose first `_stable[i]` entries were committed when
+        # written. Only commits change an entry in place, and only at or past
+        # `num_committed_blocks`; every other change of a sequence's blocks is a new list.
+        self._lists: list[list[int] | None] = [None] * top
+        self._stable = [0] * top
 
     def block_tables(self) -> torch.Tensor:
         return self.ints[self.top :].view(self.top, self.max_blocks)
@@ -70,6 +76,7 @@ class _Inputs:
             self.copied.synchronize()
         bs = self.layout.block_size
         longs, tables = self.np_longs, self.np_tables
+        lists, stable = self._lists, self._stable
         rows: list[tuple[int, int, int, int]] = []
         for i, s in enumerate(scheduled):
             seq, pos = s.seq, s.start
@@ -79,8 +86,17 @@ class _Inputs:
                 rows.append((seq.token_ids[pos], pos, slot, -1))
             else:  # a placeholder: the device has the token
                 rows.append((0, pos, slot, last_rows[seq]))
-            tables[i, : len(blocks)] = blocks
+            n = len(blocks)
+            if lists[i] is not blocks:
+                tables[i, :n] = blocks
+                lists[i] = blocks
+            elif n - stable[i] == 1:
+                tables[i, n - 1] = blocks[n - 1]
+            elif n > stable[i]:
+                tables[i, stable[i] : n] = blocks[stable[i] :]
+            stable[i] = seq.num_committed_blocks
         batch = len(scheduled)
+        lists[batch:size] = [None] * (size - batch)  # padding rows get the padding block
         longs[:, :batch] = list(zip(*rows, strict=True))
         longs[:2, batch:size] = 0
         longs[2, batch:size] = self.layout.pad_slot
@@ -130,6 +146,9 @@ class DecodeGraphs:
 
     def _meta(self, size: int) -> AttentionMetadata:
         x = self.inputs
+        # A captured graph cannot read host lists; the eager stand-in (off CUDA) reads the
+        # staged lengths, for backends that loop over sequences on the host.
+        lens = [1] * size if self.device.type == "cuda" else x.np_seq_lens[:size].tolist()
         return AttentionMetadata(
             slot_mapping=x.longs[2, :size],
             query_start_loc=torch.empty(0),  # decode kernels do not read it
@@ -138,7 +157,7 @@ class DecodeGraphs:
             max_query_len=1,
             max_seq_len=self.layout.block_size * x.max_blocks,
             query_start_host=list(range(size + 1)),
-            seq_lens_host=[1] * size,
+            seq_lens_host=lens,
         )
 
     def _forward(self, size: int) -> torch.Tensor:

@@ -84,6 +84,7 @@ class NativeEngine:
         self._streams: dict[str, RequestStream] = {}
         self._sampling: dict[str, RequestSampling] = {}
         self._num_penalized = 0  # requests whose sampling reads their past tokens (penalties, grammars)
+        self._num_special = 0  # requests not greedy-and-plain (see ModelRunner.launch)
         self._inflight: InFlight | None = None
         self._async = False
         self._stopping = False
@@ -210,6 +211,8 @@ class NativeEngine:
             self._sampling[seq.request_id] = params
             if params.reads_tokens:
                 self._num_penalized += 1
+            if _special(params):
+                self._num_special += 1
             self._lock.notify_all()
         return stream
 
@@ -260,6 +263,8 @@ class NativeEngine:
         params = self._sampling.pop(request_id, None)
         if params is not None and params.reads_tokens:
             self._num_penalized -= 1
+        if params is not None and _special(params):
+            self._num_special -= 1
 
     def _fail_all(self, message: str) -> None:
         self._failure = message
@@ -269,7 +274,7 @@ class NativeEngine:
                 if self.scheduler is not None:
                     self.scheduler.abort(request_id)
             self._sampling.clear()
-            self._num_penalized = 0
+            self._num_penalized = self._num_special = 0
         for stream in streams.values():
             stream.fail(message)
 
@@ -316,7 +321,10 @@ class NativeEngine:
             with self._lock:  # the event loop may cancel (and free) sequences meanwhile
                 live = [s for s in out.scheduled if s.seq.status is not SeqStatus.FINISHED]
                 inputs = self.runner.prepare(live) if live else None
-            return None if inputs is None else self.runner.launch(inputs, self._sampling)
+                greedy_plain = not self._num_special
+            if inputs is None:
+                return None
+            return self.runner.launch(inputs, self._sampling, greedy_plain=greedy_plain)
         except Exception as exc:  # a failed step fails its requests, not the worker
             log.exception("native engine step failed")
             self._fail_step(out, f"the model step failed: {exc!r}; retry the request")
@@ -442,3 +450,8 @@ class NativeEngine:
             self.hooks.publish_kv_events(events)
         if metrics is not None:
             self.hooks.publish_load(metrics)
+
+
+def _special(params: RequestSampling) -> bool:
+    """Whether a request's rows need the sampler's per-row path (not a graph's argmax)."""
+    return not (params.greedy and params.plain) or params.embed is not None
