@@ -182,13 +182,16 @@ class Scheduler:
         # The hot loop of large decode batches: locals, and the room-left-in-the-last-block
         # case of `_reserve` inline.
         running, scheduled, bs = self.running, out.scheduled, self.config.block_size
+        max_len = self.max_model_len
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
             computed = seq.num_computed_tokens
             num_tokens = len(seq.token_ids) + seq.num_placeholders
-            if seq.num_placeholders and self._ends_by_length(seq):
-                i += 1  # its pending token finishes it: no step after that
+            limit = seq.stop.max_tokens
+            if seq.num_placeholders and (num_tokens >= max_len or (
+                    limit is not None and num_tokens - seq.prompt_len >= limit)):
+                i += 1  # its pending token finishes it by length: no step after that
                 continue
             n = min(num_tokens - computed, budget)
             assert n > 0, "a running sequence with nothing to compute"
@@ -315,13 +318,6 @@ class Scheduler:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_size)
 
-    def _ends_by_length(self, seq: Sequence) -> bool:
-        """Its tokens, pending ones included, reach max_tokens or the context length."""
-        limit = seq.stop.max_tokens
-        return seq.num_tokens >= self.max_model_len or (
-            limit is not None and seq.num_tokens - seq.prompt_len >= limit
-        )
-
     # ---- update -------------------------------------------------------------------
 
     def update(self, sampled: Mapping[str, list[int]]) -> list[FinishedSeq]:
@@ -382,10 +378,11 @@ class Scheduler:
         seq.num_committed_blocks = max(n_full, seq.num_committed_blocks)
 
     def _append(self, seq: Sequence, tokens: list[int]) -> str | None:
+        ids, stop = seq.token_ids, seq.stop
         for token in tokens:
-            seq.token_ids.append(token)
-            reason = seq.stop.finish_reason(token, seq.num_output_tokens)
-            if reason is None and len(seq.token_ids) >= self.max_model_len:
+            ids.append(token)
+            reason = stop.finish_reason(token, len(ids) - seq.prompt_len)
+            if reason is None and len(ids) >= self.max_model_len:
                 reason = FINISH_LENGTH
             if reason is not None:
                 return reason

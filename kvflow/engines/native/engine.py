@@ -66,6 +66,14 @@ LOAD_INTERVAL_S = 0.05
 
 
 @dataclass
+class Deliveries:
+    """One step's output for the streams: plain tokens, and deliveries with more in them."""
+
+    plain: list[tuple[RequestStream, list[int]]]
+    full: list[Delivery]
+
+
+@dataclass
 class InFlight:
     """A scheduled step not yet updated: what was planned and what the device is doing."""
 
@@ -85,6 +93,9 @@ class NativeEngine:
         self._sampling: dict[str, RequestSampling] = {}
         self._num_penalized = 0  # requests whose sampling reads their past tokens (penalties, grammars)
         self._num_special = 0  # requests not greedy-and-plain (see ModelRunner.launch)
+        # Hand-overs to the event loop not yet applied there (see _hand_over).
+        self._handover_lock = threading.Lock()
+        self._handed: list[tuple[Deliveries, tuple[list[KvEvent], LoadMetrics | None]]] | None = None
         self._inflight: InFlight | None = None
         self._async = False
         self._stopping = False
@@ -383,24 +394,37 @@ class NativeEngine:
                 self._forget(rid)
         errors = [Delivery(s, [], error=message, finish_reason=FINISH_ERROR)
                   for s in streams if s is not None]
-        self._hand_over(errors, ([], None))
+        self._hand_over(Deliveries([], errors), ([], None))
 
     def _deliveries(
         self, out: SchedulerOutput, result: StepResult, finished: list[FinishedSeq]
-    ) -> list[Delivery]:
+    ) -> Deliveries:
+        """What each stream gets from this step: a plain token (the common decode case: no
+        finish, logprobs, embedding or first-token details) as a (stream, tokens) pair, the
+        rest as a full Delivery."""
         reasons = {f.seq.request_id: f.reason for f in finished}
+        streams, sampled = self._streams, result.sampled
+        details = bool(result.logprobs or result.embeddings)
+        plain: list[tuple[RequestStream, list[int]]] = []
         deliveries: list[Delivery] = []
         for s in out.scheduled:
-            rid = s.seq.request_id
-            stream = self._streams.get(rid)
-            if rid not in result.sampled or stream is None:
+            seq = s.seq
+            rid = seq.request_id
+            new = sampled.get(rid)
+            stream = streams.get(rid)
+            if new is None or stream is None:
                 continue
-            if s.seq.status is SeqStatus.FINISHED and rid not in reasons:
-                continue  # ended by the step before (async output): this token is dropped
-            deliveries.append(self._delivery(stream, s.seq, result, reasons.get(rid)))
-            if rid in reasons:
+            reason = reasons.get(rid) if reasons else None
+            if reason is None:
+                if seq.status is SeqStatus.FINISHED:
+                    continue  # ended by the step before (async output): this token is dropped
+                if not details and len(seq.token_ids) - seq.prompt_len != 1:
+                    plain.append((stream, new))
+                    continue
+            deliveries.append(self._delivery(stream, seq, result, reason))
+            if reason is not None:
                 self._forget(rid)
-        return deliveries
+        return Deliveries(plain, deliveries)
 
     def _delivery(
         self, stream: RequestStream, seq: Sequence, result: StepResult, reason: str | None
@@ -429,21 +453,37 @@ class NativeEngine:
         return events, self.scheduler.load_metrics()
 
     def _hand_over(
-        self, deliveries: list[Delivery], published: tuple[list[KvEvent], LoadMetrics | None]
+        self, deliveries: Deliveries, published: tuple[list[KvEvent], LoadMetrics | None]
     ) -> None:
         assert self._loop is not None
-        if deliveries or published[0] or published[1] is not None:
-            self._loop.call_soon_threadsafe(self._apply, deliveries, published)
+        if not (deliveries.plain or deliveries.full or published[0] or published[1] is not None):
+            return
+        with self._handover_lock:  # while the loop has not taken the last batch, join it
+            if self._handed is not None:
+                self._handed.append((deliveries, published))
+                return
+            self._handed = [(deliveries, published)]
+        self._loop.call_soon_threadsafe(self._apply_handed)
 
     def _publish(self, published: tuple[list[KvEvent], LoadMetrics | None]) -> None:
-        self._hand_over([], published)
+        self._hand_over(Deliveries([], []), published)
 
     # ---- back on the event loop -------------------------------------------------------
 
+    def _apply_handed(self) -> None:
+        """Everything the engine thread handed over since the loop last ran this, in order
+        (one wake-up of the loop for however many steps it fell behind)."""
+        with self._handover_lock:
+            handed, self._handed = self._handed or [], None
+        for deliveries, published in handed:
+            self._apply(deliveries, published)
+
     def _apply(
-        self, deliveries: list[Delivery], published: tuple[list[KvEvent], LoadMetrics | None]
+        self, deliveries: Deliveries, published: tuple[list[KvEvent], LoadMetrics | None]
     ) -> None:
-        for d in deliveries:
+        for stream, new in deliveries.plain:
+            stream.push_tokens(new)
+        for d in deliveries.full:
             d.stream.push(d)
         events, metrics = published
         if events:
