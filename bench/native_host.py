@@ -6,9 +6,9 @@ throughput. This runs that work on the CPU with a tiny model, using the decode-g
 eager replay as a stand-in for the captured graph, and prints ms per step for each phase,
 with the model's own time shown apart so what is left is the host's part.
 
-    PYTHONPATH=. python bench/native_host.py [--batch 256] [--profile] [--engine]
+    PYTHONPATH=. python bench/native_host.py [--batch 256] [--profile] [--engine 3]
 
-`--engine` also drives the whole NativeEngine (engine thread + asyncio streams, async output)
+`--engine N` also drives the whole NativeEngine (engine thread + asyncio streams, async output)
 and prints decode steps/s and the host ms per step left after the model's time.
 """
 
@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--isl", type=int, default=64)
     parser.add_argument("--osl", type=int, default=48)
     parser.add_argument("--profile", action="store_true", help="cProfile of the phases loop")
-    parser.add_argument("--engine", action="store_true", help="also the whole engine")
+    parser.add_argument("--engine", type=int, default=0, metavar="N",
+                        help="also run the whole engine N times")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = make_tiny_model(Path(tempfile.mkdtemp(prefix="kvflow-host-")), "llama",
@@ -187,7 +188,7 @@ def main() -> None:
         profiler = cProfile.Profile()
         phases(runner, args.batch, args.isl, args.osl, profiler)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    if args.engine:
+    for _ in range(args.engine):
         rate, fwd, cpu = asyncio.run(engine_steps(model, args.batch, args.isl, args.osl))
         print(f"engine batch {args.batch}: {rate:.1f} decode steps/s = {1e3 / rate:.3f} ms/step"
               f" (wall); process CPU {cpu:.3f} ms/step, of which stand-in model {fwd:.3f};"
