@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -132,6 +133,21 @@ async def engine_decode(engine: NativeEngine, batch: int, isl: int, osl: int, se
     t1 = min(s[-1] for s in stamps)
     tokens = sum(sum(1 for t in s if t0 < t <= t1) for s in stamps)
     return tokens / (t1 - t0)
+
+
+async def first_requests(engine: NativeEngine, isl: int) -> list[float]:
+    """Time to first token of ten fresh prompts, one after another (the first is the first
+    request the engine serves)."""
+    times = []
+    for i, prompt in enumerate(prompts(10, isl, 900)):
+        req = PreprocessedRequest(request_id=f"t{i}", token_ids=prompt,
+                                  sampling=SamplingOptions(temperature=0.0),
+                                  stop=StopConditions(max_tokens=1, ignore_eos=True))
+        start = time.perf_counter()
+        async for _ in engine.generate(req, Context()):
+            break
+        times.append(time.perf_counter() - start)
+    return times
 
 
 async def engine_prefill(engine: NativeEngine, length: int, reps: int = 3) -> float:
@@ -325,6 +341,11 @@ async def run(args: argparse.Namespace) -> list[Row]:
     await engine.start()
     print(f"engine start {time.perf_counter() - start:.1f}s, "
           f"{engine.runner.num_blocks} blocks", flush=True)  # type: ignore[union-attr]
+    if args.ttft:
+        ttfts = await first_requests(engine, args.isl)
+        print("TTFT ms of the first 10 requests after startup (fresh prompts of "
+              f"{args.isl} tokens, one at a time): " + " ".join(f"{t * 1e3:.1f}" for t in ttfts)
+              + f"; first/tenth = {ttfts[0] / ttfts[-1]:.2f}", flush=True)
     rows: list[Row] = []
     for batch in args.batches:
         ours = await engine_decode(engine, batch, args.isl, args.osl, seed=batch)
@@ -352,8 +373,13 @@ def main() -> None:
                         help="then per-phase timings, graph replay times and kernel profiles")
     parser.add_argument("--prefill-tilings", action="store_true",
                         help="with --breakdown: time the prefill attention tilings too")
+    parser.add_argument("--ttft", action="store_true",
+                        help="first: TTFT of the first 10 requests after startup (and the "
+                             "engine's start-up log, which says what it warmed)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.ttft:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = asyncio.run(run(args))
     print(f"\n{'workload':<16}{'ours tok/s':>12}{'hf tok/s':>12}{'x hf':>8}"
           f"{'floor tok/s':>13}{'of floor':>10}")
