@@ -166,7 +166,7 @@ def shape_table(rows_list: list[int]) -> None:
     from kvflow.engines.native.triton_fp8 import fp8_linear
 
     print(f"{'shape':<14}{'rows':>5}{'bf16 gemv':>11}{'bf16 cuBLAS':>13}{'fp8 gemv':>10}"
-          f"{'fp8 _scaled_mm':>16}  (us per product; weight bytes / time in the log's GB/s)")
+          f"{'fp8 _scaled_mm':>16}  (us per product)")
     for n, k in ((28672, 4096), (4096, 14336)):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         scale = (w.float().abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
@@ -259,6 +259,9 @@ def main() -> None:
         print(f"{b:>6}{bf[f'b{b}']:>12.0f}{bf[f'b{b}_floor']:>12.0f}{fp[f'b{b}']:>12.0f}"
               f"{fp[f'b{b}_floor']:>12.0f}{fp[f'b{b}'] / bf[f'b{b}']:>10.2f}"
               f"{fp[f'b{b}'] / fp[f'b{b}_floor']:>14.0%}")
+    from kvflow.engines.native import triton_gemv as tg
+
+    print("FP8 GEMV launches chosen (N, K, prologue) -> config:", tg._fp8_tuned)
     ratio = results["fp8"]["prefill"] / results["bf16"]["prefill"]
     print(f"prefill {args.prefill_len}: fp8/bf16 = {ratio:.2f}")
 
