@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -134,6 +135,46 @@ async def engine_decode(engine: NativeEngine, batch: int, isl: int, osl: int, se
     return tokens / (t1 - t0)
 
 
+async def first_requests(engine: NativeEngine, isl: int) -> list[float]:
+    """Time to first token of ten fresh prompts, one after another (the first is the first
+    request the engine serves). The engine thread's steps for the first one run under cProfile
+    and the top of the profile is printed: where a slow first request went. (One profiler only:
+    from Python 3.12 a second active one raises.)"""
+    import cProfile
+    import pstats
+
+    times = []
+    prof = cProfile.Profile()
+    step = engine.step
+
+    def profiled_step() -> None:
+        try:
+            prof.enable()
+        except ValueError:  # another profiler is active: run unprofiled
+            step()
+            return
+        try:
+            step()
+        finally:
+            prof.disable()
+
+    for i, prompt in enumerate(prompts(10, isl, 900)):
+        req = PreprocessedRequest(request_id=f"t{i}", token_ids=prompt,
+                                  sampling=SamplingOptions(temperature=0.0),
+                                  stop=StopConditions(max_tokens=1, ignore_eos=True))
+        if i == 0:
+            engine.step = profiled_step  # type: ignore[method-assign]
+        start = time.perf_counter()
+        async for _ in engine.generate(req, Context()):
+            break
+        times.append(time.perf_counter() - start)
+        if i == 0:
+            engine.step = step  # type: ignore[method-assign]
+    print("--- first request, engine thread (cumulative)")
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(14)
+    return times
+
+
 async def engine_prefill(engine: NativeEngine, length: int, reps: int = 3) -> float:
     """Prompt tokens/s: time to first token of a fresh (uncached) prompt, median of reps."""
     times = []
@@ -187,11 +228,14 @@ def prefill_floor(model, length: int, peak: float) -> float:  # type: ignore[no-
 def decode_breakdown(runner, batch: int, isl: int, osl: int, sync: bool) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """ms per decode step in each phase, on the scheduler directly (no threads, no asyncio)."""
     from kvflow.engines.core import BlockPool, Scheduler, SchedulerConfig, Sequence, StopRule
+    from kvflow.engines.native.sampler import RequestSampling
 
     pool = BlockPool(runner.num_blocks, runner.block_size)
     sched = Scheduler(SchedulerConfig(max_num_seqs=max(batch, 1), max_num_batched_tokens=8192,
                                       block_size=runner.block_size,
                                       max_model_len=runner.max_model_len), pool)
+    greedy = RequestSampling(temperature=0.0)  # as the decode runs above (graph argmax)
+    sampling = {f"x{i}": greedy for i in range(batch)}
     for i, p in enumerate(prompts(batch, isl, 50 + batch)):
         sched.add(Sequence(f"x{i}", p, StopRule(max_tokens=osl, ignore_eos=True)))
     phases = dict.fromkeys(("schedule", "prepare", "launch", "collect", "update"), 0.0)
@@ -202,7 +246,7 @@ def decode_breakdown(runner, batch: int, isl: int, osl: int, sync: bool) -> dict
         t.append(time.perf_counter())
         inputs = runner.prepare(out.scheduled)
         t.append(time.perf_counter())
-        launched = runner.launch(inputs, {})
+        launched = runner.launch(inputs, sampling, greedy_plain=True)
         if sync:
             torch.cuda.synchronize()
         t.append(time.perf_counter())
@@ -322,6 +366,11 @@ async def run(args: argparse.Namespace) -> list[Row]:
     await engine.start()
     print(f"engine start {time.perf_counter() - start:.1f}s, "
           f"{engine.runner.num_blocks} blocks", flush=True)  # type: ignore[union-attr]
+    if args.ttft:
+        ttfts = await first_requests(engine, args.isl)
+        print("TTFT ms of the first 10 requests after startup (fresh prompts of "
+              f"{args.isl} tokens, one at a time): " + " ".join(f"{t * 1e3:.1f}" for t in ttfts)
+              + f"; first/tenth = {ttfts[0] / ttfts[-1]:.2f}", flush=True)
     rows: list[Row] = []
     for batch in args.batches:
         ours = await engine_decode(engine, batch, args.isl, args.osl, seed=batch)
@@ -349,8 +398,13 @@ def main() -> None:
                         help="then per-phase timings, graph replay times and kernel profiles")
     parser.add_argument("--prefill-tilings", action="store_true",
                         help="with --breakdown: time the prefill attention tilings too")
+    parser.add_argument("--ttft", action="store_true",
+                        help="first: TTFT of the first 10 requests after startup (and the "
+                             "engine's start-up log, which says what it warmed)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.ttft:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = asyncio.run(run(args))
     print(f"\n{'workload':<16}{'ours tok/s':>12}{'hf tok/s':>12}{'x hf':>8}"
           f"{'floor tok/s':>13}{'of floor':>10}")

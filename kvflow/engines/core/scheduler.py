@@ -179,17 +179,27 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        # The hot loop of large decode batches: locals, and the room-left-in-the-last-block
+        # case of `_reserve` inline.
+        running, scheduled, bs = self.running, out.scheduled, self.config.block_size
+        max_len = self.max_model_len
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.num_placeholders and self._ends_by_length(seq):
-                i += 1  # its pending token finishes it: no step after that
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            computed = seq.num_computed_tokens
+            num_tokens = len(seq.token_ids) + seq.num_placeholders
+            limit = seq.stop.max_tokens
+            if seq.num_placeholders and (num_tokens >= max_len or (
+                    limit is not None and num_tokens - seq.prompt_len >= limit)):
+                i += 1  # its pending token finishes it by length: no step after that
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(num_tokens - computed, budget)
             assert n > 0, "a running sequence with nothing to compute"
-            if not self._reserve(seq, seq.num_computed_tokens + n, out):
+            if -(-(computed + n) // bs) > len(seq.block_ids) and not self._reserve(
+                    seq, computed + n, out):
                 break  # seq itself was preempted: nothing after it is left
-            out.scheduled.append(_scheduled(seq, n))
+            scheduled.append(ScheduledSeq(seq, n, computed, n > 1 or computed < seq.prompt_len,
+                                          computed + n == num_tokens))
             budget -= n
             i += 1
         return budget
@@ -308,13 +318,6 @@ class Scheduler:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_size)
 
-    def _ends_by_length(self, seq: Sequence) -> bool:
-        """Its tokens, pending ones included, reach max_tokens or the context length."""
-        limit = seq.stop.max_tokens
-        return seq.num_tokens >= self.max_model_len or (
-            limit is not None and seq.num_tokens - seq.prompt_len >= limit
-        )
-
     # ---- update -------------------------------------------------------------------
 
     def update(self, sampled: Mapping[str, list[int]]) -> list[FinishedSeq]:
@@ -325,17 +328,22 @@ class Scheduler:
         assert self._inflight, "update() without a schedule() in flight"
         out = self._inflight.popleft()
         finished: list[FinishedSeq] = []
+        async_output = self.config.async_output
+        caching, bs = self.pool.enable_prefix_caching, self.config.block_size
         for s in out.scheduled:
             seq = s.seq
-            if seq.status is SeqStatus.FINISHED:
+            status = seq.status
+            if status is SeqStatus.FINISHED:
                 continue  # aborted while the step ran (async: or ended by the step before)
-            if seq.status is SeqStatus.RUNNING:
-                if not self.config.async_output:
+            if status is SeqStatus.RUNNING:
+                if not async_output:
                     seq.num_computed_tokens += s.num_new_tokens
-                self._commit_full_blocks(seq)
+                if caching and (min(seq.num_computed_tokens, len(seq.token_ids)) // bs
+                                > seq.num_committed_blocks):
+                    self._commit_full_blocks(seq)
             if not s.samples:
                 continue
-            if self.config.async_output:
+            if async_output:
                 seq.num_placeholders -= 1
             reason = self._append(seq, sampled[seq.request_id])
             if reason is not None:
@@ -370,10 +378,11 @@ class Scheduler:
         seq.num_committed_blocks = max(n_full, seq.num_committed_blocks)
 
     def _append(self, seq: Sequence, tokens: list[int]) -> str | None:
+        ids, stop = seq.token_ids, seq.stop
         for token in tokens:
-            seq.token_ids.append(token)
-            reason = seq.stop.finish_reason(token, seq.num_output_tokens)
-            if reason is None and len(seq.token_ids) >= self.max_model_len:
+            ids.append(token)
+            reason = stop.finish_reason(token, len(ids) - seq.prompt_len)
+            if reason is None and len(ids) >= self.max_model_len:
                 reason = FINISH_LENGTH
             if reason is not None:
                 return reason

@@ -47,26 +47,36 @@ class _Inputs:
     def __init__(self, top: int, max_blocks: int, layout: KvCacheLayout, device: torch.device):
         self.top, self.max_blocks, self.layout = top, max_blocks, layout
         n_ints = top + top * max_blocks
-        host = torch.zeros(4 * top + (n_ints + 1) // 2, dtype=torch.int64).pin_memory()
+        cuda = device.type == "cuda"
+        host = torch.zeros(4 * top + (n_ints + 1) // 2, dtype=torch.int64, pin_memory=cuda)
         self.host = host
         self.np_longs = host[: 4 * top].numpy().reshape(4, top)
         ints = host[4 * top :].numpy().view("int32")[:n_ints]
         self.np_seq_lens, self.np_tables = ints[:top], ints[top:].reshape(top, max_blocks)
         self.np_longs[2], self.np_longs[3] = layout.pad_slot, -1
         self.np_seq_lens[:], self.np_tables[:] = 1, layout.pad_block
-        self.dev = host.to(device)
+        self.dev = host.to(device) if cuda else host.clone()
         self.longs = self.dev[: 4 * top].view(4, top)
         self.ints = self.dev[4 * top :].view(torch.int32)[:n_ints]
-        self.copied = torch.cuda.Event()  # the last upload has read the host buffer
+        # The last upload has read the host buffer (CUDA; on the CPU the copy is synchronous).
+        self.copied = torch.cuda.Event() if cuda else None
+        # Block-table rows are written incrementally: row i holds `_lists[i]` (a sequence's
+        # block list, kept by identity) whose first `_stable[i]` entries were committed when
+        # written. Only commits change an entry in place, and only at or past
+        # `num_committed_blocks`; every other change of a sequence's blocks is a new list.
+        self._lists: list[list[int] | None] = [None] * top
+        self._stable = [0] * top
 
     def block_tables(self) -> torch.Tensor:
         return self.ints[self.top :].view(self.top, self.max_blocks)
 
     def write(self, scheduled: Sequence[ScheduledSeq], size: int, last_rows: Mapping[Seq, int]) -> None:
         """Fill rows 0..size (padding after the real ones) on the host, then upload them."""
-        self.copied.synchronize()
+        if self.copied is not None:
+            self.copied.synchronize()
         bs = self.layout.block_size
         longs, tables = self.np_longs, self.np_tables
+        lists, stable = self._lists, self._stable
         rows: list[tuple[int, int, int, int]] = []
         for i, s in enumerate(scheduled):
             seq, pos = s.seq, s.start
@@ -76,8 +86,17 @@ class _Inputs:
                 rows.append((seq.token_ids[pos], pos, slot, -1))
             else:  # a placeholder: the device has the token
                 rows.append((0, pos, slot, last_rows[seq]))
-            tables[i, : len(blocks)] = blocks
+            n = len(blocks)
+            if lists[i] is not blocks:
+                tables[i, :n] = blocks
+                lists[i] = blocks
+            elif n - stable[i] == 1:
+                tables[i, n - 1] = blocks[n - 1]
+            elif n > stable[i]:
+                tables[i, stable[i] : n] = blocks[stable[i] :]
+            stable[i] = seq.num_committed_blocks
         batch = len(scheduled)
+        lists[batch:size] = [None] * (size - batch)  # padding rows get the padding block
         longs[:, :batch] = list(zip(*rows, strict=True))
         longs[:2, batch:size] = 0
         longs[2, batch:size] = self.layout.pad_slot
@@ -87,7 +106,8 @@ class _Inputs:
         tables[batch:size, 0] = self.layout.pad_block
         used = 4 * self.top + (self.top + size * self.max_blocks + 1) // 2
         self.dev[:used].copy_(self.host[:used], non_blocking=True)
-        self.copied.record()
+        if self.copied is not None:
+            self.copied.record()
 
 
 class DecodeGraphs:
@@ -97,7 +117,7 @@ class DecodeGraphs:
         self, model: CausalLM, layout: KvCacheLayout, max_blocks_per_seq: int,
         sizes: tuple[int, ...], device: torch.device, sampled: torch.Tensor,
     ) -> None:
-        self.model, self.layout = model, layout
+        self.model, self.layout, self.device = model, layout, device
         self.sampled = sampled  # int64 [>= top]: the last step's sampled ids, read and written
         self.sizes = sorted(sizes)
         self.inputs = _Inputs(self.sizes[-1], max_blocks_per_seq, layout, device)
@@ -110,7 +130,10 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def capture(self) -> None:
-        """Capture largest first so smaller graphs reuse its memory pool."""
+        """Capture largest first so smaller graphs reuse its memory pool. Off CUDA nothing is
+        captured: `replay` runs the same forward eagerly (a stand-in for host-side tests)."""
+        if self.device.type != "cuda":
+            return
         for size in reversed(self.sizes):
             self._forward(size)  # warm-up: compile kernels, settle the allocator
             torch.cuda.synchronize()
@@ -123,6 +146,9 @@ class DecodeGraphs:
 
     def _meta(self, size: int) -> AttentionMetadata:
         x = self.inputs
+        # A captured graph cannot read host lists; the eager stand-in (off CUDA) reads the
+        # staged lengths, for backends that loop over sequences on the host.
+        lens = [1] * size if self.device.type == "cuda" else x.np_seq_lens[:size].tolist()
         return AttentionMetadata(
             slot_mapping=x.longs[2, :size],
             query_start_loc=torch.empty(0),  # decode kernels do not read it
@@ -131,7 +157,7 @@ class DecodeGraphs:
             max_query_len=1,
             max_seq_len=self.layout.block_size * x.max_blocks,
             query_start_host=list(range(size + 1)),
-            seq_lens_host=[1] * size,
+            seq_lens_host=lens,
         )
 
     def _forward(self, size: int) -> torch.Tensor:
@@ -159,6 +185,9 @@ class DecodeGraphs:
     def replay(self, step: GraphStep) -> torch.Tensor:
         """Logits [B, V] of the staged step (a view, valid until the next replay); the rows'
         argmax is in `sampled[:B]`."""
-        self.graphs[step.size].replay()
+        graph = self.graphs.get(step.size)
+        if graph is None:
+            return self._forward(step.size)[: step.batch]
+        graph.replay()
         return self.outputs[step.size][: step.batch]
 

@@ -44,6 +44,7 @@ from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
 from kvflow.engines.native.stream import Delivery, RequestStream
 from kvflow.engines.native.tp_ranks import RankGroup, load_runner
+from kvflow.engines.native.warmup import warm_serving_path
 from kvflow.engines.native.weights import resolve_model_dir
 from kvflow.kv.connector import EngineKv, KvConnector, KvShard
 from kvflow.kv.tiers.connector import model_identity, tier_connector_factory
@@ -66,6 +67,14 @@ LOAD_INTERVAL_S = 0.05
 
 
 @dataclass
+class Deliveries:
+    """One step's output for the streams: plain tokens, and deliveries with more in them."""
+
+    plain: list[tuple[RequestStream, list[int]]]
+    full: list[Delivery]
+
+
+@dataclass
 class InFlight:
     """A scheduled step not yet updated: what was planned and what the device is doing."""
 
@@ -84,6 +93,11 @@ class NativeEngine:
         self._streams: dict[str, RequestStream] = {}
         self._sampling: dict[str, RequestSampling] = {}
         self._num_penalized = 0  # requests whose sampling reads their past tokens (penalties, grammars)
+        self._num_special = 0  # requests not greedy-and-plain (see ModelRunner.launch)
+        # Hand-overs to the event loop not yet applied there (see _hand_over).
+        self._handover_lock = threading.Lock()
+        self._ready = threading.Event()  # the engine thread has warmed up (start() waits)
+        self._handed: list[tuple[Deliveries, tuple[list[KvEvent], LoadMetrics | None]]] | None = None
         self._inflight: InFlight | None = None
         self._async = False
         self._stopping = False
@@ -113,6 +127,7 @@ class NativeEngine:
         self.scheduler = Scheduler(self._scheduler_config(runner), self.pool, self._connector())
         self._thread = threading.Thread(target=self._run, name="native-engine", daemon=True)
         self._thread.start()
+        await self._loop.run_in_executor(None, self._ready.wait)
 
     def _connector(self) -> KvConnector | None:
         """The KV tiers (when configured), behind the hooks' connector (disaggregation) when
@@ -214,6 +229,8 @@ class NativeEngine:
             self._sampling[seq.request_id] = params
             if params.reads_tokens:
                 self._num_penalized += 1
+            if _special(params):
+                self._num_special += 1
             self._lock.notify_all()
         return stream
 
@@ -264,6 +281,8 @@ class NativeEngine:
         params = self._sampling.pop(request_id, None)
         if params is not None and params.reads_tokens:
             self._num_penalized -= 1
+        if params is not None and _special(params):
+            self._num_special -= 1
 
     def _fail_all(self, message: str) -> None:
         self._failure = message
@@ -273,16 +292,33 @@ class NativeEngine:
                 if self.scheduler is not None:
                     self.scheduler.abort(request_id)
             self._sampling.clear()
-            self._num_penalized = 0
+            self._num_penalized = self._num_special = 0
         for stream in streams.values():
             stream.fail(message)
 
     # ---- the loop (engine thread) ---------------------------------------------------
 
     def _run(self) -> None:
+        self._warm_thread()
         while self._wait_for_work():
             self.step()
         self._complete()
+
+    def _warm_thread(self) -> None:
+        """On CUDA, the runner's start-up warm-up ran on the loading thread; run its short
+        requests once more on this one, before start() returns, so nothing the first request
+        needs is first done here (the first request after start-up measured ~0.9 s before)."""
+        try:
+            runner = self.runner
+            if runner is not None and runner.device.type == "cuda" and self._ranks is None:
+                started = time.perf_counter()
+                steps = warm_serving_path(runner)
+                log.info("native engine: engine thread warmed (%d steps) in %.2fs", steps,
+                         time.perf_counter() - started)
+        except Exception:  # a slower first request, not a dead engine
+            log.exception("native engine: warm-up on the engine thread failed")
+        finally:
+            self._ready.set()
 
     def _wait_for_work(self) -> bool:
         assert self.scheduler is not None
@@ -320,7 +356,10 @@ class NativeEngine:
             with self._lock:  # the event loop may cancel (and free) sequences meanwhile
                 live = [s for s in out.scheduled if s.seq.status is not SeqStatus.FINISHED]
                 inputs = self.runner.prepare(live) if live else None
-            return None if inputs is None else self.runner.launch(inputs, self._sampling)
+                greedy_plain = not self._num_special
+            if inputs is None:
+                return None
+            return self.runner.launch(inputs, self._sampling, greedy_plain=greedy_plain)
         except Exception as exc:  # a failed step fails its requests, not the worker
             log.exception("native engine step failed")
             self._fail_step(out, f"the model step failed: {exc!r}; retry the request")
@@ -379,24 +418,37 @@ class NativeEngine:
                 self._forget(rid)
         errors = [Delivery(s, [], error=message, finish_reason=FINISH_ERROR)
                   for s in streams if s is not None]
-        self._hand_over(errors, ([], None))
+        self._hand_over(Deliveries([], errors), ([], None))
 
     def _deliveries(
         self, out: SchedulerOutput, result: StepResult, finished: list[FinishedSeq]
-    ) -> list[Delivery]:
+    ) -> Deliveries:
+        """What each stream gets from this step: a plain token (the common decode case: no
+        finish, logprobs, embedding or first-token details) as a (stream, tokens) pair, the
+        rest as a full Delivery."""
         reasons = {f.seq.request_id: f.reason for f in finished}
+        streams, sampled = self._streams, result.sampled
+        details = bool(result.logprobs or result.embeddings)
+        plain: list[tuple[RequestStream, list[int]]] = []
         deliveries: list[Delivery] = []
         for s in out.scheduled:
-            rid = s.seq.request_id
-            stream = self._streams.get(rid)
-            if rid not in result.sampled or stream is None:
+            seq = s.seq
+            rid = seq.request_id
+            new = sampled.get(rid)
+            stream = streams.get(rid)
+            if new is None or stream is None:
                 continue
-            if s.seq.status is SeqStatus.FINISHED and rid not in reasons:
-                continue  # ended by the step before (async output): this token is dropped
-            deliveries.append(self._delivery(stream, s.seq, result, reasons.get(rid)))
-            if rid in reasons:
+            reason = reasons.get(rid) if reasons else None
+            if reason is None:
+                if seq.status is SeqStatus.FINISHED:
+                    continue  # ended by the step before (async output): this token is dropped
+                if not details and len(seq.token_ids) - seq.prompt_len != 1:
+                    plain.append((stream, new))
+                    continue
+            deliveries.append(self._delivery(stream, seq, result, reason))
+            if reason is not None:
                 self._forget(rid)
-        return deliveries
+        return Deliveries(plain, deliveries)
 
     def _delivery(
         self, stream: RequestStream, seq: Sequence, result: StepResult, reason: str | None
@@ -425,24 +477,45 @@ class NativeEngine:
         return events, self.scheduler.load_metrics()
 
     def _hand_over(
-        self, deliveries: list[Delivery], published: tuple[list[KvEvent], LoadMetrics | None]
+        self, deliveries: Deliveries, published: tuple[list[KvEvent], LoadMetrics | None]
     ) -> None:
         assert self._loop is not None
-        if deliveries or published[0] or published[1] is not None:
-            self._loop.call_soon_threadsafe(self._apply, deliveries, published)
+        if not (deliveries.plain or deliveries.full or published[0] or published[1] is not None):
+            return
+        with self._handover_lock:  # while the loop has not taken the last batch, join it
+            if self._handed is not None:
+                self._handed.append((deliveries, published))
+                return
+            self._handed = [(deliveries, published)]
+        self._loop.call_soon_threadsafe(self._apply_handed)
 
     def _publish(self, published: tuple[list[KvEvent], LoadMetrics | None]) -> None:
-        self._hand_over([], published)
+        self._hand_over(Deliveries([], []), published)
 
     # ---- back on the event loop -------------------------------------------------------
 
+    def _apply_handed(self) -> None:
+        """Everything the engine thread handed over since the loop last ran this, in order
+        (one wake-up of the loop for however many steps it fell behind)."""
+        with self._handover_lock:
+            handed, self._handed = self._handed or [], None
+        for deliveries, published in handed:
+            self._apply(deliveries, published)
+
     def _apply(
-        self, deliveries: list[Delivery], published: tuple[list[KvEvent], LoadMetrics | None]
+        self, deliveries: Deliveries, published: tuple[list[KvEvent], LoadMetrics | None]
     ) -> None:
-        for d in deliveries:
+        for stream, new in deliveries.plain:
+            stream.push_tokens(new)
+        for d in deliveries.full:
             d.stream.push(d)
         events, metrics = published
         if events:
             self.hooks.publish_kv_events(events)
         if metrics is not None:
             self.hooks.publish_load(metrics)
+
+
+def _special(params: RequestSampling) -> bool:
+    """Whether a request's rows need the sampler's per-row path (not a graph's argmax)."""
+    return not (params.greedy and params.plain) or params.embed is not None

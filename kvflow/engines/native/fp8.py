@@ -6,21 +6,40 @@ per-channel ones), with the real weight = weight * scale. Activation scales (`X.
 fbgemm's `X.input_scale_ub`) only serve FP8 activation kernels and are dropped here. Layers the
 config leaves out (`ignore`, `modules_to_not_convert`, e.g. lm_head) are plain tensors.
 
-The loader dequantises each weight into the model dtype as it streams by (each of q/k/v keeps
-its own scale before they are fused); the engine then serves it like any bf16 checkpoint.
+Two ways to serve them (weights.load_model picks):
+
+- *FP8 compute* (CUDA, compute capability 8.9 or later, the Triton ops, one rank): the decoder's
+  projections keep their float8_e4m3fn weights, each with a float32 scale per output row
+  (`fp8_scale` on the weight; a per-tensor scale is repeated over its rows, so q, k and v keep
+  their own scales inside the fused qkv matrix). Matmuls of many rows quantise the activations
+  per row and run on FP8 tensor cores (`torch._scaled_mm`, row-wise scales); single-row decode
+  steps run a GEMV that reads the FP8 weights and scales them in registers (triton_gemv.py).
+  Weights take half the memory and half the bytes per decode step.
+- *Dequantise on load* (everywhere else): each weight becomes weight * scale in the model dtype
+  as it streams by; the engine then serves it like any bf16 checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from kvflow.engines.native.config import UnsupportedModelError
 
-FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8 = torch.float8_e4m3fn
+FP8_DTYPES = (FP8,)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# The fused projections whose weights FP8 compute keeps in FP8, and their checkpoint parts.
+FP8_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
 _DROPPED = (".input_scale", ".input_scale_ub", ".output_scale")
 
 
@@ -79,28 +98,51 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (weight.float() * scale.reshape(-1, 1)).to(dtype)
 
 
+def row_scales(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A checkpoint scale ([] / [1] / [out, 1]) as float32 [out]: one value per weight row."""
+    rows = weight.shape[0]
+    if scale.numel() == 1:
+        return scale.float().reshape(1).expand(rows).contiguous()
+    if scale.numel() != rows:
+        raise ValueError(
+            f"FP8 weight scale of {scale.numel()} values for a weight of {rows} rows: "
+            "only per-tensor and per-channel scales are supported"
+        )
+    return scale.float().reshape(rows).contiguous()
+
+
 def dequantized_tensors(
-    tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype
+    tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
+    keep: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors with FP8 weights replaced by weight * scale in `dtype`.
+    """The checkpoint's tensors with FP8 weights replaced by weight * scale in `dtype`, except
+    those `keep(name)` chooses: they stay FP8, followed by `name + "_scale"`, float32 [rows].
 
     A weight and its scale may come in either order (and from different shards); each is held
     until its partner arrives.
     """
     weights: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
+
+    def pair(name: str, weight: torch.Tensor, scale: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if keep is not None and keep(name):
+            yield name, weight
+            yield name + "_scale", row_scales(weight, scale)
+        else:
+            yield name, dequantize(weight, scale, dtype)
+
     for name, tensor in tensors:
         if name.endswith(_DROPPED):
             continue
         if name.endswith(".weight_scale"):
             base = name[: -len("_scale")]
             if base in weights:
-                yield base, dequantize(weights.pop(base), tensor, dtype)
+                yield from pair(base, weights.pop(base), tensor)
             else:
                 scales[base] = tensor
         elif name.endswith(".weight") and tensor.dtype in FP8_DTYPES:
             if name in scales:
-                yield name, dequantize(tensor, scales.pop(name), dtype)
+                yield from pair(name, tensor, scales.pop(name))
             else:
                 weights[name] = tensor
         else:
@@ -111,3 +153,61 @@ def dequantized_tensors(
             f"FP8 checkpoint: {len(weights)} weights lack a weight_scale and {len(scales)} "
             f"scales lack a weight, e.g. {lonely[:2]}; is the download complete?"
         )
+
+
+def quantized_weight_names(names: Iterable[str]) -> set[str]:
+    """The FP8 weights of a checkpoint, from its tensor names: those with a `weight_scale`."""
+    return {n[: -len("_scale")] for n in names if n.endswith(".weight_scale")}
+
+
+def fp8_projections(model: nn.Module, quantized: set[str]) -> list[str]:
+    """Our projection modules (e.g. `layers.3.mlp.gate_up_proj`) whose every checkpoint part is
+    FP8 in `quantized` (checkpoint weight names, with or without the `model.` prefix)."""
+    names = {n.removeprefix("model.") for n in quantized}
+    chosen = []
+    for name, _ in model.named_modules():
+        for ours, parts in FP8_PROJECTIONS.items():
+            if name.endswith("." + ours):
+                prefix = name[: -len(ours)]
+                if all(f"{prefix}{p}.weight" in names for p in parts):
+                    chosen.append(name)
+    return chosen
+
+
+def make_fp8_projections(model: nn.Module, modules: list[str]) -> None:
+    """Give each named nn.Linear an empty FP8 weight and a float32 `weight_scale` [out] for the
+    loader to fill; the weight carries its scale as `fp8_scale` (read by the ops)."""
+    for name in modules:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear), name
+        out_features, in_features = linear.weight.shape
+        device = linear.weight.device
+        weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device),
+                              requires_grad=False)
+        scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device),
+                             requires_grad=False)
+        linear.weight = weight
+        linear.weight_scale = scale
+        weight.fp8_scale = scale  # type: ignore[attr-defined]
+
+
+def scale_of(weight: torch.Tensor) -> torch.Tensor | None:
+    """The per-row float32 scale of an FP8 weight kept for FP8 compute, else None."""
+    if weight.dtype != FP8:
+        return None
+    scale = getattr(weight, "fp8_scale", None)
+    assert scale is not None, "an FP8 weight without its scale"
+    return scale
+
+
+def dequantize_rows(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight (fp8 [out, in]) * scale (float32 [out]) in `dtype`: the reference path (CPU)."""
+    return (weight.float() * scale[:, None]).to(dtype)
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / s in FP8, s [rows, 1] float32) with s = max|row| / 448: dynamic per-row scales, as
+    the Triton kernel computes them (the reference for its test)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale

@@ -15,6 +15,8 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
+from kvflow.engines.native.fp8 import dequantize_rows, scale_of
+
 
 class Projected(NamedTuple):
     """A projection of the normed residual stream, and the stream (x + residual) itself."""
@@ -132,20 +134,32 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    # Whether the model may keep FP8 weights for these ops to compute with (fp8.py): the
+    # reference ops take them (dequantising per call), but only faster ops choose it.
+    fp8_compute = False
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """x @ weight.T (+ bias); an FP8 weight (fp8.py) is dequantised for the call."""
+        scale = scale_of(weight)
+        if scale is not None:
+            weight = dequantize_rows(weight, scale, x.dtype)
+        return F.linear(x, weight, bias)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight)
+        return self.matmul(x, weight)
 
     def norm_linear(
         self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
         eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
     ) -> Projected:
         if residual is None:
-            return Projected(F.linear(self.rms_norm(x, norm_weight, eps), weight, bias), x)
+            return Projected(self.matmul(self.rms_norm(x, norm_weight, eps), weight, bias), x)
         h, summed = self.add_rms_norm(x, residual, norm_weight, eps)
-        return Projected(F.linear(h, weight, bias), summed)
+        return Projected(self.matmul(h, weight, bias), summed)
 
     def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.silu_mul(gate_up), weight)
+        return self.matmul(self.silu_mul(gate_up), weight)
 
     def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight).float()

@@ -251,9 +251,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(
-        self, inputs: StepInputs | GraphStep, sampling: Mapping[str, RequestSampling]
+        self, inputs: StepInputs | GraphStep, sampling: Mapping[str, RequestSampling],
+        greedy_plain: bool = False,
     ) -> Launched:
-        """Queue the model and sampling; the sampled ids land in `sampled` on the device."""
+        """Queue the model and sampling; the sampled ids land in `sampled` on the device.
+        `greedy_plain`: the caller knows every request in `sampling` is greedy and plain (no
+        penalties, grammar, min_tokens, logprobs or pooling), so a graph step needs nothing
+        per row beyond the graph's own argmax."""
+        if greedy_plain and isinstance(inputs, GraphStep):
+            self.logits(inputs)
+            seqs = inputs.sampling_seqs
+            self._rows = {s.seq: i for i, s in enumerate(seqs)}
+            return Launched(seqs, tokens=self.readback.fetch(self.sampled[: len(seqs)]))
         embedding = isinstance(inputs, StepInputs) and any(
             (p := sampling.get(s.seq.request_id)) is not None and p.embed is not None
             for s in inputs.scheduled)

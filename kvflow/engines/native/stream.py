@@ -71,6 +71,12 @@ class RequestStream:
             self._finish = d.finish_reason
         self._wake()
 
+    def push_tokens(self, token_ids: list[int]) -> None:
+        """`push` of a Delivery that holds only tokens (the hot path of large batches)."""
+        if self._finish is None:
+            self._tokens += token_ids
+            self._wake()
+
     def finish(self, reason: str) -> None:
         if self._finish is None:
             self._finish = reason

@@ -119,9 +119,9 @@ def _weight_chunk(w_rows, n_mask, k0, K, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, r_ptr, r_out_ptr, nw_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, r_ptr, r_out_ptr, nw_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
     N, K, stride_xm, stride_rm, stride_rom, stride_wn, stride_ym, eps,
-    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -149,6 +149,8 @@ def _gemv_kernel(
         h = _input_chunk(x_row, r_row, r_out_row, nw_ptr, offs_k, k_mask, K, inv, pid_n == 0,
                          PROLOGUE)
         acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
+    if HAS_SCALE:  # an FP8 weight's per-row scale
+        acc *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     out = acc.to(dtype).to(y_ptr.dtype.element_ty)  # rounded like a model-dtype matmul
@@ -164,8 +166,9 @@ def _weight_tile(w_ptr, rows, N, offs_k, k_mask, stride_wn):
 
 @triton.jit
 def _gemv_persistent_kernel(
-    x_ptr, r_ptr, r_out_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, eps,
-    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, r_ptr, r_out_ptr, nw_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, K, stride_wn, eps,
+    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     K_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One row: the input vector (with its prologue) once per program, then tiles
@@ -190,9 +193,49 @@ def _gemv_persistent_kernel(
                               stride_wn)
         rows = tile * BLOCK_N + offs_n
         acc = tl.sum(w.to(tl.float32) * h[None, :], 1)
+        if HAS_SCALE:
+            acc *= tl.load(s_ptr + rows, mask=rows < N, other=0.0)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, acc.to(dtype).to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+# FP8-weight GEMV launches to choose from, timed once per weight shape (`fp8_config`): the
+# bf16 heuristics above were swept on 1.1B shapes with 2-byte weights and leave an FP8 GEMV
+# far from the bandwidth floor on 8B shapes (first H200 run: 1 TB/s).
+FP8_CANDIDATES = (GemvConfig(8, 1024, 4), GemvConfig(16, 512, 4), GemvConfig(16, 1024, 8),
+                  GemvConfig(32, 512, 8), GemvConfig(8, 2048, 8))
+_fp8_tuned: dict[tuple[int, int, int], GemvConfig] = {}
+
+
+def fp8_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, prologue: int,
+               **kw: object) -> GemvConfig:
+    """The fastest of FP8_CANDIDATES for this (N, K, prologue), timed on first use outside a
+    CUDA graph capture (the graphs' warm-up forwards run first); during a capture before any
+    timing, the first candidate."""
+    n, k = weight.shape
+    key = (n, k, prologue)
+    if key in _fp8_tuned:
+        return _fp8_tuned[key]
+    if torch.cuda.is_current_stream_capturing():
+        return FP8_CANDIDATES[0]
+    best, best_ms = FP8_CANDIDATES[0], float("inf")
+    for cfg in FP8_CANDIDATES:
+        run = functools.partial(gemv, x, weight, prologue=prologue, scale=scale, config=cfg,
+                                **kw)  # type: ignore[arg-type]
+        for _ in range(2):
+            run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            run()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _fp8_tuned[key] = best
+    return best
 
 
 @functools.cache
@@ -207,9 +250,10 @@ def gemv(
     x: torch.Tensor, weight: torch.Tensor, *, prologue: int = PLAIN,
     residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
     eps: float = 0.0, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-    config: GemvConfig | None = None, pdl: bool = PDL,
+    config: GemvConfig | None = None, pdl: bool = PDL, scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y [M, N], the new residual for ADD_NORM else None); x is [M, K] ([M, 2K] for SILU_MUL)."""
+    """(y [M, N], the new residual for ADD_NORM else None); x is [M, K] ([M, 2K] for SILU_MUL).
+    `scale` (float32 [N]): the weight is FP8 and row n of it stands for weight[n] * scale[n]."""
     rows = x.shape[0]
     n, k = weight.shape
     assert weight.stride(1) == 1 and x.stride(-1) == 1, "gemv needs rows contiguous along K"
@@ -217,22 +261,28 @@ def gemv(
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
     r_in = residual if residual is not None else x
     r_out = torch.empty_like(x) if prologue == ADD_NORM else x
+    if config is None and scale is not None and x.is_cuda:
+        config = fp8_config(x, weight, scale, prologue, residual=residual,
+                            norm_weight=norm_weight, eps=eps, bias=bias, out_dtype=out_dtype,
+                            pdl=pdl)
     cfg = config or gemv_config(n, k, _num_sms(x.device) if rows == 1 else 0)
     if cfg.programs:
         assert rows == 1, "the persistent GEMV takes one row"
         _gemv_persistent_kernel[(cfg.programs,)](
             x, r_in, r_out, norm_weight if norm_weight is not None else weight,
-            weight, bias if bias is not None else weight, y, n, k, weight.stride(0), eps,
-            PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
+            weight, bias if bias is not None else weight, scale if scale is not None else weight,
+            y, n, k, weight.stride(0), eps,
+            PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+            BLOCK_N=cfg.block_n,
             K_PAD=triton.next_power_of_2(k), USE_PDL=pdl, num_warps=cfg.num_warps,
             **launch_options(pdl),
         )
         return y, (r_out if prologue == ADD_NORM else None)
     _gemv_kernel[(rows, triton.cdiv(n, cfg.block_n))](
         x, r_in, r_out, norm_weight if norm_weight is not None else weight,
-        weight, bias if bias is not None else weight, y,
+        weight, bias if bias is not None else weight, scale if scale is not None else weight, y,
         n, k, x.stride(0), r_in.stride(0), r_out.stride(0), weight.stride(0), y.stride(0), eps,
-        PROLOGUE=prologue, HAS_BIAS=bias is not None,
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_PDL=pdl, num_warps=cfg.num_warps,
         **launch_options(pdl),
     )

@@ -4,11 +4,14 @@ and the one that feeds the last step's sampled ids into the next step's inputs."
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kvflow.engines.native import triton_gemv as tg
+from kvflow.engines.native.fp8 import scale_of
 from kvflow.engines.native.ops import Projected, TorchOps, register_ops
+from kvflow.engines.native.triton_fp8 import fp8_linear
 from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -153,10 +156,20 @@ class TritonOps(TorchOps):
         )
         return out.view(*gate_up.shape[:-1], n)
 
+    fp8_compute = True
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """cuBLAS, or for an FP8 weight (fp8.py) FP8 tensor cores with per-row scales."""
+        scale = scale_of(weight)
+        if scale is None:
+            return F.linear(x, weight, bias)
+        return fp8_linear(x, weight, scale, bias)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not _few_rows(x):
-            return super().linear(x, weight)
-        return tg.gemv(x, weight)[0]
+            return self.matmul(x, weight)
+        return tg.gemv(x, weight, scale=scale_of(weight))[0]
 
     def norm_linear(
         self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
@@ -167,13 +180,14 @@ class TritonOps(TorchOps):
             return super().norm_linear(x, residual, norm_weight, eps, weight, bias)
         prologue = tg.NORM if residual is None else tg.ADD_NORM
         out, summed = tg.gemv(x, weight, prologue=prologue, residual=residual,
-                              norm_weight=norm_weight, eps=eps, bias=bias)
+                              norm_weight=norm_weight, eps=eps, bias=bias,
+                              scale=scale_of(weight))
         return Projected(out, x if summed is None else summed)
 
     def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not _few_rows(gate_up):
             return super().silu_mul_linear(gate_up, weight)
-        return tg.gemv(gate_up, weight, prologue=tg.SILU_MUL)[0]
+        return tg.gemv(gate_up, weight, prologue=tg.SILU_MUL, scale=scale_of(weight))[0]
 
     def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not _few_rows(x):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,11 +11,19 @@ import torch
 
 from kvflow.engines.native.attention import AttentionBackend
 from kvflow.engines.native.config import ModelConfig, normalize_dtype
-from kvflow.engines.native.fp8 import dequantized_tensors, fp8_scheme
-from kvflow.engines.native.model import CausalLM, load_weights
+from kvflow.engines.native.fp8 import (
+    dequantized_tensors,
+    fp8_projections,
+    fp8_scheme,
+    make_fp8_projections,
+    quantized_weight_names,
+)
+from kvflow.engines.native.model import CausalLM, load_weights, param_slice
 from kvflow.engines.native.ops import Ops
 from kvflow.llm.model_card import hub_reason
 from kvflow.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -114,12 +123,48 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     ops: Ops | None = None,
+    fp8_compute: bool | None = None,
 ) -> CausalLM:
-    """Build the model on `device` and fill it from the directory's safetensors (FP8 too)."""
+    """Build the model on `device` and fill it from the directory's safetensors (FP8 too).
+
+    An FP8 checkpoint's projections keep their FP8 weights when `fp8_compute` (None: where
+    `fp8_supported`), else every weight is dequantised into `dtype` as it streams in (fp8.py)."""
     scheme = fp8_scheme(json.loads((model_dir / "config.json").read_text()))
     model = empty_model(cfg, backend, max_positions, device, dtype, ops)
-    tensors = iter_tensors(safetensors_files(model_dir), device)
-    if scheme is not None:  # FP8 weights: dequantised into `dtype` as they stream in (fp8.py)
-        tensors = dequantized_tensors(tensors, dtype)
+    files = safetensors_files(model_dir)
+    tensors = iter_tensors(files, device)
+    if scheme is not None:
+        keep = fp8_supported(device, model.ops) if fp8_compute is None else fp8_compute
+        modules = fp8_projections(model, quantized_weight_names(tensor_names(files))) if keep else []
+        make_fp8_projections(model, modules)
+        kept = {f"{m}.weight" for m in modules}
+
+        def stays_fp8(name: str) -> bool:
+            target = param_slice(name, cfg)
+            return target is not None and target.param in kept
+
+        tensors = dequantized_tensors(tensors, dtype, stays_fp8)
+        log.info("native engine: FP8 checkpoint (%s, per-%s scales): %s", scheme.method,
+                 scheme.strategy, f"FP8 compute in {len(modules)} projections" if modules
+                 else f"dequantised to {str(dtype).removeprefix('torch.')} on load")
     load_weights(model, tensors)
     return model
+
+
+def fp8_supported(device: torch.device, ops: Ops) -> bool:
+    """FP8 compute where FP8 tensor cores are (CUDA, compute capability 8.9+: Ada, Hopper) and
+    the ops have FP8 kernels (the Triton ops; not the batch-invariant or reference ones)."""
+    if device.type != "cuda" or not getattr(ops, "fp8_compute", False):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def tensor_names(files: list[Path]) -> list[str]:
+    """Every tensor name in the checkpoint (headers only)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names += list(f.keys())
+    return names

@@ -11,9 +11,9 @@ import torch
 
 from kvflow.engines.native.attention import AttentionMetadata, make_backend
 from kvflow.engines.native.config import ModelConfig, UnsupportedModelError
-from kvflow.engines.native.fp8 import dequantized_tensors
+from kvflow.engines.native.fp8 import dequantized_tensors, quantize_rows_reference, scale_of
 from kvflow.engines.native.kv_cache import KvCacheLayout, allocate_kv_cache
-from kvflow.engines.native.weights import load_model
+from kvflow.engines.native.weights import fp8_supported, load_model
 from kvflow.testing.engine_io import collect, greedy_request, prompt_ids, small_native_engine, tokens
 from kvflow.testing.fp8 import make_fp8_checkpoint
 
@@ -22,9 +22,10 @@ LAYOUTS = [("compressed-tensors", "tensor"), ("compressed-tensors", "channel"),
            ("fbgemm_fp8", "channel")]
 
 
-def _logits(path: Path, prompt: list[int]) -> torch.Tensor:
+def _logits(path: Path, prompt: list[int], fp8_compute: bool | None = None) -> torch.Tensor:
     cfg = ModelConfig.from_dir(path)
-    model = load_model(path, cfg, make_backend("torch", CPU), 256, CPU, torch.float32)
+    model = load_model(path, cfg, make_backend("torch", CPU), 256, CPU, torch.float32,
+                       fp8_compute=fp8_compute)
     layout = KvCacheLayout(32, 4, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
     model.set_kv_caches(allocate_kv_cache(layout, CPU))
     n = len(prompt)
@@ -80,3 +81,47 @@ def test_unsupported_quantization_and_missing_scales_are_clear(
     weight = torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="lack a weight_scale"):
         list(dequantized_tensors([("layers.0.mlp.down_proj.weight", weight)], torch.float32))
+
+
+@pytest.mark.parametrize(("method", "strategy"), LAYOUTS)
+def test_fp8_weights_kept_with_row_scales_compute_the_reference(
+    method: str, strategy: str, tiny_models: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """FP8 compute's loading on CPU (the reference ops dequantise per call): the projections
+    hold FP8 weights and one float32 scale per row, q/k/v each with their own, and the
+    logits equal the dequantised reference's (to float32 rounding, 1e-6 relative)."""
+    src = tiny_models("llama")
+    fp8 = make_fp8_checkpoint(src, tmp_path / "fp8", method, strategy, reference=tmp_path / "ref")
+    cfg = ModelConfig.from_dir(fp8)
+    model = load_model(fp8, cfg, make_backend("torch", CPU), 256, CPU, torch.float32,
+                       fp8_compute=True)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+        assert linear.weight.dtype == torch.float8_e4m3fn
+        assert scale_of(linear.weight) is linear.weight_scale
+        assert linear.weight_scale.shape == (linear.weight.shape[0],)
+    assert model.lm_head.weight.dtype == torch.float32  # left out of the quantisation
+    scales = attn.qkv_proj.weight_scale
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    if strategy == "tensor":  # q, k and v: three scales, each repeated over its rows
+        parts = [scales[:q], scales[q : q + kv], scales[q + kv :]]
+        assert all(bool((p == p[0]).all()) for p in parts)
+        assert len({float(p[0]) for p in parts}) == 3
+    prompt = prompt_ids(23, seed=5)
+    ours = _logits(fp8, prompt, fp8_compute=True)
+    ref = _logits(tmp_path / "ref", prompt)
+    assert (ours - ref).norm() / ref.norm() < 1e-6
+    assert not fp8_supported(CPU, model.ops)  # off CUDA the engine dequantises on load
+
+
+def test_quantize_rows_reference_round_trips_within_e4m3_precision() -> None:
+    """Dynamic per-row activation scales (what the Triton kernel computes on GPU): each row's
+    peak maps to 448, and q * s is within e4m3's relative step (2^-3) of x."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 96, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 1e3, 0.0])[:, None]
+    q, s = quantize_rows_reference(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 1)
+    back = q.float() * s
+    assert torch.allclose(back.abs().amax(dim=1)[:4], x.abs().amax(dim=1)[:4], rtol=1e-6)
+    assert ((back - x).abs() <= x.abs() * 2**-3 + s * 2**-9).all()
+    assert (back[4] == 0).all()  # an all-zero row stays zero (the scale is clamped, not 0)
