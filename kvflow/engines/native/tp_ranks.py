@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -26,12 +27,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 import torch
 
 from kvflow.engines.native import parallel
-from kvflow.engines.native.config import NativeEngineConfig
+from kvflow.engines.native.config import NativeEngineConfig, UnsupportedModelError
+from kvflow.engines.native.fp8 import fp8_scheme
 from kvflow.engines.native.kv_io import block_io, kv_layout
 from kvflow.engines.native.runner import ModelRunner
 from kvflow.kv.blocks import RegionBlockIO
@@ -150,11 +153,22 @@ def _spawn(config: NativeEngineConfig, rank: int, port: int) -> subprocess.Popen
     return subprocess.Popen(cmd, start_new_session=True)
 
 
+def refuse_fp8_shards(model_dir: Path) -> None:
+    """Tensor parallelism loads each rank's slice of plain weights only: an FP8 checkpoint
+    (weights plus per-channel scales to slice alike) is refused before any rank starts."""
+    config = model_dir / "config.json"
+    if config.is_file() and fp8_scheme(json.loads(config.read_text())) is not None:
+        raise UnsupportedModelError(
+            f"{model_dir} is an FP8 checkpoint; --tensor-parallel-size > 1 serves unquantised "
+            "(bf16/fp16/fp32) checkpoints only for now: use --tensor-parallel-size 1 or a bf16 copy")
+
+
 def load_runner(config: NativeEngineConfig) -> tuple[ModelRunner, RankGroup | None]:
     """The engine's runner: alone, or rank 0 of `tensor_parallel_size` ranks it starts."""
     size = config.tensor_parallel_size
     if size == 1:
         return ModelRunner.load(config), None
+    refuse_fp8_shards(Path(config.model_path))
     store = parallel.master_store(size)
     procs = [_spawn(config, rank, store.port) for rank in range(1, size)]
     local = rank_config(config, 0)

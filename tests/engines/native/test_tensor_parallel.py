@@ -168,3 +168,13 @@ def test_tensor_parallel_refuses_kv_tiers_and_bad_sizes() -> None:
                            tiers=TierConfig(host_kv_cache_gb=1.0))
     with pytest.raises(ValueError, match="must be >= 1"):
         NativeEngineConfig(model_path="m", tensor_parallel_size=0)
+
+
+async def test_tensor_parallel_refuses_an_fp8_checkpoint_before_starting_ranks(
+        tiny_models: Callable[[str], Path], tmp_path: Path) -> None:
+    from kvflow.engines.native.config import UnsupportedModelError
+    from kvflow.testing.fp8 import make_fp8_checkpoint
+
+    fp8 = make_fp8_checkpoint(tiny_models("llama"), tmp_path / "fp8", "fbgemm_fp8", "channel")
+    with pytest.raises(UnsupportedModelError, match="use --tensor-parallel-size 1 or a bf16 copy"):
+        await small_native_engine(fp8, tensor_parallel_size=2)
