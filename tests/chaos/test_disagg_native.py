@@ -42,6 +42,29 @@ async def complete(client, model: str, ids: list[int]) -> str:
     return out.choices[0].text
 
 
+async def _expect_aggregated_output(chaos, url: str, decode, prompts: list[list[int]],
+                                    backend: str, label: str) -> None:
+    """Model "m" (prefill + decode workers) answers each prompt as "agg" does; the decode
+    worker pulled every block over `backend`, and the frontend counted the same bytes."""
+    async with chaos.client(timeout=120) as client:
+        await _until_model(client, "m")
+        await _until_model(client, "agg")
+        for ids in prompts:
+            want = await complete(client, "agg", ids)
+            got = await complete(client, "m", ids)
+            assert got == want, f"{label} output differs for a {len(ids)}-token prompt"
+    moved = decode.metric("kv_transfer_bytes_total", family="kvflow_")
+    blocks = decode.metric("kv_transfer_blocks_total", family="kvflow_")
+    # 2 layers x (K, V) x 8 tokens x 2 kv heads x 16 dims x 4 bytes = 4 KiB per block,
+    # every KV head of a block once whatever the TP split
+    assert blocks >= 9 and moved == blocks * 4096
+    assert f'backend="{backend}"' in decode._get("/metrics").decode()
+    assert decode.metric("kv_transfer_failures_total", family="kvflow_") == 0
+    from .test_disagg import frontend_metric
+
+    assert frontend_metric(url, "kvflow_kv_transfer_bytes_total") == moved
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 async def test_prefill_decode_split_matches_aggregated_greedy(
     chaos, native_model: Path, device: str
@@ -60,22 +83,7 @@ async def test_prefill_decode_split_matches_aggregated_greedy(
         [rng.randrange(3, 400) for _ in range(9)],       # one block and a bit
         [*base[:40], 7, 8, 9],                         # partial prefix hit
     ]
-    async with chaos.client(timeout=120) as client:
-        await _until_model(client, "m")
-        await _until_model(client, "agg")
-        for ids in prompts:
-            want = await complete(client, "agg", ids)
-            got = await complete(client, "m", ids)
-            assert got == want, f"disaggregated output differs for a {len(ids)}-token prompt"
-    moved = decode.metric("kv_transfer_bytes_total", family="kvflow_")
-    blocks = decode.metric("kv_transfer_blocks_total", family="kvflow_")
-    # 2 layers x (K, V) x 8 tokens x 2 kv heads x 16 dims x 4 bytes = 4 KiB per block
-    assert blocks >= 9 and moved == blocks * 4096
-    assert f'backend="{BACKENDS[device]}"' in decode._get("/metrics").decode()
-    assert decode.metric("kv_transfer_failures_total", family="kvflow_") == 0
-    from .test_disagg import frontend_metric
-
-    assert frontend_metric(url, "kvflow_kv_transfer_bytes_total") == moved
+    await _expect_aggregated_output(chaos, url, decode, prompts, BACKENDS[device], "disaggregated")
 
 
 async def _until(check, timeout: float) -> None:
@@ -139,19 +147,5 @@ async def test_tensor_parallel_prefill_decode_matches_aggregated_tp1(
     rng = random.Random(7)
     base = [rng.randrange(3, 400) for _ in range(70)]
     prompts = [base, [*base[:40], 7, 8, 9], [rng.randrange(3, 400) for _ in range(9)]]
-    async with chaos.client(timeout=120) as client:
-        await _until_model(client, "m")
-        await _until_model(client, "agg")
-        for ids in prompts:
-            want = await complete(client, "agg", ids)
-            got = await complete(client, "m", ids)
-            assert got == want, f"TP={prefill_tp} -> TP={decode_tp} output differs ({len(ids)} tokens)"
-    moved = decode.metric("kv_transfer_bytes_total", family="kvflow_")
-    blocks = decode.metric("kv_transfer_blocks_total", family="kvflow_")
-    # Every KV head of a block once, whatever the split: 4 KiB per block (see above).
-    assert blocks >= 9 and moved == blocks * 4096
-    assert f'backend="{backend}"' in decode._get("/metrics").decode()
-    assert decode.metric("kv_transfer_failures_total", family="kvflow_") == 0
-    from .test_disagg import frontend_metric
-
-    assert frontend_metric(url, "kvflow_kv_transfer_bytes_total") == moved
+    await _expect_aggregated_output(chaos, url, decode, prompts, backend,
+                                    f"TP={prefill_tp} -> TP={decode_tp}")
