@@ -110,6 +110,34 @@ def test_a_corrupt_block_on_disk_is_refused_and_counted(make_cache, tmp_path) ->
     assert cache.load([1, 2]).hashes == [1]
 
 
+def test_disk_blocks_are_read_straight_into_host_slots_and_promoted(make_cache, tmp_path) -> None:
+    cache = make_cache(host_kv_cache_gb=0.001, disk_kv_cache_dir=str(tmp_path), disk_admit_after=1)
+    host = cache.host
+    assert host is not None
+    for h in (1, 2, 3):
+        cache.offload(h, payload(h))
+    cache.flush()
+    host.clear()  # only the disk holds them now
+    free = host.num_free
+    run = cache.load([1, 2, 3])
+    assert run.tiers == ["disk"] * 3 and run.payloads == [None] * 3  # in reserved slots
+    assert all(s >= 0 for s in run.slots) and host.num_free == free - 3
+    assert [bytes(run.payload(i)) for i in range(3)] == [payload(h) for h in (1, 2, 3)]
+    cache.landed(run, 0.001)  # the engine copied them: now they are host blocks
+    assert all(host.contains(h) for h in (1, 2, 3)) and host.num_free == free - 3
+    assert bytes(host.payload(host.acquire_run([2])[0])) == payload(2)
+
+    host.clear()
+    path = next(p for p in tmp_path.rglob("*.kvb") if p.stem == f"{3:016x}")
+    path.write_bytes(path.read_bytes() + b"x")  # longer than its header says: refused
+    free = host.num_free
+    run = cache.load([1, 2, 3])
+    assert run.hashes == [1, 2] and host.num_free == free - 2  # block 3's slot went back
+    assert sample(cache, "kvflow_kv_tier_rejected_blocks_total", tier="disk", reason="truncated") == 1
+    run.release()  # dropped without a copy (an aborted request): every reserved slot back
+    assert host.num_free == free and not host.contains(1)
+
+
 def test_a_block_of_another_model_is_never_loaded(make_cache, tmp_path) -> None:
     other = DiskStore(tmp_path, 1 << 20, ID.key_prefix)
     from kvflow.kv.tiers.record import encode_record

@@ -6,6 +6,7 @@ token-identical to recomputing it, and the cached tokens are reported by tier.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,16 @@ async def run(engine: Any, rid: str, prompt: list[int]) -> tuple[list[int], dict
     return tokens(outs), first.cached_tokens_by_tier
 
 
-async def evict_and_reload(engine: Any, uses: int = 1) -> tuple[list[int], dict[str, int] | None]:
+async def evict_and_reload(engine: Any, uses: int = 1, tier: str = "host"
+                           ) -> tuple[list[int], dict[str, int] | None]:
     for i in range(uses):
         await run(engine, f"p{i}", PROMPT)
     await run(engine, "other", OTHER)
+    if tier != "host":  # lower tiers are written by a background thread: let it land
+        for _ in range(200):
+            if sample(engine, "kvflow_kv_offload_blocks_total", tier=tier) >= 4:
+                break
+            await asyncio.sleep(0.05)
     return await run(engine, "again", PROMPT)
 
 
@@ -77,7 +84,7 @@ async def test_prefix_evicted_to_a_tier_gives_identical_greedy_output(
                            for k, v in tiers.items()}, kv_onboard="always")
     engine = await small_native_engine(model, num_gpu_blocks=BLOCKS, tiers=config)
     try:
-        out, by_tier = await evict_and_reload(engine, uses)
+        out, by_tier = await evict_and_reload(engine, uses, tier)
         assert out == reference
         assert by_tier is not None and by_tier.get(tier, 0) >= 4 * 4, by_tier
         assert sum(by_tier.values()) <= len(PROMPT) - 1

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from kvflow.kv.tiers.record import HEADER_SIZE
 from kvflow.kv.tiers.store import TierUnavailable
 
 SUFFIX = ".kvb"
@@ -97,6 +98,28 @@ class DiskStore:
             return None
         except OSError as exc:
             raise TierUnavailable("disk", os_error_reason(exc), f"read: {exc.strerror}") from exc
+
+    def read_into(self, seq_hash: int, out: memoryview) -> tuple[bytes, memoryview] | None:
+        """A record's header, and its payload read straight into `out` (no buffer of its
+        own: the host slab's slot, already allocated and touched, reads ~5x faster than a
+        fresh buffer per block, bench/tier_disk_read.py); None if absent. The payload view
+        is what the file held, at most len(out) bytes, or `out` plus one byte when the
+        file is longer (so the length check fails)."""
+        with self._lock:
+            if seq_hash not in self._lru:
+                return None
+            self._lru.move_to_end(seq_hash)
+        try:
+            with open(self._path(seq_hash), "rb", buffering=0) as f:
+                header = f.read(HEADER_SIZE)
+                n = f.readinto(out) or 0
+                extra = f.read(1)
+        except FileNotFoundError:
+            self._forget(seq_hash)
+            return None
+        except OSError as exc:
+            raise TierUnavailable("disk", os_error_reason(exc), f"read: {exc.strerror}") from exc
+        return header, (memoryview(bytes(out) + extra) if extra else out[:n])
 
     def put(self, seq_hash: int, record: bytes) -> bool:
         if len(record) > self.capacity_bytes:

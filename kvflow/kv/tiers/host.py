@@ -65,6 +65,11 @@ class HostStore:
         return self.slab.shape[0]
 
     @property
+    def num_free(self) -> int:
+        """Slots neither indexed nor reserved."""
+        return len(self._free)
+
+    @property
     def used_bytes(self) -> int:
         return len(self._lru) * self.block_bytes
 

@@ -33,7 +33,14 @@ from kvflow.kv.tiers.config import TierConfig
 from kvflow.kv.tiers.host import HostStore
 from kvflow.kv.tiers.metrics import TierMetrics
 from kvflow.kv.tiers.policy import LoadCostModel
-from kvflow.kv.tiers.record import BlockRejected, KvIdentity, decode_record, encode_record
+from kvflow.kv.tiers.record import (
+    BlockRejected,
+    KvIdentity,
+    check_header,
+    check_payload,
+    decode_record,
+    encode_record,
+)
 from kvflow.kv.tiers.store import KvStore, TierUnavailable
 
 log = logging.getLogger(__name__)
@@ -47,8 +54,11 @@ class LoadedRun:
     """Leading blocks found below the device: their hashes, source tiers and KV.
 
     A block from the host tier stays in its (pinned) slab slot, `slots[i]`, and its
-    `payloads[i]` is None; a block from disk or the object store has its checked KV
-    bytes in `payloads[i]` and slot -1. `release` unpins the host slots once copied.
+    `payloads[i]` is None. A block from disk or the object store was read (and checked)
+    straight into a host slot reserved for it — `slots[i]`, payload None, promoted to the
+    host tier once the engine copied it (`take_promoted`) — or, with no host tier or no
+    free slot, has its KV bytes in `payloads[i]` and slot -1. `release` unpins the host
+    slots and gives back promoted slots nobody took.
     """
 
     hashes: list[int] = field(default_factory=list)
@@ -75,12 +85,28 @@ class LoadedRun:
         return self.host.payload(self.slots[i])
 
     def host_slots(self) -> list[int]:
-        return [s for s in self.slots if s >= 0]
+        """Slots of the blocks that came from the host tier (pinned there)."""
+        return [s for s, t in zip(self.slots, self.tiers, strict=True) if s >= 0 and t == "host"]
+
+    def take_promoted(self) -> tuple[list[int], list[int]]:
+        """(hashes, slots) of the disk/object blocks read into reserved host slots; they
+        are the caller's to commit from now on (release no longer gives them back)."""
+        hashes, slots = [], []
+        for i, (slot, tier) in enumerate(zip(self.slots, self.tiers, strict=True)):
+            if slot >= 0 and tier != "host":
+                hashes.append(self.hashes[i])
+                slots.append(slot)
+                self.payloads[i] = self.payload(i)  # a view of the slot, while host keeps it
+                self.slots[i] = -1
+        return hashes, slots
 
     def release(self) -> None:
-        """Unpin the host slots this run holds (once their KV is copied); idempotent."""
+        """Unpin the host slots this run holds (once their KV is copied) and give back the
+        reserved slots of promoted blocks not taken; idempotent."""
         if self.host is not None:
             self.host.release(self.host_slots())
+            self.host.unreserve([s for s, t in zip(self.slots, self.tiers, strict=True)
+                                 if s >= 0 and t != "host"])
             self.host = None
             self.slots = [-1] * len(self.slots)
 
@@ -345,54 +371,96 @@ class TieredKvCache:
         return LoadedRun(hashes[:n], [None] * n, ["host"] * n, slots)
 
     def _lower_run(self, hashes: list[int]) -> LoadedRun:
-        """The leading blocks of `hashes` no host holds, from disk/object, in parallel."""
+        """The leading blocks of `hashes` no host holds, from disk/object, in parallel;
+        each read straight into a host slot reserved for it when there is one."""
         host = self.host
         end = next((j for j, h in enumerate(hashes) if host is not None and host.contains(h)),
                    len(hashes))
+        slots = host.reserve(end) if host is not None and end else []
+
+        def fetch(k: int) -> tuple[str, memoryview] | None:
+            into = host.payload(slots[k]) if host is not None and k < len(slots) else None
+            return self._load_one(hashes[k], into)
+
         run = LoadedRun()
-        for seq_hash, found in zip(hashes[:end], self._fetcher.map(self._load_one, hashes[:end]),
-                                   strict=False):
-            if found is None:
-                break
-            run.hashes.append(seq_hash)
-            run.tiers.append(found[0])
-            run.payloads.append(found[1])
-            run.slots.append(-1)
+        try:
+            for k, found in enumerate(self._fetcher.map(fetch, range(end))):
+                if found is None:
+                    break
+                run.hashes.append(hashes[k])
+                run.tiers.append(found[0])
+                into = k < len(slots)
+                run.payloads.append(None if into else found[1])
+                run.slots.append(slots[k] if into else -1)
+        except BaseException:
+            if host is not None:
+                host.unreserve(slots)
+            raise
+        if host is not None:
+            host.unreserve(slots[len(run):])  # after the first miss: read for nothing
         return run
 
     def landed(self, run: LoadedRun, seconds: float) -> None:
         """The engine copied `run` into its cache in `seconds`: count the host part (its
-        copy is the host tier's load time) and unpin its slots."""
+        copy is the host tier's load time), index the disk/object blocks read into host
+        slots as host blocks, and unpin the slots."""
         n = len(run.host_slots())
         if n:
             self.costs.observe_load("host", n, seconds)
             self.metrics.onboarded("host", n, n * self.block_bytes, seconds)
+        promoted, slots = run.take_promoted()
+        if promoted:
+            self.promoted_to_host(promoted, slots)
         run.release()
 
     def prefetch(self, hashes: Sequence[int]) -> Future[LoadedRun]:
         """`load` on a background thread, so the I/O overlaps the request's queueing."""
         return self._prefetcher.submit(self.load, list(hashes))
 
-    def _load_one(self, seq_hash: int) -> tuple[str, memoryview] | None:
+    def _load_one(self, seq_hash: int, into: memoryview | None = None
+                  ) -> tuple[str, memoryview] | None:
+        """The block from the first lower tier holding it (checked), read into `into`
+        when given."""
         for store in self._lower:
             if not self.available(store) or (not store.shared and not store.contains(seq_hash)):
                 continue
             if not self.costs.worth_loading(store.tier, 1):
                 self.metrics.skipped.labels(store.tier).inc()
                 return None
-            payload = self._fetch(store, seq_hash)
+            payload = self._fetch(store, seq_hash, into)
             if payload is not None:
                 return store.tier, payload
         return None
 
-    def _fetch(self, store: KvStore, seq_hash: int) -> memoryview | None:
-        started = time.perf_counter()
+    def _read(self, store: KvStore, seq_hash: int, into: memoryview | None
+              ) -> memoryview | None:
+        """The block's checked payload (in `into` when given); BlockRejected if refused."""
+        read_into = getattr(store, "read_into", None)
+        if into is not None and read_into is not None:
+            got = self._guard(store, read_into, seq_hash, into)
+            self.metrics.lookup(store.tier, got is not None)
+            if got is None:
+                return None
+            length, digest = check_header(got[0], self._fingerprint, seq_hash)
+            check_payload(got[1], length, digest, seq_hash)
+            return got[1]
         record = self._guard(store, store.get, seq_hash)
         self.metrics.lookup(store.tier, record is not None)
         if record is None:
             return None
+        payload = decode_record(record, self._fingerprint, seq_hash)
+        if into is not None:
+            into[:] = payload
+            return into
+        return payload
+
+    def _fetch(self, store: KvStore, seq_hash: int, into: memoryview | None = None
+               ) -> memoryview | None:
+        started = time.perf_counter()
         try:
-            payload = decode_record(record, self._fingerprint, seq_hash)
+            payload = self._read(store, seq_hash, into)
+            if payload is None:
+                return None
         except BlockRejected as exc:
             self.metrics.rejected.labels(store.tier, exc.reason).inc()
             log.warning("KV tier %r: refused block %016x (%s); it will be recomputed",

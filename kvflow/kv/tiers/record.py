@@ -60,21 +60,33 @@ def encode_record(identity: int, seq_hash: int, payload: bytes | memoryview) -> 
     return header + bytes(payload)
 
 
-def decode_record(record: bytes | memoryview, identity: int, seq_hash: int) -> memoryview:
-    """The payload of `record` if it is the block (identity, hash) intact; else BlockRejected."""
-    view = memoryview(record)
-    if len(view) < HEADER_SIZE:
-        raise BlockRejected("truncated", f"{len(view)} bytes, shorter than the header")
-    magic, version, _, ident, stored_hash, length, digest = _HEADER.unpack_from(view)
+def check_header(header: bytes | memoryview, identity: int, seq_hash: int) -> tuple[int, int]:
+    """(payload length, checksum) a record's header promises, if the header is the block's
+    (identity, hash); else BlockRejected."""
+    if len(header) < HEADER_SIZE:
+        raise BlockRejected("truncated", f"{len(header)} bytes, shorter than the header")
+    magic, version, _, ident, stored_hash, length, digest = _HEADER.unpack_from(header)
     if magic != MAGIC or version != VERSION:
         raise BlockRejected("format", f"magic {magic!r} version {version}")
     if ident != identity:
         raise BlockRejected("identity", f"block of model/layout {ident:016x}, want {identity:016x}")
     if stored_hash != seq_hash:
         raise BlockRejected("hash", f"block {stored_hash:016x} stored under {seq_hash:016x}")
-    payload = view[HEADER_SIZE:]
+    return length, digest
+
+
+def check_payload(payload: bytes | memoryview, length: int, digest: int, seq_hash: int) -> None:
+    """BlockRejected unless `payload` has the header's length and checksum."""
     if len(payload) != length:
         raise BlockRejected("truncated", f"{len(payload)} payload bytes, header says {length}")
     if checksum(payload) != digest:
         raise BlockRejected("checksum", f"block {seq_hash:016x} does not match its checksum")
+
+
+def decode_record(record: bytes | memoryview, identity: int, seq_hash: int) -> memoryview:
+    """The payload of `record` if it is the block (identity, hash) intact; else BlockRejected."""
+    view = memoryview(record)
+    length, digest = check_header(view, identity, seq_hash)
+    payload = view[HEADER_SIZE:]
+    check_payload(payload, length, digest, seq_hash)
     return payload
