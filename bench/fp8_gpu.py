@@ -21,34 +21,16 @@ import time
 
 import torch
 
+from bench.native_gpu import measure_bandwidth, median_ms
+from kvflow.engines.native.attention import single_prefill_meta
 from kvflow.engines.native.config import ModelConfig, NativeEngineConfig
 from kvflow.engines.native.fp8 import FP8, FP8_MAX, FP8_PROJECTIONS, make_fp8_projections
-from kvflow.engines.native.runner import ModelRunner, single_prefill_meta
+from kvflow.engines.native.runner import ModelRunner
 
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
             "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0, "torch_dtype": "bfloat16"}
-
-
-def median_ms(fn, reps: int = 10) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def bandwidth() -> float:
-    src = torch.randn(1 << 29, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src)) / 1e3)
 
 
 def matmul_peaks() -> tuple[float, float]:
@@ -210,7 +192,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4096, help="KV blocks of 16 tokens")
     parser.add_argument("--table-rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64])
     args = parser.parse_args()
-    bw = bandwidth()
+    bw = measure_bandwidth()
     peak_bf16, peak_fp8 = matmul_peaks()
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  "
           f"bf16 matmul {peak_bf16 / 1e12:.0f} TFLOP/s  FP8 (row-wise) {peak_fp8 / 1e12:.0f} "

@@ -48,7 +48,7 @@ class Row:
         return self.ours / self.transformers if self.transformers else float("nan")
 
 
-def _median_ms(fn, reps: int = 10) -> float:  # type: ignore[no-untyped-def]
+def median_ms(fn, reps: int = 10) -> float:  # type: ignore[no-untyped-def]
     fn()
     torch.cuda.synchronize()
     times = []
@@ -66,14 +66,14 @@ def measure_bandwidth() -> float:
     """Bytes/s of a 2 GiB device-to-device copy, counting bytes read plus written."""
     src = torch.randn(1 << 29, device="cuda")  # 2 GiB of float32
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src))
+    ms = median_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / (ms / 1e3)
 
 
 def measure_peak_flops() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = _median_ms(lambda: a @ b)
+    ms = median_ms(lambda: a @ b)
     return 2 * 8192**3 / (ms / 1e3)
 
 
@@ -209,7 +209,7 @@ def hf_decode(model, batch: int, isl: int, osl: int) -> float:  # type: ignore[n
 def hf_prefill(model, length: int) -> float:  # type: ignore[no-untyped-def]
     ids = torch.tensor(prompts(1, length, 3), device="cuda")
     with torch.no_grad():
-        ms = _median_ms(lambda: model(ids, logits_to_keep=1), reps=3)
+        ms = median_ms(lambda: model(ids, logits_to_keep=1), reps=3)
     return length / (ms / 1e3)
 
 
@@ -264,29 +264,29 @@ def decode_breakdown(runner, batch: int, isl: int, osl: int, sync: bool) -> dict
 def graph_replay_ms(runner, batch: int) -> float:  # type: ignore[no-untyped-def]
     graphs = runner.graphs
     size = min(s for s in graphs.sizes if s >= batch)
-    return _median_ms(graphs.graphs[size].replay, reps=20)
+    return median_ms(graphs.graphs[size].replay, reps=20)
 
 
 def prefill_breakdown(runner, length: int) -> None:  # type: ignore[no-untyped-def]
     from kvflow.engines.native import triton_attention as ta
-    from kvflow.engines.native.runner import single_prefill_meta
+    from kvflow.engines.native.attention import single_prefill_meta
 
     meta = single_prefill_meta(length, runner.block_size, runner.device)
     ids = torch.randint(3, 30000, (length,), device="cuda")
     pos = torch.arange(length, device="cuda")
     with torch.inference_mode():
-        fwd = _median_ms(lambda: runner.model(ids, pos, meta), reps=5)
+        fwd = median_ms(lambda: runner.model(ids, pos, meta), reps=5)
         q = torch.randn(length, 32, 64, device="cuda", dtype=torch.bfloat16)
         cache = runner.kv_caches[0]
         print(f"prefill {length}: model forward {fwd:.2f} ms", flush=True)
         for t in (ta.PrefillTiling(128, 64, 8, 2), ta.PrefillTiling(128, 64, 4, 3),
                   ta.PrefillTiling(128, 128, 8, 2), ta.PrefillTiling(64, 64, 4, 3),
                   ta.PrefillTiling(128, 64, 8, 3), ta.PrefillTiling(128, 32, 4, 3)):
-            ms = _median_ms(lambda t=t: ta.paged_prefill(q, cache, meta, 0.125, None, t), reps=5)
+            ms = median_ms(lambda t=t: ta.paged_prefill(q, cache, meta, 0.125, None, t), reps=5)
             print(f"  attention {t}: {ms:.3f} ms x16 layers = {16 * ms:.1f} ms", flush=True)
         qh = q.transpose(0, 1)[None]
         kh = torch.randn(1, 8, length, 64, device="cuda", dtype=torch.bfloat16)
-        sdpa = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+        sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
             qh, kh, kh, is_causal=True, enable_gqa=True), reps=5)
         print(f"  torch sdpa causal (contiguous): {sdpa:.3f} ms", flush=True)
 
@@ -307,26 +307,12 @@ def kernel_profile(fn, label: str) -> None:  # type: ignore[no-untyped-def]
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
 
 
-def decode_meta(runner, batch: int, context: int):  # type: ignore[no-untyped-def]
-    from kvflow.engines.native.attention import AttentionMetadata
-
-    blocks = -(-(context + 1) // runner.block_size)
-    table = torch.arange(batch * blocks, dtype=torch.int32, device="cuda").view(batch, blocks)
-    return AttentionMetadata(
-        slot_mapping=table[:, -1].long() * runner.block_size,
-        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
-        seq_lens=torch.full((batch,), context + 1, dtype=torch.int32, device="cuda"),
-        block_tables=table, max_query_len=1, max_seq_len=context + 1,
-        query_start_host=list(range(batch + 1)), seq_lens_host=[context + 1] * batch,
-    )
-
-
 def profiles(runner, prefill_len: int, batches: list[int]) -> None:  # type: ignore[no-untyped-def]
-    from kvflow.engines.native.runner import single_prefill_meta
+    from kvflow.engines.native.attention import single_prefill_meta, uniform_decode_meta
 
     model = runner.model
     for b in batches:  # eager, so each kernel shows (the graph replays the same kernels)
-        meta = decode_meta(runner, b, 576)
+        meta = uniform_decode_meta(b, 576, runner.block_size, runner.device)
         ids = torch.full((b,), 5, device="cuda")
         pos = torch.full((b,), 576, device="cuda")
         kernel_profile(lambda meta=meta, ids=ids, pos=pos: model.compute_logits(

@@ -41,7 +41,7 @@ import torch
 import torch.multiprocessing as mp
 
 from kvflow.engines.native import parallel
-from kvflow.engines.native.attention import AttentionMetadata, make_backend
+from kvflow.engines.native.attention import make_backend, uniform_decode_meta
 from kvflow.engines.native.config import ModelConfig, RopeConfig
 from kvflow.engines.native.kv_cache import KvCacheLayout, allocate_kv_cache
 from kvflow.engines.native.ops import make_ops
@@ -85,17 +85,6 @@ def _timer(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def decode_meta(batch: int, context: int, device: torch.device) -> AttentionMetadata:
-    blocks = -(-(context + 1) // BLOCK)
-    table = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
-    return AttentionMetadata(
-        slot_mapping=table[:, -1].long() * BLOCK + context % BLOCK,
-        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=device),
-        seq_lens=torch.full((batch,), context + 1, dtype=torch.int32, device=device),
-        block_tables=table, max_query_len=1, max_seq_len=context + 1,
-        query_start_host=list(range(batch + 1)), seq_lens_host=[context + 1] * batch)
-
-
 def build_rank(job: Job, rank: int) -> tuple:  # type: ignore[type-arg]
     """This rank's shard of the model with random weights, and a KV cache for the batches."""
     device = torch.device(f"cuda:{rank}" if job.device == "cuda" else "cpu")
@@ -134,7 +123,7 @@ def decode_rank(rank: int, job: Job, out: str) -> None:
     bandwidth = hbm_bandwidth(device)
     results = []
     for batch in job.batches:
-        meta = decode_meta(batch, job.context, device)
+        meta = uniform_decode_meta(batch, job.context, BLOCK, device)
         ids = torch.randint(0, model.cfg.vocab_size, (batch,), device=device)
         pos = torch.full((batch,), job.context, device=device)
         for _ in range(3):  # warm-up

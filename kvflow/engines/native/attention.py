@@ -40,6 +40,35 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+def single_prefill_meta(tokens: int, block_size: int, device: torch.device | str) -> AttentionMetadata:
+    """One sequence prefilling `tokens` tokens from scratch into blocks 0, 1, ... (warm-up,
+    the prefill fast path, benches)."""
+    blocks = -(-tokens // block_size)
+    return AttentionMetadata(
+        slot_mapping=torch.arange(tokens, device=device),
+        query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([tokens], dtype=torch.int32, device=device),
+        block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None, :],
+        max_query_len=tokens, max_seq_len=tokens,
+        query_start_host=[0, tokens], seq_lens_host=[tokens],
+    )
+
+
+def uniform_decode_meta(batch: int, context: int, block_size: int,
+                        device: torch.device | str) -> AttentionMetadata:
+    """`batch` sequences of `context` cached tokens, each decoding its next one, in
+    disjoint runs of blocks (warm-up, benches)."""
+    blocks = -(-(context + 1) // block_size)
+    table = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
+    return AttentionMetadata(
+        slot_mapping=table[:, -1].long() * block_size + context % block_size,
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=device),
+        seq_lens=torch.full((batch,), context + 1, dtype=torch.int32, device=device),
+        block_tables=table, max_query_len=1, max_seq_len=context + 1,
+        query_start_host=list(range(batch + 1)), seq_lens_host=[context + 1] * batch,
+    )
+
+
 RopeFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     tuple[torch.Tensor, torch.Tensor],

@@ -20,7 +20,7 @@ import torch
 
 from kvflow.engines.core.scheduler import ScheduledSeq
 from kvflow.engines.core.sequence import Sequence
-from kvflow.engines.native.attention import AttentionMetadata, make_backend
+from kvflow.engines.native.attention import make_backend, single_prefill_meta
 from kvflow.engines.native.config import ModelConfig, NativeEngineConfig
 from kvflow.engines.native.cuda_graphs import DecodeGraphs, GraphStep
 from kvflow.engines.native.inputs import StepInputs, build_inputs
@@ -358,18 +358,6 @@ def _logprobs_by_request(ids: list[str], out: SamplerOutput) -> dict[str, TokenL
             top = [TopLogprob(t, lp) for t, lp in zip(out.top_ids[i], out.top_logprobs[i], strict=True)]
             result[rid] = TokenLogprobs(out.logprobs[i], top)
     return result
-
-
-def single_prefill_meta(tokens: int, block_size: int, device: torch.device) -> AttentionMetadata:
-    blocks = cdiv(tokens, block_size)
-    return AttentionMetadata(
-        slot_mapping=torch.arange(tokens, device=device),
-        query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([tokens], dtype=torch.int32, device=device),
-        block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None, :],
-        max_query_len=tokens, max_seq_len=tokens,
-        query_start_host=[0, tokens], seq_lens_host=[tokens],
-    )
 
 
 def cdiv(a: int, b: int) -> int:

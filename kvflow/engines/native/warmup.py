@@ -16,7 +16,11 @@ from typing import Any
 
 import torch
 
-from kvflow.engines.native.attention import AttentionMetadata
+from kvflow.engines.native.attention import (
+    AttentionMetadata,
+    single_prefill_meta,
+    uniform_decode_meta,
+)
 from kvflow.engines.native.model import CausalLM
 
 
@@ -51,11 +55,11 @@ def warm_up(
     lengths = tuple(n for n in prefill_lengths(max_tokens) if n <= capacity)
     with torch.inference_mode():
         for n in lengths:
-            _step(model, _prefill_meta(n, block_size, device), torch.arange(n, device=device))
+            _step(model, single_prefill_meta(n, block_size, device), torch.arange(n, device=device))
         batches = tuple(b for b in decode_batches if b * 2 * block_size <= capacity)
         for b in batches:
             context = 2 * block_size - 1
-            meta = _decode_meta(b, context, block_size, device)
+            meta = uniform_decode_meta(b, context, block_size, device)
             _step(model, meta, torch.full((b,), context, device=device))
         # async output's id chaining (one kernel for every step size)
         ids = torch.zeros(4, dtype=torch.int64, device=device)
@@ -70,31 +74,6 @@ def _step(model: CausalLM, meta: AttentionMetadata, positions: torch.Tensor) -> 
     hidden = model(ids, positions, meta)
     rows = meta.query_start_loc[1:].long() - 1
     torch.softmax(model.compute_logits(hidden[rows]), dim=-1).argmax(dim=-1)
-
-
-def _prefill_meta(tokens: int, block_size: int, device: torch.device) -> AttentionMetadata:
-    blocks = -(-tokens // block_size)
-    return AttentionMetadata(
-        slot_mapping=torch.arange(tokens, device=device),
-        query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([tokens], dtype=torch.int32, device=device),
-        block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None, :],
-        max_query_len=tokens, max_seq_len=tokens,
-        query_start_host=[0, tokens], seq_lens_host=[tokens],
-    )
-
-
-def _decode_meta(batch: int, context: int, block_size: int, device: torch.device) -> AttentionMetadata:
-    """`batch` sequences of `context` cached tokens, each decoding its next one."""
-    blocks = -(-(context + 1) // block_size)
-    table = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
-    return AttentionMetadata(
-        slot_mapping=table[:, -1].long() * block_size + context % block_size,
-        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=device),
-        seq_lens=torch.full((batch,), context + 1, dtype=torch.int32, device=device),
-        block_tables=table, max_query_len=1, max_seq_len=context + 1,
-        query_start_host=list(range(batch + 1)), seq_lens_host=[context + 1] * batch,
-    )
 
 
 def warm_serving_path(runner: Any) -> int:

@@ -98,11 +98,10 @@ async def _serve(path: Path, prompts: list[list[int]]) -> tuple[list[list[int]],
 
 def _prompt_logits(path: Path, prompt: list[int]) -> torch.Tensor:
     """Next-token logits of `prompt` from the model loaded as the engine loads it on CUDA."""
-    from kvflow.engines.native.attention import make_backend
+    from kvflow.engines.native.attention import make_backend, single_prefill_meta
     from kvflow.engines.native.config import ModelConfig
     from kvflow.engines.native.kv_cache import KvCacheLayout, allocate_kv_cache
     from kvflow.engines.native.ops import make_ops
-    from kvflow.engines.native.runner import single_prefill_meta
     from kvflow.engines.native.weights import load_model
 
     cuda = torch.device("cuda")
