@@ -40,7 +40,7 @@ from pathlib import Path
 
 import openai
 
-from kvflow.testing.procs import Proc, kvflow_proc, runtime_env
+from kvflow.testing.procs import Proc, kvflow_proc, live_workers, runtime_env
 from kvflow.testing.tokenizer import make_model_dir
 
 MODEL = "m"
@@ -123,12 +123,7 @@ class Stack:
                            env=self.env, log_dir=self.log_dir, name="worker")
 
     def live_workers(self) -> int:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as exc:
-            body = exc.read()
-        return int(json.loads(body)["models"].get(MODEL, 0))
+        return live_workers(self.url, MODEL)
 
     def metrics(self) -> dict[str, float]:
         """The frontend's counters for MODEL: migrations, TTFT and ITL sums and counts."""

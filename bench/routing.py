@@ -36,7 +36,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from kvflow.testing.procs import Proc, kvflow_proc, runtime_env
+from kvflow.testing.procs import Proc, kvflow_proc, live_workers, runtime_env
 from kvflow.testing.routing_load import (
     LoadStats,
     Workload,
@@ -113,12 +113,7 @@ class Stack:
         await asyncio.sleep(1.0)  # let the router subscribe to every worker's events
 
     def live_workers(self) -> int:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as exc:
-            body = exc.read()
-        return int(json.loads(body)["models"].get(MODEL, 0))
+        return live_workers(self.url, MODEL)
 
     def explain(self, prompt: list[int]) -> dict:
         body = json.dumps({"model": MODEL, "prompt": prompt}).encode()

@@ -22,6 +22,20 @@ def runtime_env(discovery_path: str | Path | None = None, **settings: object) ->
     return env
 
 
+def live_workers(url: str, model: str, timeout: float = 5.0) -> int:
+    """Workers the frontend at `url` counts for `model` now (its /health; 503 included)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    return int(json.loads(body)["models"].get(model, 0))
+
+
 class Proc:
     """A child process with its output captured to a log file."""
 

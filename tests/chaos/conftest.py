@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from kvflow.testing.procs import Proc, kvflow_proc, runtime_env
+from kvflow.testing.procs import Proc, kvflow_proc, live_workers, runtime_env
 from kvflow.testing.servers import free_port
 from kvflow.testing.tokenizer import make_model_dir
 
@@ -110,12 +110,7 @@ class ChaosStack:
 
     def live_workers(self) -> int:
         """Workers the frontend counts for MODEL right now (from its /health)."""
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as exc:
-            body = exc.read()
-        return int(json.loads(body)["models"].get(MODEL, 0))
+        return live_workers(self.url, MODEL, timeout=2)
 
     async def wait_workers(self, n: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
