@@ -39,6 +39,7 @@ from kvflow.engines.core.scheduler import (
 from kvflow.engines.core.sequence import SeqStatus, Sequence
 from kvflow.engines.native.config import NativeEngineConfig
 from kvflow.engines.native.guided import GuidedDecoding
+from kvflow.engines.native.handover import Deliveries, Handover, Published
 from kvflow.engines.native.pooling import POOLINGS
 from kvflow.engines.native.runner import Launched, ModelRunner, StepResult
 from kvflow.engines.native.sampler import RequestSampling
@@ -48,7 +49,7 @@ from kvflow.engines.native.warmup import warm_serving_path
 from kvflow.engines.native.weights import resolve_model_dir
 from kvflow.kv.connector import EngineKv, KvConnector, KvShard
 from kvflow.kv.tiers.connector import model_identity, tier_connector_factory
-from kvflow.llm.kv_events import CacheSnapshot, KvEvent, LoadMetrics
+from kvflow.llm.kv_events import CacheSnapshot
 from kvflow.llm.protocol import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -64,14 +65,6 @@ from kvflow.runtime.threads import in_daemon_thread
 log = logging.getLogger(__name__)
 
 LOAD_INTERVAL_S = 0.05
-
-
-@dataclass
-class Deliveries:
-    """One step's output for the streams: plain tokens, and deliveries with more in them."""
-
-    plain: list[tuple[RequestStream, list[int]]]
-    full: list[Delivery]
 
 
 @dataclass
@@ -94,10 +87,8 @@ class NativeEngine:
         self._sampling: dict[str, RequestSampling] = {}
         self._num_penalized = 0  # requests whose sampling reads their past tokens (penalties, grammars)
         self._num_special = 0  # requests not greedy-and-plain (see ModelRunner.launch)
-        # Hand-overs to the event loop not yet applied there (see _hand_over).
-        self._handover_lock = threading.Lock()
+        self._handover = Handover(self.hooks)  # step outputs to the event loop
         self._ready = threading.Event()  # the engine thread has warmed up (start() waits)
-        self._handed: list[tuple[Deliveries, tuple[list[KvEvent], LoadMetrics | None]]] | None = None
         self._inflight: InFlight | None = None
         self._async = False
         self._stopping = False
@@ -114,7 +105,7 @@ class NativeEngine:
 
     async def start(self) -> None:
         assert self._thread is None, "NativeEngine.start() called twice"
-        self._loop = asyncio.get_running_loop()
+        self._loop = self._handover.loop = asyncio.get_running_loop()
         config = self.config
         if self.hooks.make_connector is not None:
             config = dataclasses.replace(config, shared_kv=True)
@@ -328,7 +319,7 @@ class NativeEngine:
         self._complete()  # idle from here on: finish the step in flight first
         with self._lock:
             if not self.scheduler.has_work() and not self._stopping:
-                self._publish(self._drain())  # idle: let routers see the empty state
+                self._handover.publish(self._drain())  # idle: let routers see the empty state
             while not self.scheduler.has_work() and not self._stopping:
                 self._lock.wait()
             return not self._stopping
@@ -378,7 +369,7 @@ class NativeEngine:
             finished = self.scheduler.update(result.sampled)
             deliveries = self._deliveries(inflight.out, result, finished)
             published = self._drain()
-        self._hand_over(deliveries, published)
+        self._handover.send(deliveries, published)
 
     def _advance_guides(self, result: StepResult) -> None:
         if not self._num_penalized:
@@ -418,7 +409,7 @@ class NativeEngine:
                 self._forget(rid)
         errors = [Delivery(s, [], error=message, finish_reason=FINISH_ERROR)
                   for s in streams if s is not None]
-        self._hand_over(Deliveries([], errors), ([], None))
+        self._handover.send(Deliveries([], errors), ([], None))
 
     def _deliveries(
         self, out: SchedulerOutput, result: StepResult, finished: list[FinishedSeq]
@@ -466,7 +457,7 @@ class NativeEngine:
             d.kv_transfer = seq.kv_transfer
         return d
 
-    def _drain(self) -> tuple[list[KvEvent], LoadMetrics | None]:
+    def _drain(self) -> Published:
         assert self.pool is not None and self.scheduler is not None
         events = self.pool.drain_events()
         now = time.monotonic()
@@ -475,45 +466,6 @@ class NativeEngine:
             return events, None
         self._last_load_at = now
         return events, self.scheduler.load_metrics()
-
-    def _hand_over(
-        self, deliveries: Deliveries, published: tuple[list[KvEvent], LoadMetrics | None]
-    ) -> None:
-        assert self._loop is not None
-        if not (deliveries.plain or deliveries.full or published[0] or published[1] is not None):
-            return
-        with self._handover_lock:  # while the loop has not taken the last batch, join it
-            if self._handed is not None:
-                self._handed.append((deliveries, published))
-                return
-            self._handed = [(deliveries, published)]
-        self._loop.call_soon_threadsafe(self._apply_handed)
-
-    def _publish(self, published: tuple[list[KvEvent], LoadMetrics | None]) -> None:
-        self._hand_over(Deliveries([], []), published)
-
-    # ---- back on the event loop -------------------------------------------------------
-
-    def _apply_handed(self) -> None:
-        """Everything the engine thread handed over since the loop last ran this, in order
-        (one wake-up of the loop for however many steps it fell behind)."""
-        with self._handover_lock:
-            handed, self._handed = self._handed or [], None
-        for deliveries, published in handed:
-            self._apply(deliveries, published)
-
-    def _apply(
-        self, deliveries: Deliveries, published: tuple[list[KvEvent], LoadMetrics | None]
-    ) -> None:
-        for stream, new in deliveries.plain:
-            stream.push_tokens(new)
-        for d in deliveries.full:
-            d.stream.push(d)
-        events, metrics = published
-        if events:
-            self.hooks.publish_kv_events(events)
-        if metrics is not None:
-            self.hooks.publish_load(metrics)
 
 
 def _special(params: RequestSampling) -> bool:
