@@ -50,6 +50,10 @@ class RequestRejected(ValueError):
     """A request this engine can never serve; the message says why and what to do."""
 
 
+# Waiting sequences whose cached prefix `load_metrics` looks up (the rest are estimated).
+LOAD_EXACT_WAITING = 32
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
@@ -401,12 +405,25 @@ class Scheduler:
             return 0
         return self.pool.cached_prefix_blocks(seq.block_hashes(max_blocks, bs)) * bs
 
+    def _waiting_prefill_tokens(self) -> int:
+        """Prompt tokens the waiting queue will compute. A waiting sequence's prefix already
+        cached here will not be computed: it is counted out, or a worker holding a hot
+        prefix looks busiest exactly when its queue is cheapest. Walking the cache costs a
+        lookup per block, so only the queue's head (`LOAD_EXACT_WAITING`, the next to be
+        admitted) is walked; the rest are scaled by the head's uncached fraction."""
+        total = uncached = 0
+        rest = 0
+        for i, s in enumerate(self.waiting):
+            left = s.num_tokens - s.num_computed_tokens
+            if i < LOAD_EXACT_WAITING:
+                total += left
+                uncached += left - self._cached_tokens(s)
+            else:
+                rest += left
+        return uncached + (round(rest * uncached / total) if total else rest)
+
     def load_metrics(self) -> LoadMetrics:
-        # A waiting sequence's prefix already cached here will not be computed: count it
-        # out, or a worker holding a hot prefix looks busiest exactly when its queue is
-        # cheapest (each queued request would weigh its whole prompt).
-        pending = sum(s.num_tokens - s.num_computed_tokens - self._cached_tokens(s)
-                      for s in self.waiting)
+        pending = self._waiting_prefill_tokens()
         pending += sum(
             s.num_tokens - s.num_computed_tokens
             for s in self.running

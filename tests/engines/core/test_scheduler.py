@@ -240,3 +240,16 @@ def test_load_metrics_count_a_waiting_prompt_net_of_its_cached_prefix() -> None:
     assert (m.num_running, m.num_waiting, m.prefill_tokens_inflight) == (1, 1, 2 + 2)
     sched.pool.clear()  # evicted: c's whole prompt is work again
     assert sched.load_metrics().prefill_tokens_inflight == 14 + 2
+
+
+def test_load_metrics_estimate_the_queue_past_its_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvflow.engines.core.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "LOAD_EXACT_WAITING", 1)
+    sched = make(max_num_seqs=1)
+    sched.add(seq("a", 12, max_tokens=1))
+    run_all(sched)  # 12 tokens cached
+    sched.add(seq("b", 14, max_tokens=4))  # head: 2 uncached tokens, looked up
+    sched.add(seq("c", 14, max_tokens=4))  # past the head: 14 x (2 / 14) = 2, estimated
+    sched.add(seq("d", 20, max_tokens=4))  # 20 x (2 / 14) = 2.9 -> 3 (its true 8 is not looked up)
+    assert sched.load_metrics().prefill_tokens_inflight == 2 + round(34 * 2 / 14)
