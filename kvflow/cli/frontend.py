@@ -14,13 +14,9 @@ from kvflow.cli.help import new_parser
 from kvflow.frontend import FrontendConfig, HttpFrontend, ModelManager
 from kvflow.frontend.canary import add_canary_args, canary_config_from_args
 from kvflow.frontend.disagg import MODES, DisaggConfig
+from kvflow.frontend.pipeline import DEFAULT_MIGRATION_LIMIT, MigrationSettings
 from kvflow.frontend.stalls import add_stall_args, stall_config_from_args
-from kvflow.frontend.watcher import (
-    DEFAULT_GRACE_S,
-    DEFAULT_MIGRATION_LIMIT,
-    MigrationSettings,
-    ModelWatcher,
-)
+from kvflow.frontend.watcher import DEFAULT_GRACE_S, ModelWatcher
 from kvflow.router.config import add_router_args
 from kvflow.router.config import config_from_args as router_from_args
 from kvflow.runtime import DistributedRuntime, tracing

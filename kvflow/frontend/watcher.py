@@ -4,9 +4,9 @@ The first worker registering a model name creates its pool (tokenizer, template,
 a KV-aware routed engine client); later workers of the same name join it; a
 worker whose card conflicts with its pool (other tokenizer) is refused with a
 logged reason; when the last worker leaves, the model is no longer listed.
-Each pool's engine client migrates requests off lost workers (frontend.migration).
-Workers registered with role "prefill" form the model's prefill pool instead
-(frontend.disagg_pools); with one, requests are prefilled there first (frontend.disagg).
+Each pool's request pipeline (route, optional prefill stage, migration) is assembled by
+frontend.pipeline. Workers registered with role "prefill" form the model's prefill pool
+instead (frontend.disagg_pools); with one, requests are prefilled there first.
 """
 
 from __future__ import annotations
@@ -16,21 +16,18 @@ import dataclasses
 import functools
 import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from kvflow.frontend.canary import CanaryConfig
-from kvflow.frontend.disagg import DisaggClient, DisaggConfig, DisaggStats
+from kvflow.frontend.disagg import DisaggConfig, DisaggStats
 from kvflow.frontend.disagg_pools import DisaggPools
 from kvflow.frontend.engine_client import EngineClient
-from kvflow.frontend.migration import MigratingClient
 from kvflow.frontend.models import ModelManager
-from kvflow.frontend.routed import HealthSettings, RoutedEngineClient
-from kvflow.frontend.stalls import StallConfig
+from kvflow.frontend.pipeline import MigrationSettings, build_pipeline
+from kvflow.frontend.routed import RoutedEngineClient
 from kvflow.llm.model_card import ModelCard, materialize_card
 from kvflow.llm.register import (
     MODELS_PREFIX,
@@ -46,32 +43,6 @@ from kvflow.runtime.discovery.base import PUT
 from kvflow.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
-DEFAULT_MIGRATION_LIMIT = 3
-
-
-@dataclass(frozen=True)
-class MigrationSettings:
-    """How pools migrate requests: `limit` unless the card sets one; `on_migration(model)`."""
-
-    limit: int = DEFAULT_MIGRATION_LIMIT
-    on_migration: Callable[[str], None] | None = None
-    on_stall_migration: Callable[[str], None] | None = None
-    # Stall detection, canary and worker avoidance (the hooks get the model name first).
-    stalls: StallConfig = field(default_factory=StallConfig)
-    canary: CanaryConfig = field(default_factory=CanaryConfig)
-    on_stall: Callable[[str, str], None] | None = None
-    on_canary_failure: Callable[[str], None] | None = None
-
-    def health_for(self, model: str) -> HealthSettings:
-        stall, canary = self.on_stall, self.on_canary_failure
-        return HealthSettings(
-            self.stalls, self.canary,
-            on_stall=(lambda w: stall(model, w.stalled.kind if w.stalled else "silent"))
-            if stall else None,
-            on_canary_failure=(lambda _w: canary(model)) if canary else None)
-
-    def limit_for(self, card: ModelCard) -> int:
-        return card.migration_limit if card.migration_limit > 0 else self.limit
 
 
 @dataclass
@@ -196,22 +167,14 @@ class ModelWatcher:
         ns, component, endpoint = entry.endpoint.split(".")
         wiring = RouterWiring(namespace=ns, component=component, generate_endpoint=endpoint)
         routed = await KvRoutedClient.start(self.runtime, self._router_config(card), wiring)
-        engine = RoutedEngineClient(routed, self.migration.health_for(card.name))
         name = card.name
-        split = DisaggClient(name, engine, lambda: self.disagg.prefill_for(name),
-                             self.disagg_config, self.disagg_stats, card.kv_block_size)
-        client = self._migrating(card, split)
+        pipe = build_pipeline(card, routed, self.migration,
+                              lambda: self.disagg.prefill_for(name), self.disagg_config,
+                              self.disagg_stats)
         await asyncio.to_thread(functools.partial(
-            self.models.add_model, card, client, explain=split.explain, fleet=split.fleet))
-        return ModelPool(card, engine, client)
-
-    def _migrating(self, card: ModelCard, engine: DisaggClient) -> EngineClient:
-        limit = self.migration.limit_for(card)
-        count, stalls = self.migration.on_migration, self.migration.on_stall_migration
-        name = card.name
-        on_migration = (lambda: count(name)) if count is not None else None
-        on_stall = (lambda: stalls(name)) if stalls is not None else None
-        return MigratingClient(engine, limit, on_migration, on_stall)
+            self.models.add_model, card, pipe.client, explain=pipe.split.explain,
+            fleet=pipe.split.fleet))
+        return ModelPool(card, pipe.routed, pipe.client)
 
     def _router_config(self, card: ModelCard) -> KvRouterConfig:
         return dataclasses.replace(self.router_config, block_size=card.kv_block_size)
