@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -179,6 +180,24 @@ async def test_heartbeats_keep_slow_streams_and_silence_fails_dead_ones(nats_ser
     await worker.close()  # the worker dies mid-stream: no END ever comes
     await asyncio.wait_for(sink.done.wait(), 2)
     assert isinstance(sink.error, WorkerUnavailableError) and "silent" in str(sink.error)
+    await caller.close()
+
+
+async def test_a_stall_of_the_callers_own_loop_is_not_blamed_on_the_worker(nats_server: NatsServer) -> None:
+    async def answer_soon(request: dict, ctx: Context) -> AsyncIterator[str]:
+        await asyncio.sleep(0.05)
+        yield "ok"
+
+    worker = await NatsRequestPlane(nats_server.url, heartbeat_s=0.1).start()
+    caller = await NatsRequestPlane(nats_server.url, heartbeat_s=0.1).start()
+    endpoint = served(answer_soon)
+    await worker.serve(endpoint)
+    sink = Sink()
+    caller.open_stream(sink, request(endpoint, {}))
+    time.sleep(0.8)  # the event loop is blocked for 8 heartbeats (a GC pause, a starved CPU)
+    await asyncio.wait_for(sink.done.wait(), 3)
+    assert sink.error is None and codec.decode_any(sink.items[0]) == "ok"
+    await worker.close()
     await caller.close()
 
 

@@ -10,7 +10,9 @@ exactly one frame, so the protocol version byte is checked per message.
 Liveness: NATS has no connection per worker to lose, so the serving side sends a HELLO frame
 on every stream that has been quiet for `heartbeat_s`, and the calling side fails a stream
 with WorkerUnavailableError (retryable before the first response) after `3 * heartbeat_s`
-of silence. A request to a subject nobody serves fails at once (NATS "no responders").
+of silence (not counting a stall of this process's own event loop, which it notices when
+its liveness tick wakes late). A request to a subject nobody serves fails at once (NATS "no
+responders").
 NATS gives no backpressure: `consumed()` is a no-op and a slow consumer buffers in memory.
 """
 
@@ -151,13 +153,20 @@ class NatsRequestPlane:
 
     async def _liveness_loop(self) -> None:
         """Serving side: heartbeat quiet streams. Calling side: fail streams gone silent."""
+        period = self.heartbeat_s / 2
+        woke = time.monotonic()
         while True:
-            await asyncio.sleep(self.heartbeat_s / 2)
+            await asyncio.sleep(period)
             now = time.monotonic()
+            stalled = now - woke > period + self.heartbeat_s
+            woke = now
             for entry in list(self._serving.values()):
                 if now - entry.last_sent >= self.heartbeat_s:
                     await self._send(entry, codec.frame(FrameKind.HELLO, entry.stream_id))
             for sid, call in list(self._calls.items()):
+                if stalled:  # this process did not run (GC, CPU starved): the silence is ours
+                    call.last_seen = now
+                    continue
                 if now - call.last_seen > SILENCE_FACTOR * self.heartbeat_s:
                     del self._calls[sid]
                     call.sink.on_error(WorkerUnavailableError(

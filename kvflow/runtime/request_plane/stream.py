@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from kvflow.runtime import codec
-from kvflow.runtime.errors import StreamTimeoutError, WorkerShuttingDownError, WorkerUnavailableError
+from kvflow.runtime.errors import (
+    NoInstancesError,
+    StreamTimeoutError,
+    WorkerShuttingDownError,
+    WorkerUnavailableError,
+)
 from kvflow.runtime.request_plane.tcp_client import StreamSink
 
 if TYPE_CHECKING:
@@ -164,7 +169,12 @@ class ResponseStream:
     async def _on_stream_error(self, exc: Exception) -> None:
         retryable = isinstance(exc, WorkerUnavailableError) and self.received == 0
         if retryable and self._opener is not None and not self._stopped():
-            await self._open(retry=True)
+            try:
+                await self._open(retry=True)
+            except NoInstancesError as none_left:
+                self._finish()
+                raise type(exc)(f"{exc}; no other instance to retry on ({none_left})",
+                                responses_received=0, instance_id=self.instance_id) from exc
             return
         self._finish()
         if isinstance(exc, WorkerUnavailableError) and not isinstance(exc, WorkerShuttingDownError):
