@@ -1,7 +1,8 @@
 """Tiered KV cache on multi-turn chats: TTFT per turn for G1 / G1+G2 / G1+G2+G3 / G1+G4.
 
     PYTHONPATH=$PWD .venv/bin/python bench/tiers.py [--conversations 256] [--turns 5]
-        [--concurrency 16] [--speedup 1] [--max-output 16] [--doc-tokens 0]
+        [--concurrency 16] [--speedup 1] [--max-output 16] [--doc-tokens 0] [--host-x 4]
+        [--configs G1 G1+G2 G1+G2+G3 G1+G4 ideal] [--skip-all-fits]
 
 Four mocker workers (Llama-3-8B on H100 timing, 16-token blocks) in one process behind an
 in-process KvRouter that follows their KV events (tier `medium` included) and load.
@@ -18,9 +19,11 @@ The device caches together hold ~10% of the working set (every conversation's fi
 context); G2 holds `--host-x` times the device cache per worker, G3 the whole working set per worker
 (admission: second use), G4 is one store shared by the four workers. Reported per
 configuration and turn: TTFT p50 / p99 and the fraction of prompt tokens served from
-caches, and how often the router's predicted cached tokens matched the engine's report
-within one block. Then the all-fits case: device caches that hold everything, tiers
-off vs on, requests/s ratio.
+caches, how often the router's predicted cached tokens matched the engine's report
+within one block, and how often a later turn went to the worker that served the
+conversation's previous turn. "ideal" is the floor: device caches that hold everything
+(no tier, nothing evicted). Then the all-fits case: device caches that hold everything,
+tiers off vs on, requests/s ratio.
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ class TurnStats:
     cached: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     agree: int = 0
     total: int = 0
+    stayed: int = 0  # later turns routed to the worker that served the conversation's last turn
+    later: int = 0
     by_tier: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -138,10 +143,15 @@ class Fleet:
         device = index.find_matches(hashes).score(worker)
         return device + index.tiers.reachable(worker, hashes, device)  # type: ignore[attr-defined]
 
-    async def turn(self, rid: str, prompt: list[int], max_tokens: int, n: int, stats: TurnStats
-                   ) -> list[int]:
+    async def turn(self, rid: str, prompt: list[int], max_tokens: int, n: int, stats: TurnStats,
+                   last: dict[str, int]) -> list[int]:
         hashes = sequence_hashes(prompt, BLOCK)
         decision = await self.router.schedule(prompt, rid, block_hashes=hashes)
+        conv = rid.rsplit("-", 1)[0]
+        if conv in last:
+            stats.later += 1
+            stats.stayed += last[conv] == decision.worker_id
+        last[conv] = decision.worker_id
         predicted = min(self.predicted_blocks(decision.worker_id, hashes), (len(prompt) - 1) // BLOCK)
         request = PreprocessedRequest(rid, prompt, stop=StopConditions(max_tokens=max_tokens,
                                                                        ignore_eos=True))
@@ -169,12 +179,14 @@ async def run_config(convs: list[Conversation], config: MockerConfig, shared: bo
     gate = asyncio.Semaphore(concurrency)
 
     histories: list[list[int]] = [[] for _ in convs]
+    last_worker: dict[str, int] = {}
 
     async def turn(i: int, n: int, fleet: Fleet) -> None:
         conv, history = convs[i], histories[i]
         async with gate:
             history += conv.user_turns[n]
-            history += await fleet.turn(f"c{i}-t{n}", list(history), conv.reply_lengths[n], n + 1, stats)
+            history += await fleet.turn(f"c{i}-t{n}", list(history), conv.reply_lengths[n], n + 1, stats,
+                                  last_worker)
 
     started = time.perf_counter()
     async with Fleet(config, store) as fleet:
@@ -192,7 +204,8 @@ def report(name: str, stats: TurnStats, wall: float, base: TurnStats | None) -> 
     agree = 100 * stats.agree / max(stats.total, 1)
     tiers = ", ".join(f"{t} {k}" for t, k in sorted(stats.by_tier.items()))
     print(f"\n{name}  ({wall:.1f} s wall; router prediction within one block: {agree:.1f}%; "
-          f"cached tokens by tier: {tiers or 'none'})")
+          f"cached tokens by tier: {tiers or 'none'}; later turns on the last turn's worker: "
+          f"{100 * stats.stayed / max(stats.later, 1):.1f}%)")
     print("  turn  requests  TTFT p50 ms  TTFT p99 ms  cached   p50 vs G1")
     for n in sorted(stats.ttft):
         p50, p99 = 1e3 * pct(stats.ttft[n], 0.5), 1e3 * pct(stats.ttft[n], 0.99)
@@ -221,13 +234,17 @@ async def main_async(args: argparse.Namespace) -> None:
         "G1+G2": (_with(base, num_host_blocks=args.host_x * g1), False),
         "G1+G2+G3": (_with(base, num_host_blocks=args.host_x * g1, num_disk_blocks=ws // BLOCK + 1), False),
         "G1+G4 (shared by 4)": (_with(base, object_store=True), True),
+        "ideal (device holds everything)": (_with(base, num_gpu_blocks=ws // BLOCK + 1024), False),
     }
     results: dict[str, TurnStats] = {}
     for name, (config, shared) in configs.items():
+        if args.configs and name.split(" ")[0] not in args.configs:
+            continue
         stats, wall = await run_config(convs, config, shared, args.concurrency)
         report(name, stats, wall, results.get("G1 only"))
         results[name] = stats
-    await all_fits(convs, base, ws, args.concurrency)
+    if not args.skip_all_fits:
+        await all_fits(convs, base, ws, args.concurrency)
 
 
 def _with(config: MockerConfig, **changes: object) -> MockerConfig:
@@ -258,6 +275,10 @@ def main() -> None:
     parser.add_argument("--host-x", type=int, default=4, help="G2 size as a multiple of G1")
     parser.add_argument("--doc-tokens", type=int, default=0,
                         help="open each conversation with its own document of this many tokens")
+    parser.add_argument("--configs", nargs="*", choices=["G1", "G1+G2", "G1+G2+G3", "G1+G4", "ideal"],
+                        help="run only these configurations (G1 only is the baseline the others "
+                             "are compared with)")
+    parser.add_argument("--skip-all-fits", action="store_true", help="skip the all-fits throughput check")
     asyncio.run(main_async(parser.parse_args()))
 
 

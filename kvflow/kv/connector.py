@@ -15,6 +15,10 @@ for every engine we own; disaggregation (kvflow.kv.disagg) and the cache tiers a
 - `before_evict(block_ids, seq_hashes)`, set as the block pool's eviction hook: the last
   moment to copy cached blocks out, all those one allocation reuses at once (their KV
   is still intact during the call).
+- `prefetch_on_arrival`: True when `match_external` is cheap and local (no network round
+  trip), so the engine may call it, and start an asynchronous load, as soon as a request
+  arrives rather than at the next step's admission (`Scheduler.prefetch`): the load then
+  overlaps the step in progress.
 - `take_finished_loads()` / `take_released()`: polled by the scheduler at every
   `schedule()`, under the engine's lock; `has_pending()` says whether there is
   something to poll (so an idle engine wakes). The connector calls the engine's `wake`
@@ -123,6 +127,8 @@ class KvConnector(Protocol):
 
 class BaseConnector:
     """No-op defaults for every hook; connectors override the ones they use."""
+
+    prefetch_on_arrival = False
 
     def match_external(self, seq: ConnectorSeq, num_local_tokens: int) -> ExternalMatch:
         return NO_EXTERNAL

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -234,19 +234,22 @@ class KvRouter:
             session_blocks=snapshot.session_blocks,
         )
 
-    def _match(self, hashes: list[int], candidates: Container[int]) -> tuple[OverlapScores,
-                                                                             dict[int, int]]:
+    def _match(self, hashes: list[int], loads: Mapping[int, WorkerLoad]) -> tuple[OverlapScores,
+                                                                                  dict[int, int]]:
         """Leading blocks per worker: the index's, extended by blocks pending there (whole
-        blocks), then by lower KV tiers credited at their worth (router/tiers.py)."""
+        blocks), then by lower KV tiers credited at their worth, their load time overlapping
+        the prefill queued on the worker (router/tiers.py)."""
         overlaps = self._index.find_matches(hashes)
-        extra = self._pending.extend(hashes, overlaps.scores, candidates) if self._pending else {}
+        extra = self._pending.extend(hashes, overlaps.scores, loads) if self._pending else {}
         if extra:
             scores = dict(overlaps.scores)
             for w, n in extra.items():
                 scores[w] = scores.get(w, 0) + n
             overlaps = OverlapScores(scores, overlaps.frequencies)
         if self._kv_index is not None and self._kv_index.tiers:
-            overlaps = self._kv_index.tiers.extend(hashes, overlaps, list(candidates))
+            bs = self.config.block_size
+            waits = {w: load.prefill_tokens / bs for w, load in loads.items()}
+            overlaps = self._kv_index.tiers.extend(hashes, overlaps, list(loads), waits)
         return overlaps, extra
 
     def _eligible(self, loads: dict[int, WorkerLoad]) -> dict[int, WorkerLoad]:

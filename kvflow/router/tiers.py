@@ -16,7 +16,7 @@ slower than recomputing) ends the extension: the engine recomputes from there to
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -79,17 +79,23 @@ class TierResidency:
         return max(0.0, 1.0 - load / recompute) if recompute > 0 else 0.0
 
     def extend(self, block_hashes: Sequence[int], overlaps: OverlapScores,
-               workers: Iterable[int]) -> OverlapScores:
-        """Each worker's device overlap plus its credited lower-tier blocks that follow."""
+               workers: Iterable[int], waits: Mapping[int, float] | None = None) -> OverlapScores:
+        """Each worker's device overlap plus its credited lower-tier blocks that follow.
+
+        n lower-tier blocks cost `sum(1 - credit)` blocks of prefill time to load. Loads are
+        asynchronous (the request is parked while its blocks arrive, and the worker keeps
+        computing), so the part of that time spent behind `waits[w]` blocks of prefill
+        already queued on the worker delays the request no further: the extension is
+        `n - max(0, load - wait)`, which is `sum(credit)` on an idle worker.
+        """
         scores: dict[int, float] = dict(overlaps.scores)
         for w in workers:
-            extra = self._lower_credit(w, block_hashes, overlaps.score(w))
-            if extra:
-                scores[w] = overlaps.score(w) + extra
+            credits = self._walk(w, block_hashes, overlaps.score(w))
+            if credits:
+                load = sum(1.0 - c for c in credits)
+                hidden = waits.get(w, 0.0) if waits else 0.0
+                scores[w] = overlaps.score(w) + len(credits) - max(0.0, load - hidden)
         return OverlapScores(scores=scores, frequencies=overlaps.frequencies)  # type: ignore[arg-type]
-
-    def _lower_credit(self, worker: int, block_hashes: Sequence[int], start: int) -> float:
-        return sum(self._walk(worker, block_hashes, start))
 
     def reachable(self, worker: int, block_hashes: Sequence[int], start: int) -> int:
         """Blocks after `start` the worker would load from a lower tier (the cached tokens

@@ -86,3 +86,17 @@ async def test_a_run_whose_latency_outweighs_recompute_earns_nothing() -> None:
     assert router.explain(PROMPT).overlaps.get(1, 0) == 0
     router.on_load_metrics(costs(1, **{**slow_start, "object_latency": 1e-3}))  # 5 ms vs 8 ms
     assert router.explain(PROMPT).overlaps[1] == 8 * 0.5
+
+
+async def test_a_host_load_overlaps_the_prefill_already_queued_on_its_worker() -> None:
+    router = make_router(1, 2)
+    router.on_kv_events(event(1, 1, HASHES[:2], None))  # device: 2 blocks
+    router.on_kv_events(event(1, 2, HASHES[2:6], "host"))  # then 4 in host memory
+    tiers = {"host": 0.25e-3, "recompute": 1e-3}  # loading 4 blocks takes 1 block of prefill time
+    idle = LoadMetrics(1, 0, 100, 0, 0, tier_block_s=tiers)
+    router.on_load_metrics(idle)
+    assert router.explain(PROMPT).overlaps[1] == 2 + 4 * 0.75  # idle: the load is all delay
+    router.on_load_metrics(LoadMetrics(1, 0, 100, 1, 0, prefill_tokens_inflight=2, tier_block_s=tiers))
+    assert router.explain(PROMPT).overlaps[1] == 2 + 4 - 0.5  # half a block of it hides in the queue
+    router.on_load_metrics(LoadMetrics(1, 0, 100, 1, 0, prefill_tokens_inflight=8, tier_block_s=tiers))
+    assert router.explain(PROMPT).overlaps[1] == 6  # the load finishes before the queue does

@@ -129,6 +129,27 @@ class Scheduler:
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
+    def prefetch(self, seq: Sequence) -> bool:
+        """Start the connector's asynchronous load for `seq`, just added, now rather than at
+        the next `schedule()`, so it overlaps the step in progress (the engine calls this
+        between steps or while one runs, under its lock). Only when the connector's match
+        is local (`prefetch_on_arrival`), `seq` is the only request waiting (it passes
+        no one) and there is room; True if it was parked."""
+        connector = self.connector
+        if (connector is None or not getattr(connector, "prefetch_on_arrival", False)
+                or len(self.waiting) != 1 or self.waiting[0] is not seq
+                or len(self.running) >= self.config.max_num_seqs or seq.num_computed_tokens):
+            return False
+        cached = self._match_local(seq)
+        external = self._match_external(seq)
+        if not external.load_async:
+            self._undo_admission(seq)  # admitted at the next step, as usual
+            return False
+        if self._park(seq, cached, external) is not PARKED:
+            return False  # no room: _park undid the admission
+        self.waiting.popleft()
+        return True
+
     def _check_admissible(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
             raise RequestRejected(

@@ -143,6 +143,7 @@ class MockerEngine:
             stream.fail(str(exc))
             return stream
         self._streams[seq.request_id] = stream
+        self.scheduler.prefetch(seq)  # a tier hit starts loading during the step in progress
         self._wakeup.set()
         return stream
 

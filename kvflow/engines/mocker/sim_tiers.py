@@ -145,6 +145,8 @@ class TieredMockerConnector(MockerConnector):
         self.wake: Callable[[], None] = lambda: None
         self._load_s: dict[str, float] = {}
         self._done: list[LoadResult] = []
+        # As the real tiers: local lookups are cheap, the object store costs a round trip.
+        self.prefetch_on_arrival = not any(tier.shared for tier in sim.tiers)
 
     def fill_load_metrics(self, metrics: LoadMetrics) -> None:
         """Tier costs for routers, and the simulated tiers' block counters for /metrics."""

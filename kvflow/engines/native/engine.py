@@ -218,6 +218,7 @@ class NativeEngine:
                 return stream
             self._streams[seq.request_id] = stream
             self._sampling[seq.request_id] = params
+            self.scheduler.prefetch(seq)  # a tier hit starts loading during the step in flight
             if params.reads_tokens:
                 self._num_penalized += 1
             if _special(params):

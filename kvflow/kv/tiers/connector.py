@@ -77,6 +77,8 @@ class TierConnector(BaseConnector):
         self._lock = threading.Lock()
         self._finished: list[LoadResult] = []
         tiers.on_residency = self._residency_changed
+        # Host and disk lookups are in-memory; an object store is asked over the network.
+        self.prefetch_on_arrival = not any(store.shared for store in tiers.stores)
 
     # ---- offload --------------------------------------------------------------------
 
