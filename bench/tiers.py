@@ -228,7 +228,8 @@ async def main_async(args: argparse.Namespace) -> None:
           f"{ws} tokens ({ws // BLOCK} blocks); device cache {g1} blocks x {WORKERS} workers "
           f"(~{100 * g1 * WORKERS * BLOCK / ws:.0f}%), speedup {args.speedup}")
     base = MockerConfig(num_gpu_blocks=g1, block_size=BLOCK, speedup_ratio=args.speedup,
-                        max_num_seqs=64, seed=1)
+                        max_num_seqs=64, seed=1,
+                        host_bandwidth=args.host_bandwidth or MockerConfig.host_bandwidth)
     configs = {
         "G1 only": (base, False),
         "G1+G2": (_with(base, num_host_blocks=args.host_x * g1), False),
@@ -278,6 +279,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", choices=["G1", "G1+G2", "G1+G2+G3", "G1+G4", "ideal"],
                         help="run only these configurations (G1 only is the baseline the others "
                              "are compared with)")
+    parser.add_argument("--host-bandwidth", type=float, default=0.0,
+                        help="G2 -> device bytes/s (default: the mocker's 25e9; bench/tiers_gpu.py "
+                             "measured 39.9e9 onboarding on an H200)")
     parser.add_argument("--skip-all-fits", action="store_true", help="skip the all-fits throughput check")
     asyncio.run(main_async(parser.parse_args()))
 
