@@ -2,8 +2,9 @@
 
 The mocker has no KV bytes, so each tier is an LRU of block hashes with a capacity, a
 bandwidth and a per-load latency; loading n blocks from a tier takes
-`latency + n * bytes_per_block / bandwidth` simulated seconds, added to the step that
-admits the request (as the host tier and remote prefill already are). The policy is
+`latency + n * bytes_per_block / bandwidth` simulated seconds, while the request is
+parked. The loads of one engine share its link (`SimLink`): their latencies overlap,
+their transfers run one after another, as copies into one GPU do. The policy is
 the real one (`kvflow.kv.tiers.policy`): a block is loaded only when its tier's
 per-block time beats recomputing it, and the disk admits a block on its second use
 (`kvflow.kv.tiers.admission`). Tiers are inclusive: a block the GPU evicts goes to
@@ -57,6 +58,19 @@ class SimTier:
 
     def contains(self, seq_hash: int) -> bool:
         return seq_hash in self.lru
+
+
+@dataclass
+class SimLink:
+    """One engine's onboarding link: transfers queue behind each other (first come, first
+    served), per-load latencies (a request's round trip, a seek) do not."""
+
+    free_at: float = 0.0
+
+    def finish(self, now: float, latency_s: float, transfer_s: float) -> float:
+        """When a load asked for at `now` completes; the link is busy until then."""
+        self.free_at = max(now + latency_s, self.free_at) + transfer_s
+        return self.free_at
 
 
 class SharedSimStore(SimTier):
@@ -118,13 +132,18 @@ class SimTiers:
                 break
             tier.lru.move_to_end(seq_hash)
             by_tier[tier.name] = by_tier.get(tier.name, 0) + 1
-        seconds = sum((self._tier(name).latency_s or 0.0) + n * self.block_s(self._tier(name))
-                      for name, n in by_tier.items())
+        seconds = sum(self.split_s(by_tier))
         if seconds >= sum(by_tier.values()) * self.recompute_s_per_block:
             return {}, 0.0  # the run's latency makes loading it slower than recomputing it
         for name, n in by_tier.items():
             self.loaded_blocks[name] += n
         return by_tier, seconds
+
+    def split_s(self, by_tier: dict[str, int]) -> tuple[float, float]:
+        """(latency, transfer) seconds of loading these blocks per tier."""
+        tiers = [(self._tier(name), n) for name, n in by_tier.items()]
+        return (sum(t.latency_s or 0.0 for t, _ in tiers),
+                sum(n * self.block_s(t) for t, n in tiers))
 
     def _tier(self, name: str) -> SimTier:
         return next(t for t in self.tiers if t.name == name)
@@ -143,7 +162,8 @@ class TieredMockerConnector(MockerConnector):
         self.sim = sim
         self.speedup_ratio = 1.0
         self.wake: Callable[[], None] = lambda: None
-        self._load_s: dict[str, float] = {}
+        self.link = SimLink()
+        self._load_s: dict[str, tuple[float, float]] = {}
         self._done: list[LoadResult] = []
         # As the real tiers: local lookups are cheap, the object store costs a round trip.
         self.prefetch_on_arrival = not any(tier.shared for tier in sim.tiers)
@@ -158,13 +178,15 @@ class TieredMockerConnector(MockerConnector):
         metrics.tier_counters = counters
 
     def start_load(self, seq: Seq, block_ids: Sequence[int], num_tokens: int) -> None:  # type: ignore[override]
-        seconds = self._load_s.pop(seq.request_id, 0.0)
+        latency, transfer = self._load_s.pop(seq.request_id, (0.0, 0.0))
         done = LoadResult(seq.request_id, True)
         loop = asyncio.get_running_loop()
         if self.speedup_ratio <= 0:
             loop.call_soon(self._finish, done)
         else:
-            loop.call_later(seconds / self.speedup_ratio, self._finish, done)
+            speedup = self.speedup_ratio
+            loop.call_at(self.link.finish(loop.time(), latency / speedup, transfer / speedup),
+                         self._finish, done)
 
     def _finish(self, result: LoadResult) -> None:
         self._done.append(result)
@@ -199,7 +221,7 @@ class TieredMockerConnector(MockerConnector):
             seq.cached_by_tier = split | {t: n * bs for t, n in by_tier.items()}
         rest = super().match_external(seq, num_local_tokens + tier_tokens)
         if tier_tokens and not rest.num_tokens:
-            self._load_s[seq.request_id] = load_s
+            self._load_s[seq.request_id] = self.sim.split_s(by_tier)
             return ExternalMatch(num_tokens=tier_tokens, num_cached_tokens=tier_tokens,
                                  transfer_s=load_s, load_async=True)
         return ExternalMatch(num_tokens=tier_tokens + rest.num_tokens,

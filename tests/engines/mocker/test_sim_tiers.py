@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.mocker import MockerConfig, MockerEngine
-from kvflow.engines.mocker.sim_tiers import SharedSimStore
+from kvflow.engines.mocker.sim_tiers import SharedSimStore, SimLink
 from kvflow.llm.kv_events import BlocksStored, KvEvent, LoadMetrics
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest, StopConditions
 from kvflow.runtime.context import Context
@@ -62,3 +64,10 @@ async def test_object_store_is_shared_between_engines() -> None:
     finally:
         await a.stop()
         await b.stop()
+
+
+def test_loads_of_one_engine_queue_on_its_link_but_their_latencies_overlap() -> None:
+    link = SimLink()
+    assert link.finish(10.0, 0.001, 0.010) == pytest.approx(10.011)
+    assert link.finish(10.0, 0.001, 0.010) == pytest.approx(10.021)  # at once: after the first
+    assert link.finish(10.5, 0.005, 0.010) == pytest.approx(10.515)  # the link was idle again
