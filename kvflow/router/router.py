@@ -26,7 +26,7 @@ from kvflow.router.config import KvRouterConfig
 from kvflow.router.cost import RoutingDecision, predicted_hit_rate
 from kvflow.router.errors import NoWorkersError, RouterOverloadedError, UnknownWorkerError
 from kvflow.router.indexer import KvIndex
-from kvflow.router.load import ActiveLoad, WorkerLoad, is_busy
+from kvflow.router.load import ActiveLoad, WorkerLoad
 from kvflow.router.metrics import RouterMetrics
 from kvflow.router.pending import PendingBlocks
 from kvflow.router.policies import DirectPolicy, KvPolicy, RoutingSnapshot, build_router_policy
@@ -192,8 +192,7 @@ class KvRouter:
         cfg = self.config
         if not cfg.has_busy_threshold:
             return True
-        return any(not is_busy(self._load.load(w), cfg.max_decode_fraction,
-                               cfg.max_active_requests)
+        return any(not cfg.is_busy(self._load.load(w))
                    for w in candidates if w not in self._removed)
 
     def _decide(self, request: _Request, rng: random.Random, explain: bool = False) -> (
@@ -254,8 +253,7 @@ class KvRouter:
         cfg = self.config
         if not cfg.has_busy_threshold:
             return loads
-        free = {w: load for w, load in loads.items()
-                if not is_busy(load, cfg.max_decode_fraction, cfg.max_active_requests)}
+        free = {w: load for w, load in loads.items() if not cfg.is_busy(load)}
         return free or loads
 
     def _book(self, request_id: str, request: _Request, decision: RoutingDecision) -> None:
