@@ -134,7 +134,10 @@ class Simulation:
         handlers = {"arrive": self._arrive, "step": self._step_done, "ready": self._ready,
                     "plan": self._plan, "hold_timeout": self._hold_timeout}
         while self._events and self._events[0][0] <= until:
-            self.now, _, kind, data = heapq.heappop(self._events)
+            at, _, kind, data = heapq.heappop(self._events)
+            if kind == "hold_timeout" and not self._still_held(data):
+                continue  # its turn came: a cancelled timer does not move the clock
+            self.now = at
             handlers[kind](data)
         if until != float("inf"):
             self.now = max(self.now, until)
@@ -265,6 +268,9 @@ class Simulation:
 
     def _reject(self, seq: Sequence, error: RouterOverloadedError) -> None:
         self._finish(seq.request_id, str(error))
+
+    def _still_held(self, data: object) -> bool:
+        return self.hold is not None and isinstance(data, Waiter) and self.hold.holds(data)
 
     def _hold_timeout(self, data: object) -> None:
         assert self.hold is not None and isinstance(data, Waiter)

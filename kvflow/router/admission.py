@@ -120,6 +120,10 @@ class HoldQueue:
     def waiting(self) -> int:
         return len(self._queue)
 
+    def holds(self, waiter: Waiter) -> bool:
+        """Whether the waiter is still in the queue (not admitted, timed out or abandoned)."""
+        return waiter in self._queue
+
     def stats(self) -> AdmissionStats:
         return AdmissionStats(len(self._queue), self._admitted_after_wait, self._rejected,
                               self._timed_out)
