@@ -45,18 +45,19 @@ class Rules:
     mode: str = "aggregated"
     headroom: float = 0.1  # plan for predicted load x (1 + headroom)
     burst_ratio: float = 0.0  # and for at least burst_ratio x the baseline rate (0: off)
-    # plus held / backlog_drain_s: requests waiting at the router are served within this
-    # many seconds on top of the arrivals (0: the hold is not planned for)
-    backlog_drain_s: float = 0.0
     scale_down_intervals: int = 3
     cooldown_s: float = 60.0
     max_scale_down_step: int = 1
+    # plus held / backlog_drain_s: requests waiting at the router are served within this
+    # many seconds on top of the arrivals (0: the hold is not planned for)
+    backlog_drain_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"planner mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if self.headroom < 0 or self.burst_ratio < 0 or self.backlog_drain_s < 0:
-            raise ValueError("planner headroom, burst_ratio and backlog_drain_s must be >= 0")
+        for name in ("headroom", "burst_ratio", "backlog_drain_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"planner {name} must be >= 0; got {getattr(self, name)}")
 
 
 def planned_load(load: Load, rules: Rules, baseline: float = 0.0, held: int = 0) -> Load:
