@@ -3,6 +3,10 @@ HoldQueue, busy test and load booking as the frontend's router, on the virtual c
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from kvflow.engines.mocker.timing import TimingModel, TimingParams
 from kvflow.replay.sim import SimEngine, Simulation
 from kvflow.replay.trace import TraceRequest
@@ -85,3 +89,15 @@ def test_a_fork_with_held_requests_runs_on_independently() -> None:
     assert sim.held() == copy.held() == 0
     # The copy's extra workers took held requests: they finished sooner than on one worker.
     assert copy.result().end_s < sim.result().end_s
+
+
+def test_kvflow_replay_simulate_takes_the_router_s_busy_thresholds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvflow.cli.replay import main
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(f'{{"arrival_s": {i * 0.001}, "isl": 64, "osl": 20}}\n' for i in range(4)))
+    assert main([str(trace), "--simulate", "--router-max-active-requests", "1", "--json"]) == 0
+    assert "requests 4 failed 0" in capsys.readouterr().err
+    assert main([str(trace), "--simulate", "--router-max-prefill-tokens", "0"]) == 2
+    assert "max_prefill_tokens=0 is invalid" in capsys.readouterr().err
