@@ -71,6 +71,10 @@ def row(name: str, result: SimResult, args: argparse.Namespace, started: float) 
               time.monotonic() - started)
     print(f"{out.name:>28} {out.attainment:9.1%} {out.worker_seconds:10.0f} {out.requests:8d} "
           f"{out.failed:6d} {out.wall_s:7.1f}", flush=True)
+    missed = [f"{w.start_s:.0f}s (TTFT {w.ttft_p90_s:.2f}s, ITL {w.itl_p90_s * 1e3:.1f}ms)"
+              for w in stats if not w.meets_sla]
+    if missed:
+        print(f"{'':>28} missed: {'; '.join(missed)}", flush=True)
     return out
 
 
