@@ -31,6 +31,7 @@ from kvflow.replay.oracle import oracle_schedule
 from kvflow.replay.report import attainment, windows
 from kvflow.replay.sim import SimEngine, SimResult, Simulation
 from kvflow.replay.trace import TraceRequest, synthetic_day
+from kvflow.router.config import KvRouterConfig
 
 # A worker slower than the default H100 model (a smaller GPU): fewer steps to simulate,
 # and a fleet of several workers at a modest request rate.
@@ -47,10 +48,20 @@ class Row:
     wall_s: float
 
 
+def router(args: argparse.Namespace) -> KvRouterConfig | None:
+    """The router's hold, the same for every fleet in the run (None: route on arrival)."""
+    if not args.hold_active and not args.hold_prefill_tokens:
+        return None
+    return KvRouterConfig(max_active_requests=args.hold_active or None,
+                          max_prefill_tokens=args.hold_prefill_tokens or None,
+                          max_queue=100_000, queue_timeout_s=args.hold_timeout_s)
+
+
 def simulation(trace: list[TraceRequest], args: argparse.Namespace, workers: int,
                controller=None) -> Simulation:
     return Simulation(trace, workers=workers, timing=TimingModel(TIMING), interval_s=args.interval_s,
-                      engine=SimEngine(startup_s=args.startup_s), controller=controller)
+                      engine=SimEngine(startup_s=args.startup_s), controller=controller,
+                      router=router(args))
 
 
 def row(name: str, result: SimResult, args: argparse.Namespace, started: float) -> Row:
@@ -60,6 +71,10 @@ def row(name: str, result: SimResult, args: argparse.Namespace, started: float) 
               time.monotonic() - started)
     print(f"{out.name:>28} {out.attainment:9.1%} {out.worker_seconds:10.0f} {out.requests:8d} "
           f"{out.failed:6d} {out.wall_s:7.1f}", flush=True)
+    missed = [f"{w.start_s:.0f}s (TTFT {w.ttft_p90_s:.2f}s, ITL {w.itl_p90_s * 1e3:.1f}ms)"
+              for w in stats if not w.meets_sla]
+    if missed:
+        print(f"{'':>28} missed: {'; '.join(missed)}", flush=True)
     return out
 
 
@@ -71,7 +86,7 @@ def run(name: str, trace: list[TraceRequest], args: argparse.Namespace, workers:
 
 def rules(args: argparse.Namespace, burst_ratio: float) -> Rules:
     return Rules(Sla(args.ttft * args.margin, args.itl * args.margin), Bounds(1, args.max_workers),
-                 headroom=args.headroom, burst_ratio=burst_ratio,
+                 headroom=args.headroom, burst_ratio=burst_ratio, backlog_drain_s=args.backlog_drain_s,
                  scale_down_intervals=args.scale_down_intervals, cooldown_s=args.cooldown_s,
                  max_scale_down_step=args.max_scale_down_step)
 
@@ -100,6 +115,16 @@ def main() -> None:
     p.add_argument("--burst-ratios", type=float, nargs="+", default=[0.0, 2.5],
                    help="planner runs with each --burst-ratio (0: no burst reserve)")
     p.add_argument("--baseline-s", type=float, default=120.0)
+    p.add_argument("--hold-active", type=int, default=0,
+                   help="router busy threshold for every fleet: requests per worker beyond which new "
+                        "ones wait at the router (--router-max-active-requests; 0: off)")
+    p.add_argument("--hold-prefill-tokens", type=int, default=0,
+                   help="router busy threshold: queued prefill tokens per worker "
+                        "(--router-max-prefill-tokens; 0: off)")
+    p.add_argument("--hold-timeout-s", type=float, default=60.0,
+                   help="a request held longer fails (--router-queue-timeout-s)")
+    p.add_argument("--backlog-drain-s", type=float, default=0.0,
+                   help="planner sizes for the router's held requests over this many seconds (0: off)")
     p.add_argument("--scale-down-intervals", type=int, default=3)
     p.add_argument("--cooldown-s", type=float, default=15.0)
     p.add_argument("--max-scale-down-step", type=int, default=8)
@@ -114,6 +139,11 @@ def main() -> None:
     print(f"synthetic day (seed {args.seed}): {len(trace)} requests over {args.day_s:.0f}s virtual; SLA "
           f"TTFT p90 <= {args.ttft}s, ITL p90 <= {args.itl * 1e3:.0f}ms per {args.window_s:.0f}s window; "
           f"workers serve {args.startup_s:.0f}s after being asked; planner every {args.interval_s:.0f}s")
+    hold = router(args)
+    print("router hold: " + (f"a worker is busy at {hold.max_active_requests} requests or "
+                             f"{hold.max_prefill_tokens} queued prefill tokens (None = no limit); "
+                             f"the planner plans for held requests over {args.backlog_drain_s:g}s"
+                             if hold else "off (requests go to a worker on arrival)"))
     print(f"{'fleet':>28} {'SLA met':>9} {'worker-s':>10} {'requests':>8} {'failed':>6} {'wall s':>7}")
     started = time.monotonic()
     found = oracle_schedule(trace, lambda n: simulation(trace, args, n), window_s=args.window_s,

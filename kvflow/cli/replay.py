@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--simulate", action="store_true",
                    help="no frontend: mocker workers on a virtual clock (much faster than real time)")
     p.add_argument("--workers", type=int, default=1, help="--simulate: aggregated workers (default 1)")
+    p.add_argument("--router-max-active-requests", type=int, default=None,
+                   help="--simulate: the router's busy threshold in requests per worker; while every "
+                        "worker is busy, requests wait at the router (default: off)")
+    p.add_argument("--router-max-prefill-tokens", type=int, default=None,
+                   help="--simulate: the router's busy threshold in queued prefill tokens (default: off)")
     p.add_argument("--json", action="store_true", help="print the windows as JSON lines")
     return p
 
@@ -47,8 +52,15 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     if ns.simulate:
         from kvflow.replay.sim import Simulation
+        from kvflow.router.config import KvRouterConfig
 
-        results = Simulation(trace, workers=ns.workers).run().results
+        try:
+            router = KvRouterConfig(max_active_requests=ns.router_max_active_requests,
+                                    max_prefill_tokens=ns.router_max_prefill_tokens)
+        except ValueError as exc:
+            print(f"kvflow replay: {exc}", file=sys.stderr)
+            return 2
+        results = Simulation(trace, workers=ns.workers, router=router).run().results
     else:
         results = _over_http(ns, trace)
         if results is None:

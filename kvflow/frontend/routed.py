@@ -120,7 +120,8 @@ class RoutedEngineClient:
                 "no live worker" if not ids else f"none of the {len(ids)} live workers can take "
                 "the request now (lost by this request already, or not answering)")
         try:
-            decision = await self.routed.schedule(request, candidates)
+            # asked again while the request waits at a busy router: a worker that joins counts
+            decision = await self.routed.schedule(request, lambda: self._candidates(exclude)[1])
         except RouterOverloadedError as exc:
             raise EngineOverloaded(str(exc), exc.retry_after_s) from exc
         except (RouterError, NoInstancesError) as exc:

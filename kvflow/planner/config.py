@@ -26,6 +26,9 @@ class PlannerConfig:
     headroom: float = 0.1
     burst_ratio: float = 0.0  # keep capacity for this multiple of the baseline (median) rate; 0 = off
     baseline_s: float = 120.0  # the baseline is the median rate over this many seconds
+    # also plan for the requests held at the routers (--router-max-* thresholds), served
+    # within this many seconds on top of the arrivals; 0 = off
+    backlog_drain_s: float = 0.0
     scale_down_intervals: int = 3  # hysteresis: intervals in a row that must want a scale-down
     cooldown_s: float = 60.0  # after any change, before a scale-down
     max_scale_down_step: int = 1
@@ -53,4 +56,4 @@ class PlannerConfig:
         return Rules(Sla(self.ttft_p90_s, self.itl_p90_s),
                      Bounds(self.min_workers, self.max_workers, self.gpu_budget, self.gpus_per_worker),
                      self.mode, self.headroom, self.burst_ratio, self.scale_down_intervals, self.cooldown_s,
-                     self.max_scale_down_step)
+                     self.max_scale_down_step, self.backlog_drain_s)

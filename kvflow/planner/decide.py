@@ -48,17 +48,24 @@ class Rules:
     scale_down_intervals: int = 3
     cooldown_s: float = 60.0
     max_scale_down_step: int = 1
+    # plus held / backlog_drain_s: requests waiting at the router are served within this
+    # many seconds on top of the arrivals (0: the hold is not planned for)
+    backlog_drain_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"planner mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if self.headroom < 0 or self.burst_ratio < 0:
-            raise ValueError("planner headroom and burst_ratio must be >= 0")
+        for name in ("headroom", "burst_ratio", "backlog_drain_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"planner {name} must be >= 0; got {getattr(self, name)}")
 
 
-def planned_load(load: Load, rules: Rules, baseline: float = 0.0) -> Load:
-    """The load a fleet is sized for: prediction x (1 + headroom), at least burst_ratio x baseline."""
+def planned_load(load: Load, rules: Rules, baseline: float = 0.0, held: int = 0) -> Load:
+    """The load a fleet is sized for: prediction x (1 + headroom), at least burst_ratio x baseline,
+    plus the router's held requests spread over backlog_drain_s."""
     rate = max(load.rate * (1 + rules.headroom), baseline * rules.burst_ratio)
+    if rules.backlog_drain_s > 0:
+        rate += held / rules.backlog_drain_s
     return Load(rate, load.isl, load.osl, load.cached_fraction)
 
 
@@ -114,10 +121,11 @@ def evaluate(fleet: Fleet, load: Load, perf: PerfModel, rules: Rules, calib: Cal
 
 
 def choose(load: Load, perf: PerfModel, rules: Rules, calib: Calibration | None = None,
-           mode: str | None = None, baseline: float = 0.0) -> tuple[Estimate, tuple[Estimate, ...]]:
+           mode: str | None = None, baseline: float = 0.0,
+           held: int = 0) -> tuple[Estimate, tuple[Estimate, ...]]:
     """The cheapest shape meeting the SLA (ties: most slack); else the biggest allowed."""
     calib = calib or Calibration()
-    planned = planned_load(load, rules, baseline)
+    planned = planned_load(load, rules, baseline, held)
     options = [evaluate(f, planned, perf, rules, calib) for f in _shapes(rules, mode or rules.mode)]
     if not options:
         raise ValueError(f"no fleet shape fits the bounds {rules.bounds}")
@@ -139,16 +147,18 @@ def _step_down(current: Fleet, target: Fleet, step: int) -> Fleet:
 
 
 def plan_step(state: PlanState, now: float, predicted: Load | None, perf: PerfModel, rules: Rules,
-              calib: Calibration | None = None, baseline: float = 0.0) -> tuple[Decision, PlanState]:
-    """Decide this interval's target fleet and the planner's next state (baseline: see planned_load)."""
+              calib: Calibration | None = None, baseline: float = 0.0,
+              held: int = 0) -> tuple[Decision, PlanState]:
+    """Decide this interval's target fleet and the planner's next state (baseline, held: see
+    planned_load)."""
     calib = calib or Calibration()
     fleet = state.fleet
     if predicted is None:
         reason = "no fresh metrics: holding the current fleet (never scaling down blind)"
         held = dataclasses.replace(state, down_votes=0, down_to=None)
         return Decision(now, "hold", fleet, fleet, reason), held
-    best, options = choose(predicted, perf, rules, calib, baseline=baseline)
-    planned = planned_load(predicted, rules, baseline)
+    best, options = choose(predicted, perf, rules, calib, baseline=baseline, held=held)
+    planned = planned_load(predicted, rules, baseline, held)
     current = evaluate(fleet, planned, perf, rules, calib)
     common = {"predicted": predicted, "planned": planned, "chosen": best, "current": current,
               "options": options}

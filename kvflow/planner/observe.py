@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvflow.planner.model import Load
 
 PREFIX = "kvflow_frontend_"
+WAITING = "kvflow_router_waiting_requests"  # the frontend's routers' hold, labelled by router
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Observation:
     load: Load
     ttft_p90_s: float | None = None
     itl_p90_s: float | None = None
+    # Requests waiting at the routers for a worker under their busy thresholds, at at_s
+    # (kvflow_router_waiting_requests; 0 unless a --router-max-* threshold is set).
+    held: int = 0
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Totals:
     isl_count: float = 0.0
     osl_sum: float = 0.0
     cached: float = 0.0
+    held: float = 0.0  # a gauge: the latest value, summed over routers
     ttft_buckets: dict[float, float] = field(default_factory=dict)
     itl_buckets: dict[float, float] = field(default_factory=dict)
 
@@ -56,6 +61,9 @@ def parse_metrics(text: str, model: str | None, into: Totals | None = None) -> T
 
 
 def _add(t: Totals, name: str, labels: dict[str, str], value: float) -> None:
+    if name == WAITING:
+        t.held += value
+        return
     if not name.startswith(PREFIX):
         return
     name = name[len(PREFIX):]
@@ -101,7 +109,8 @@ def diff(now: Totals, before: Totals, at_s: float, interval_s: float) -> Observa
     load = Load(rate=n / interval_s, isl=isl, osl=osl, cached_fraction=min(max(cached, 0.0), 1.0))
     return Observation(at_s, interval_s, int(n), load,
                        bucket_quantile(now.ttft_buckets, before.ttft_buckets, 0.9),
-                       bucket_quantile(now.itl_buckets, before.itl_buckets, 0.9))
+                       bucket_quantile(now.itl_buckets, before.itl_buckets, 0.9),
+                       held=int(now.held))
 
 
 class FrontendScraper:

@@ -49,7 +49,7 @@ class Planner:
     def step(self, now: float, obs: Observation | None) -> Decision:
         predicted = self._predict(obs)
         decision, self.state = plan_step(self.state, now, predicted, self.perf, self.rules, self.calib,
-                                         self.baseline())
+                                         self.baseline(), obs.held if obs is not None else 0)
         if decision.target != decision.previous:
             chosen, load = decision.chosen, decision.predicted
             serve = load.osl * chosen.itl_s if chosen and load and chosen.itl_s < float("inf") else 0.0

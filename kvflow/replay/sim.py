@@ -3,7 +3,12 @@
 Each worker is the real engine core (Scheduler + BlockPool) timed by the mocker's
 TimingModel, as `kvflow worker --engine mocker` runs it, but stepped by a discrete
 event loop instead of asyncio sleeps, so hours of traffic take minutes. Requests go
-to the ready worker with the fewest requests (least-loaded). A controller (the
+to the ready worker with the fewest requests (least-loaded). With a router config
+that sets a busy threshold (`router=KvRouterConfig(max_prefill_tokens=...)`), routing
+follows the router's hold: its own booking of each request's load (`ActiveLoad`:
+prompt tokens until the first token, blocks until the end), its busy test, and its
+FCFS `HoldQueue`, so while every worker is busy requests wait at the router and go to
+whichever worker frees first or joins, in arrival order. A controller (the
 planner) is called every interval with what happened in it and may set a new
 worker count; new workers serve after `startup_s`, removed ones drain first.
 Aggregated workers only. `advance(until)` runs part of the trace and `fork()` copies
@@ -16,6 +21,7 @@ import copy
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from kvflow.engines.core.block_pool import BlockPool
 from kvflow.engines.core.scheduler import RequestRejected, Scheduler, SchedulerConfig, SchedulerOutput
@@ -26,6 +32,10 @@ from kvflow.planner.model import Load
 from kvflow.planner.observe import Observation
 from kvflow.replay.report import RequestResult, percentile
 from kvflow.replay.trace import TraceRequest, prompt_tokens
+from kvflow.router.admission import HoldQueue, Waiter
+from kvflow.router.config import KvRouterConfig
+from kvflow.router.errors import RouterOverloadedError
+from kvflow.router.load import ActiveLoad
 
 TOKEN = 7  # every simulated output token; EOS is ignored
 
@@ -77,8 +87,15 @@ class SimResult:
 class Simulation:
     def __init__(self, trace: list[TraceRequest], *, workers: int, timing: TimingModel | None = None,
                  engine: SimEngine = SimEngine(), interval_s: float = 30.0,
-                 controller: Controller | None = None) -> None:
+                 controller: Controller | None = None, router: KvRouterConfig | None = None) -> None:
         self.trace, self.engine = trace, engine
+        # The router's hold (None: route every request on arrival, as before).
+        self.router = router if router is not None and router.has_busy_threshold else None
+        self._load = ActiveLoad()
+        self.hold: HoldQueue | None = None
+        if self.router is not None:
+            self.hold = HoldQueue(self.router.max_queue, self.router.queue_timeout_s,
+                                  self.router.retry_after_s)
         self.timing = timing or TimingModel()
         self.interval_s, self.controller = interval_s, controller
         self.now = 0.0
@@ -115,9 +132,12 @@ class Simulation:
         """Handle every event up to `until` (virtual seconds); the clock then reads `until`."""
         self._start()
         handlers = {"arrive": self._arrive, "step": self._step_done, "ready": self._ready,
-                    "plan": self._plan}
+                    "plan": self._plan, "hold_timeout": self._hold_timeout}
         while self._events and self._events[0][0] <= until:
-            self.now, _, kind, data = heapq.heappop(self._events)
+            at, _, kind, data = heapq.heappop(self._events)
+            if kind == "hold_timeout" and not self._still_held(data):
+                continue  # its turn came: a cancelled timer does not move the clock
+            self.now = at
             handlers[kind](data)
         if until != float("inf"):
             self.now = max(self.now, until)
@@ -182,6 +202,10 @@ class Simulation:
             self._mark()
 
     def _ready(self, w: _Worker) -> None:
+        if self.hold is not None:
+            self.hold.pump()  # a worker joined: the head of the hold may go to it
+            self._kick(w)
+            return
         queued, self._queue = self._queue, []
         for seq in queued:
             self._dispatch(seq)
@@ -195,7 +219,66 @@ class Simulation:
                                    stop=StopConditions(max_tokens=req.output_length, ignore_eos=True))
         self._records[rid] = _Record(req)
         self._arrivals.append(req)
-        self._dispatch(Sequence.from_request(preq))
+        seq = Sequence.from_request(preq)
+        if self.hold is None:
+            self._dispatch(seq)
+        else:
+            self._route(seq)
+
+    # -- the router's hold (only with a busy threshold) -------------------------------
+    def _route(self, seq: Sequence) -> None:
+        hold = self.hold
+        assert hold is not None
+        if hold.try_admit(self._has_room):
+            self._release(seq)
+            return
+        waiter = Waiter(self._has_room, partial(self._release, seq), partial(self._reject, seq))
+        try:
+            hold.hold(waiter)
+        except RouterOverloadedError as exc:
+            self._finish(seq.request_id, str(exc))
+            return
+        if not waiter.admitted:
+            self._at(self.now + hold.timeout_s, "hold_timeout", waiter)
+
+    def _eligible(self) -> list[_Worker]:
+        cfg = self.router
+        assert cfg is not None
+        return [w for w in self._active()
+                if w.ready_s <= self.now and not cfg.is_busy(self._load.load(w.wid))]
+
+    def _has_room(self) -> bool:
+        return bool(self._eligible())
+
+    def _release(self, seq: Sequence) -> None:
+        """Its turn: route to the least-loaded worker under the thresholds, book its load."""
+        assert self.hold is not None
+        try:
+            w = min(self._eligible(), key=lambda w: (w.load(), w.wid))
+            try:
+                w.scheduler.add(seq)
+            except RequestRejected as exc:
+                self._finish(seq.request_id, str(exc))
+                return
+            n = seq.prompt_len
+            self._load.add(seq.request_id, w.wid, n, -(-n // self.engine.block_size))
+            self._kick(w)
+        finally:
+            self.hold.done()
+
+    def _reject(self, seq: Sequence, error: RouterOverloadedError) -> None:
+        self._finish(seq.request_id, str(error))
+
+    def _still_held(self, data: object) -> bool:
+        return self.hold is not None and isinstance(data, Waiter) and self.hold.holds(data)
+
+    def _hold_timeout(self, data: object) -> None:
+        assert self.hold is not None and isinstance(data, Waiter)
+        self.hold.time_out(data)
+
+    def held(self) -> int:
+        """Requests waiting at the router for a worker under the busy thresholds."""
+        return self.hold.waiting() if self.hold is not None else len(self._queue)
 
     def _dispatch(self, seq: Sequence) -> None:
         ready = [w for w in self._active() if w.ready_s <= self.now]
@@ -229,6 +312,7 @@ class Simulation:
             if rec.first_s is None:
                 rec.first_s = self.now
                 rec.cached = max(sched.requests[rid].num_cached_tokens, 0)
+                self._load.mark_prefill_done(rid)
             rec.tokens += 1
             rec.last_s = self.now
         for f in sched.update(sampled):
@@ -237,9 +321,12 @@ class Simulation:
         w.stepping = False
         self._kick(w)
         self._maybe_stop(w)
+        if self.hold is not None and sampled:
+            self.hold.pump()  # first tokens and finished requests freed load
 
     def _finish(self, rid: str, error: str = "") -> None:
         rec = self._records.pop(rid)
+        self._load.free(rid)
         first = rec.first_s if rec.first_s is not None else float("inf")
         itl = (rec.last_s - first) / (rec.tokens - 1) if rec.tokens > 1 else 0.0
         result = RequestResult(rec.req.arrival_s, first - rec.req.arrival_s, itl, rec.tokens, error)
@@ -268,4 +355,5 @@ class Simulation:
         ttft = [r.ttft_s for r in done]
         itl = [r.itl_s for r in done if r.output_tokens > 1]
         return Observation(self.now, self.interval_s, n, load,
-                           percentile(ttft, 90) if ttft else None, percentile(itl, 90) if itl else None)
+                           percentile(ttft, 90) if ttft else None, percentile(itl, 90) if itl else None,
+                           held=self.held())

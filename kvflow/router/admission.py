@@ -1,9 +1,16 @@
-"""The bounded FCFS wait queue for requests that arrive while every worker is busy.
+"""The bounded FCFS hold for requests that arrive while every worker is busy.
 
-`admit(has_room)` returns at once when nobody waits and `has_room()` holds; otherwise
-the caller queues. Whenever load frees, the router calls `pump()`, which wakes the head
-of the queue if its `has_room()` holds. One woken request is routed at a time: it must
-call `done()` after booking its load, so the next head sees that load.
+`HoldQueue` is the rule itself, with no event loop: a request is let through at once
+when nobody waits and `has_room()` holds; otherwise it waits in arrival order. Whenever
+load frees (a first token, a finished request, new load metrics, a worker that joins),
+the owner calls `pump()`, which lets the head through if its `has_room()` holds. One
+admitted request is routed at a time: its owner calls `done()` after booking its load,
+so the next head sees that load. A request that waits longer than `timeout_s` gets a
+`RouterOverloadedError`; one whose client left is `abandon`ed.
+
+`AdmissionQueue` is the router's asyncio face of it (a waiter is a future, the timeout
+a timer); the trace simulator (`kvflow.replay.sim`) drives the same `HoldQueue` from its
+virtual clock.
 """
 
 from __future__ import annotations
@@ -18,10 +25,14 @@ from kvflow.router.errors import RouterOverloadedError
 HasRoom = Callable[[], bool]
 
 
-@dataclass
-class _Waiter:
+@dataclass(eq=False)
+class Waiter:
+    """One held request: `admit()` when it is its turn, `reject(error)` when it timed out."""
+
     has_room: HasRoom
-    future: asyncio.Future[None]
+    admit: Callable[[], None]
+    reject: Callable[[RouterOverloadedError], None]
+    admitted: bool = False
 
 
 @dataclass(frozen=True)
@@ -32,62 +43,58 @@ class AdmissionStats:
     timed_out: int
 
 
-class AdmissionQueue:
+class HoldQueue:
+    """FCFS hold with a bound on length and on time; no asyncio (see the module doc)."""
+
     def __init__(self, max_waiting: int, timeout_s: float, retry_after_s: float) -> None:
-        self._max_waiting = max_waiting
-        self._timeout_s = timeout_s
-        self._retry_after_s = retry_after_s
-        self._queue: deque[_Waiter] = deque()
+        self.max_waiting = max_waiting
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self._queue: deque[Waiter] = deque()
         self._handing_over = False
+        self._pumping = False
         self._admitted_after_wait = self._rejected = self._timed_out = 0
 
     def can_admit_now(self, has_room: HasRoom) -> bool:
         return not self._queue and not self._handing_over and has_room()
 
-    async def admit(self, has_room: HasRoom) -> None:
-        """Return when the request may be routed; the caller must then call `done()`."""
-        if self.can_admit_now(has_room):
-            self._handing_over = True
-            return
-        if len(self._queue) >= self._max_waiting:
+    def try_admit(self, has_room: HasRoom) -> bool:
+        """True: route now, then call `done()`. False: the caller must `hold` the request."""
+        if not self.can_admit_now(has_room):
+            return False
+        self._handing_over = True
+        return True
+
+    def hold(self, waiter: Waiter) -> None:
+        """Queue the waiter behind those already waiting; a full queue raises at once."""
+        if len(self._queue) >= self.max_waiting:
             self._rejected += 1
             raise RouterOverloadedError(
                 f"all workers are busy and {len(self._queue)} requests already wait for one; "
-                f"retry after {self._retry_after_s:g} s or add workers",
-                self._retry_after_s,
+                f"retry after {self.retry_after_s:g} s or add workers",
+                self.retry_after_s,
             )
-        await self._wait(_Waiter(has_room, asyncio.get_running_loop().create_future()))
-
-    async def _wait(self, waiter: _Waiter) -> None:
         self._queue.append(waiter)
-        timer = asyncio.get_running_loop().call_later(self._timeout_s, self._time_out, waiter)
-        try:
-            await waiter.future
-        except BaseException:
-            self._abandon(waiter)
-            raise
-        finally:
-            timer.cancel()
-        self._admitted_after_wait += 1
+        self.pump()  # room may have appeared between try_admit and now
 
-    def _time_out(self, waiter: _Waiter) -> None:
+    def time_out(self, waiter: Waiter) -> None:
+        """The waiter's `timeout_s` is up: reject it unless it already got its turn."""
         if waiter not in self._queue:
             return
         self._queue.remove(waiter)
         self._timed_out += 1
-        waiter.future.set_exception(RouterOverloadedError(
-            f"all workers stayed busy for {self._timeout_s:g} s while this request waited; "
-            f"retry after {self._retry_after_s:g} s or add workers",
-            self._retry_after_s,
+        waiter.reject(RouterOverloadedError(
+            f"all workers stayed busy for {self.timeout_s:g} s while this request waited; "
+            f"retry after {self.retry_after_s:g} s or add workers",
+            self.retry_after_s,
         ))
 
-    def _abandon(self, waiter: _Waiter) -> None:
-        """A waiter left (cancelled, timed out): give its turn back if it had been given one."""
+    def abandon(self, waiter: Waiter) -> None:
+        """The waiter left (its client went away): drop it, or give back the turn it got."""
         if waiter in self._queue:
             self._queue.remove(waiter)
-            return
-        future = waiter.future
-        if future.done() and not future.cancelled() and future.exception() is None:
+        elif waiter.admitted:
+            waiter.admitted = False
             self.done()
 
     def done(self) -> None:
@@ -96,18 +103,77 @@ class AdmissionQueue:
         self.pump()
 
     def pump(self) -> None:
-        """Wake the head of the queue if it fits now and nobody is mid hand-over."""
-        if self._handing_over or not self._queue:
-            return
-        head = self._queue[0]
-        if head.has_room():
-            self._queue.popleft()
-            self._handing_over = True
-            head.future.set_result(None)
+        """Let heads through, in order, while they fit and nobody is mid hand-over."""
+        if self._pumping:
+            return  # an admit() that calls done() at once: the loop below goes on
+        self._pumping = True
+        try:
+            while not self._handing_over and self._queue and self._queue[0].has_room():
+                head = self._queue.popleft()
+                head.admitted = True
+                self._handing_over = True
+                self._admitted_after_wait += 1
+                head.admit()
+        finally:
+            self._pumping = False
 
     def waiting(self) -> int:
         return len(self._queue)
 
+    def holds(self, waiter: Waiter) -> bool:
+        """Whether the waiter is still in the queue (not admitted, timed out or abandoned)."""
+        return waiter in self._queue
+
     def stats(self) -> AdmissionStats:
         return AdmissionStats(len(self._queue), self._admitted_after_wait, self._rejected,
                               self._timed_out)
+
+
+class AdmissionQueue:
+    """`HoldQueue` for coroutines: `await admit(has_room)`, then `done()`."""
+
+    def __init__(self, max_waiting: int, timeout_s: float, retry_after_s: float) -> None:
+        self._hold = HoldQueue(max_waiting, timeout_s, retry_after_s)
+
+    def can_admit_now(self, has_room: HasRoom) -> bool:
+        return self._hold.can_admit_now(has_room)
+
+    async def admit(self, has_room: HasRoom) -> None:
+        """Return when the request may be routed; the caller must then call `done()`."""
+        if self._hold.try_admit(has_room):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def admit() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        def reject(error: RouterOverloadedError) -> None:
+            if not future.done():
+                future.set_exception(error)
+
+        waiter = Waiter(has_room, admit, reject)
+        self._hold.hold(waiter)
+        if waiter.admitted:
+            return
+        timer = asyncio.get_running_loop().call_later(self._hold.timeout_s, self._hold.time_out,
+                                                      waiter)
+        try:
+            await future
+        except BaseException:
+            self._hold.abandon(waiter)
+            raise
+        finally:
+            timer.cancel()
+
+    def done(self) -> None:
+        self._hold.done()
+
+    def pump(self) -> None:
+        self._hold.pump()
+
+    def waiting(self) -> int:
+        return self._hold.waiting()
+
+    def stats(self) -> AdmissionStats:
+        return self._hold.stats()

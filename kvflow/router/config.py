@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
+from kvflow.router.load import WorkerLoad, is_busy
+
 
 @dataclass(frozen=True)
 class KvRouterConfig:
@@ -33,9 +35,13 @@ class KvRouterConfig:
     approx_ttl_s: float = 120.0
     approx_max_blocks: int = 1_000_000
     # Busy thresholds (None = off): a worker is busy when its active decode blocks exceed
-    # this fraction of its total blocks, or when it runs this many routed requests.
+    # this fraction of its total blocks, when it runs this many routed requests, or when
+    # this many prompt tokens wait for prefill there. While every worker is busy, requests
+    # wait at the router (and go to whichever worker frees first or joins), not in one
+    # worker's queue.
     max_decode_fraction: float | None = None
     max_active_requests: int | None = None
+    max_prefill_tokens: int | None = None
     # When every worker is busy, requests wait FCFS in a queue of this size for this long.
     max_queue: int = 1024
     queue_timeout_s: float = 30.0
@@ -67,6 +73,8 @@ class KvRouterConfig:
         _check(frac is None or 0 < frac <= 1, "max_decode_fraction", frac, "in (0, 1]")
         cap = self.max_active_requests
         _check(cap is None or cap > 0, "max_active_requests", cap, "a positive count")
+        ptok = self.max_prefill_tokens
+        _check(ptok is None or ptok > 0, "max_prefill_tokens", ptok, "a positive token count")
         _check(self.max_queue >= 0, "max_queue", self.max_queue, "zero or more")
         _check(self.queue_timeout_s > 0, "queue_timeout_s", self.queue_timeout_s,
                "positive seconds")
@@ -77,7 +85,13 @@ class KvRouterConfig:
 
     @property
     def has_busy_threshold(self) -> bool:
-        return self.max_decode_fraction is not None or self.max_active_requests is not None
+        return (self.max_decode_fraction is not None or self.max_active_requests is not None
+                or self.max_prefill_tokens is not None)
+
+    def is_busy(self, load: WorkerLoad) -> bool:
+        """Whether the worker is at or over one of this config's busy thresholds."""
+        return is_busy(load, self.max_decode_fraction, self.max_active_requests,
+                       self.max_prefill_tokens)
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:

@@ -142,10 +142,13 @@ class ActiveLoad:
 
 
 def is_busy(
-    load: WorkerLoad, max_decode_fraction: float | None, max_active_requests: int | None
+    load: WorkerLoad, max_decode_fraction: float | None, max_active_requests: int | None,
+    max_prefill_tokens: int | None = None,
 ) -> bool:
     """Whether the worker is at or over a busy threshold (None disables a threshold)."""
     if max_active_requests is not None and load.active_requests >= max_active_requests:
+        return True
+    if max_prefill_tokens is not None and load.prefill_tokens >= max_prefill_tokens:
         return True
     fraction = load.decode_fraction
     return max_decode_fraction is not None and fraction is not None and (

@@ -26,7 +26,7 @@ from kvflow.router.config import KvRouterConfig
 from kvflow.router.cost import RoutingDecision, predicted_hit_rate
 from kvflow.router.errors import NoWorkersError, RouterOverloadedError, UnknownWorkerError
 from kvflow.router.indexer import KvIndex
-from kvflow.router.load import ActiveLoad, WorkerLoad, is_busy
+from kvflow.router.load import ActiveLoad, WorkerLoad
 from kvflow.router.metrics import RouterMetrics
 from kvflow.router.pending import PendingBlocks
 from kvflow.router.policies import DirectPolicy, KvPolicy, RoutingSnapshot, build_router_policy
@@ -36,6 +36,9 @@ from kvflow.router.sync import RoutingSyncMessage, SyncKind, remote_key
 from kvflow.router.tiers import worker_tier_metrics
 
 PublishSync = Callable[[RoutingSyncMessage], None]
+# Candidate workers: a fixed list, or a function asked again each time a held request
+# looks for room (so a worker that joins while it waits can take it).
+Candidates = Sequence[int] | Callable[[], Sequence[int]]
 _TOMBSTONES = 4096
 
 
@@ -48,6 +51,13 @@ class _Request:
     candidates: list[int]
     pinned_worker: int | None
     session_id: str | None = None
+    refresh: Callable[[], Sequence[int]] | None = None
+
+    def current(self) -> list[int]:
+        """The candidates now: asked again when they follow the fleet, else as given."""
+        if self.refresh is None or self.pinned_worker is not None:
+            return self.candidates
+        return list(dict.fromkeys(self.refresh()))
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,7 @@ class KvRouter:
         token_ids: Sequence[int],
         request_id: str,
         lora_name: str | None = None,
-        worker_ids: Sequence[int] | None = None,
+        worker_ids: Candidates | None = None,
         *,
         pinned_worker: int | None = None,
         block_hashes: Sequence[int] | None = None,
@@ -127,6 +137,8 @@ class KvRouter:
         """Pick a worker for the request and book its load there.
 
         Calling it again for a booked request_id (migration) moves the booking.
+        `worker_ids`: None = every worker the router knows, or a function returning the
+        candidates (both follow workers that join while the request waits), or a fixed list.
         Waits while every candidate is busy; raises `RouterOverloadedError` when the wait
         queue is full or the wait times out, `NoWorkersError` / `UnknownWorkerError` when
         there is nothing (or not the named worker) to route to.
@@ -134,7 +146,7 @@ class KvRouter:
         request = self._prepare(token_ids, lora_name, worker_ids, pinned_worker, block_hashes,
                                 cache_salt, session_id)
         try:
-            await self._admission.admit(lambda: self._has_room(request.candidates))
+            await self._admission.admit(lambda: self._has_room(request.current()))
         except RouterOverloadedError:
             self._metrics.rejected.inc()
             raise
@@ -168,13 +180,20 @@ class KvRouter:
         self,
         token_ids: Sequence[int],
         lora_name: str | None,
-        worker_ids: Sequence[int] | None,
+        worker_ids: Candidates | None,
         pinned: int | None,
         block_hashes: Sequence[int] | None,
         cache_salt: str | None = None,
         session_id: str | None = None,
     ) -> _Request:
-        candidates = list(dict.fromkeys(self._workers if worker_ids is None else worker_ids))
+        refresh: Callable[[], Sequence[int]] | None
+        if worker_ids is None:
+            refresh = lambda: list(self._workers)  # noqa: E731
+        elif callable(worker_ids):
+            refresh = worker_ids
+        else:
+            refresh = None
+        candidates = list(dict.fromkeys(refresh() if refresh is not None else worker_ids))
         if not candidates:
             raise NoWorkersError("no workers are available to route to; start a worker or "
                                  "wait for one to register")
@@ -186,20 +205,21 @@ class KvRouter:
         if block_hashes is None:
             block_hashes = sequence_hashes(token_ids, self.config.block_size, lora_name=lora_name,
                                            salt=cache_salt)
-        return _Request(len(token_ids), list(block_hashes), candidates, pinned, session_id or None)
+        return _Request(len(token_ids), list(block_hashes), candidates, pinned, session_id or None,
+                        refresh)
 
     def _has_room(self, candidates: Iterable[int]) -> bool:
         cfg = self.config
         if not cfg.has_busy_threshold:
             return True
-        return any(not is_busy(self._load.load(w), cfg.max_decode_fraction,
-                               cfg.max_active_requests)
+        return any(not cfg.is_busy(self._load.load(w))
                    for w in candidates if w not in self._removed)
 
     def _decide(self, request: _Request, rng: random.Random, explain: bool = False) -> (
             RoutingDecision):
         cfg = self.config
-        candidates = [w for w in request.candidates if w not in self._removed]
+        current = request.current()
+        candidates = [w for w in current if w not in self._removed]
         if not candidates:  # they left while the request waited
             raise NoWorkersError(f"workers {sorted(request.candidates)} left before the request "
                                  "could be routed; retry it")
@@ -257,8 +277,7 @@ class KvRouter:
         cfg = self.config
         if not cfg.has_busy_threshold:
             return loads
-        free = {w: load for w, load in loads.items()
-                if not is_busy(load, cfg.max_decode_fraction, cfg.max_active_requests)}
+        free = {w: load for w, load in loads.items() if not cfg.is_busy(load)}
         return free or loads
 
     def _book(self, request_id: str, request: _Request, decision: RoutingDecision) -> None:

@@ -36,7 +36,7 @@ from kvflow.llm.protocol import EngineOutput, PreprocessedRequest
 from kvflow.router.config import KvRouterConfig
 from kvflow.router.cost import RoutingDecision
 from kvflow.router.observe import RouterObserver, RouterView, WorkerView
-from kvflow.router.router import KvRouter
+from kvflow.router.router import Candidates, KvRouter
 from kvflow.router.sync import ROUTER_SYNC_SUBJECT, RoutingSyncMessage, decode_sync, encode_sync
 from kvflow.runtime.component import PingResult
 from kvflow.runtime.context import Context
@@ -185,9 +185,10 @@ class KvRoutedClient:
         return await self._generate.ping(worker_id, timeout)
 
     async def schedule(
-        self, request: PreprocessedRequest, worker_ids: list[int] | None = None
+        self, request: PreprocessedRequest, worker_ids: Candidates | None = None
     ) -> RoutingDecision:
-        """Pick a worker among `worker_ids` (default: every live one) and book the request."""
+        """Pick a worker among `worker_ids` (default: every live one, asked again while the
+        request waits for a non-busy worker) and book the request."""
         hints = request.routing
         lora = hints.lora_name if hints else None
         hashes = hints.block_hashes if hints else None
@@ -196,7 +197,7 @@ class KvRoutedClient:
                                      lora_name=lora, salt=request.cache_salt)
         decision = await self.router.schedule(
             request.token_ids, request.request_id, lora_name=lora,
-            worker_ids=self._generate.instance_ids() if worker_ids is None else worker_ids,
+            worker_ids=self._generate.instance_ids if worker_ids is None else worker_ids,
             pinned_worker=hints.worker_id if hints else None, block_hashes=hashes,
             cache_salt=request.cache_salt, session_id=hints.session_id if hints else None,
         )

@@ -172,3 +172,16 @@ def test_burst_reserve_sizes_for_a_multiple_of_the_baseline_not_of_a_burst() -> 
     assert decision.planned is not None and decision.planned.rate == 18.0
     with pytest.raises(ValueError, match="burst_ratio must be >= 0"):
         rules(burst_ratio=-1.0)
+
+
+def test_held_requests_are_planned_for_over_the_drain_time() -> None:
+    r = rules(backlog_drain_s=10.0)
+    # 10 req/s + 80 held / 10 s = 18 req/s -> 3 workers (2 would be at rho 0.9).
+    assert planned_load(Load(10, 512, 100), r, held=80).rate == 18.0
+    assert choose(Load(10, 512, 100), FLAT, r, held=80)[0].fleet == Fleet(aggregated=3)
+    decision, _ = plan_step(PlanState(Fleet(aggregated=2)), 5.0, Load(10, 512, 100), FLAT, r, held=80)
+    assert decision.action == "scale_up" and decision.target == Fleet(aggregated=3)
+    # Off by default: the same hold changes nothing.
+    assert planned_load(Load(10, 512, 100), rules(), held=80).rate == 10.0
+    with pytest.raises(ValueError, match="backlog_drain_s must be >= 0"):
+        rules(backlog_drain_s=-1.0)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from kvflow.frontend.metrics import FrontendMetrics
 from kvflow.planner.observe import bucket_quantile, diff, parse_metrics
+from kvflow.router import KvRouter, KvRouterConfig
 
 
 def _record(metrics: FrontendMetrics, ttft: float, isl: int, osl: int, cached: int) -> None:
@@ -41,3 +45,21 @@ def test_bucket_quantile_interpolates_and_handles_no_traffic() -> None:
     assert bucket_quantile(now, before, 0.5) == pytest.approx(0.1)
     assert bucket_quantile(now, before, 0.75) == pytest.approx(0.55)
     assert bucket_quantile(before, before, 0.9) is None
+
+
+
+async def test_requests_held_at_the_routers_are_read_from_their_gauge() -> None:
+    registry = CollectorRegistry()
+    waiting = []
+    for name, held in (("a", 3), ("b", 4)):  # two routers, one worker each, one request a worker
+        router = KvRouter(KvRouterConfig(use_kv_events=False, max_active_requests=1), None,
+                          registry=registry, name=name)
+        router.on_worker_added(1)
+        await router.schedule([1, 2, 3], f"{name}-running")
+        waiting += [asyncio.create_task(router.schedule([1, 2, 3], f"{name}{i}")) for i in range(held)]
+    await asyncio.sleep(0.01)
+    now = parse_metrics(generate_latest(registry).decode(), "m")
+    assert diff(now, parse_metrics("", "m"), at_s=10.0, interval_s=5.0).held == 7  # a gauge: summed
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
