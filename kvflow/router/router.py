@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -146,7 +146,7 @@ class KvRouter:
         request = self._prepare(token_ids, lora_name, worker_ids, pinned_worker, block_hashes,
                                 cache_salt, session_id)
         try:
-            await self._admission.admit(lambda: self._has_room(request.current()))
+            await self._admission.admit(lambda: self._has_room(request))
         except RouterOverloadedError:
             self._metrics.rejected.inc()
             raise
@@ -208,12 +208,12 @@ class KvRouter:
         return _Request(len(token_ids), list(block_hashes), candidates, pinned, session_id or None,
                         refresh)
 
-    def _has_room(self, candidates: Iterable[int]) -> bool:
+    def _has_room(self, request: _Request) -> bool:
         cfg = self.config
         if not cfg.has_busy_threshold:
-            return True
+            return True  # (without asking a function for the candidates: the hot path)
         return any(not cfg.is_busy(self._load.load(w))
-                   for w in candidates if w not in self._removed)
+                   for w in request.current() if w not in self._removed)
 
     def _decide(self, request: _Request, rng: random.Random, explain: bool = False) -> (
             RoutingDecision):
