@@ -9,7 +9,9 @@ with the model's own time shown apart so what is left is the host's part.
     PYTHONPATH=. python bench/native_host.py [--batch 256] [--profile] [--engine 3]
 
 `--engine N` also drives the whole NativeEngine (engine thread + asyncio streams, async output)
-and prints decode steps/s and the host ms per step left after the model's time.
+and prints decode steps/s and the host ms per step left after the model's time;
+`--stream-interval K` runs it with that many tokens per stream output, `--uvloop` on uvloop
+(as workers run) instead of asyncio's own loop.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import dataclasses
 import pstats
 import tempfile
 import time
@@ -127,7 +130,8 @@ def phases(runner: ModelRunner, batch: int, isl: int, osl: int,
     return {k: 1e3 * v / max(steps, 1) for k, v in totals.items()} | {"steps": steps}
 
 
-async def engine_steps(model: Path, batch: int, isl: int, osl: int) -> tuple[float, float]:
+async def engine_steps(model: Path, batch: int, isl: int, osl: int,
+                       stream_interval: int = 1) -> tuple[float, float, float]:
     """(decode steps/s, ms of the model per step, process CPU ms per step: both threads)."""
     from kvflow.engines.native.engine import NativeEngine
     from kvflow.llm.protocol import PreprocessedRequest, SamplingOptions, StopConditions
@@ -136,7 +140,10 @@ async def engine_steps(model: Path, batch: int, isl: int, osl: int) -> tuple[flo
     original = ModelRunner._capture_graphs
     ModelRunner._capture_graphs = eager_graphs  # type: ignore[method-assign,assignment]
     try:
-        engine = NativeEngine(config(model, batch, isl + osl + 16))
+        cfg = config(model, batch, isl + osl + 16)
+        if stream_interval != 1:  # (left out at 1, so the bench also runs on older checkouts)
+            cfg = dataclasses.replace(cfg, stream_interval=stream_interval)
+        engine = NativeEngine(cfg)
         await engine.start()
     finally:
         ModelRunner._capture_graphs = original  # type: ignore[method-assign]
@@ -171,6 +178,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile of the phases loop")
     parser.add_argument("--engine", type=int, default=0, metavar="N",
                         help="also run the whole engine N times")
+    parser.add_argument("--stream-interval", type=int, default=1, metavar="K",
+                        help="the engine's --stream-interval (tokens per stream output)")
+    parser.add_argument("--uvloop", action="store_true", help="run the engine on uvloop")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = make_tiny_model(Path(tempfile.mkdtemp(prefix="kvflow-host-")), "llama",
@@ -188,8 +198,14 @@ def main() -> None:
         profiler = cProfile.Profile()
         phases(runner, args.batch, args.isl, args.osl, profiler)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    run_loop = asyncio.run
+    if args.uvloop:
+        import uvloop
+
+        run_loop = uvloop.run
     for _ in range(args.engine):
-        rate, fwd, cpu = asyncio.run(engine_steps(model, args.batch, args.isl, args.osl))
+        rate, fwd, cpu = run_loop(engine_steps(model, args.batch, args.isl, args.osl,
+                                               args.stream_interval))
         print(f"engine batch {args.batch}: {rate:.1f} decode steps/s = {1e3 / rate:.3f} ms/step"
               f" (wall); process CPU {cpu:.3f} ms/step, of which stand-in model {fwd:.3f};"
               f" host {cpu - fwd:.3f} ms/step")

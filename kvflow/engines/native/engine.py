@@ -188,7 +188,8 @@ class NativeEngine:
     # ---- requests (event loop side) -------------------------------------------------
 
     def _open(self, request: PreprocessedRequest) -> RequestStream:
-        stream = RequestStream(request.request_id, request.sampling.logprobs is not None)
+        stream = RequestStream(request.request_id, request.sampling.logprobs is not None,
+                               self.config.stream_interval)
         problem = self._failure or self._check_request(request)
         if problem is not None:
             stream.fail(problem)

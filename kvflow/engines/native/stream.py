@@ -3,6 +3,11 @@
 The engine thread never touches a stream directly: it builds `Delivery` values and the
 event loop applies them (`call_soon_threadsafe`). `next_output` batches whatever arrived
 since the generator last ran into one EngineOutput.
+
+With a stream interval N > 1 (`--stream-interval`) plain tokens wake the generator only
+once N of them are waiting; the first output, a finish, an error or an embedding wakes it
+at once. Tokens are the same, in fewer and larger outputs: at large batches each wake-up
+of a request's task is most of the event loop's work per step.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ class Delivery:
 class RequestStream:
     """Buffers deliveries for one request until its generator asks for them."""
 
-    def __init__(self, request_id: str, want_logprobs: bool) -> None:
+    def __init__(self, request_id: str, want_logprobs: bool, interval: int = 1) -> None:
         self.request_id = request_id
         self.want_logprobs = want_logprobs
+        self.interval = interval  # plain tokens that wake the generator (see the module doc)
         self.cached_tokens = 0
         self.cached_by_tier: dict[str, int] | None = None
         self.kv_transfer: KvTransferStats | None = None
@@ -69,13 +75,19 @@ class RequestStream:
             self._embedding = d.embedding
         if d.finish_reason is not None:
             self._finish = d.finish_reason
-        self._wake()
+        if self._due():
+            self._wake()
 
     def push_tokens(self, token_ids: list[int]) -> None:
         """`push` of a Delivery that holds only tokens (the hot path of large batches)."""
         if self._finish is None:
             self._tokens += token_ids
-            self._wake()
+            waiter = self._waiter
+            if waiter is not None and (len(self._tokens) >= self.interval
+                                       or not self._reported_cache):  # `_due`, `_wake` inline
+                self._waiter = None
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def finish(self, reason: str) -> None:
         if self._finish is None:
@@ -87,6 +99,12 @@ class RequestStream:
             self._error = message
             self.finish(FINISH_ERROR)
 
+    def _due(self) -> bool:
+        """Whether the generator has something to take now (see the module doc)."""
+        return (len(self._tokens) >= self.interval or self._finish is not None
+                or self._error is not None or self._embedding is not None
+                or (not self._reported_cache and bool(self._tokens)))
+
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
@@ -94,9 +112,14 @@ class RequestStream:
 
     async def next_output(self) -> EngineOutput:
         """Everything that arrived since the last call (waits if nothing has)."""
-        if not self._tokens and self._finish is None:
+        if not self._due():
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+        if (self._reported_cache and self._finish is None and self._error is None
+                and self._embedding is None and not self.want_logprobs):
+            # the hot path: tokens and nothing else to report
+            tokens, self._tokens = self._tokens, []
+            return EngineOutput(tokens)
         out = EngineOutput(token_ids=self._tokens, finish_reason=self._finish, error=self._error,
                            embedding=self._embedding)
         self._tokens, self._embedding = [], None
