@@ -51,6 +51,8 @@ class RequestStream:
         self._error: str | None = None
         self._embedding: list[float] | None = None
         self._reported_cache = False
+        # Only plain tokens to hand out: the first output went, nothing ended, no logprobs.
+        self._quiet = False
         self._waiter: asyncio.Future[None] | None = None
 
     @property
@@ -75,6 +77,8 @@ class RequestStream:
             self._embedding = d.embedding
         if d.finish_reason is not None:
             self._finish = d.finish_reason
+        if self._finish is not None or self._error is not None or self._embedding is not None:
+            self._quiet = False
         if self._due():
             self._wake()
 
@@ -92,6 +96,7 @@ class RequestStream:
     def finish(self, reason: str) -> None:
         if self._finish is None:
             self._finish = reason
+            self._quiet = False
             self._wake()
 
     def fail(self, message: str) -> None:
@@ -112,12 +117,10 @@ class RequestStream:
 
     async def next_output(self) -> EngineOutput:
         """Everything that arrived since the last call (waits if nothing has)."""
-        if not self._due():
+        if len(self._tokens) < self.interval and (self._quiet or not self._due()):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        if (self._reported_cache and self._finish is None and self._error is None
-                and self._embedding is None and not self.want_logprobs):
-            # the hot path: tokens and nothing else to report
+        if self._quiet:  # the hot path: tokens and nothing else to report
             tokens, self._tokens = self._tokens, []
             return EngineOutput(tokens)
         out = EngineOutput(token_ids=self._tokens, finish_reason=self._finish, error=self._error,
@@ -128,6 +131,7 @@ class RequestStream:
             self._logprobs, self._top = [], []
         if not self._reported_cache:
             self._reported_cache = True
+            self._quiet = not self.want_logprobs and self._finish is None and self._error is None
             out.cached_tokens = self.cached_tokens
             out.cached_tokens_by_tier = self.cached_by_tier
             out.kv_transfer = self.kv_transfer
