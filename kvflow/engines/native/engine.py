@@ -88,6 +88,7 @@ class NativeEngine:
         self._num_penalized = 0  # requests whose sampling reads their past tokens (penalties, grammars)
         self._num_special = 0  # requests not greedy-and-plain (see ModelRunner.launch)
         self._handover = Handover(self.hooks)  # step outputs to the event loop
+        self._opened = 0  # requests opened (each stream's phase, see stream.py)
         self._ready = threading.Event()  # the engine thread has warmed up (start() waits)
         self._inflight: InFlight | None = None
         self._async = False
@@ -188,8 +189,10 @@ class NativeEngine:
     # ---- requests (event loop side) -------------------------------------------------
 
     def _open(self, request: PreprocessedRequest) -> RequestStream:
+        interval = self.config.stream_interval
+        self._opened += 1  # second outputs in turn after 1..interval tokens (stream.py)
         stream = RequestStream(request.request_id, request.sampling.logprobs is not None,
-                               self.config.stream_interval)
+                               interval, 1 + self._opened % interval)
         problem = self._failure or self._check_request(request)
         if problem is not None:
             stream.fail(problem)

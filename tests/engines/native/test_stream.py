@@ -57,6 +57,18 @@ async def test_interval_gathers_tokens_after_the_first_output() -> None:
     assert outs[0].cached_tokens == 0
 
 
+async def test_a_phase_shifts_the_second_output() -> None:
+    """Streams that start together wake on different steps: the second output comes after
+    `phase` tokens, then every `interval`."""
+    steps = [[t] for t in range(10, 18)]
+    early = await _drive(RequestStream("a", False, interval=3, phase=1), steps)
+    late = await _drive(RequestStream("b", False, interval=3, phase=2), steps)
+    assert [o.token_ids for o in early] == [[10], [11], [12, 13, 14], [15, 16, 17], []]
+    assert [o.token_ids for o in late] == [[10], [11, 12], [13, 14, 15], [16, 17]]
+    with pytest.raises(ValueError, match="phase 4"):
+        RequestStream("c", False, interval=3, phase=4)
+
+
 async def test_interval_keeps_logprobs_with_their_tokens() -> None:
     stream = RequestStream("r", True, interval=2)
     outs: list[EngineOutput] = []
@@ -103,7 +115,8 @@ async def test_many_concurrent_streams_each_get_their_tokens_in_order(
 ) -> None:
     """32 requests decoding together with async output: every stream's tokens are its own
     prompt's greedy continuation, whatever the interval; with an interval every output
-    between the first and the last carries at least that many tokens."""
+    after the second (which waits for the stream's phase) and before the last carries at
+    least that many tokens."""
     path = tiny_models("llama")
     engine = await small_native_engine(path, async_output=True, max_num_seqs=32,
                                        max_num_batched_tokens=256, num_gpu_blocks=512,
@@ -117,9 +130,9 @@ async def test_many_concurrent_streams_each_get_their_tokens_in_order(
     for prompt, out in zip(prompts, outs, strict=True):
         assert tokens(out) == hf_greedy(path, prompt, 12)
         assert out[-1].finish_reason in ("length", "stop")
-        assert all(len(o.token_ids) >= interval for o in out[1:-1])
+        assert all(len(o.token_ids) >= interval for o in out[2:-1])
         if interval > 1 and len(tokens(out)) == 12:
-            assert len(out) <= 1 + -(-11 // interval)  # first, then full outputs and the rest
+            assert len(out) <= 3 + 10 // interval  # first, second, full outputs, the rest
 
 
 def test_a_bad_interval_is_refused() -> None:
