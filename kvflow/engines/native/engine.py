@@ -91,6 +91,8 @@ class NativeEngine:
         self._opened = 0  # requests opened (each stream's phase, see stream.py)
         self._ready = threading.Event()  # the engine thread has warmed up (start() waits)
         self._inflight: InFlight | None = None
+        # A completed step's outputs, held until the next step is launched (see `step`).
+        self._held: tuple[Deliveries, Published] | None = None
         self._async = False
         self._stopping = False
         self._failure: str | None = None
@@ -330,7 +332,12 @@ class NativeEngine:
 
     def step(self) -> None:
         """One iteration: schedule -> execute -> update (async output: execute this step,
-        then update the one before while the device runs this one)."""
+        then update the one before while the device runs this one).
+
+        Async output hands a step's outputs to the event loop only after the next step is
+        launched: waking hundreds of request tasks holds the GIL for a while, and it then
+        overlaps the wait for the device instead of delaying the launch (at the cost of
+        delivering each token later by one schedule and launch)."""
         assert self.scheduler is not None
         with self._lock:
             out = self.scheduler.schedule()
@@ -338,9 +345,10 @@ class NativeEngine:
             self._complete()
         started = time.perf_counter()
         launched = self._launch(out)
+        self._send_held()
         if not out.scheduled and self._inflight is None:
             time.sleep(0.001)  # nothing fits right now; let cancellations free blocks
-        self._complete()
+        self._complete(hold=self._async)
         self._inflight = InFlight(out, launched, started)
         if not self._async:
             self._complete()
@@ -360,10 +368,12 @@ class NativeEngine:
             self._fail_step(out, f"the model step failed: {exc!r}; retry the request")
             return None
 
-    def _complete(self) -> None:
-        """Collect and update the step in flight, if any, and hand its tokens over."""
+    def _complete(self, hold: bool = False) -> None:
+        """Collect and update the step in flight, if any, and hand its tokens over after
+        any held ones (`hold`: keep them until `_send_held`)."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
+            self._send_held()
             return
         assert self.scheduler is not None
         result = self._collect(inflight)
@@ -373,7 +383,16 @@ class NativeEngine:
             finished = self.scheduler.update(result.sampled)
             deliveries = self._deliveries(inflight.out, result, finished)
             published = self._drain()
-        self._handover.send(deliveries, published)
+        self._send_held()
+        if hold:
+            self._held = (deliveries, published)
+        else:
+            self._handover.send(deliveries, published)
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._handover.send(*held)
 
     def _advance_guides(self, result: StepResult) -> None:
         if not self._num_penalized:
@@ -413,6 +432,7 @@ class NativeEngine:
                 self._forget(rid)
         errors = [Delivery(s, [], error=message, finish_reason=FINISH_ERROR)
                   for s in streams if s is not None]
+        self._send_held()  # a step's tokens before the next one's errors
         self._handover.send(Deliveries([], errors), ([], None))
 
     def _deliveries(
