@@ -337,18 +337,22 @@ class NativeEngine:
         Async output hands a step's outputs to the event loop only after the next step is
         launched: waking hundreds of request tasks holds the GIL for a while, and it then
         overlaps the wait for the device instead of delaying the launch (at the cost of
-        delivering each token later by one schedule and launch)."""
+        delivering each token later by one schedule and launch). Not while a request needs
+        the sampler's own path (logprobs...): such a launch may wait for the device."""
         assert self.scheduler is not None
         with self._lock:
             out = self.scheduler.schedule()
         if self._num_penalized:  # penalties read the real tokens of the step in flight
             self._complete()
         started = time.perf_counter()
+        special = bool(self._num_special)
+        if special:
+            self._send_held()
         launched = self._launch(out)
         self._send_held()
         if not out.scheduled and self._inflight is None:
             time.sleep(0.001)  # nothing fits right now; let cancellations free blocks
-        self._complete(hold=self._async)
+        self._complete(hold=self._async and not special)
         self._inflight = InFlight(out, launched, started)
         if not self._async:
             self._complete()
