@@ -9,8 +9,9 @@ metrics are published from there.
 
 With async output (on with CUDA graphs) execute is split: the loop schedules and launches
 step k+1, then collects and updates step k while the device runs k+1, so the host's work
-hides behind the device's. A step whose sampling needs the real previous tokens
-(penalties) waits for them first.
+hides behind the device's; step k's outputs reach the event loop once step k+2 is launched
+(see `step`). A step whose sampling needs the real previous tokens (penalties) waits for
+them first.
 """
 
 from __future__ import annotations
