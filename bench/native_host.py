@@ -9,7 +9,12 @@ with the model's own time shown apart so what is left is the host's part.
     PYTHONPATH=. python bench/native_host.py [--batch 256] [--profile] [--engine 3]
 
 `--engine N` also drives the whole NativeEngine (engine thread + asyncio streams, async output)
-and prints decode steps/s and the host ms per step left after the model's time.
+and prints decode steps/s and the host ms per step left after the model's time;
+`--stream-interval K` runs it with that many tokens per stream output, `--uvloop` on uvloop
+(as workers run) instead of asyncio's own loop; `--device-ms MS` simulates a device that takes
+MS per step (launch to tokens on the host, the GIL free meanwhile), so the wall time per step
+over MS is the host work that would not hide behind the device. `--reps N`: each phase's best
+of N passes (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import dataclasses
 import pstats
 import tempfile
 import time
@@ -49,6 +55,35 @@ class StubGraphs(DecodeGraphs):
         logits[torch.arange(size), (longs[0, :size] + longs[1, :size]) % vocab] = 1.0
         torch.argmax(logits, dim=-1, out=self.sampled[:size])
         return logits
+
+
+@dataclasses.dataclass
+class _TimedTokens:
+    """Sampled ids that a simulated device hands over at `done` (perf_counter seconds)."""
+
+    host: torch.Tensor
+    done: float
+
+    def wait(self) -> list[int]:
+        left = self.done - time.perf_counter()
+        if left > 0:
+            time.sleep(left)  # the GIL is free meanwhile, as while a real step runs
+        return self.host.tolist()
+
+
+class SimulatedDevice:
+    """Stands in for the runner's token readback: each step occupies a device for `step_ms`,
+    from its launch or the end of the step before, whichever is later, and its tokens reach
+    the host when it ends. The engine's wall time per step then shows how much of the host's
+    work does not hide behind a device step of that length."""
+
+    def __init__(self, step_ms: float) -> None:
+        self.step_s = step_ms / 1e3
+        self.free_at = 0.0
+
+    def fetch(self, ids: torch.Tensor) -> _TimedTokens:
+        self.free_at = max(time.perf_counter(), self.free_at) + self.step_s
+        return _TimedTokens(ids.clone(), self.free_at)
 
 
 def eager_graphs(runner: ModelRunner) -> DecodeGraphs:
@@ -127,8 +162,11 @@ def phases(runner: ModelRunner, batch: int, isl: int, osl: int,
     return {k: 1e3 * v / max(steps, 1) for k, v in totals.items()} | {"steps": steps}
 
 
-async def engine_steps(model: Path, batch: int, isl: int, osl: int) -> tuple[float, float]:
-    """(decode steps/s, ms of the model per step, process CPU ms per step: both threads)."""
+async def engine_steps(model: Path, batch: int, isl: int, osl: int, stream_interval: int = 1,
+                       device_ms: float = 0.0) -> tuple[float, float, float, float]:
+    """(decode steps/s, ms of the model per step, process CPU ms per step (all threads), of
+    which the engine thread's), over the steady decode of the run: from stream 0's 8th token
+    to its last output at least 4 tokens before the end (every stream decodes in lockstep)."""
     from kvflow.engines.native.engine import NativeEngine
     from kvflow.llm.protocol import PreprocessedRequest, SamplingOptions, StopConditions
     from kvflow.runtime.context import Context
@@ -136,31 +174,42 @@ async def engine_steps(model: Path, batch: int, isl: int, osl: int) -> tuple[flo
     original = ModelRunner._capture_graphs
     ModelRunner._capture_graphs = eager_graphs  # type: ignore[method-assign,assignment]
     try:
-        engine = NativeEngine(config(model, batch, isl + osl + 16))
+        cfg = config(model, batch, isl + osl + 16)
+        if stream_interval != 1:  # (left out at 1, so the bench also runs on older checkouts)
+            cfg = dataclasses.replace(cfg, stream_interval=stream_interval)
+        engine = NativeEngine(cfg)
         await engine.start()
     finally:
         ModelRunner._capture_graphs = original  # type: ignore[method-assign]
-    assert engine.runner is not None
-    stamps: list[list[float]] = [[] for _ in range(batch)]
-    cpu: dict[float, float] = {}
+    assert engine.runner is not None and engine._thread is not None and engine._thread.ident
+    if device_ms:
+        engine.runner.readback = SimulatedDevice(device_ms)  # type: ignore[assignment]
+    engine_clock = time.pthread_getcpuclockid(engine._thread.ident)
+    # stream 0's outputs: (tokens so far, wall, process CPU, engine thread CPU)
+    marks: list[tuple[int, float, float, float]] = []
+    received = [0] * batch
 
     async def one(i: int, prompt: list[int]) -> None:
         req = PreprocessedRequest(request_id=f"e{i}", token_ids=prompt,
                                   sampling=SamplingOptions(temperature=0.0),
                                   stop=StopConditions(max_tokens=osl, ignore_eos=True))
         async for out in engine.generate(req, Context()):
-            now = time.perf_counter()
-            cpu[now] = time.process_time()
-            stamps[i] += [now] * len(out.token_ids)
+            received[i] += len(out.token_ids)
+            if i == 0:
+                marks.append((received[0], time.perf_counter(), time.process_time(),
+                              time.clock_gettime(engine_clock)))
 
     await asyncio.gather(*(one(i, p) for i, p in
                            enumerate(prompts(batch, isl, engine.runner.cfg.vocab_size))))
-    t0, t1 = max(s[0] for s in stamps), min(s[-1] for s in stamps)
-    tokens = sum(sum(1 for t in s if t0 < t <= t1) for s in stamps)
-    steps = tokens / batch
+    assert received == [osl] * batch, "a stream lost or gained tokens"
+    first = next(m for m in marks if m[0] >= 8)
+    last = [m for m in marks if m[0] <= osl - 4][-1]
+    steps = last[0] - first[0]
+    assert steps > 0, "--osl is too short for a steady window"
     fwd = model_ms(engine.runner, batch)
     await engine.stop()
-    return steps / (t1 - t0), fwd, 1e3 * (cpu[t1] - cpu[t0]) / steps
+    return (steps / (last[1] - first[1]), fwd, 1e3 * (last[2] - first[2]) / steps,
+            1e3 * (last[3] - first[3]) / steps)
 
 
 def main() -> None:
@@ -168,9 +217,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--isl", type=int, default=64)
     parser.add_argument("--osl", type=int, default=48)
+    parser.add_argument("--reps", type=int, default=1,
+                        help="passes of the phases loop; each phase's fastest is printed")
     parser.add_argument("--profile", action="store_true", help="cProfile of the phases loop")
     parser.add_argument("--engine", type=int, default=0, metavar="N",
                         help="also run the whole engine N times")
+    parser.add_argument("--stream-interval", type=int, default=1, metavar="K",
+                        help="the engine's --stream-interval (tokens per stream output)")
+    parser.add_argument("--uvloop", action="store_true", help="run the engine on uvloop")
+    parser.add_argument("--device-ms", type=float, default=0.0, metavar="MS",
+                        help="--engine with a simulated device taking MS per step (the H200's"
+                             " eager b=256 step of the 1.1B bench model: 2.67)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = make_tiny_model(Path(tempfile.mkdtemp(prefix="kvflow-host-")), "llama",
@@ -180,19 +237,33 @@ def main() -> None:
     runner.graphs = eager_graphs(runner)
     fwd = model_ms(runner, args.batch)
     ph = phases(runner, args.batch, args.isl, args.osl, None)
+    for _ in range(args.reps - 1):  # each phase's best pass (the machine may be shared)
+        fwd = min(fwd, model_ms(runner, args.batch))
+        ph = {k: min(v, ph[k]) for k, v in phases(runner, args.batch, args.isl, args.osl,
+                                                   None).items()}
     host = sum(ph[k] for k in PHASES) - fwd
     print(f"batch {args.batch} (thread CPU ms/step): " + " ".join(f"{k}={ph[k]:.3f}" for k in PHASES)
-          + f" ms/step over {ph['steps']:.0f} steps; stand-in model (in launch) {fwd:.3f} ms;"
+          + f" ms/step over {ph['steps']:.0f} steps (best of {args.reps});"
+          f" stand-in model (in launch) {fwd:.3f} ms;"
           f" host work {host:.3f} ms/step")
     if args.profile:  # a second pass, so the profiler's overhead stays out of the figures
         profiler = cProfile.Profile()
         phases(runner, args.batch, args.isl, args.osl, profiler)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    run_loop = asyncio.run
+    if args.uvloop:
+        import uvloop
+
+        run_loop = uvloop.run
     for _ in range(args.engine):
-        rate, fwd, cpu = asyncio.run(engine_steps(model, args.batch, args.isl, args.osl))
+        rate, fwd, cpu, eng = run_loop(engine_steps(model, args.batch, args.isl, args.osl,
+                                                    args.stream_interval, args.device_ms))
         print(f"engine batch {args.batch}: {rate:.1f} decode steps/s = {1e3 / rate:.3f} ms/step"
               f" (wall); process CPU {cpu:.3f} ms/step, of which stand-in model {fwd:.3f};"
-              f" host {cpu - fwd:.3f} ms/step")
+              f" host {cpu - fwd:.3f} ms/step (engine thread {eng - fwd:.3f}, event loop and"
+              f" the rest {cpu - eng:.3f})"
+              + (f"; wall over the {args.device_ms} ms device step:"
+                 f" {1e3 / rate - args.device_ms:.3f} ms" if args.device_ms else ""))
 
 
 if __name__ == "__main__":

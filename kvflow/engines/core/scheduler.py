@@ -195,11 +195,12 @@ class Scheduler:
         out = SchedulerOutput([], [])
         self.waiting.extendleft(reversed(self.loads.poll()))
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        num_running = len(out.scheduled)  # async output: counted as computed already
         if not out.preempted:
             self._schedule_waiting(out, budget)
         out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
         if self.config.async_output:
-            _count_as_computed(out)
+            _count_as_computed(out.scheduled[num_running:])
         self._inflight.append(out)
         return out
 
@@ -207,7 +208,7 @@ class Scheduler:
         # The hot loop of large decode batches: locals, and the room-left-in-the-last-block
         # case of `_reserve` inline.
         running, scheduled, bs = self.running, out.scheduled, self.config.block_size
-        max_len = self.max_model_len
+        max_len, async_output = self.max_model_len, self.config.async_output
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
@@ -223,8 +224,13 @@ class Scheduler:
             if -(-(computed + n) // bs) > len(seq.block_ids) and not self._reserve(
                     seq, computed + n, out):
                 break  # seq itself was preempted: nothing after it is left
+            samples = computed + n == num_tokens
             scheduled.append(ScheduledSeq(seq, n, computed, n > 1 or computed < seq.prompt_len,
-                                          computed + n == num_tokens))
+                                          samples))
+            if async_output:  # `_count_as_computed`, inline
+                seq.num_computed_tokens = computed + n
+                if samples:
+                    seq.num_placeholders += 1
             budget -= n
             i += 1
         return budget
@@ -355,6 +361,7 @@ class Scheduler:
         finished: list[FinishedSeq] = []
         async_output = self.config.async_output
         caching, bs = self.pool.enable_prefix_caching, self.config.block_size
+        max_len = self.max_model_len
         for s in out.scheduled:
             seq = s.seq
             status = seq.status
@@ -370,7 +377,20 @@ class Scheduler:
                 continue
             if async_output:
                 seq.num_placeholders -= 1
-            reason = self._append(seq, sampled[seq.request_id])
+            new = sampled[seq.request_id]
+            if len(new) == 1:  # the hot case of large decode batches: `_append` inline
+                ids, stop, token = seq.token_ids, seq.stop, new[0]
+                ids.append(token)
+                n = len(ids)
+                limit = stop.max_tokens
+                if not (token in stop.stop_token_ids or token in stop.eos_token_ids
+                        or n >= max_len or (limit is not None and n - seq.prompt_len >= limit)):
+                    continue  # neither a stop token nor a length: finish_reason would be None
+                reason = stop.finish_reason(token, n - seq.prompt_len)
+                if reason is None and n >= max_len:
+                    reason = FINISH_LENGTH
+            else:
+                reason = self._append(seq, new)
             if reason is not None:
                 self._finish(seq, reason, finished)
         if finished:
@@ -463,9 +483,9 @@ class Scheduler:
         return metrics
 
 
-def _count_as_computed(out: SchedulerOutput) -> None:
+def _count_as_computed(scheduled: list[ScheduledSeq]) -> None:
     """Async output: the step's KV counts as computed now, each sampled token as a placeholder."""
-    for s in out.scheduled:
+    for s in scheduled:
         s.seq.num_computed_tokens += s.num_new_tokens
         if s.samples:
             s.seq.num_placeholders += 1

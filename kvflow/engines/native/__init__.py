@@ -66,6 +66,9 @@ def add_native_args(parser: argparse.ArgumentParser) -> None:
                    help="processes (GPUs) to split the model's heads and MLP over")
     g.add_argument("--batch-invariant", action="store_true",
                    help="same tokens for a prompt whatever else is batched (slower; no CUDA graphs)")
+    g.add_argument("--stream-interval", type=int, default=_DEFAULTS["stream_interval"],
+                   help="tokens a stream gathers per output after the first (less host work "
+                        "per step at large batches, burstier streams)")
     add_tier_args(parser)
 
 
@@ -87,6 +90,7 @@ def config_from_args(ns: argparse.Namespace) -> NativeEngineConfig:
         seed=ns.seed,
         tensor_parallel_size=ns.tensor_parallel_size,
         batch_invariant=ns.batch_invariant,
+        stream_interval=ns.stream_interval,
         tiers=tier_config_from_args(ns),
     )
 

@@ -61,6 +61,9 @@ class NativeEngineConfig:
     # The same prompt and sampling give the same tokens whatever else is in the batch and
     # however the prompt was chunked (invariant.py); runs eager, without CUDA graphs.
     batch_invariant: bool = False
+    # Plain tokens a request's stream collects before its generator wakes (the first output
+    # and the last are not held back): fewer, larger outputs, less event-loop work per step.
+    stream_interval: int = 1
     # KV tiers below the device cache: host memory, disk, object store (kvflow.kv.tiers).
     tiers: TierConfig = field(default_factory=TierConfig)
 
@@ -70,6 +73,8 @@ class NativeEngineConfig:
         if self.tensor_parallel_size > 1 and self.tiers.enabled:
             raise ValueError("KV tiers do not work with --tensor-parallel-size > 1 yet (they would "
                              "keep rank 0's KV heads only); drop the tier flags or use size 1")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
         if self.block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

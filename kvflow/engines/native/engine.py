@@ -9,8 +9,9 @@ metrics are published from there.
 
 With async output (on with CUDA graphs) execute is split: the loop schedules and launches
 step k+1, then collects and updates step k while the device runs k+1, so the host's work
-hides behind the device's. A step whose sampling needs the real previous tokens
-(penalties) waits for them first.
+hides behind the device's; step k's outputs reach the event loop once step k+2 is launched
+(see `step`). A step whose sampling needs the real previous tokens (penalties) waits for
+them first.
 """
 
 from __future__ import annotations
@@ -88,8 +89,11 @@ class NativeEngine:
         self._num_penalized = 0  # requests whose sampling reads their past tokens (penalties, grammars)
         self._num_special = 0  # requests not greedy-and-plain (see ModelRunner.launch)
         self._handover = Handover(self.hooks)  # step outputs to the event loop
+        self._opened = 0  # requests opened (each stream's phase, see stream.py)
         self._ready = threading.Event()  # the engine thread has warmed up (start() waits)
         self._inflight: InFlight | None = None
+        # A completed step's outputs, held until the next step is launched (see `step`).
+        self._held: tuple[Deliveries, Published] | None = None
         self._async = False
         self._stopping = False
         self._failure: str | None = None
@@ -188,7 +192,10 @@ class NativeEngine:
     # ---- requests (event loop side) -------------------------------------------------
 
     def _open(self, request: PreprocessedRequest) -> RequestStream:
-        stream = RequestStream(request.request_id, request.sampling.logprobs is not None)
+        interval = self.config.stream_interval
+        self._opened += 1  # second outputs in turn after 1..interval tokens (stream.py)
+        stream = RequestStream(request.request_id, request.sampling.logprobs is not None,
+                               interval, 1 + self._opened % interval)
         problem = self._failure or self._check_request(request)
         if problem is not None:
             stream.fail(problem)
@@ -327,17 +334,27 @@ class NativeEngine:
 
     def step(self) -> None:
         """One iteration: schedule -> execute -> update (async output: execute this step,
-        then update the one before while the device runs this one)."""
+        then update the one before while the device runs this one).
+
+        Async output hands a step's outputs to the event loop only after the next step is
+        launched: waking hundreds of request tasks holds the GIL for a while, and it then
+        overlaps the wait for the device instead of delaying the launch (at the cost of
+        delivering each token later by one schedule and launch). Not while a request needs
+        the sampler's own path (logprobs...): such a launch may wait for the device."""
         assert self.scheduler is not None
         with self._lock:
             out = self.scheduler.schedule()
         if self._num_penalized:  # penalties read the real tokens of the step in flight
             self._complete()
         started = time.perf_counter()
+        special = bool(self._num_special)
+        if special:
+            self._send_held()
         launched = self._launch(out)
+        self._send_held()
         if not out.scheduled and self._inflight is None:
             time.sleep(0.001)  # nothing fits right now; let cancellations free blocks
-        self._complete()
+        self._complete(hold=self._async and not special)
         self._inflight = InFlight(out, launched, started)
         if not self._async:
             self._complete()
@@ -357,10 +374,12 @@ class NativeEngine:
             self._fail_step(out, f"the model step failed: {exc!r}; retry the request")
             return None
 
-    def _complete(self) -> None:
-        """Collect and update the step in flight, if any, and hand its tokens over."""
+    def _complete(self, hold: bool = False) -> None:
+        """Collect and update the step in flight, if any, and hand its tokens over after
+        any held ones (`hold`: keep them until `_send_held`)."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
+            self._send_held()
             return
         assert self.scheduler is not None
         result = self._collect(inflight)
@@ -370,7 +389,16 @@ class NativeEngine:
             finished = self.scheduler.update(result.sampled)
             deliveries = self._deliveries(inflight.out, result, finished)
             published = self._drain()
-        self._handover.send(deliveries, published)
+        self._send_held()
+        if hold:
+            self._held = (deliveries, published)
+        else:
+            self._handover.send(deliveries, published)
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._handover.send(*held)
 
     def _advance_guides(self, result: StepResult) -> None:
         if not self._num_penalized:
@@ -410,6 +438,7 @@ class NativeEngine:
                 self._forget(rid)
         errors = [Delivery(s, [], error=message, finish_reason=FINISH_ERROR)
                   for s in streams if s is not None]
+        self._send_held()  # a step's tokens before the next one's errors
         self._handover.send(Deliveries([], errors), ([], None))
 
     def _deliveries(

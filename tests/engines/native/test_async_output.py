@@ -144,3 +144,52 @@ async def test_kv_events_name_the_real_tokens(tiny_models: Callable[[str], Path]
         assert len(stored) == (17 + 9 - 1) // BLOCK  # the last token's KV is never computed
     finally:
         await engine.stop()
+
+
+@pytest.mark.parametrize("special", [False, True])
+async def test_outputs_go_to_the_loop_after_the_next_launch(
+    special: bool, tiny_models: Callable[[str], Path], hf_greedy: Greedy
+) -> None:
+    """Greedy plain requests: a step's tokens are handed over once the next step is launched
+    (the loop's wake-ups then overlap the wait for the device). With a logprobs request,
+    whose launch waits for the device, they go at once, after the step's own update."""
+    path = tiny_models("llama")
+    engine = await small_native_engine(path, async_output=True)
+    runner = engine.runner
+    assert runner is not None
+    order: list[str] = []
+    launch, collect_step, send = runner.launch, runner.collect, engine._handover.send
+
+    def recording_launch(*args, **kwargs):  # type: ignore[no-untyped-def]
+        order.append("launch")
+        return launch(*args, **kwargs)
+
+    def recording_collect(*args, **kwargs):  # type: ignore[no-untyped-def]
+        order.append("collect")
+        return collect_step(*args, **kwargs)
+
+    def recording_send(deliveries, published):  # type: ignore[no-untyped-def]
+        if deliveries.plain or deliveries.full:
+            order.append("send")
+        send(deliveries, published)
+
+    runner.launch = recording_launch  # type: ignore[method-assign]
+    runner.collect = recording_collect  # type: ignore[method-assign]
+    engine._handover.send = recording_send  # type: ignore[method-assign]
+    try:
+        prompt = prompt_ids(6, seed=31)
+        extra = {"logprobs": 1} if special else {}
+        outs = await asyncio.gather(collect(engine, greedy_request("a", prompt, 8)),
+                                    collect(engine, greedy_request("b", prompt_ids(9, seed=32),
+                                                                   8, **extra)))
+        assert tokens(outs[0]) == hf_greedy(path, prompt, 8)
+    finally:
+        await engine.stop()
+    before_send = [order[i - 1] for i, e in enumerate(order) if e == "send"]
+    assert len(before_send) >= 6
+    if special:
+        assert set(before_send) == {"collect"}
+    else:  # all but the last two follow a launch: at the end, a step with nothing left to
+        # launch (both requests end by length with their pending token) and the engine
+        # going idle send the held outputs
+        assert set(before_send[:-2]) == {"launch"}

@@ -36,6 +36,13 @@ def test_flags_build_the_config() -> None:
                          "embeddings": True}
 
 
+def test_stream_interval_flag() -> None:
+    assert config_from_args(_parse("--model-path", "/m")).stream_interval == 1
+    assert config_from_args(_parse("--model-path", "/m", "--stream-interval", "4")).stream_interval == 4
+    with pytest.raises(ValueError, match="--stream-interval"):
+        config_from_args(_parse("--model-path", "/m", "--stream-interval", "0"))
+
+
 def test_missing_model_path_and_bad_values_are_explained() -> None:
     with pytest.raises(ValueError, match="--model-path"):
         config_from_args(_parse())
