@@ -24,9 +24,8 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-async def _drive(stream: RequestStream, steps: list[list[int]], reason: str = "length") -> list[EngineOutput]:
-    """Push one step's tokens at a time, letting the consumer keep up; then finish."""
-    outs: list[EngineOutput] = []
+async def _consumer(stream: RequestStream, outs: list[EngineOutput]) -> asyncio.Task[None]:
+    """A task collecting the stream's outputs into `outs`, started and settled."""
 
     async def consume() -> None:
         async for out in follow_outputs(stream, lambda: None, Context()):
@@ -34,6 +33,13 @@ async def _drive(stream: RequestStream, steps: list[list[int]], reason: str = "l
 
     task = asyncio.create_task(consume())
     await _settle()
+    return task
+
+
+async def _drive(stream: RequestStream, steps: list[list[int]], reason: str = "length") -> list[EngineOutput]:
+    """Push one step's tokens at a time, letting the consumer keep up; then finish."""
+    outs: list[EngineOutput] = []
+    task = await _consumer(stream, outs)
     for new in steps:
         stream.push_tokens(new)
         await _settle()
@@ -72,13 +78,7 @@ async def test_a_phase_shifts_the_second_output() -> None:
 async def test_interval_keeps_logprobs_with_their_tokens() -> None:
     stream = RequestStream("r", True, interval=2)
     outs: list[EngineOutput] = []
-
-    async def consume() -> None:
-        async for out in follow_outputs(stream, lambda: None, Context()):
-            outs.append(out)
-
-    task = asyncio.create_task(consume())
-    await _settle()
+    task = await _consumer(stream, outs)
     for t in range(4):
         stream.push(Delivery(stream, [t], logprobs=[-float(t)],
                              top_logprobs=[[TopLogprob(t, -float(t))]]))
