@@ -13,10 +13,12 @@ never one copy per block:
   (or one `index_select` into a staging buffer and one copy, when they are scattered),
   then one `index_copy_` into the cache for all layers at once.
 
-On CUDA the copies run on a side stream (ordered after the engine's stream for reads)
-in chunks of at most `CHUNK_BYTES`, pinned host memory makes them asynchronous, and the
-call returns once the side stream's event has completed, so a caller that reports the
-load afterwards never exposes half-written blocks. On CPU the same code runs with plain
+On CUDA the copies run on a side stream, ordered after the work queued on the engine's
+stream (for reads of blocks it computes, and so that a load never races a step in flight
+that still writes into a block freed and reused for it), in chunks of at most
+`CHUNK_BYTES`; pinned host memory makes them asynchronous, and the call returns once the
+side stream's event has completed, so a caller that reports the load afterwards never
+exposes half-written blocks. On CPU the same code runs with plain
 tensors (no streams, no pinning). Callers serialise calls per cache (the tier
 connector's lock), since the staging buffer is shared.
 """
@@ -145,6 +147,9 @@ class BlockMover:
         """Copy `src[rows[i]]` (wire order) into cache block `block_ids[i]`, then return."""
         with self._lock:
             if self._stream is not None:
+                # After the engine's queued steps: with async output a step in flight may
+                # still write into a block that the step before freed and a load now fills.
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(self._stream):
                     self._to_device(block_ids, src, rows)
                 self._stream.synchronize()
