@@ -7,6 +7,10 @@ which give each figure's floor (decode: weights + KV bytes per step over bandwid
 prefill: flops over peak).
 
     PYTHONPATH=. python bench/native_gpu.py [--batches 1 16 64 256] [--out results.json]
+        [--stream-interval N] [--uvloop] [--ttft] [--breakdown]
+
+Workers serve on uvloop; `--uvloop` measures that way (plain asyncio otherwise), and
+`--stream-interval N` with the engine's option of that name.
 """
 
 from __future__ import annotations
@@ -349,7 +353,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
     config = NativeEngineConfig(model_path=str(workdir), device="cuda", dtype="bfloat16",
                                 max_num_seqs=max(args.batches), max_num_batched_tokens=8192,
                                 max_model_len=args.prefill_len + 16,
-                                gpu_memory_utilization=0.6)
+                                gpu_memory_utilization=0.6, stream_interval=args.stream_interval)
     engine = NativeEngine(config)
     start = time.perf_counter()
     await engine.start()
@@ -390,11 +394,20 @@ def main() -> None:
     parser.add_argument("--ttft", action="store_true",
                         help="first: TTFT of the first 10 requests after startup (and the "
                              "engine's start-up log, which says what it warmed)")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="the engine's --stream-interval (tokens per stream output after the first)")
+    parser.add_argument("--uvloop", action="store_true",
+                        help="run on uvloop, as workers do (default: plain asyncio)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.ttft:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = asyncio.run(run(args))
+    if args.uvloop:
+        import uvloop
+
+        rows = uvloop.run(run(args))
+    else:
+        rows = asyncio.run(run(args))
     print(f"\n{'workload':<16}{'ours tok/s':>12}{'hf tok/s':>12}{'x hf':>8}"
           f"{'floor tok/s':>13}{'of floor':>10}")
     for r in rows:
