@@ -92,8 +92,6 @@ class NativeEngine:
         self._opened = 0  # requests opened (each stream's phase, see stream.py)
         self._ready = threading.Event()  # the engine thread has warmed up (start() waits)
         self._inflight: InFlight | None = None
-        # A completed step's outputs, held until the next step is launched (see `step`).
-        self._held: tuple[Deliveries, Published] | None = None
         self._async = False
         self._stopping = False
         self._failure: str | None = None
@@ -349,9 +347,9 @@ class NativeEngine:
         started = time.perf_counter()
         special = bool(self._num_special)
         if special:
-            self._send_held()
+            self._handover.flush()
         launched = self._launch(out)
-        self._send_held()
+        self._handover.flush()
         if not out.scheduled and self._inflight is None:
             time.sleep(0.001)  # nothing fits right now; let cancellations free blocks
         self._complete(hold=self._async and not special)
@@ -375,11 +373,11 @@ class NativeEngine:
             return None
 
     def _complete(self, hold: bool = False) -> None:
-        """Collect and update the step in flight, if any, and hand its tokens over after
-        any held ones (`hold`: keep them until `_send_held`)."""
+        """Collect and update the step in flight, if any, and hand its tokens over (`hold`:
+        keep them back until the handover's next flush or send)."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
-            self._send_held()
+            self._handover.flush()
             return
         assert self.scheduler is not None
         result = self._collect(inflight)
@@ -389,16 +387,7 @@ class NativeEngine:
             finished = self.scheduler.update(result.sampled)
             deliveries = self._deliveries(inflight.out, result, finished)
             published = self._drain()
-        self._send_held()
-        if hold:
-            self._held = (deliveries, published)
-        else:
-            self._handover.send(deliveries, published)
-
-    def _send_held(self) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            self._handover.send(*held)
+        (self._handover.hold if hold else self._handover.send)(deliveries, published)
 
     def _advance_guides(self, result: StepResult) -> None:
         if not self._num_penalized:
@@ -438,8 +427,7 @@ class NativeEngine:
                 self._forget(rid)
         errors = [Delivery(s, [], error=message, finish_reason=FINISH_ERROR)
                   for s in streams if s is not None]
-        self._send_held()  # a step's tokens before the next one's errors
-        self._handover.send(Deliveries([], errors), ([], None))
+        self._handover.send(Deliveries([], errors), ([], None))  # after any held tokens
 
     def _deliveries(
         self, out: SchedulerOutput, result: StepResult, finished: list[FinishedSeq]

@@ -23,7 +23,10 @@ class Deliveries:
 
 
 class Handover:
-    """`send` on the engine thread; the loop applies what was sent, oldest first."""
+    """`send` on the engine thread; the loop applies what was sent, oldest first.
+
+    `hold` keeps a step's outputs back until `flush` (or the next `send`, which sends them
+    first): the engine lets the loop's wake-ups wait until it has launched the next step."""
 
     def __init__(self, hooks: EngineHooks) -> None:
         self.hooks = hooks
@@ -31,8 +34,22 @@ class Handover:
         self._lock = threading.Lock()
         # Sent and not yet applied; None: no wake-up of the loop is pending.
         self._handed: list[tuple[Deliveries, Published]] | None = None
+        self._held: tuple[Deliveries, Published] | None = None  # engine thread only
+
+    def hold(self, deliveries: Deliveries, published: Published) -> None:
+        self.flush()
+        self._held = (deliveries, published)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._send(*held)
 
     def send(self, deliveries: Deliveries, published: Published) -> None:
+        self.flush()  # what was held goes first: outputs stay in step order
+        self._send(deliveries, published)
+
+    def _send(self, deliveries: Deliveries, published: Published) -> None:
         assert self.loop is not None
         if not (deliveries.plain or deliveries.full or published[0] or published[1] is not None):
             return

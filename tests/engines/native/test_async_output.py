@@ -158,7 +158,7 @@ async def test_outputs_go_to_the_loop_after_the_next_launch(
     runner = engine.runner
     assert runner is not None
     order: list[str] = []
-    launch, collect_step, send = runner.launch, runner.collect, engine._handover.send
+    launch, collect_step, send = runner.launch, runner.collect, engine._handover._send
 
     def recording_launch(*args, **kwargs):  # type: ignore[no-untyped-def]
         order.append("launch")
@@ -175,7 +175,7 @@ async def test_outputs_go_to_the_loop_after_the_next_launch(
 
     runner.launch = recording_launch  # type: ignore[method-assign]
     runner.collect = recording_collect  # type: ignore[method-assign]
-    engine._handover.send = recording_send  # type: ignore[method-assign]
+    engine._handover._send = recording_send  # type: ignore[method-assign]
     try:
         prompt = prompt_ids(6, seed=31)
         extra = {"logprobs": 1} if special else {}
