@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import kvflow.engines.core.scheduler as scheduler_module
+import kvflow.engines.core.load_signal as load_signal
 from kvflow.engines.core.block_pool import BlockPool
 from kvflow.engines.core.scheduler import Scheduler, SchedulerConfig
 from kvflow.engines.core.sequence import Sequence, StopRule
@@ -42,11 +42,11 @@ def main() -> None:
         sched.update({s.seq.request_id: [1] for s in out.scheduled if s.samples})
     for i in range(args.waiting):
         sched.add(Sequence(f"w{i}", prefix + [5000 + i] * bs, StopRule(max_tokens=1)))
-    exact = scheduler_module.LOAD_EXACT_WAITING
+    exact = load_signal.LOAD_EXACT_WAITING
     head = ms_per_call(sched)
-    scheduler_module.LOAD_EXACT_WAITING = args.waiting
+    load_signal.LOAD_EXACT_WAITING = args.waiting
     every = ms_per_call(sched)
-    scheduler_module.LOAD_EXACT_WAITING = 0
+    load_signal.LOAD_EXACT_WAITING = 0
     floor = ms_per_call(sched)
     print(f"{args.waiting} waiting prompts of {args.prompt + bs} tokens, {args.prompt} cached")
     print(f"lookup of the head ({exact}), rest scaled: {head:7.3f} ms ({head / floor:.1f}x floor)")

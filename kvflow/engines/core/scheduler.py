@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kvflow.engines.core.block_pool import BlockPool
+from kvflow.engines.core.load_signal import load_metrics
 from kvflow.engines.core.loads import PARKED, KvLoads, Parked
 from kvflow.engines.core.sequence import SeqStatus, Sequence
 from kvflow.kv.connector import NO_EXTERNAL, ExternalMatch, KvConnector
@@ -49,9 +50,6 @@ from kvflow.llm.protocol import FINISH_LENGTH
 class RequestRejected(ValueError):
     """A request this engine can never serve; the message says why and what to do."""
 
-
-# Waiting sequences whose cached prefix `load_metrics` looks up (the rest are estimated).
-LOAD_EXACT_WAITING = 32
 
 
 @dataclass(frozen=True)
@@ -435,52 +433,9 @@ class Scheduler:
 
     # ---- metrics ------------------------------------------------------------------
 
-    def _cached_tokens(self, seq: Sequence) -> int:
-        """Prompt tokens of a not-yet-admitted `seq` the pool caches (as `_match_local`
-        would take them now); 0 once admission has counted them."""
-        if seq.num_computed_tokens or not self.pool.enable_prefix_caching:
-            return 0
-        bs = self.config.block_size
-        max_blocks = (seq.num_tokens - 1) // bs
-        if max_blocks <= 0:
-            return 0
-        return self.pool.cached_prefix_blocks(seq.block_hashes(max_blocks, bs)) * bs
-
-    def _waiting_prefill_tokens(self) -> int:
-        """Prompt tokens the waiting queue will compute. A waiting sequence's prefix already
-        cached here will not be computed: it is counted out, or a worker holding a hot
-        prefix looks busiest exactly when its queue is cheapest. Walking the cache costs a
-        lookup per block, so only the queue's head (`LOAD_EXACT_WAITING`, the next to be
-        admitted) is walked; the rest are scaled by the head's uncached fraction."""
-        total = uncached = 0
-        rest = 0
-        for i, s in enumerate(self.waiting):
-            left = s.num_tokens - s.num_computed_tokens
-            if i < LOAD_EXACT_WAITING:
-                total += left
-                uncached += left - self._cached_tokens(s)
-            else:
-                rest += left
-        return uncached + (round(rest * uncached / total) if total else rest)
-
     def load_metrics(self) -> LoadMetrics:
-        pending = self._waiting_prefill_tokens()
-        pending += sum(
-            s.num_tokens - s.num_computed_tokens
-            for s in self.running
-            if s.num_tokens - s.num_computed_tokens > 1
-        )
-        metrics = LoadMetrics(
-            worker_id=self.pool.worker_id,
-            active_blocks=self.pool.num_active_blocks,
-            total_blocks=self.pool.num_blocks,
-            num_waiting=len(self.waiting),
-            num_running=len(self.running),
-            prefill_tokens_inflight=pending,
-        )
-        if self.connector is not None:
-            self.connector.fill_load_metrics(metrics)
-        return metrics
+        """What this worker publishes about its load (kvflow.engines.core.load_signal)."""
+        return load_metrics(self)
 
 
 def _count_as_computed(scheduled: list[ScheduledSeq]) -> None:

@@ -243,9 +243,9 @@ def test_load_metrics_count_a_waiting_prompt_net_of_its_cached_prefix() -> None:
 
 
 def test_load_metrics_estimate_the_queue_past_its_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kvflow.engines.core.scheduler as scheduler_module
+    import kvflow.engines.core.load_signal as load_signal
 
-    monkeypatch.setattr(scheduler_module, "LOAD_EXACT_WAITING", 1)
+    monkeypatch.setattr(load_signal, "LOAD_EXACT_WAITING", 1)
     sched = make(max_num_seqs=1)
     sched.add(seq("a", 12, max_tokens=1))
     run_all(sched)  # 12 tokens cached
