@@ -17,6 +17,7 @@ from kvflow.kv.heads import (
 )
 from kvflow.kv.layout import KvLayout
 from kvflow.kv.shm import SharedRegion
+from kvflow.testing.kv_shards import head_shards
 
 LAYERS, SLOTS, BS, HEADS, DIM = 2, 6, 4, 4, 8
 
@@ -30,17 +31,6 @@ def _full(seed: int) -> np.ndarray:
     """A whole (TP=1) KV memory: [slab, slot, token, head, dim] float32."""
     return np.random.default_rng(seed).standard_normal((2 * LAYERS, SLOTS, BS, HEADS, DIM),
                                                        dtype=np.float32)
-
-
-def _shards(full: np.ndarray, n: int) -> list[SharedRegion]:
-    """The memories a TP=n engine's ranks hold, each in its own /dev/shm region."""
-    out = []
-    for r in range(n):
-        part = np.ascontiguousarray(full[:, :, :, r * HEADS // n : (r + 1) * HEADS // n])
-        region = SharedRegion.create(part.nbytes)
-        region.view[:] = part.tobytes()
-        out.append(region)
-    return out
 
 
 def _gather(regions: list[SharedRegion]) -> np.ndarray:
@@ -66,8 +56,8 @@ def test_head_pieces_cover_every_head_once() -> None:
 @pytest.mark.parametrize(("src_tp", "dst_tp"), [(2, 1), (1, 2), (2, 4), (4, 2), (2, 2)])
 def test_copy_run_heads_between_shm_regions(src_tp: int, dst_tp: int) -> None:
     full = _full(seed=src_tp * 10 + dst_tp)
-    src = _shards(full, src_tp)
-    dst = _shards(np.zeros_like(full), dst_tp)
+    src = head_shards(full, src_tp)
+    dst = head_shards(np.zeros_like(full), dst_tp)
     attached = [SharedRegion.attach(r.name) for r in src]  # the puller maps the holder's shards
     try:
         run = BlockRun(src=1, dst=3, count=2)
@@ -87,8 +77,8 @@ def test_copy_run_heads_between_shm_regions(src_tp: int, dst_tp: int) -> None:
 def test_reslice_wire_runs_of_every_source_shard(src_tp: int, dst_tp: int) -> None:
     """What a tcp puller does with one position's chunks (one per holder rank)."""
     full = _full(seed=src_tp + 7 * dst_tp)
-    src = _shards(full, src_tp)
-    dst = _shards(np.zeros_like(full), dst_tp)
+    src = head_shards(full, src_tp)
+    dst = head_shards(np.zeros_like(full), dst_tp)
     try:
         layout = _layout(HEADS // src_tp)
         wires = [read_run_from(layout, region.view, 1, 2) for region in src]

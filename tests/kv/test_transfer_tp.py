@@ -15,6 +15,7 @@ from kvflow.kv.layout import KvLayout, KvLayoutMismatch
 from kvflow.kv.shm import SharedRegion
 from kvflow.kv.transfer.agent import TransferAgent, TransferConfig, TransferFailed
 from kvflow.runtime import DistributedRuntime, RuntimeConfig
+from kvflow.testing.kv_shards import head_shards
 
 LAYERS, SLOTS, BS, HEADS, DIM = 2, 8, 4, 4, 8
 
@@ -34,12 +35,7 @@ class Ranks:
 
     @classmethod
     def make(cls, full: np.ndarray, n: int) -> Ranks:
-        regions = []
-        for r in range(n):
-            part = np.ascontiguousarray(full[:, :, :, r * HEADS // n : (r + 1) * HEADS // n])
-            region = SharedRegion.create(part.nbytes)
-            region.view[:] = part.tobytes()
-            regions.append(region)
+        regions = head_shards(full, n)
         return cls(regions, [SharedRegion.attach(r.name, writable=True) for r in regions[1:]])
 
     def io(self) -> RegionBlockIO:
