@@ -119,9 +119,15 @@ class RoutedEngineClient:
             raise EngineUnavailable(
                 "no live worker" if not ids else f"none of the {len(ids)} live workers can take "
                 "the request now (lost by this request already, or not answering)")
+        first: list[list[int]] = [candidates]
+
+        def usable() -> list[int]:
+            """The router's first ask gets the list just computed; while the request waits
+            at a busy router it is asked again, so a worker that joins counts."""
+            return first.pop() if first else self._candidates(exclude)[1]
+
         try:
-            # asked again while the request waits at a busy router: a worker that joins counts
-            decision = await self.routed.schedule(request, lambda: self._candidates(exclude)[1])
+            decision = await self.routed.schedule(request, usable)
         except RouterOverloadedError as exc:
             raise EngineOverloaded(str(exc), exc.retry_after_s) from exc
         except (RouterError, NoInstancesError) as exc:

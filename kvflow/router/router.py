@@ -42,7 +42,7 @@ Candidates = Sequence[int] | Callable[[], Sequence[int]]
 _TOMBSTONES = 4096
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Request:
     """A request prepared for routing: its prompt blocks and candidate workers."""
 
@@ -54,10 +54,11 @@ class _Request:
     refresh: Callable[[], Sequence[int]] | None = None
 
     def current(self) -> list[int]:
-        """The candidates now: asked again when they follow the fleet, else as given."""
-        if self.refresh is None or self.pinned_worker is not None:
-            return self.candidates
-        return list(dict.fromkeys(self.refresh()))
+        """The candidates now (kept in `candidates`): asked again when they follow the
+        fleet, else as given."""
+        if self.refresh is not None and self.pinned_worker is None:
+            self.candidates = list(dict.fromkeys(self.refresh()))
+        return self.candidates
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,8 @@ class KvRouter:
     def _decide(self, request: _Request, rng: random.Random, explain: bool = False) -> (
             RoutingDecision):
         cfg = self.config
-        current = request.current()
-        candidates = [w for w in current if w not in self._removed]
+        # As of `_prepare`, or of the room check that let a held request go.
+        candidates = [w for w in request.candidates if w not in self._removed]
         if not candidates:  # they left while the request waited
             raise NoWorkersError(f"workers {sorted(request.candidates)} left before the request "
                                  "could be routed; retry it")
