@@ -89,6 +89,8 @@ class LoadResult:
 class KvConnector(Protocol):
     """The engine core's hooks for KV beyond the local block pool (see the module doc)."""
 
+    prefetch_on_arrival: bool  # match_external is local and cheap: may run as a request arrives
+
     def match_external(self, seq: ConnectorSeq, num_local_tokens: int) -> ExternalMatch:
         """Tokens after `num_local_tokens` it can supply (at most num_tokens - 1 in all)."""
         ...

@@ -134,7 +134,7 @@ class Scheduler:
         is local (`prefetch_on_arrival`), `seq` is the only request waiting (it passes
         no one) and there is room; True if it was parked."""
         connector = self.connector
-        if (connector is None or not getattr(connector, "prefetch_on_arrival", False)
+        if (connector is None or not connector.prefetch_on_arrival
                 or len(self.waiting) != 1 or self.waiting[0] is not seq
                 or len(self.running) >= self.config.max_num_seqs or seq.num_computed_tokens):
             return False

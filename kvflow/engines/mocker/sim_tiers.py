@@ -123,8 +123,10 @@ class SimTiers:
         if self.record_event is not None:
             self.record_event(data)
 
-    def match(self, hashes: Sequence[int]) -> tuple[dict[str, int], float]:
-        """Blocks per tier of the leading run worth loading, and the simulated load time."""
+    def match(self, hashes: Sequence[int]) -> tuple[dict[str, int], tuple[float, float]]:
+        """Blocks per tier of the leading run worth loading, and the simulated (latency,
+        transfer) seconds of loading them. Counted as loaded by `count_loaded`, once the
+        engine takes them (a match may be asked again, e.g. on an arrival's prefetch)."""
         by_tier: dict[str, int] = {}
         for seq_hash in hashes:
             tier = next((t for t in self.tiers if t.contains(seq_hash)), None)
@@ -132,12 +134,14 @@ class SimTiers:
                 break
             tier.lru.move_to_end(seq_hash)
             by_tier[tier.name] = by_tier.get(tier.name, 0) + 1
-        seconds = sum(self.split_s(by_tier))
-        if seconds >= sum(by_tier.values()) * self.recompute_s_per_block:
-            return {}, 0.0  # the run's latency makes loading it slower than recomputing it
+        seconds = self.split_s(by_tier)
+        if sum(seconds) >= sum(by_tier.values()) * self.recompute_s_per_block:
+            return {}, (0.0, 0.0)  # the run's latency makes loading it slower than recomputing it
+        return by_tier, seconds
+
+    def count_loaded(self, by_tier: dict[str, int]) -> None:
         for name, n in by_tier.items():
             self.loaded_blocks[name] += n
-        return by_tier, seconds
 
     def split_s(self, by_tier: dict[str, int]) -> tuple[float, float]:
         """(latency, transfer) seconds of loading these blocks per tier."""
@@ -163,7 +167,7 @@ class TieredMockerConnector(MockerConnector):
         self.speedup_ratio = 1.0
         self.wake: Callable[[], None] = lambda: None
         self.link = SimLink()
-        self._load_s: dict[str, tuple[float, float]] = {}
+        self._loads: dict[str, tuple[dict[str, int], tuple[float, float]]] = {}
         self._done: list[LoadResult] = []
         # As the real tiers: local lookups are cheap, the object store costs a round trip.
         self.prefetch_on_arrival = not any(tier.shared for tier in sim.tiers)
@@ -178,7 +182,8 @@ class TieredMockerConnector(MockerConnector):
         metrics.tier_counters = counters
 
     def start_load(self, seq: Seq, block_ids: Sequence[int], num_tokens: int) -> None:  # type: ignore[override]
-        latency, transfer = self._load_s.pop(seq.request_id, (0.0, 0.0))
+        by_tier, (latency, transfer) = self._loads.pop(seq.request_id, ({}, (0.0, 0.0)))
+        self.sim.count_loaded(by_tier)
         done = LoadResult(seq.request_id, True)
         loop = asyncio.get_running_loop()
         if self.speedup_ratio <= 0:
@@ -212,18 +217,20 @@ class TieredMockerConnector(MockerConnector):
         bs = self.block_size
         first, last = num_local_tokens // bs, (seq.num_tokens - 1) // bs
         by_tier: dict[str, int] = {}
-        load_s = 0.0
+        seconds = (0.0, 0.0)
         if first < last and num_local_tokens % bs == 0:
-            by_tier, load_s = self.sim.match(seq.block_hashes(last, bs)[first:])
+            by_tier, seconds = self.sim.match(seq.block_hashes(last, bs)[first:])
+        load_s = sum(seconds)
         tier_tokens = sum(by_tier.values()) * bs
         if seq.num_cached_tokens < 0:
             split = {"device": num_local_tokens} if num_local_tokens else {}
             seq.cached_by_tier = split | {t: n * bs for t, n in by_tier.items()}
         rest = super().match_external(seq, num_local_tokens + tier_tokens)
         if tier_tokens and not rest.num_tokens:
-            self._load_s[seq.request_id] = self.sim.split_s(by_tier)
+            self._loads[seq.request_id] = (by_tier, seconds)  # counted when it starts
             return ExternalMatch(num_tokens=tier_tokens, num_cached_tokens=tier_tokens,
                                  transfer_s=load_s, load_async=True)
+        self.sim.count_loaded(by_tier)  # a modelled copy within the step: counted now
         return ExternalMatch(num_tokens=tier_tokens + rest.num_tokens,
                              num_cached_tokens=tier_tokens + rest.num_cached_tokens,
                              transfer_s=load_s + rest.transfer_s)

@@ -200,11 +200,6 @@ def scale_of(weight: torch.Tensor) -> torch.Tensor | None:
     return scale
 
 
-def dequantize_rows(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """weight (fp8 [out, in]) * scale (float32 [out]) in `dtype`: the reference path (CPU)."""
-    return (weight.float() * scale[:, None]).to(dtype)
-
-
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x / s in FP8, s [rows, 1] float32) with s = max|row| / 448: dynamic per-row scales, as
     the Triton kernel computes them (the reference for its test)."""

@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from kvflow.engines.native.fp8 import dequantize_rows, scale_of
+from kvflow.engines.native.fp8 import dequantize, scale_of
 
 
 class Projected(NamedTuple):
@@ -26,6 +26,8 @@ class Projected(NamedTuple):
 
 
 class Ops(Protocol):
+    fp8_compute: bool  # matmul takes FP8 weights with per-row scales as they are
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
     def add_rms_norm(
@@ -143,7 +145,7 @@ class TorchOps:
         """x @ weight.T (+ bias); an FP8 weight (fp8.py) is dequantised for the call."""
         scale = scale_of(weight)
         if scale is not None:
-            weight = dequantize_rows(weight, scale, x.dtype)
+            weight = dequantize(weight, scale, x.dtype)
         return F.linear(x, weight, bias)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

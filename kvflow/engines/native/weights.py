@@ -154,7 +154,7 @@ def load_model(
 def fp8_supported(device: torch.device, ops: Ops) -> bool:
     """FP8 compute where FP8 tensor cores are (CUDA, compute capability 8.9+: Ada, Hopper) and
     the ops have FP8 kernels (the Triton ops; not the batch-invariant or reference ones)."""
-    if device.type != "cuda" or not getattr(ops, "fp8_compute", False):
+    if device.type != "cuda" or not ops.fp8_compute:
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
 

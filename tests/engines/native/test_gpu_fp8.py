@@ -24,7 +24,7 @@ import torch
 
 from kvflow.engines.native.config import NativeEngineConfig
 from kvflow.engines.native.engine import NativeEngine
-from kvflow.engines.native.fp8 import FP8, dequantize_rows, quantize_rows_reference, scale_of
+from kvflow.engines.native.fp8 import FP8, dequantize, quantize_rows_reference, scale_of
 from kvflow.testing.engine_io import collect, greedy_request, prompt_ids, tokens
 from kvflow.testing.fp8 import make_fp8_checkpoint
 from kvflow.testing.models import make_tiny_model
@@ -63,7 +63,7 @@ def test_fp8_gemv_matches_dequantised_weights(n: int, k: int) -> None:
 
     w, scale = _fp8_weight(n, k)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    ref = x.float() @ dequantize_rows(w, scale, torch.float32).T
+    ref = x.float() @ dequantize(w, scale, torch.float32).T
     y = tg.gemv(x, w, scale=scale)[0]
     assert _rel(y, ref) < 1e-2
 
@@ -75,7 +75,7 @@ def test_fp8_tensor_core_linear_matches_dequantised_weights(rows: int) -> None:
     w, scale = _fp8_weight(1024, 2048)
     x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
-    ref = x.float() @ dequantize_rows(w, scale, torch.float32).T + bias.float()
+    ref = x.float() @ dequantize(w, scale, torch.float32).T + bias.float()
     y = fp8_linear(x, w, scale, bias)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 1024)
     assert _rel(y, ref) < 5e-2
