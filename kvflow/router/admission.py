@@ -129,18 +129,12 @@ class HoldQueue:
                               self._timed_out)
 
 
-class AdmissionQueue:
+class AdmissionQueue(HoldQueue):
     """`HoldQueue` for coroutines: `await admit(has_room)`, then `done()`."""
-
-    def __init__(self, max_waiting: int, timeout_s: float, retry_after_s: float) -> None:
-        self._hold = HoldQueue(max_waiting, timeout_s, retry_after_s)
-
-    def can_admit_now(self, has_room: HasRoom) -> bool:
-        return self._hold.can_admit_now(has_room)
 
     async def admit(self, has_room: HasRoom) -> None:
         """Return when the request may be routed; the caller must then call `done()`."""
-        if self._hold.try_admit(has_room):
+        if self.try_admit(has_room):
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -153,27 +147,14 @@ class AdmissionQueue:
                 future.set_exception(error)
 
         waiter = Waiter(has_room, admit, reject)
-        self._hold.hold(waiter)
+        self.hold(waiter)
         if waiter.admitted:
             return
-        timer = asyncio.get_running_loop().call_later(self._hold.timeout_s, self._hold.time_out,
-                                                      waiter)
+        timer = asyncio.get_running_loop().call_later(self.timeout_s, self.time_out, waiter)
         try:
             await future
         except BaseException:
-            self._hold.abandon(waiter)
+            self.abandon(waiter)
             raise
         finally:
             timer.cancel()
-
-    def done(self) -> None:
-        self._hold.done()
-
-    def pump(self) -> None:
-        self._hold.pump()
-
-    def waiting(self) -> int:
-        return self._hold.waiting()
-
-    def stats(self) -> AdmissionStats:
-        return self._hold.stats()

@@ -16,7 +16,7 @@ import openai
 from kvflow.cli.top_view import render_text
 from kvflow.engines.mocker.timing import TimingModel, load_profile
 from kvflow.planner.perf import PerfModel
-from kvflow.testing.procs import kvflow_proc, runtime_env
+from kvflow.testing.procs import kvflow_proc, live_workers, runtime_env
 from kvflow.testing.tokenizer import make_model_dir
 
 
@@ -27,9 +27,8 @@ def _fleet(url: str) -> dict:
 
 def _live_workers(url: str) -> int:
     try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-            return int(json.loads(resp.read())["models"].get("m", 0))
-    except OSError:
+        return live_workers(url, "m", timeout=2)
+    except OSError:  # the frontend is not up yet
         return 0
 
 

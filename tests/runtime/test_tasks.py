@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from kvflow.runtime.tasks import cancel_and_wait
 
 
@@ -52,9 +54,5 @@ async def test_an_error_the_task_failed_with_is_raised() -> None:
 
     task = asyncio.ensure_future(broken())
     await asyncio.sleep(0)
-    try:
+    with pytest.raises(RuntimeError, match=r"^boom$"):  # the task's error is not lost
         await cancel_and_wait(task)
-    except RuntimeError as exc:
-        assert str(exc) == "boom"
-    else:
-        raise AssertionError("the task's error was lost")

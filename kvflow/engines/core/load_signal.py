@@ -56,11 +56,7 @@ def waiting_prefill_tokens(sched: Scheduler) -> int:
 def _cached_tokens(sched: Scheduler, seq: Sequence) -> int:
     """Prompt tokens of a not-yet-admitted `seq` the pool caches (as admission would take
     them now); 0 once admission has counted them."""
-    pool = sched.pool
-    if seq.num_computed_tokens or not pool.enable_prefix_caching:
+    if seq.num_computed_tokens:
         return 0
-    bs = sched.config.block_size
-    max_blocks = (seq.num_tokens - 1) // bs
-    if max_blocks <= 0:
-        return 0
-    return pool.cached_prefix_blocks(seq.block_hashes(max_blocks, bs)) * bs
+    hashes = sched.prefix_hashes(seq)
+    return sched.pool.cached_prefix_blocks(hashes) * sched.config.block_size if hashes else 0

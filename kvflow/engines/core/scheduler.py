@@ -307,12 +307,20 @@ class Scheduler:
             return budget
         return remaining if not out.scheduled else 0  # an oversize prefill runs alone
 
+    def prefix_hashes(self, seq: Sequence) -> list[int]:
+        """Hashes of the blocks a cache hit may cover: never the last token's block (the
+        last token must be computed); empty without prefix caching."""
+        max_blocks = (seq.num_tokens - 1) // self.config.block_size
+        if not self.pool.enable_prefix_caching or max_blocks <= 0:
+            return []
+        return seq.block_hashes(max_blocks, self.config.block_size)
+
     def _match_local(self, seq: Sequence) -> int:
         """Take the longest cached prefix (never the last token: it must be computed)."""
-        max_blocks = (seq.num_tokens - 1) // self.config.block_size
-        if not self.pool.enable_prefix_caching or max_blocks == 0:
+        hashes = self.prefix_hashes(seq)
+        if not hashes:
             return 0
-        blocks = self.pool.match_prefix(seq.block_hashes(max_blocks, self.config.block_size))
+        blocks = self.pool.match_prefix(hashes)
         seq.block_ids = blocks
         seq.num_committed_blocks = len(blocks)
         seq.num_computed_tokens = len(blocks) * self.config.block_size

@@ -122,7 +122,7 @@ class RequestStream:
 
     async def next_output(self) -> EngineOutput:
         """Everything that arrived since the last call (waits if nothing has)."""
-        if len(self._tokens) < self._need and (self._quiet or not self._due()):
+        if not self._due():
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         if self._quiet:  # the hot path: tokens and nothing else to report

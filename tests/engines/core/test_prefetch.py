@@ -88,11 +88,13 @@ def test_no_prefetch_past_a_queue_or_without_a_local_connector_or_a_hit() -> Non
 def test_prefetch_without_room_leaves_the_request_waiting_untouched() -> None:
     conn = Tier()
     sched = scheduler(conn, blocks=4)
-    sched.add(seq("plain", 12))  # 3 of 4 blocks
+    sched.add(Sequence("plain", list(range(500, 512)), StopRule(max_tokens=1)))  # 3 of 4 blocks
     step = sched.schedule()
     hit = seq("tier-5")
     sched.add(hit)
     assert not sched.prefetch(hit)
     assert conn.started == [] and hit.block_ids == [] and list(sched.waiting) == [hit]
     assert sched.pool.num_free_blocks == 1
-    sched.update({s.seq.request_id: [7] for s in step.scheduled})
+    sched.update({s.seq.request_id: [7] for s in step.scheduled})  # `plain` ends: room again
+    sched.schedule()  # the hit parks at admission, as any request would
+    assert conn.started == ["tier-5"] and hit.status is SeqStatus.LOADING

@@ -93,20 +93,16 @@ async def test_interval_keeps_logprobs_with_their_tokens() -> None:
 
 async def test_an_error_is_not_held_back() -> None:
     stream = RequestStream("r", False, interval=8)
-    task = asyncio.create_task(collect_stream(stream))
-    await _settle()
+    outs: list[EngineOutput] = []
+    task = await _consumer(stream, outs)
     stream.push_tokens([4])
     await _settle()
     stream.push_tokens([5])  # held back (interval 8) until the failure
     await _settle()
     stream.fail("boom")
-    outs = await task
+    await task
     assert [o.token_ids for o in outs] == [[4], [5]]
     assert (outs[-1].finish_reason, outs[-1].error) == ("error", "boom")
-
-
-async def collect_stream(stream: RequestStream) -> list[EngineOutput]:
-    return [o async for o in follow_outputs(stream, lambda: None, Context())]
 
 
 @pytest.mark.parametrize("interval", [1, 4])

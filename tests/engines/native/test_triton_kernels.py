@@ -93,6 +93,14 @@ def test_wide_heads_fit_the_prefill_tiles(head_dim: int) -> None:
     out = make_backend("triton", DEVICE).forward(q, k, v, cache, meta, 0.05, None)
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+    # What the CPU interpreter cannot show (it has no shared-memory limit): each tiling
+    # keeps a tile's Q, K and V no larger than the 128-wide head's, which fits an SM.
+    from kvflow.engines.native.triton_attention import prefill_tiling
+
+    for query_len in (100, 9):
+        base, wide = prefill_tiling(128, query_len), prefill_tiling(head_dim, query_len)
+        tile = (wide.block_m + 2 * wide.block_n) * head_dim * wide.num_stages
+        assert tile <= (base.block_m + 2 * base.block_n) * 128 * base.num_stages, (query_len, wide)
 
 
 @pytest.mark.parametrize(("ctx_lens", "window"), [([0, 37, 130, 5], None), ([200, 5], 16)])
