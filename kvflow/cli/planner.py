@@ -12,7 +12,7 @@ from kvflow.cli.frontend import add_runtime_args
 from kvflow.llm.planner_events import DECISIONS_SUBJECT, encode_decision
 from kvflow.planner.config import PlannerConfig
 from kvflow.planner.decide import Decision
-from kvflow.planner.service import PlannerService, decision_json
+from kvflow.planner.service import PlannerService, decision_dict
 from kvflow.runtime import DistributedRuntime, RuntimeConfig
 from kvflow.runtime.config import add_config_args, config_from_args
 from kvflow.runtime.logs import setup_logging
@@ -47,32 +47,27 @@ async def _run(service: PlannerService, runtime_config: RuntimeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runtime = await _publishing_runtime(service, runtime_config)
+    runtime = await _publishing_runtime(runtime_config)
+    model, apply = service.config.model, service.config.apply
+
+    async def publish(decision: Decision) -> None:
+        assert runtime is not None
+        payload = encode_decision(decision_dict(decision), model, apply)
+        await runtime.events.publish(DECISIONS_SUBJECT, payload)
+
     try:
-        await service.run(stop)
+        await service.run(stop, publish if runtime is not None else None)
     finally:
         if runtime is not None:
             await runtime.shutdown()
 
 
-async def _publishing_runtime(service: PlannerService,
-                              config: RuntimeConfig) -> DistributedRuntime | None:
+async def _publishing_runtime(config: RuntimeConfig) -> DistributedRuntime | None:
     """A runtime whose event plane carries each decision to the frontends; None (and one
     warning) when it cannot start: the planner then plans without publishing."""
     try:
-        runtime = await asyncio.wait_for(DistributedRuntime(config).start(), 30)
+        return await asyncio.wait_for(DistributedRuntime(config).start(), 30)
     except Exception as exc:  # discovery unreachable: planning matters more than the page
         log.warning("planner: cannot join the runtime (%s); decisions are logged but do not "
                     "reach the frontends' /fleet page", exc)
         return None
-    loop = asyncio.get_running_loop()
-    model = service.config.model
-    apply = service.config.apply
-
-    def publish(decision: Decision) -> None:  # called from the planner's tick thread
-        payload = encode_decision(decision_json(decision), model, apply)
-        loop.call_soon_threadsafe(
-            lambda: asyncio.ensure_future(runtime.events.publish(DECISIONS_SUBJECT, payload)))
-
-    service.on_decision = publish
-    return runtime

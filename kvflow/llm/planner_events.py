@@ -13,9 +13,7 @@ import json
 DECISIONS_SUBJECT = "planner.decisions"
 
 
-def encode_decision(decision_json: str, model: str, apply: bool) -> bytes:
-    """One published decision: the decision's JSON with the model and whether it acts."""
-    body = json.loads(decision_json)
-    body["model"] = model
-    body["applied"] = apply
-    return json.dumps(body).encode()
+def encode_decision(decision: dict, model: str, apply: bool) -> bytes:
+    """One published decision: the decision (as in `--decisions-file`) with the model and
+    whether it acts."""
+    return json.dumps({**decision, "model": model, "applied": apply}).encode()

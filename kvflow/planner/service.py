@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kvflow.planner.config import PlannerConfig
@@ -61,22 +61,26 @@ def describe(d: Decision) -> str:
     return "; ".join(parts)
 
 
-def decision_json(d: Decision) -> str:
+def decision_dict(d: Decision) -> dict:
+    """The decision as plain JSON values (infinity as null)."""
     def plain(obj: object) -> object:
         if dataclasses.is_dataclass(obj):
             return {k: plain(v) for k, v in dataclasses.asdict(obj).items()}  # type: ignore[arg-type]
         if isinstance(obj, float) and obj == float("inf"):
             return None
         return obj
-    return json.dumps(plain(d))
+    return plain(d)  # type: ignore[return-value]
+
+
+def decision_json(d: Decision) -> str:
+    return json.dumps(decision_dict(d))
 
 
 class PlannerService:
     def __init__(self, config: PlannerConfig, connector: Connector | None = None,
                  scraper: FrontendScraper | None = None,
-                 on_decision: Callable[[Decision], None] | None = None) -> None:
+) -> None:
         self.config = config
-        self.on_decision = on_decision  # e.g. publish it for the frontends (cli/planner.py)
         self.connector = connector or build_connector(config)
         urls = [u for u in config.frontend_urls.split(",") if u]
         self.scraper = scraper or FrontendScraper(urls, config.model or None)
@@ -103,13 +107,14 @@ class PlannerService:
         if self.decisions_file is not None:
             with self.decisions_file.open("a") as f:
                 f.write(decision_json(decision) + "\n")
-        if self.on_decision is not None:
-            self.on_decision(decision)
         if self.config.apply and decision.target != self.connector.current():
             self.connector.apply(decision.target)
         return decision
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event,
+                  publish: Callable[[Decision], Awaitable[None]] | None = None) -> None:
+        """Tick every interval until `stop`; `publish` each decision (e.g. to the frontends,
+        cli/planner.py) on the event loop."""
         mode = "applying" if self.config.apply else "advisory (add --apply to act)"
         log.info("planner: every %.1fs, %s, connector %s, SLA TTFT p90 %.3fs ITL p90 %.1fms",
                  self.config.interval_s, mode, self.config.connector, self.config.ttft_p90_s,
@@ -120,6 +125,8 @@ class PlannerService:
                 try:
                     await asyncio.wait_for(stop.wait(), self.config.interval_s)
                 except TimeoutError:
-                    await asyncio.to_thread(self.tick, time.monotonic())
+                    decision = await asyncio.to_thread(self.tick, time.monotonic())
+                    if publish is not None:
+                        await publish(decision)
         finally:
             self.connector.close()
