@@ -268,9 +268,8 @@ class KvRouter:
                 scores[w] = scores.get(w, 0) + n
             overlaps = OverlapScores(scores, overlaps.frequencies)
         if self._kv_index is not None and self._kv_index.tiers:
-            bs = self.config.block_size
-            waits = {w: load.prefill_tokens / bs for w, load in loads.items()}
-            overlaps = self._kv_index.tiers.extend(hashes, overlaps, list(loads), waits)
+            overlaps = self._kv_index.tiers.extend(hashes, overlaps, list(loads), loads,
+                                                   self.config.block_size)
         return overlaps, extra
 
     def _eligible(self, loads: dict[int, WorkerLoad]) -> dict[int, WorkerLoad]:

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from kvflow.kv.tiers.policy import PRIOR_BANDWIDTH, PRIOR_LATENCY_S, PRIOR_RECOMPUTE_S_PER_TOKEN
 from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, LoadMetrics
 from kvflow.router.blocks import BlockTable, OverlapScores
+from kvflow.router.load import WorkerLoad
 
 LOCAL_TIERS = ("host", "disk")
 SHARED_TIER = "object"
@@ -79,21 +80,23 @@ class TierResidency:
         return max(0.0, 1.0 - load / recompute) if recompute > 0 else 0.0
 
     def extend(self, block_hashes: Sequence[int], overlaps: OverlapScores,
-               workers: Iterable[int], waits: Mapping[int, float] | None = None) -> OverlapScores:
+               workers: Iterable[int], loads: Mapping[int, WorkerLoad] | None = None,
+               block_size: int = 1) -> OverlapScores:
         """Each worker's device overlap plus its credited lower-tier blocks that follow.
 
         n lower-tier blocks cost `sum(1 - credit)` blocks of prefill time to load. Loads are
         asynchronous (the request is parked while its blocks arrive, and the worker keeps
-        computing), so the part of that time spent behind `waits[w]` blocks of prefill
-        already queued on the worker delays the request no further: the extension is
-        `n - max(0, load - wait)`, which is `sum(credit)` on an idle worker.
+        computing), so the part of that time spent behind the prefill already queued on
+        the worker (`loads[w]`, in blocks of `block_size` tokens) delays the request no
+        further: the extension is `n - max(0, load - wait)`, `sum(credit)` on an idle worker.
         """
         scores: dict[int, float] = dict(overlaps.scores)
         for w in workers:
             credits = self._walk(w, block_hashes, overlaps.score(w))
             if credits:
                 load = sum(1.0 - c for c in credits)
-                hidden = waits.get(w, 0.0) if waits else 0.0
+                load_w = loads.get(w) if loads else None
+                hidden = load_w.prefill_tokens / block_size if load_w is not None else 0.0
                 scores[w] = overlaps.score(w) + len(credits) - max(0.0, load - hidden)
         return OverlapScores(scores=scores, frequencies=overlaps.frequencies)  # type: ignore[arg-type]
 
