@@ -374,6 +374,9 @@ async def run(args: argparse.Namespace) -> list[Row]:
     ours = await engine_prefill(engine, args.prefill_len)
     rows.append(Row(f"prefill {args.prefill_len}", ours, hf_prefill(hf, args.prefill_len),
                     prefill_floor(hf, args.prefill_len, peak)))
+    compiles = engine.compile_watch.compiles
+    print(f"Triton compiles after start-up (each one a request waited for): {len(compiles)}"
+          + "".join(f"\n  {c}" for c in compiles), flush=True)
     await engine.stop()
     if args.breakdown:
         breakdown(engine, args)

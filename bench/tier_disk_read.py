@@ -84,7 +84,7 @@ def manager_loads(blocks: int, size: int, where: Path | None) -> tuple[float, fl
             cache = TieredKvCache(TierConfig(host_kv_cache_gb=host_gb, disk_kv_cache_dir=tmp,
                                              disk_kv_cache_gb=size * blocks * 2 / 1e9,
                                              disk_admit_after=1), identity, size, block_size=16)
-            cache.costs.recompute_s_per_token.add(1.0)  # every load pays
+            cache.costs.observe_prefill(16, 16.0)  # every load pays
             data = os.urandom(size)
             for h in range(1, blocks + 1):
                 cache.offload(h, data)

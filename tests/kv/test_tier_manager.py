@@ -11,6 +11,7 @@ import pytest
 
 from kvflow.kv.tiers import KvIdentity, TierConfig, TieredKvCache
 from kvflow.kv.tiers.disk import DiskStore
+from kvflow.kv.tiers.policy import MarginalRate
 
 ID = KvIdentity("tiny-llama", "L2 H4 D16 bs4 f32")
 BLOCK = 4096
@@ -31,7 +32,7 @@ def make_cache() -> Iterator:
 
     def make(**kwargs: object) -> TieredKvCache:
         cache = TieredKvCache(TierConfig(**kwargs), ID, BLOCK, block_size=4)  # type: ignore[arg-type]
-        cache.costs.recompute_s_per_token.add(0.1)  # a slow engine: every load pays (policy aside)
+        cache.costs.observe_prefill(16, 1.6)  # a slow engine: every load pays (policy aside)
         made.append(cache)
         return cache
 
@@ -110,6 +111,18 @@ def test_a_corrupt_block_on_disk_is_refused_and_counted(make_cache, tmp_path) ->
     assert cache.load([1, 2]).hashes == [1]
 
 
+def test_a_run_read_in_parallel_is_timed_once_as_a_whole(make_cache, tmp_path) -> None:
+    """Blocks of a run are read side by side: each read's own time counts the others' share
+    of the disk; the run's time over its blocks is what a block costs."""
+    cache = make_cache(disk_kv_cache_dir=str(tmp_path), disk_admit_after=1)
+    for h in range(1, 7):
+        cache.offload(h, payload(h))
+    cache.flush()
+    assert cache.costs.per_block_s["disk"].samples == 0
+    assert cache.load(list(range(1, 7))).hashes == list(range(1, 7))
+    assert cache.costs.per_block_s["disk"].samples == 1
+
+
 def test_disk_blocks_are_read_straight_into_host_slots_and_promoted(make_cache, tmp_path) -> None:
     cache = make_cache(host_kv_cache_gb=0.001, disk_kv_cache_dir=str(tmp_path), disk_admit_after=1)
     host = cache.host
@@ -151,10 +164,10 @@ def test_a_block_of_another_model_is_never_loaded(make_cache, tmp_path) -> None:
 def test_loading_slower_than_recompute_is_skipped(make_cache) -> None:
     cache = make_cache(host_kv_cache_gb=0.001)
     cache.offload(1, payload(1))
-    cache.costs.recompute_s_per_token.value = 1e-12  # measured: recompute is nearly free
+    cache.costs.observe_prefill(1_000_000, 1e-6)  # measured: recompute is nearly free
     assert cache.load([1]).hashes == []
     assert sample(cache, "kvflow_kv_onboard_skipped_total", tier="host") == 1
-    cache.costs.recompute_s_per_token.value = 1.0
+    cache.costs.recompute_s_per_token = MarginalRate(prior=1.0)  # recompute: a second a token
     assert cache.load([1]).hashes == [1]
 
 

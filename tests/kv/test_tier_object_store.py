@@ -36,7 +36,7 @@ def new_bucket_url() -> str:
 def worker(url: str, **kwargs: object) -> TieredKvCache:
     cache = TieredKvCache(TierConfig(kv_object_store=url, kv_object_store_timeout_s=0.5, **kwargs),  # type: ignore[arg-type]
                           ID, BLOCK, block_size=16)
-    cache.costs.recompute_s_per_token.add(0.1)  # as measured on a slow engine: loading pays
+    cache.costs.observe_prefill(16, 1.6)  # as measured on a slow engine: loading pays
     return cache
 
 

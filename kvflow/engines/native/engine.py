@@ -38,6 +38,7 @@ from kvflow.engines.core.scheduler import (
     SchedulerOutput,
 )
 from kvflow.engines.core.sequence import SeqStatus, Sequence
+from kvflow.engines.native.compile_watch import CompileWatch
 from kvflow.engines.native.config import NativeEngineConfig
 from kvflow.engines.native.guided import GuidedDecoding
 from kvflow.engines.native.handover import Deliveries, Handover, Published
@@ -91,6 +92,7 @@ class NativeEngine:
         self._handover = Handover(self.hooks)  # step outputs to the event loop
         self._opened = 0  # requests opened (each stream's phase, see stream.py)
         self._ready = threading.Event()  # the engine thread has warmed up (start() waits)
+        self.compile_watch = CompileWatch()  # armed once warm: a later compile is a warning
         self._inflight: InFlight | None = None
         self._async = False
         self._stopping = False
@@ -158,6 +160,7 @@ class NativeEngine:
         )
 
     async def stop(self) -> None:
+        self.compile_watch.disarm()
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -315,6 +318,8 @@ class NativeEngine:
         except Exception:  # a slower first request, not a dead engine
             log.exception("native engine: warm-up on the engine thread failed")
         finally:
+            if self.runner is not None and self.runner.device.type == "cuda":
+                self.compile_watch.arm()
             self._ready.set()
 
     def _wait_for_work(self) -> bool:

@@ -1,6 +1,7 @@
 """Building one step's device tensors from the scheduler's output: ids, positions, slots, block tables.
 
-All integer inputs travel in two packed copies (int64 and int32) and are sliced on the device.
+All integer inputs travel in two packed copies (int64 and int32) and are sliced on the device,
+each slice 16-byte aligned (one Triton specialisation for every batch).
 Sequence `i` of the step computes tokens `start .. start + n` of its token list; they are
 stored in the cache slots its block list names, and attend to the whole context
 `0 .. start + n`. Rows that reach the end of a sequence (`samples`) get logits. With async
@@ -65,17 +66,19 @@ def build_inputs(
         seq_lens.append(hi)
         if s.samples:
             logits_rows.append(starts[-1] - 1)
-    tables = block_table_array([s.seq.block_ids for s in scheduled], pad=0)
+    widest = max((len(s.seq.block_ids) for s in scheduled), default=1)
+    tables = block_table_array([s.seq.block_ids for s in scheduled], pad=0,
+                               width=-(-widest // 16) * 16)  # row stride: a multiple of 16
     t, b = len(ids), len(scheduled)
-    longs = _to(np.array(ids + positions + slots + logits_rows + _chain(chained, t),
-                         dtype=np.int64), device)
-    ints = _to(np.concatenate([starts, seq_lens, tables.ravel()]).astype(np.int32), device)
-    s_end = 3 * t + len(logits_rows)
+    chain = _chain(chained, t)
+    longs, (_, at_pos, at_slot, at_rows, at_chain) = _pack(
+        [ids, positions, slots, logits_rows, chain], np.int64, device)
+    ints, (_, at_lens, at_table) = _pack([starts, seq_lens, tables.ravel()], np.int32, device)
     meta = AttentionMetadata(
-        slot_mapping=longs[2 * t : 3 * t],
+        slot_mapping=longs[at_slot : at_slot + t],
         query_start_loc=ints[: b + 1],
-        seq_lens=ints[b + 1 : 2 * b + 1],
-        block_tables=ints[2 * b + 1 :].view(b, tables.shape[1]),
+        seq_lens=ints[at_lens : at_lens + b],
+        block_tables=ints[at_table : at_table + tables.size].view(b, tables.shape[1]),
         max_query_len=max(s.num_new_tokens for s in scheduled),
         max_seq_len=max(seq_lens),
         query_start_host=starts,
@@ -83,11 +86,11 @@ def build_inputs(
     )
     return StepInputs(
         input_ids=longs[:t],
-        positions=longs[t : 2 * t],
+        positions=longs[at_pos : at_pos + t],
         meta=meta,
-        logits_indices=longs[3 * t : s_end],
+        logits_indices=longs[at_rows : at_rows + len(logits_rows)],
         sampling_seqs=[s for s in scheduled if s.samples],
-        chain_rows=longs[s_end:] if chained else None,
+        chain_rows=longs[at_chain : at_chain + t] if chained else None,
         scheduled=scheduled,
     )
 
@@ -116,6 +119,23 @@ def block_table_array(block_lists: list[list[int]], pad: int, width: int = 0) ->
     for i, blocks in enumerate(block_lists):
         table[i, : len(blocks)] = blocks
     return table
+
+
+def _pack(segments: list, dtype: type, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The segments in one array, copied to the device at once, each starting on a 16-byte
+    boundary; returns the array and each segment's offset. Triton keys a kernel on whether
+    each pointer argument is 16-byte aligned: with segments packed end to end, that changed
+    with the batch's sizes, and a new combination compiled on the request path."""
+    align = 16 // np.dtype(dtype).itemsize
+    offsets = []
+    total = 0
+    for seg in segments:
+        offsets.append(total)
+        total += -(-len(seg) // align) * align
+    packed = np.zeros(total, dtype=dtype)
+    for at, seg in zip(offsets, segments, strict=True):
+        packed[at : at + len(seg)] = seg
+    return _to(packed, device), offsets
 
 
 def _to(values: np.ndarray, device: torch.device) -> torch.Tensor:

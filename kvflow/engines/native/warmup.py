@@ -80,7 +80,8 @@ def warm_serving_path(runner: Any) -> int:
     """Short requests through the runner's own step path (inputs, model, sampler, readback) on a
     private scheduler and block pool, so nothing reaches the prefix cache or its events:
     greedy, sampled with top-k/top-p and logprobs, penalised; prompts of 1 to 300 tokens,
-    together, so steps mix prefill and decode. Returns the steps run."""
+    together, so steps mix prefill and decode; then prompts of 1 to 1000 tokens one at a time
+    (a lone prompt's tile count and block-table width differ). Returns the steps run."""
     from kvflow.engines.core import BlockPool, Scheduler, SchedulerConfig, Sequence, StopRule
     from kvflow.engines.native.sampler import RequestSampling
 
@@ -95,16 +96,18 @@ def warm_serving_path(runner: Any) -> int:
         "penalized": RequestSampling(temperature=0.0, repetition_penalty=1.1),
     }
     sampling: dict[str, RequestSampling] = {}
-    lengths = [n for n in (1, 17, 300) if n + 3 <= runner.max_model_len]
-    for name, params in variants.items():
-        for n in lengths:
-            rid = f"warm-{name}-{n}"
-            sampling[rid] = params
-            sched.add(Sequence(rid, [3] * n, StopRule(max_tokens=3, ignore_eos=True)))
+    fits = [n for n in (1, 17, 64, 65, 300, 512, 1000) if n + 3 <= runner.max_model_len]
+    rounds = [[(name, n) for name in variants for n in fits if n in (1, 17, 300)]]
+    rounds += [[("greedy", n)] for n in fits]  # one prompt alone: its own tile and table shapes
     steps = 0
     with torch.inference_mode():
-        while sched.has_work():
-            out = sched.schedule()
-            sched.update(runner.execute(out.scheduled, sampling).sampled)
-            steps += 1
+        for k, requests in enumerate(rounds):
+            for name, n in requests:
+                rid = f"warm-{k}-{name}-{n}"
+                sampling[rid] = variants[name]
+                sched.add(Sequence(rid, [3] * n, StopRule(max_tokens=3, ignore_eos=True)))
+            while sched.has_work():
+                out = sched.schedule()
+                sched.update(runner.execute(out.scheduled, sampling).sampled)
+                steps += 1
     return steps

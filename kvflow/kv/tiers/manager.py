@@ -383,6 +383,7 @@ class TieredKvCache:
             return self._load_one(hashes[k], into)
 
         run = LoadedRun()
+        started = time.perf_counter()
         try:
             for k, found in enumerate(self._fetcher.map(fetch, range(end))):
                 if found is None:
@@ -398,6 +399,11 @@ class TieredKvCache:
             raise
         if host is not None:
             host.unreserve(slots[len(run):])  # after the first miss: read for nothing
+        if len(run):  # the reads ran side by side: a block's cost is the run's time over its size
+            seconds = time.perf_counter() - started
+            for tier in set(run.tiers):
+                n = run.tiers.count(tier)
+                self.costs.observe_load(tier, n, seconds * n / len(run))
         return run
 
     def landed(self, run: LoadedRun, seconds: float) -> None:
@@ -467,9 +473,7 @@ class TieredKvCache:
                         store.tier, seq_hash, exc)
             self._guard(store, store.discard, seq_hash)
             return None
-        seconds = time.perf_counter() - started
-        self.costs.observe_load(store.tier, 1, seconds)
-        self.metrics.onboarded(store.tier, 1, len(payload), seconds)
+        self.metrics.onboarded(store.tier, 1, len(payload), time.perf_counter() - started)
         return payload
 
     def close(self) -> None:

@@ -60,5 +60,16 @@ async def test_cuda_first_request_waits_for_no_compile(tiny_models: Callable[[st
             await collect(engine, greedy_request(f"t{i}", prompt_ids(300, seed=50 + i), 1))
             ttfts.append(time.perf_counter() - start)
         assert ttfts[0] < 2 * ttfts[-1] + 0.005, ttfts  # 5 ms of slack for timer noise
+        # then other shapes: prompt lengths either side of 16-multiples and tiling switches,
+        # batches of several sizes, sampled with logprobs — none may compile on the way
+        reqs = [greedy_request(f"m{n}", prompt_ids(n, seed=n), 4) for n in (7, 64, 65, 500, 505)]
+        reqs.append(greedy_request("s", prompt_ids(33, seed=3), 4, temperature=0.8, top_p=0.9,
+                                   logprobs=2))
+        await asyncio.gather(*(collect(engine, r) for r in reqs))
+        for batch in (3, 17, 48):
+            await asyncio.gather(*(collect(engine, greedy_request(f"b{batch}-{i}", prompt_ids(
+                40 + i, seed=batch + i), 8)) for i in range(batch)))
+        assert engine.compile_watch.armed
+        assert engine.compile_watch.compiles == []
     finally:
         await engine.stop()
