@@ -25,6 +25,7 @@ from kvflow.engines.native.triton_decode import (
     DEFAULT_LAUNCH,
     DecodeLaunch,
     SplitCounters,
+    decode_launch,
     decode_splits,
     paged_decode,
 )
@@ -98,6 +99,7 @@ def sweep(shape: str, batch: int, context: int, shuffle: bool, bandwidth: float,
         return paged_decode(q, k, v, cache, meta, dim ** -0.5, None, None, splits, counters, t)
 
     reference = run(DEFAULT_LAUNCH)
+    chosen, _ = decode_launch(batch, kv_heads, dim, sms)  # what the engine launches
     print(f"\n{shape}: batch {batch}, context {context}, shuffled={shuffle}; "
           f"KV floor {floor_us:.1f} us")
     print(f"{'block_n':>8}{'warps':>6}{'heads 1st':>10}{'splits':>7}{'us':>9}{'of floor':>9}"
@@ -110,7 +112,7 @@ def sweep(shape: str, batch: int, context: int, shuffle: bool, bandwidth: float,
             print(f"{t.block_n:>8}{t.num_warps:>6}{t.heads_fastest!s:>10}  failed: "
                   f"{type(exc).__name__}")
             continue
-        mark = " (default)" if t == DEFAULT_LAUNCH else ""
+        mark = (" (default)" if t == DEFAULT_LAUNCH else "") + (" (chosen)" if t == chosen else "")
         bad = f"  MISMATCH {err:.3g}" if err > 2e-2 else ""
         splits = decode_splits(batch, kv_heads, sms, t.waves)
         print(f"{t.block_n:>8}{t.num_warps:>6}{t.heads_fastest!s:>10}{splits:>7}{us:>9.1f}"

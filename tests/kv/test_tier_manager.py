@@ -11,7 +11,7 @@ import pytest
 
 from kvflow.kv.tiers import KvIdentity, TierConfig, TieredKvCache
 from kvflow.kv.tiers.disk import DiskStore
-from kvflow.kv.tiers.policy import MarginalRate
+from kvflow.kv.tiers.policy import PrefillRate
 
 ID = KvIdentity("tiny-llama", "L2 H4 D16 bs4 f32")
 BLOCK = 4096
@@ -167,7 +167,7 @@ def test_loading_slower_than_recompute_is_skipped(make_cache) -> None:
     cache.costs.observe_prefill(1_000_000, 1e-6)  # measured: recompute is nearly free
     assert cache.load([1]).hashes == []
     assert sample(cache, "kvflow_kv_onboard_skipped_total", tier="host") == 1
-    cache.costs.recompute_s_per_token = MarginalRate(prior=1.0)  # recompute: a second a token
+    cache.costs.recompute_s_per_token = PrefillRate(prior=1.0)  # recompute: a second a token
     assert cache.load([1]).hashes == [1]
 
 

@@ -1,51 +1,57 @@
-"""The load-vs-recompute policy: the marginal cost of a prefill token, hand-computed."""
+"""The load-vs-recompute policy: what recomputing a prompt token costs, hand-computed."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvflow.kv.tiers.policy import LoadCostModel, MarginalRate
+from kvflow.kv.tiers.policy import LoadCostModel, PrefillRate
 
 
 def test_the_prior_serves_until_a_step_is_seen() -> None:
-    assert MarginalRate(prior=1e-3).value == 1e-3
+    assert PrefillRate(prior=1e-3).value == 1e-3
 
 
-def test_steps_of_one_size_give_the_mean_seconds_per_token() -> None:
-    rate = MarginalRate(prior=1.0)
+def test_steps_of_one_size_give_their_seconds_per_token() -> None:
+    rate = PrefillRate(prior=1.0)
     for _ in range(5):
         rate.add(512, 0.0512)
     assert rate.value == pytest.approx(1e-4)
 
 
-def test_a_steps_fixed_cost_is_not_charged_to_its_tokens() -> None:
-    """Steps on the line seconds = 24.5 ms + 32.4 us x tokens, mostly small ones (a prefix hit
-    computes 16 new tokens): the slope is the per-token cost; the mean would be 1.5x it."""
-    rate = MarginalRate(prior=1.0)
-    b = 0.265 / 8176
-    a = 0.025 - 16 * b
-    for n in [16] * 10 + [8192] * 2 + [16] * 3:
-        rate.add(n, a + b * n)
-    assert rate.value == pytest.approx(b, rel=1e-6)
-    assert rate._s / rate._n > 1.4 * b
+def test_small_steps_do_not_count_once_a_long_prefill_is_seen() -> None:
+    """16-token steps (a prefix hit computes its last tokens) take 25 ms, mostly fixed cost;
+    an 8192-token chunk 290 ms. The chunk's 35.4 us a token is the rate; the small steps'
+    1.56 ms a token is dropped when the chunk arrives and ignored after it."""
+    rate = PrefillRate(prior=1.0)
+    for _ in range(10):
+        rate.add(16, 0.025)
+    assert rate.value == pytest.approx(0.025 / 16)
+    rate.add(8192, 0.29)
+    for _ in range(5):
+        rate.add(16, 0.025)
+    assert rate.value == pytest.approx(0.29 / 8192)
+    rate.add(4096, 0.15)  # a quarter of the largest or more: counted (alpha 0.2)
+    assert rate.value == pytest.approx(0.29 / 8192 + 0.2 * (0.15 / 4096 - 0.29 / 8192))
 
 
-def test_a_fit_that_is_not_a_positive_slope_falls_back_to_the_mean() -> None:
-    rate = MarginalRate(prior=1.0)
-    rate.add(16, 0.05)  # the small step slower than the big one (noise)
-    rate.add(4096, 0.04)
-    assert rate.value == pytest.approx((0.95 * 0.05 + 0.04) / (0.95 * 16 + 4096))  # decayed
+def test_a_step_that_waited_for_a_disk_load_does_not_make_recompute_look_free() -> None:
+    """Few tokens and a long wait: it must neither drag the rate to zero (every host hit
+    would then be declined) nor up (every slow disk hit would be loaded)."""
+    rate = PrefillRate(prior=1.0)
+    rate.add(8192, 0.29)
+    rate.add(16, 1.4)
+    rate.add(8192, 0.29)
+    assert rate.value == pytest.approx(0.29 / 8192)
 
 
-def test_a_disk_hit_slower_than_recompute_is_declined_despite_slow_small_steps() -> None:
-    """The H200 case: 16-token steps take 25 ms, an 8192-token chunk 290 ms; a 2 MiB block
-    reads from disk in 1.2 ms. Recomputing a block costs 16 x 32.4 us = 0.52 ms, so the disk
-    loses; charged at 25 ms / 16 tokens per token, it seemed to win by 20x."""
+def test_a_disk_hit_slower_than_recompute_is_declined_and_a_host_hit_loaded() -> None:
+    """The H200 case (8B shape, 2 MiB blocks): recomputing a block costs 16 x 35.4 us =
+    0.57 ms; the disk reads a block in 1.3 ms, pinned host memory in 50 us."""
     costs = LoadCostModel(block_bytes=2 << 20, block_size=16)
-    for n, s in [(16, 0.025)] * 8 + [(8192, 0.29)] + [(16, 0.025)] * 8:
+    for n, s in [(16, 0.025)] * 8 + [(8192, 0.29), (16, 1.4)] + [(16, 0.025)] * 8:
         costs.observe_prefill(n, s)
-    costs.observe_load("disk", 4, 4 * 1.2e-3)
-    assert costs.recompute_s(1) == pytest.approx(16 * 0.265 / 8176, rel=1e-6)
+    costs.observe_load("disk", 4, 4 * 1.3e-3)
+    costs.observe_load("host", 4, 4 * 5e-5)
+    assert costs.recompute_s(1) == pytest.approx(16 * 0.29 / 8192)
     assert not costs.worth_loading("disk", 1)
-    costs.observe_load("host", 4, 4 * 5e-5)  # a pinned host copy: 50 us a block
     assert costs.worth_loading("host", 1)

@@ -1,8 +1,8 @@
 """When a lower-tier hit is worth loading: measured load time per tier against recompute.
 
 Each tier keeps an exponentially weighted mean of seconds per block loaded (latency
-and bandwidth together, as measured by the tier manager); the engine's steps give the
-marginal seconds per prefill token (step time against prefill tokens, fixed cost apart).
+and bandwidth together, as measured by the tier manager); the engine's long prefill
+steps give the seconds per prompt token of recomputing.
 A run of blocks found in a tier is loaded only when its predicted load time beats
 recomputing its tokens. Before the first measurement a tier uses a conservative prior
 (below), replaced by what is measured.
@@ -32,43 +32,38 @@ class Ewma:
 
 
 @dataclass
-class MarginalRate:
-    """Seconds per extra prefill token: the slope of step time against a step's prefill tokens,
-    by least squares with exponential forgetting. A step's fixed cost (the weights read once,
-    its decode rows, host work) is not what recomputing a block adds, and charging it to the
-    tokens made a 16-token step look 40x slower per token than a long prefill: disk hits that
-    took twice as long as recomputing were loaded. Until the steps seen differ enough in size
-    to fit a slope, or when the fit is not a positive slope below the mean, the weighted mean
-    seconds per token serves (an overestimate that includes the fixed cost)."""
+class PrefillRate:
+    """Seconds per prompt token of recomputing, measured on the largest prefill steps seen.
+
+    A step's time is a fixed part (the weights read once, its decode rows, host work, and
+    any wait for blocks being loaded) plus a part per prompt token; only the second is what
+    recomputing a block costs. Charged to a 16-token step's tokens, the fixed part made a
+    token look 40x dearer than in a long prefill, and disk hits that took twice as long as
+    recomputing were loaded. So only steps with at least a quarter of the most prompt tokens
+    seen in one step count (their fixed part is spread thin), and when a step raises that
+    mark fourfold the smaller steps' mean is dropped. A least-squares slope over all steps
+    was tried first: steps that waited for a disk load (few tokens, long time) pulled it
+    towards zero, which would have declined every host hit."""
 
     prior: float
-    decay: float = 0.95
-    samples: int = 0
-    _w: float = 0.0
-    _n: float = 0.0
-    _s: float = 0.0
-    _nn: float = 0.0
-    _ns: float = 0.0
+    alpha: float = 0.2
+    largest: int = 0
+    mean: Ewma | None = None
 
-    def add(self, num_tokens: float, seconds: float) -> None:
-        d = self.decay
-        self._w = d * self._w + 1.0
-        self._n = d * self._n + num_tokens
-        self._s = d * self._s + seconds
-        self._nn = d * self._nn + num_tokens * num_tokens
-        self._ns = d * self._ns + num_tokens * seconds
-        self.samples += 1
+    def add(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens >= 4 * self.largest:
+            self.mean = None  # the steps seen so far are small next to this one
+        self.largest = max(self.largest, num_tokens)
+        if 4 * num_tokens < self.largest:
+            return
+        if self.mean is None:
+            self.mean = Ewma(seconds / num_tokens, self.alpha, 1)
+        else:
+            self.mean.add(seconds / num_tokens)
 
     @property
     def value(self) -> float:
-        if self.samples == 0 or self._n <= 0:
-            return self.prior
-        mean = self._s / self._n  # seconds per token over all steps, fixed costs included
-        var_n = self._nn / self._w - (self._n / self._w) ** 2
-        if var_n <= (0.25 * self._n / self._w) ** 2:  # sizes too alike to fit a slope
-            return mean
-        slope = (self._ns / self._w - self._n * self._s / self._w ** 2) / var_n
-        return slope if 0.0 < slope <= mean else mean
+        return self.prior if self.mean is None else self.mean.value
 
 
 @dataclass
@@ -79,8 +74,8 @@ class LoadCostModel:
     block_size: int
     always: bool = False  # --kv-onboard always: every hit is worth loading
     per_block_s: dict[str, Ewma] = field(default_factory=dict)
-    recompute_s_per_token: MarginalRate = field(
-        default_factory=lambda: MarginalRate(PRIOR_RECOMPUTE_S_PER_TOKEN))
+    recompute_s_per_token: PrefillRate = field(
+        default_factory=lambda: PrefillRate(PRIOR_RECOMPUTE_S_PER_TOKEN))
 
     def __post_init__(self) -> None:
         for tier, bw in PRIOR_BANDWIDTH.items():
