@@ -6,7 +6,10 @@ One layer's decode attention for `--batch` sequences of `--context` cached token
 splits). Each variant is timed as 20 launches in one CUDA graph (as serving runs decode).
 Floor: the KV bytes the step must read (batch x context x KV heads x head dim x 2 (K, V) x
 2 bytes) over the copy bandwidth measured in the same run. Each variant's output is checked
-against the default launch's.
+against the default launch's. The kernel runs here without RoPE and alone; a variant that
+wins here must also win in the engine (`bench/native_gpu.py`) before it becomes the default:
+narrow tiles on two warps, 6-7% faster here at batch 64/256, made the engine's batch-256
+decode 12% slower on the H200, so the engine keeps the default.
 
     PYTHONPATH=. python bench/decode_attention_gpu.py [--batch 256] [--context 576]
         [--shape 1b 8b] [--shuffle]
@@ -25,7 +28,6 @@ from kvflow.engines.native.triton_decode import (
     DEFAULT_LAUNCH,
     DecodeLaunch,
     SplitCounters,
-    decode_launch,
     decode_splits,
     paged_decode,
 )
@@ -99,7 +101,6 @@ def sweep(shape: str, batch: int, context: int, shuffle: bool, bandwidth: float,
         return paged_decode(q, k, v, cache, meta, dim ** -0.5, None, None, splits, counters, t)
 
     reference = run(DEFAULT_LAUNCH)
-    chosen, _ = decode_launch(batch, kv_heads, dim, sms)  # what the engine launches
     print(f"\n{shape}: batch {batch}, context {context}, shuffled={shuffle}; "
           f"KV floor {floor_us:.1f} us")
     print(f"{'block_n':>8}{'warps':>6}{'heads 1st':>10}{'splits':>7}{'us':>9}{'of floor':>9}"
@@ -112,7 +113,7 @@ def sweep(shape: str, batch: int, context: int, shuffle: bool, bandwidth: float,
             print(f"{t.block_n:>8}{t.num_warps:>6}{t.heads_fastest!s:>10}  failed: "
                   f"{type(exc).__name__}")
             continue
-        mark = (" (default)" if t == DEFAULT_LAUNCH else "") + (" (chosen)" if t == chosen else "")
+        mark = " (default)" if t == DEFAULT_LAUNCH else ""
         bad = f"  MISMATCH {err:.3g}" if err > 2e-2 else ""
         splits = decode_splits(batch, kv_heads, sms, t.waves)
         print(f"{t.block_n:>8}{t.num_warps:>6}{t.heads_fastest!s:>10}{splits:>7}{us:>9.1f}"

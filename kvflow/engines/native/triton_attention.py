@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kvflow.engines.native.attention import AttentionMetadata, Rope, register_backend
-from kvflow.engines.native.triton_decode import SplitCounters, decode_launch, paged_decode, precision
+from kvflow.engines.native.triton_decode import SplitCounters, decode_splits, paged_decode, precision
 from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -223,10 +223,9 @@ class TritonPagedBackend:
             )
         if meta.is_decode:
             num_kv_heads = kv_cache.shape[3]
-            launch, splits = decode_launch(meta.num_seqs, num_kv_heads, head_dim, self.num_sms)
+            splits = decode_splits(meta.num_seqs, num_kv_heads, self.num_sms)
             counters = self.counters.get(meta.num_seqs * num_kv_heads, q.device)
-            return paged_decode(q, k, v, kv_cache, meta, scale, window, rope, splits, counters,
-                                launch)
+            return paged_decode(q, k, v, kv_cache, meta, scale, window, rope, splits, counters)
         if rope is not None:
             q, k = rope(q, k)
         store_kv(kv_cache, k, v, meta.slot_mapping)

@@ -196,19 +196,6 @@ def precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def decode_launch(num_seqs: int, num_kv_heads: int, head_dim: int,
-                  num_sms: int) -> tuple[DecodeLaunch, int]:
-    """The launch and split count for a decode batch. When the batch alone fills the GPU
-    (one split), narrow tiles of head_dim x 4096 / head_dim elements on two warps, the KV
-    heads of a sequence side by side: on an H200 (bench/decode_attention_gpu.py, CUDA graphs)
-    6-7% faster than the default at batch 64 and 256 for 64- and 128-wide heads (89-90% of
-    the KV-read floor). Smaller batches, split over the context, keep the default."""
-    splits = decode_splits(num_seqs, num_kv_heads, num_sms)
-    if splits > 1:
-        return DEFAULT_LAUNCH, splits
-    return DecodeLaunch(block_n=max(16, 4096 // head_dim), num_warps=2, heads_fastest=True), 1
-
-
 def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int, waves: int = 2) -> int:
     """Enough splits that the launch covers the GPU `waves` times, but only for small batches."""
     want = (waves * num_sms + num_seqs * num_kv_heads - 1) // (num_seqs * num_kv_heads)
