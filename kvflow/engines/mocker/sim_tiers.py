@@ -107,15 +107,24 @@ class SimTiers:
         out["recompute"] = self.recompute_s_per_block
         return out
 
-    def offload(self, seq_hash: int) -> None:
+    def offload(self, seq_hashes: Sequence[int]) -> None:
+        """Write back blocks the GPU evicts, all those of one allocation at once: each tier
+        announces what it stored and then what it evicted in one event each (as the real
+        tiers batch their residency changes), not one pair per block."""
         for tier in self.tiers:
-            if tier.name == "disk" and not self.admission.admits(seq_hash):
+            stored: list[StoredBlock] = []
+            evicted: list[int] = []
+            for seq_hash in seq_hashes:
+                if tier.name == "disk" and not self.admission.admits(seq_hash):
+                    continue
+                if tier.shared and tier.contains(seq_hash):
+                    continue
+                evicted += tier.put(seq_hash)
+                stored.append(StoredBlock(seq_hash, []))
+            if not stored:
                 continue
-            if tier.shared and tier.contains(seq_hash):
-                continue
-            evicted = tier.put(seq_hash)
-            self.offloaded_blocks[tier.name] += 1
-            self._announce(BlocksStored([StoredBlock(seq_hash, [])], medium=tier.name))
+            self.offloaded_blocks[tier.name] += len(stored)
+            self._announce(BlocksStored(stored, medium=tier.name))
             if evicted:
                 self._announce(BlocksRemoved(evicted, medium=tier.name))
 
@@ -205,8 +214,7 @@ class TieredMockerConnector(MockerConnector):
         return bool(self._done)
 
     def before_evict(self, block_ids: Sequence[int], seq_hashes: Sequence[int]) -> None:
-        for seq_hash in seq_hashes:
-            self.sim.offload(seq_hash)
+        self.sim.offload(seq_hashes)
 
     def request_finished(self, seq: Seq) -> bool:  # type: ignore[override]
         n = min(len(seq.block_ids), seq.num_computed_tokens // self.block_size)
