@@ -137,10 +137,17 @@ class SimTiers:
         transfer) seconds of loading them. Counted as loaded by `count_loaded`, once the
         engine takes them (a match may be asked again, e.g. on an arrival's prefetch)."""
         by_tier: dict[str, int] = {}
+        tiers = [(t, self.block_s(t) < self.recompute_s_per_block) for t in self.tiers]
         for seq_hash in hashes:
-            tier = next((t for t in self.tiers if t.contains(seq_hash)), None)
-            if tier is None or self.block_s(tier) >= self.recompute_s_per_block:
+            # the first tier holding it; a tier slower than recomputing ends the run
+            found = None
+            for entry in tiers:
+                if seq_hash in entry[0].lru:
+                    found = entry
+                    break
+            if found is None or not found[1]:
                 break
+            tier = found[0]
             tier.lru.move_to_end(seq_hash)
             by_tier[tier.name] = by_tier.get(tier.name, 0) + 1
         seconds = self.split_s(by_tier)
