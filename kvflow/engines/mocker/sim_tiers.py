@@ -47,18 +47,6 @@ class SimTier:
         if self.latency_s is None:
             self.latency_s = LATENCY_S[self.name]
 
-    def put(self, seq_hash: int) -> list[int]:
-        """Store (or refresh) a hash; the hashes evicted to make room."""
-        self.lru[seq_hash] = None
-        self.lru.move_to_end(seq_hash)
-        evicted: list[int] = []
-        while self.capacity and len(self.lru) > self.capacity:
-            evicted.append(self.lru.popitem(last=False)[0])
-        return evicted
-
-    def contains(self, seq_hash: int) -> bool:
-        return seq_hash in self.lru
-
 
 @dataclass
 class SimLink:
@@ -111,18 +99,20 @@ class SimTiers:
         """Write back blocks the GPU evicts, all those of one allocation at once: each tier
         announces what it stored and then what it evicted in one event each (as the real
         tiers batch their residency changes), not one pair per block."""
+        admits = self.admission.admits
         for tier in self.tiers:
+            lru, filtered, shared = tier.lru, tier.name == "disk", tier.shared
             stored: list[StoredBlock] = []
-            evicted: list[int] = []
-            for seq_hash in seq_hashes:
-                if tier.name == "disk" and not self.admission.admits(seq_hash):
+            for seq_hash in seq_hashes:  # stored (or refreshed) newest; the oldest go after
+                if (filtered and not admits(seq_hash)) or (shared and seq_hash in lru):
                     continue
-                if tier.shared and tier.contains(seq_hash):
-                    continue
-                evicted += tier.put(seq_hash)
+                lru[seq_hash] = None
+                lru.move_to_end(seq_hash)
                 stored.append(StoredBlock(seq_hash, []))
             if not stored:
                 continue
+            evicted = [lru.popitem(last=False)[0]
+                       for _ in range(len(lru) - tier.capacity if tier.capacity else 0)]
             self.offloaded_blocks[tier.name] += len(stored)
             self._announce(BlocksStored(stored, medium=tier.name))
             if evicted:
