@@ -10,8 +10,11 @@ whatever the number of workers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
+
+_NONE: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,10 @@ class BlockTable:
     def holds(self, worker_id: int, block_hash: int) -> bool:
         held = self._held.get(worker_id)
         return held is not None and block_hash in held
+
+    def held_by(self, worker_id: int) -> AbstractSet[int]:
+        """The hashes the worker holds, live (for membership tests in a hot loop; read only)."""
+        return self._held.get(worker_id, _NONE)
 
     def num_blocks(self) -> int:
         """Distinct block hashes cached anywhere in the fleet."""

@@ -106,15 +106,22 @@ class TierResidency:
         return len(self._walk(worker, block_hashes, start))
 
     def _walk(self, worker: int, block_hashes: Sequence[int], start: int) -> list[float]:
-        credits = {t: self.credit(worker, t) for t in (*LOCAL_TIERS, SHARED_TIER)}
+        # Per block, the first tier (host, disk, object) holding it; a credit of 0 ends the run.
+        tiers = [(t, self.credit(worker, t), self._tables[t].held_by(worker)) for t in LOCAL_TIERS]
+        tiers.append((SHARED_TIER, self.credit(worker, SHARED_TIER), self._shared))
+        tiers = [entry for entry in tiers if entry[2]]
         out: list[float] = []
         used: dict[str, int] = {}
-        for h in block_hashes[start:]:
-            tier = next((t for t in credits if self.holds(worker, t, h)), None)
-            if tier is None or credits[tier] <= 0:
+        for h in block_hashes[start:] if tiers else ():
+            found = None
+            for entry in tiers:
+                if h in entry[2]:
+                    found = entry
+                    break
+            if found is None or found[1] <= 0:
                 break
-            out.append(credits[tier])
-            used[tier] = used.get(tier, 0) + 1
+            out.append(found[1])
+            used[found[0]] = used.get(found[0], 0) + 1
         return out if self._run_pays(worker, used) else []
 
     def _run_pays(self, worker: int, used: dict[str, int]) -> bool:

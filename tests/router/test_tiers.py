@@ -100,3 +100,15 @@ async def test_a_host_load_overlaps_the_prefill_already_queued_on_its_worker() -
     assert router.explain(PROMPT).overlaps[1] == 2 + 4 - 0.5  # half a block of it hides in the queue
     router.on_load_metrics(LoadMetrics(1, 0, 100, 1, 0, prefill_tokens_inflight=8, tier_block_s=tiers))
     assert router.explain(PROMPT).overlaps[1] == 6  # the load finishes before the queue does
+
+
+async def test_a_block_counts_in_the_fastest_tier_holding_it_and_a_worthless_tier_ends_the_run() -> None:
+    router = make_router(1)
+    router.on_kv_events(event(1, 1, HASHES[:5], "disk"))
+    router.on_kv_events(event(1, 2, HASHES[:2], "host"))  # the first two are in both
+    router.on_load_metrics(costs(1, host=0.25e-3, disk=0.5e-3, recompute=1e-3))
+    assert router.explain(PROMPT).overlaps[1] == 2 * 0.75 + 3 * 0.5
+    router.on_load_metrics(costs(1, host=0.25e-3, disk=2e-3, recompute=1e-3))  # disk: slower
+    assert router.explain(PROMPT).overlaps[1] == 2 * 0.75
+    router.on_kv_events(KvEventBatch(1, [KvEvent(1, 3, BlocksRemoved(HASHES[:1], medium="host"))]))
+    assert router.explain(PROMPT).overlaps.get(1, 0) == 0  # block 0 only on disk: nothing reachable

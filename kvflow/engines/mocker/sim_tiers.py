@@ -47,18 +47,6 @@ class SimTier:
         if self.latency_s is None:
             self.latency_s = LATENCY_S[self.name]
 
-    def put(self, seq_hash: int) -> list[int]:
-        """Store (or refresh) a hash; the hashes evicted to make room."""
-        self.lru[seq_hash] = None
-        self.lru.move_to_end(seq_hash)
-        evicted: list[int] = []
-        while self.capacity and len(self.lru) > self.capacity:
-            evicted.append(self.lru.popitem(last=False)[0])
-        return evicted
-
-    def contains(self, seq_hash: int) -> bool:
-        return seq_hash in self.lru
-
 
 @dataclass
 class SimLink:
@@ -107,15 +95,26 @@ class SimTiers:
         out["recompute"] = self.recompute_s_per_block
         return out
 
-    def offload(self, seq_hash: int) -> None:
+    def offload(self, seq_hashes: Sequence[int]) -> None:
+        """Write back blocks the GPU evicts, all those of one allocation at once: each tier
+        announces what it stored and then what it evicted in one event each (as the real
+        tiers batch their residency changes), not one pair per block."""
+        admits = self.admission.admits
         for tier in self.tiers:
-            if tier.name == "disk" and not self.admission.admits(seq_hash):
+            lru, filtered, shared = tier.lru, tier.name == "disk", tier.shared
+            stored: list[StoredBlock] = []
+            for seq_hash in seq_hashes:  # stored (or refreshed) newest; the oldest go after
+                if (filtered and not admits(seq_hash)) or (shared and seq_hash in lru):
+                    continue
+                lru[seq_hash] = None
+                lru.move_to_end(seq_hash)
+                stored.append(StoredBlock(seq_hash, []))
+            if not stored:
                 continue
-            if tier.shared and tier.contains(seq_hash):
-                continue
-            evicted = tier.put(seq_hash)
-            self.offloaded_blocks[tier.name] += 1
-            self._announce(BlocksStored([StoredBlock(seq_hash, [])], medium=tier.name))
+            evicted = [lru.popitem(last=False)[0]
+                       for _ in range(len(lru) - tier.capacity if tier.capacity else 0)]
+            self.offloaded_blocks[tier.name] += len(stored)
+            self._announce(BlocksStored(stored, medium=tier.name))
             if evicted:
                 self._announce(BlocksRemoved(evicted, medium=tier.name))
 
@@ -128,10 +127,17 @@ class SimTiers:
         transfer) seconds of loading them. Counted as loaded by `count_loaded`, once the
         engine takes them (a match may be asked again, e.g. on an arrival's prefetch)."""
         by_tier: dict[str, int] = {}
+        tiers = [(t, self.block_s(t) < self.recompute_s_per_block) for t in self.tiers]
         for seq_hash in hashes:
-            tier = next((t for t in self.tiers if t.contains(seq_hash)), None)
-            if tier is None or self.block_s(tier) >= self.recompute_s_per_block:
+            # the first tier holding it; a tier slower than recomputing ends the run
+            found = None
+            for entry in tiers:
+                if seq_hash in entry[0].lru:
+                    found = entry
+                    break
+            if found is None or not found[1]:
                 break
+            tier = found[0]
             tier.lru.move_to_end(seq_hash)
             by_tier[tier.name] = by_tier.get(tier.name, 0) + 1
         seconds = self.split_s(by_tier)
@@ -205,8 +211,7 @@ class TieredMockerConnector(MockerConnector):
         return bool(self._done)
 
     def before_evict(self, block_ids: Sequence[int], seq_hashes: Sequence[int]) -> None:
-        for seq_hash in seq_hashes:
-            self.sim.offload(seq_hash)
+        self.sim.offload(seq_hashes)
 
     def request_finished(self, seq: Seq) -> bool:  # type: ignore[override]
         n = min(len(seq.block_ids), seq.num_computed_tokens // self.block_size)

@@ -6,8 +6,8 @@ import pytest
 
 from kvflow.engines.base import EngineHooks
 from kvflow.engines.mocker import MockerConfig, MockerEngine
-from kvflow.engines.mocker.sim_tiers import SharedSimStore, SimLink
-from kvflow.llm.kv_events import BlocksStored, KvEvent, LoadMetrics
+from kvflow.engines.mocker.sim_tiers import SharedSimStore, SimLink, SimTier, SimTiers
+from kvflow.llm.kv_events import BlocksRemoved, BlocksStored, KvEvent, LoadMetrics
 from kvflow.llm.protocol import EngineOutput, PreprocessedRequest, StopConditions
 from kvflow.runtime.context import Context
 
@@ -71,3 +71,33 @@ def test_loads_of_one_engine_queue_on_its_link_but_their_latencies_overlap() -> 
     assert link.finish(10.0, 0.001, 0.010) == pytest.approx(10.011)
     assert link.finish(10.0, 0.001, 0.010) == pytest.approx(10.021)  # at once: after the first
     assert link.finish(10.5, 0.005, 0.010) == pytest.approx(10.515)  # the link was idle again
+
+
+def test_one_eviction_batch_is_announced_as_one_stored_and_one_removed_event_per_tier() -> None:
+    host = SimTier("host", capacity=3, bandwidth=25e9)
+    sim = SimTiers([host], block_size=4, bytes_per_block=4.0, recompute_s_per_block=1.0)
+    announced: list[BlocksStored | BlocksRemoved] = []
+    sim.record_event = announced.append
+    sim.offload([1, 2])
+    sim.offload([3, 4, 5])  # the host holds 3: 1 and 2 go
+    assert [(type(e).__name__, e.medium) for e in announced] == [
+        ("BlocksStored", "host"), ("BlocksStored", "host"), ("BlocksRemoved", "host")]
+    assert [b.block_hash for b in announced[1].blocks] == [3, 4, 5]
+    assert announced[2].block_hashes == [1, 2]
+    assert list(host.lru) == [3, 4, 5] and sim.offloaded_blocks == {"host": 5}
+
+
+def test_a_batch_reaches_the_disk_on_its_second_use_and_the_shared_store_once() -> None:
+    disk = SimTier("disk", capacity=0, bandwidth=7e9)
+    store = SharedSimStore()
+    sim = SimTiers([disk, store], block_size=4, bytes_per_block=4.0, recompute_s_per_block=1.0)
+    announced: list[BlocksStored | BlocksRemoved] = []
+    sim.record_event = announced.append
+    sim.admission.note([1, 2])
+    sim.admission.note([2])  # block 2 used twice: the disk admits it
+    sim.offload([1, 2])
+    sim.offload([2, 3])  # the store has 2 already
+    assert list(disk.lru) == [2] and list(store.lru) == [1, 2, 3]
+    stored = [(e.medium, [b.block_hash for b in e.blocks]) for e in announced
+              if isinstance(e, BlocksStored)]
+    assert stored == [("disk", [2]), ("object", [1, 2]), ("disk", [2]), ("object", [3])]
