@@ -22,6 +22,7 @@ import itertools
 
 import torch
 
+from bench.fp8_gpu import graph_ms
 from bench.native_gpu import measure_bandwidth
 from kvflow.engines.native.attention import AttentionMetadata
 from kvflow.engines.native.triton_decode import (
@@ -46,25 +47,6 @@ def decode_meta(batch: int, context: int, shuffle: bool, device: str) -> Attenti
         seq_lens=torch.full((batch,), context + 1, dtype=torch.int32, device=device),
         block_tables=table, max_query_len=1, max_seq_len=context + 1,
         query_start_host=list(range(batch + 1)), seq_lens_host=[context + 1] * batch)
-
-
-def time_us(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
-    """GPU time per launch: `reps` launches captured in one CUDA graph, replayed (as decode
-    runs when serving), so the Python launch cost does not hide small-batch kernel times."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (5 * reps)
 
 
 def main() -> None:
@@ -108,7 +90,7 @@ def sweep(shape: str, batch: int, context: int, shuffle: bool, bandwidth: float,
     for t in variants:
         try:
             err = (run(t).float() - reference.float()).abs().max().item()
-            us = time_us(lambda t=t: run(t))
+            us = 1e3 * graph_ms(lambda t=t: run(t))  # 20 launches in one CUDA graph
         except Exception as exc:  # a tiling the device cannot hold (shared memory)
             print(f"{t.block_n:>8}{t.num_warps:>6}{t.heads_fastest!s:>10}  failed: "
                   f"{type(exc).__name__}")
