@@ -69,7 +69,7 @@ class Planner:
     def _predict(self, obs: Observation | None) -> Load | None:
         if obs is None:
             return None
-        self.rate.observe(obs.load.rate)
+        self.rate.observe(obs.load.rate, obs.interval_s)
         self.rates.append((obs.at_s, obs.load.rate))
         while self.rates and self.rates[0][0] <= obs.at_s - self.baseline_s:
             self.rates.popleft()
