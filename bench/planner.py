@@ -25,6 +25,7 @@ Baselines in the same run:
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -110,13 +111,14 @@ def planner_controller(args: argparse.Namespace, perf: PerfModel, predictor: str
 
 
 def steady_traffic(trace: list[TraceRequest], args: argparse.Namespace, reserve: float) -> list[TraceRequest]:
-    """The day's steady part at `reserve` times its rate: the bursts thinned away, plus each request
-    of another burst-free day (same shape) kept with probability reserve - 1."""
+    """The day's steady part at `reserve` times its rate: the bursts thinned away, plus reserve - 1
+    other burst-free days of the same shape (the last one thinned to the fraction left)."""
     bursts = synthetic_bursts(seed=args.seed, day_s=args.day_s)
     steady = without_bursts(trace, bursts, BURST_RATIO, seed=args.seed)
-    other = synthetic_day(seed=args.seed + 1000, day_s=args.day_s, mean_rate=args.mean_rate, bursts=0)
     rng = random.Random(args.seed + 7)
-    steady += [r for r in other if rng.random() < reserve - 1.0]
+    for i in range(math.ceil(reserve - 1.0)):  # one more burst-free day per unit of reserve over 1
+        other = synthetic_day(seed=args.seed + 1000 + i, day_s=args.day_s, mean_rate=args.mean_rate, bursts=0)
+        steady += [r for r in other if rng.random() < reserve - 1.0 - i]
     return sorted(steady, key=lambda r: r.arrival_s)
 
 
