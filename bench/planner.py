@@ -17,7 +17,7 @@ Baselines in the same run:
   reactive_controller): it knows the steady (diurnal) traffic ahead but learns of a burst
   one interval after it begins. For each reserve R it holds, window by window, the
   oracle's sizes for the steady traffic at R times its rate (the day's bursts thinned
-  away, plus R - 1 times another steady day), and once it knows of a burst, the oracle's
+  away, plus R - 1 other burst-free days), and once it knows of a burst, the oracle's
   sizes for the burst's windows. The smallest R meeting every window bounds what any
   planner that must wait for a burst to begin can reach.
 """
