@@ -12,12 +12,21 @@ Baselines in the same run:
   simulator, the fewest workers each window needs (asked for --startup-s ahead);
 - every fixed fleet size from the oracle's peak: the smallest meeting >= 99% of
   windows is "best fixed";
-- the planner, for each --predictors x --burst-ratios, never reading the future.
+- the planner, for each --predictors x --burst-ratios, never reading the future;
+- with --bound-reserves, the floor for a causal planner (kvflow.replay.oracle's
+  reactive_controller): it knows the steady (diurnal) traffic ahead but learns of a burst
+  one interval after it begins. For each reserve R it holds, window by window, the
+  oracle's sizes for the steady traffic at R times its rate (the day's bursts thinned
+  away, plus R - 1 other burst-free days), and once it knows of a burst, the oracle's
+  sizes for the burst's windows (plus --bound-extra). The smallest R meeting every
+  window bounds what any planner that must wait for a burst to begin can reach.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import random
 import time
 from dataclasses import dataclass
 
@@ -27,15 +36,16 @@ from kvflow.planner.model import Fleet
 from kvflow.planner.observe import Observation
 from kvflow.planner.perf import PerfModel
 from kvflow.planner.planner import Planner
-from kvflow.replay.oracle import oracle_schedule
+from kvflow.replay.oracle import oracle_schedule, reactive_controller
 from kvflow.replay.report import attainment, windows
 from kvflow.replay.sim import SimEngine, SimResult, Simulation
-from kvflow.replay.trace import TraceRequest, synthetic_day
+from kvflow.replay.trace import TraceRequest, synthetic_bursts, synthetic_day, without_bursts
 from kvflow.router.config import KvRouterConfig
 
 # A worker slower than the default H100 model (a smaller GPU): fewer steps to simulate,
 # and a fleet of several workers at a modest request rate.
 TIMING = TimingParams(hbm_bandwidth=1.0e12, matmul_flops=2.0e14, attn_flops=1.3e14)
+BURST_RATIO = 2.5  # synthetic_day's default: a burst's rate over the rate around it
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,35 @@ def planner_controller(args: argparse.Namespace, perf: PerfModel, predictor: str
     return control
 
 
+def steady_traffic(trace: list[TraceRequest], args: argparse.Namespace, reserve: float) -> list[TraceRequest]:
+    """The day's steady part at `reserve` times its rate: the bursts thinned away, plus reserve - 1
+    other burst-free days of the same shape (the last one thinned to the fraction left)."""
+    bursts = synthetic_bursts(seed=args.seed, day_s=args.day_s)
+    steady = without_bursts(trace, bursts, BURST_RATIO, seed=args.seed)
+    rng = random.Random(args.seed + 7)
+    for i in range(math.ceil(reserve - 1.0)):  # one more burst-free day per unit of reserve over 1
+        other = synthetic_day(seed=args.seed + 1000 + i, day_s=args.day_s, mean_rate=args.mean_rate, bursts=0)
+        steady += [r for r in other if rng.random() < reserve - 1.0 - i]
+    return sorted(steady, key=lambda r: r.arrival_s)
+
+
+def bound(trace: list[TraceRequest], args: argparse.Namespace, burst_sizes: list[int], reserve: float) -> Row:
+    """The causal floor at one reserve: steady sizes from the oracle on the steady traffic x reserve,
+    the oracle's burst sizes once a burst is known (an interval after it begins)."""
+    started = time.monotonic()
+    steady = steady_traffic(trace, args, reserve)
+    found = oracle_schedule(steady, lambda n: simulation(steady, args, n), window_s=args.window_s,
+                            ttft_sla=args.ttft, itl_sla=args.itl, startup_s=args.startup_s,
+                            max_workers=args.max_workers)
+    sizes = found.schedule + [found.schedule[-1]] * max(0, len(burst_sizes) - len(found.schedule))
+    control = reactive_controller(sizes, burst_sizes + [0] * max(0, len(sizes) - len(burst_sizes)),
+                                  synthetic_bursts(seed=args.seed, day_s=args.day_s),
+                                  window_s=args.window_s, startup_s=args.startup_s, detect_s=args.interval_s)
+    out = row(f"bound reserve {reserve:g}", simulation(trace, args, sizes[0], control).run(), args, started)
+    print(f"{'':>28} steady sizes: {' '.join(map(str, found.schedule))}", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--day-s", type=float, default=1200.0)
@@ -128,12 +167,19 @@ def main() -> None:
     p.add_argument("--scale-down-intervals", type=int, default=3)
     p.add_argument("--cooldown-s", type=float, default=15.0)
     p.add_argument("--max-scale-down-step", type=int, default=8)
+    p.add_argument("--bound-reserves", type=float, nargs="*", default=[],
+                   help="also run the causal floor (see above) with each reserve R >= 1 (slow: an oracle "
+                        "search each)")
+    p.add_argument("--bound-extra", type=int, default=0,
+                   help="the bound's burst sizes: the oracle's plus this many workers")
     p.add_argument("--predictors", nargs="+", default=["kalman", "moving_average", "constant"])
     p.add_argument("--max-workers", type=int, default=12)
     p.add_argument("--fixed", type=int, nargs="*",
                    help="fixed fleet sizes to run (default: from the oracle's peak, down to the smallest "
                         "meeting 99%% of windows)")
     args = p.parse_args()
+    if any(r < 1 for r in args.bound_reserves) or args.bound_extra < 0:
+        p.error("--bound-reserves must be >= 1 (a multiple of the steady rate), --bound-extra >= 0")
     trace = synthetic_day(seed=args.seed, day_s=args.day_s, mean_rate=args.mean_rate)
     perf = PerfModel.from_timing(TimingModel(TIMING))
     print(f"synthetic day (seed {args.seed}): {len(trace)} requests over {args.day_s:.0f}s virtual; SLA "
@@ -167,10 +213,12 @@ def main() -> None:
     planned = [run(f"planner {predictor} burst {ratio:g}", trace, args, 1,
                    planner_controller(args, perf, predictor, ratio))
                for ratio in args.burst_ratios for predictor in args.predictors]
+    burst_sizes = [n + args.bound_extra for n in found.schedule]
+    bounds = [bound(trace, args, burst_sizes, r) for r in args.bound_reserves]
     best = min((r for n, r in fixed if r.attainment >= 0.99), key=lambda r: r.worker_seconds, default=None)
     print(f"\ntargets: >= 99% of windows; <= 1.10x the oracle's worker-seconds; fewer than the best "
           f"fixed fleet ({best.name + f', {best.worker_seconds:.0f}' if best else 'none met 99%'})")
-    for r in planned:
+    for r in planned + bounds:
         vs_fixed = f"{r.worker_seconds / best.worker_seconds:.2f}x best fixed" if best else "no fixed met 99%"
         ratio = r.worker_seconds / oracle.worker_seconds
         print(f"{r.name:>28}: {r.attainment:6.1%} of windows, {ratio:.2f}x the oracle, {vs_fixed}")

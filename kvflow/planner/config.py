@@ -25,7 +25,7 @@ class PlannerConfig:
     predictor: str = "kalman"
     headroom: float = 0.1
     burst_ratio: float = 0.0  # keep capacity for this multiple of the baseline (median) rate; 0 = off
-    baseline_s: float = 120.0  # the baseline is the median rate over this many seconds
+    baseline_s: float = 120.0  # the baseline is the median rate over this many seconds, bursts left out
     # also plan for the requests held at the routers (--router-max-* thresholds), served
     # within this many seconds on top of the arrivals; 0 = off
     backlog_drain_s: float = 0.0

@@ -8,7 +8,11 @@ a fleet change, intervals are not used until `settle_s` (a worker's start-up tim
 plus one predicted request duration (OSL x ITL) have passed: until then the requests
 finishing were served, at least in part, by a fleet other than the one set. The
 baseline rate for the burst reserve (`Rules.burst_ratio`) is the median observed rate
-over the last `baseline_s` seconds.
+over the last `baseline_s` seconds, leaving out the bursts themselves: an interval whose
+rate is over burst_ratio x the baseline is not counted until such rates have lasted
+`baseline_s` (then they are the new normal). Otherwise a burst half as long as
+`baseline_s` would move the median to its own rate, and the reserve to a multiple of it,
+for as long again after it ended.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Planner:
         self.calibrate_from = float("-inf")  # intervals starting earlier are not calibrated on
         self.baseline_s = baseline_s
         self.rates: deque[tuple[float, float]] = deque()  # (at_s, observed rate) over baseline_s
+        self.burst_since: float | None = None  # start of the run of intervals left out as a burst
         self.decisions: list[Decision] = []
         self._seen = False
 
@@ -59,8 +64,8 @@ class Planner:
         return decision
 
     def baseline(self) -> float:
-        """The median observed rate over the last baseline_s: a burst shorter than half of it leaves
-        it where it was, the daily trend moves it."""
+        """The median observed rate over the last baseline_s, bursts left out (see _record_rate):
+        the daily trend moves it, a burst does not."""
         if not self.rates:
             return 0.0
         ordered = sorted(r for _, r in self.rates)
@@ -69,10 +74,8 @@ class Planner:
     def _predict(self, obs: Observation | None) -> Load | None:
         if obs is None:
             return None
-        self.rate.observe(obs.load.rate)
-        self.rates.append((obs.at_s, obs.load.rate))
-        while self.rates and self.rates[0][0] <= obs.at_s - self.baseline_s:
-            self.rates.popleft()
+        self.rate.observe(obs.load.rate, obs.interval_s)
+        self._record_rate(obs)
         if obs.requests:
             for p, v in zip(self.shape, (obs.load.isl, obs.load.osl, obs.load.cached_fraction),
                             strict=True):
@@ -83,6 +86,21 @@ class Planner:
             return Load(0.0, 1.0, 1.0)
         isl, osl, cached = (p.predict() for p in self.shape)
         return Load(self.rate.predict(), max(isl, 1.0), max(osl, 1.0), cached)
+
+    def _record_rate(self, obs: Observation) -> None:
+        """Keep the interval's rate for the baseline, unless it is part of a burst: over
+        burst_ratio x the baseline, for less than baseline_s so far."""
+        while self.rates and self.rates[0][0] <= obs.at_s - self.baseline_s:
+            self.rates.popleft()
+        base, ratio = self.baseline(), self.rules.burst_ratio
+        if ratio > 0 and base > 0 and obs.load.rate > ratio * base:
+            if self.burst_since is None:
+                self.burst_since = obs.at_s - obs.interval_s
+            if obs.at_s - self.burst_since < self.baseline_s:
+                return
+        else:
+            self.burst_since = None
+        self.rates.append((obs.at_s, obs.load.rate))
 
     def _calibrate(self, obs: Observation) -> None:
         if not self.calibrate or obs.requests < MIN_REQUESTS_TO_CALIBRATE:

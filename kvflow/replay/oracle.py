@@ -12,6 +12,12 @@ backlog that costs more later), but each window's size is the least that works g
 the past, measured by the same simulator the planner is judged by, not by the
 planner's model. It is a lower bound for any planner that changes the fleet only at
 window boundaries; a planner that moves more often can beat it.
+
+`reactive_controller` is the yardstick for a causal planner: one that knows the traffic
+ahead except when a burst begins. It holds given per-window sizes (asked for start-up
+ahead, as the oracle does) and learns of each burst `detect_s` after it begins; from
+then to the end of the last window the burst touches it holds at least the sizes given
+for the burst (e.g. the oracle's), while the workers it asks for start.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvflow.planner.observe import Observation
 from kvflow.replay.report import RequestResult, meets_sla
 from kvflow.replay.sim import SimResult, Simulation
 from kvflow.replay.trace import TraceRequest
@@ -142,3 +149,26 @@ def oracle_schedule(trace: list[TraceRequest], make_sim: Callable[[int], Simulat
         base = make_sim(1)
         base.advance()
     return OracleResult(schedule, base.result(), search.trials)
+
+
+def reactive_controller(steady: list[int], burst_sizes: list[int], bursts: list[tuple[float, float]], *,
+                        window_s: float, startup_s: float,
+                        detect_s: float) -> Callable[[float, Observation | None], int]:
+    """A simulation controller: per window `steady[k]` workers, asked for `startup_s` ahead of the
+    window (and let go at its start); from `detect_s` after a burst (start, end) begins until the
+    end of the last window it touches, at least `burst_sizes` of the window (of the next one too,
+    startup_s ahead, while that is still one the burst touches)."""
+    if not steady or len(burst_sizes) < len(steady):
+        raise ValueError("reactive_controller needs a steady size and a burst size for every window")
+    last = len(steady) - 1
+
+    def control(now: float, _: Observation | None = None) -> int:
+        k = min(int(now // window_s), last)
+        ahead = min(int((now + startup_s) // window_s), last)
+        n = max(steady[k], steady[ahead])
+        for start, end in bursts:
+            final = int(end // window_s) if end % window_s else int(end // window_s) - 1
+            if start + detect_s <= now < (final + 1) * window_s:
+                n = max(n, burst_sizes[k], burst_sizes[ahead] if ahead <= final else 0)
+        return n
+    return control

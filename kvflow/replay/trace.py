@@ -90,6 +90,26 @@ def write_trace(path: str | Path, requests: list[TraceRequest]) -> None:
             f.write(json.dumps(obj) + "\n")
 
 
+def _burst_starts(rng: random.Random, day_s: float, bursts: int) -> list[float]:
+    """Burst onsets, drawn first from the day's generator: anywhere in the middle 80% of the day."""
+    return sorted(rng.uniform(0.1, 0.9) * day_s for _ in range(bursts))
+
+
+def synthetic_bursts(*, seed: int = 0, day_s: float = 3600.0, bursts: int = 4,
+                     burst_s: float = 60.0) -> list[tuple[float, float]]:
+    """The (start, end) of each burst of `synthetic_day` with the same arguments."""
+    return [(b, b + burst_s) for b in _burst_starts(random.Random(seed), day_s, bursts)]
+
+
+def without_bursts(trace: list[TraceRequest], bursts: list[tuple[float, float]], burst_ratio: float,
+                   seed: int = 0) -> list[TraceRequest]:
+    """The trace's steady part: inside each burst, each request is kept with probability
+    1 / burst_ratio (a Poisson process thinned back to the rate around it)."""
+    rng = random.Random(seed)
+    return [r for r in trace
+            if not any(b <= r.arrival_s < e for b, e in bursts) or rng.random() * burst_ratio < 1.0]
+
+
 @lru_cache(maxsize=4096)
 def _block_tokens(hash_id: int) -> tuple[int, ...]:
     return tuple(random.Random(hash_id * 7919 + 17).randbytes(HASH_BLOCK))
@@ -114,7 +134,7 @@ def synthetic_day(*, seed: int = 0, day_s: float = 3600.0, mean_rate: float = 4.
                   osl: tuple[int, int] = (50, 300), shared_prefixes: int = 20) -> list[TraceRequest]:
     """A compressed day: diurnal rate (trough at start, peak mid-day), short bursts, mixed ISL/OSL."""
     rng = random.Random(seed)
-    burst_at = sorted(rng.uniform(0.1, 0.9) * day_s for _ in range(bursts))
+    burst_at = _burst_starts(rng, day_s, bursts)
     lo = 2 * mean_rate / (1 + peak_ratio)
 
     def rate(t: float) -> float:

@@ -34,3 +34,20 @@ def test_the_baseline_is_the_median_rate_of_the_last_baseline_s() -> None:
     assert planner.baseline() == 30.0
     planner.step(70.0, Observation(70.0, 10.0, 50, Load(5.0, 512, 100)))
     assert planner.baseline() == 30.0  # 30, 40, 5 -> sorted 5, 30, 40
+
+
+def test_a_burst_is_left_out_of_the_baseline_until_it_lasts_baseline_s() -> None:
+    planner = Planner(rules(burst_ratio=2.0), FLAT, Fleet(aggregated=8), baseline_s=30.0)
+
+    def step(at: float, rate: float) -> float:
+        planner.step(at, Observation(at, 10.0, int(rate * 10), Load(rate, 512, 100)))
+        return planner.baseline()
+    assert [step(t, 10.0) for t in (10.0, 20.0, 30.0)] == [10.0, 10.0, 10.0]
+    # 30 req/s is over 2 x 10: a burst from t = 30. Left out, the median stays 10 (counted, the
+    # last 30 s would hold 10, 30, 30 at t = 50: a median of 30 and a reserve of 60 req/s).
+    assert step(40.0, 30.0) == 10.0
+    assert step(50.0, 30.0) == 10.0
+    # At t = 60 it has lasted 30 s (baseline_s): the new normal.
+    assert step(60.0, 30.0) == 30.0
+    # A later burst (100 at t = 80) is left out again; 30 is the baseline.
+    assert step(70.0, 30.0) == 30.0 and step(80.0, 100.0) == 30.0 and step(90.0, 30.0) == 30.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvflow.engines.mocker.timing import TimingModel, TimingParams
-from kvflow.replay.oracle import oracle_schedule
+from kvflow.replay.oracle import oracle_schedule, reactive_controller
 from kvflow.replay.report import attainment, windows
 from kvflow.replay.sim import SimEngine, Simulation
 from kvflow.replay.trace import TraceRequest
@@ -59,3 +59,18 @@ def test_a_fork_runs_on_independently() -> None:
     assert len(sim.results) == len(copy.results) == len(trace)
     assert max(n for _, n in sim.timeline) == 1 and max(n for _, n in copy.timeline) == 3
     assert sim.result().worker_seconds < copy.result().worker_seconds
+
+
+def test_the_reactive_yardstick_learns_of_a_burst_only_after_it_begins() -> None:
+    # Windows of 60 s: steady sizes 1, 2, 1; the oracle's sizes 1, 4, 3 for a burst at 70..90 s.
+    control = reactive_controller([1, 2, 1], [1, 4, 3], [(70.0, 90.0)], window_s=60.0, startup_s=10.0,
+                                  detect_s=1.0)
+    assert control(5.0) == 1
+    assert control(50.0) == 2  # window 1's 2 workers are asked for 10 s ahead of it
+    assert control(65.0) == 2  # the burst is 5 s away and unknown: no more than the steady size
+    assert control(70.5) == 2  # it began 0.5 s ago: not yet detected
+    assert control(71.0) == 4  # detected: window 1's burst size
+    assert control(115.0) == 4  # window 2 is not one the burst touches: its size is not asked ahead
+    assert control(120.0) == 1  # the burst's last window is over: back to the steady size
+    with pytest.raises(ValueError, match="a burst size for every window"):
+        reactive_controller([1, 2], [1], [], window_s=60.0, startup_s=10.0, detect_s=1.0)

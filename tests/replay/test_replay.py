@@ -12,7 +12,15 @@ import pytest
 
 from kvflow.replay.report import RequestResult, attainment, windows
 from kvflow.replay.sim import Simulation
-from kvflow.replay.trace import TraceError, TraceRequest, load_trace, prompt_tokens, synthetic_day
+from kvflow.replay.trace import (
+    TraceError,
+    TraceRequest,
+    load_trace,
+    prompt_tokens,
+    synthetic_bursts,
+    synthetic_day,
+    without_bursts,
+)
 from kvflow.testing.procs import kvflow_proc, runtime_env
 from kvflow.testing.tokenizer import make_model_dir
 
@@ -37,6 +45,21 @@ def test_shared_hash_ids_give_shared_prompt_prefixes() -> None:
     a = prompt_tokens(TraceRequest(0, 1000, 1, (7, 8)), salt=1)
     b = prompt_tokens(TraceRequest(0, 1000, 1, (7, 9)), salt=2)
     assert len(a) == len(b) == 1000 and a[:512] == b[:512] and a[512:] != b[512:]
+
+
+def test_synthetic_bursts_name_the_day_s_bursts_and_can_be_thinned_away() -> None:
+    # A flat day of 20 req/s with one 60 s burst at 2.5x: 50 req/s inside it.
+    day = synthetic_day(seed=5, day_s=600, mean_rate=20.0, peak_ratio=1.0, bursts=1, burst_s=60.0)
+    ((start, end),) = synthetic_bursts(seed=5, day_s=600, bursts=1, burst_s=60.0)
+    assert end - start == 60.0 and 60.0 <= start <= 540.0
+
+    def inside(trace: list[TraceRequest]) -> int:
+        return sum(start <= r.arrival_s < end for r in trace)
+    assert 2600 < inside(day) < 3400  # 50 x 60 = 3000
+    steady = without_bursts(day, [(start, end)], 2.5, seed=1)
+    assert 1000 < inside(steady) < 1400  # 20 x 60 = 1200: the rate around it
+    assert [r for r in steady if not start <= r.arrival_s < end] == \
+        [r for r in day if not start <= r.arrival_s < end]  # outside the burst, untouched
 
 
 def test_simulation_is_exact_and_repeatable() -> None:
