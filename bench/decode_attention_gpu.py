@@ -12,7 +12,7 @@ narrow tiles on two warps, 6-7% faster here at batch 64/256, made the engine's b
 decode 12% slower on the H200, so the engine keeps the default.
 
     PYTHONPATH=. python bench/decode_attention_gpu.py [--batch 256] [--context 576]
-        [--shape 1b 8b] [--shuffle]
+        [--shape 1b 8b] [--shuffle] [--rope] [--variants N]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from bench.fp8_gpu import graph_ms
 from bench.native_gpu import measure_bandwidth
-from kvflow.engines.native.attention import AttentionMetadata
+from kvflow.engines.native.attention import AttentionMetadata, Rope
 from kvflow.engines.native.triton_decode import (
     DEFAULT_LAUNCH,
     DecodeLaunch,
@@ -55,19 +55,24 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=576)
     parser.add_argument("--shape", nargs="+", default=["1b", "8b"], choices=sorted(SHAPES))
     parser.add_argument("--shuffle", action="store_true")
+    parser.add_argument("--rope", action="store_true", help="with RoPE fused in, as the engine runs it")
+    parser.add_argument("--variants", type=int, default=0,
+                        help="only the default and this many of the sweep's variants (first ones)")
     args = parser.parse_args()
     bandwidth = measure_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     variants = [DEFAULT_LAUNCH] + [DecodeLaunch(n, w, True, waves) for n, w, waves in
-                                   itertools.product((32, 64), (2, 4, 8), (2, 4, 8))]
+                                   itertools.product((64, 32), (2, 4, 8), (2, 4, 8))]
+    if args.variants:
+        variants = variants[: 1 + args.variants]
     torch.manual_seed(0)
     for shape, batch in itertools.product(args.shape, args.batch):
-        sweep(shape, batch, args.context, args.shuffle, bandwidth, sms, variants)
+        sweep(shape, batch, args.context, args.shuffle, bandwidth, sms, variants, args.rope)
 
 
 def sweep(shape: str, batch: int, context: int, shuffle: bool, bandwidth: float, sms: int,
-          variants: list[DecodeLaunch]) -> None:
+          variants: list[DecodeLaunch], with_rope: bool = False) -> None:
     heads, kv_heads, dim = SHAPES[shape]
     meta = decode_meta(batch, context, shuffle, "cuda")
     num_blocks = int(meta.block_tables.max()) + 1
@@ -78,12 +83,18 @@ def sweep(shape: str, batch: int, context: int, shuffle: bool, bandwidth: float,
     counters = SplitCounters().get(batch * kv_heads, q.device)
     floor_us = batch * context * kv_heads * dim * 2 * 2 / bandwidth * 1e6
 
+    rope = None
+    if with_rope:  # the tables the engine passes (float32, [positions, D/2]); the op is fused
+        angles = torch.outer(torch.arange(context + 1, device="cuda", dtype=torch.float32),
+                             torch.rand(dim // 2, device="cuda"))
+        rope = Rope(meta.seq_lens.long() - 1, angles.cos(), angles.sin(), lambda *a: a[1:3])
+
     def run(t: DecodeLaunch) -> torch.Tensor:
         splits = decode_splits(batch, kv_heads, sms, t.waves)
-        return paged_decode(q, k, v, cache, meta, dim ** -0.5, None, None, splits, counters, t)
+        return paged_decode(q, k, v, cache, meta, dim ** -0.5, None, rope, splits, counters, t)
 
     reference = run(DEFAULT_LAUNCH)
-    print(f"\n{shape}: batch {batch}, context {context}, shuffled={shuffle}; "
+    print(f"\n{shape}: batch {batch}, context {context}, shuffled={shuffle}, rope={with_rope}; "
           f"KV floor {floor_us:.1f} us")
     print(f"{'block_n':>8}{'warps':>6}{'heads 1st':>10}{'splits':>7}{'us':>9}{'of floor':>9}"
           f"{'TB/s':>7}")
