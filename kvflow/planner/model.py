@@ -4,17 +4,22 @@ Queueing is approximated per worker. Prefill is an M/D/1 queue (mean wait
 rho*p / 2(1-rho), and the 90th percentile taken as 2.3x the mean wait, the ratio
 for an exponential tail); decode batch size follows Little's law (a worker holds
 rate x OSL x ITL sequences), solved as a fixed point because ITL grows with batch.
-On aggregated workers, prefill steals a share rho_p of the step time from decode.
-The Calibration factors correct all of this with what the fleet really reports.
+On aggregated workers, prefill takes a share rho_p of the time, but its steps also carry
+every running sequence's next token (the engine batches decodes with a prefill): a worker
+makes (1 - rho_p) / decode_step + rate steps a second, and the ITL is one over that.
+The Calibration factors correct all of this with what the fleet really reports, each at the
+per-worker rate it was observed at (see `per_worker_rates`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kvflow.planner.perf import Calibration, PerfModel
 
 P90_WAIT = 2.3
+Z90 = 1.28  # the normal distribution's 90th percentile, in standard deviations
 MAX_UTIL = 0.95
 INFEASIBLE = float("inf")
 
@@ -69,19 +74,24 @@ class Estimate:
         return min(ttft_sla / max(self.ttft_s, 1e-9), itl_sla / max(self.itl_s, 1e-9))
 
 
-def _decode_itl(perf: PerfModel, rate: float, load: Load, share: float) -> tuple[float, float]:
-    """(ITL, batch) of one worker getting `rate` req/s, with `share` of its time for decode."""
+def _decode_itl(perf: PerfModel, rate: float, load: Load, share: float,
+                prefill_steps: float = 0.0) -> tuple[float, float]:
+    """(ITL, batch) of one worker getting `rate` req/s, with `share` of its time for decode steps
+    and `prefill_steps` other steps a second (prefills) that each also advance every sequence."""
     context = load.isl + load.osl / 2
+
+    def itl_at(batch: float) -> float:
+        return 1.0 / (share / perf.decode_step(batch, context) + prefill_steps)
     batch = 1.0
     for _ in range(60):
-        itl = perf.decode_step(batch, context) / share
+        itl = itl_at(batch)
         nxt = max(rate * load.osl * itl, 1.0)
         if nxt > perf.max_batch:
             return INFEASIBLE, nxt
         if abs(nxt - batch) < 1e-3:
             break
         batch = nxt
-    return perf.decode_step(batch, context) / share, batch
+    return itl_at(batch), batch
 
 
 def _prefill(perf: PerfModel, rate: float, load: Load) -> tuple[float, float]:
@@ -90,8 +100,37 @@ def _prefill(perf: PerfModel, rate: float, load: Load) -> tuple[float, float]:
     return p, rate * p
 
 
+def _itl_p90(perf: PerfModel, rate: float, load: Load, prefill: bool) -> tuple[float, float]:
+    """(ITL p90, mean decode batch) of one worker getting `rate` req/s (doing their prefills too
+    if `prefill`). A request's ITL is the mean step time over its life, and the load over a life
+    of L = OSL x ITL seconds is a Poisson count: the p90 ITL is the mean ITL at the 90th
+    percentile of that load, rate + 1.28 sqrt(rate / L)."""
+    def mean_itl(r: float) -> tuple[float, float]:
+        if not prefill:
+            return _decode_itl(perf, r, load, 1.0)
+        _, rho = _prefill(perf, r, load)
+        if rho >= MAX_UTIL:
+            return INFEASIBLE, INFEASIBLE
+        # A prefill step also advances every running sequence by a token (the engine batches
+        # decodes with a prefill): decode loses the prefill time but not those steps' tokens.
+        return _decode_itl(perf, r, load, 1 - rho, prefill_steps=r)
+    itl, batch = mean_itl(rate)
+    if itl == INFEASIBLE or rate <= 0:
+        return itl, batch
+    return mean_itl(rate + Z90 * math.sqrt(rate / (load.osl * itl)))[0], batch
+
+
 def _queued(p: float, rho: float) -> float:
     return p + P90_WAIT * rho * p / (2 * (1 - rho))
+
+
+def per_worker_rates(fleet: Fleet, rate: float) -> tuple[float, float]:
+    """Requests per second per worker on (the prefill side, the decode side): the load levels the
+    calibration is kept by. Aggregated workers do both; an empty pool gets 0."""
+    if fleet.disaggregated:
+        return (rate / fleet.prefill if fleet.prefill else 0.0, rate / fleet.decode if fleet.decode else 0.0)
+    each = rate / fleet.aggregated if fleet.aggregated else 0.0
+    return each, each
 
 
 def estimate(fleet: Fleet, load: Load, perf: PerfModel, calib: Calibration | None = None,
@@ -102,7 +141,8 @@ def estimate(fleet: Fleet, load: Load, perf: PerfModel, calib: Calibration | Non
         ttft, itl = _disaggregated(fleet, load, perf)
     else:
         ttft, itl = _aggregated(fleet.aggregated, load, perf)
-    return ttft * calib.ttft, itl * calib.itl
+    f_ttft, f_itl = calib.factors(*per_worker_rates(fleet, load.rate))
+    return ttft * f_ttft, itl * f_itl
 
 
 def _aggregated(n: int, load: Load, perf: PerfModel) -> tuple[float, float]:
@@ -112,7 +152,7 @@ def _aggregated(n: int, load: Load, perf: PerfModel) -> tuple[float, float]:
     p, rho = _prefill(perf, rate, load)
     if rho >= MAX_UTIL:
         return INFEASIBLE, INFEASIBLE
-    itl, batch = _decode_itl(perf, rate, load, 1 - rho)
+    itl, batch = _itl_p90(perf, rate, load, prefill=True)
     if itl == INFEASIBLE:
         return INFEASIBLE, INFEASIBLE
     step = perf.decode_step(batch, load.isl + load.osl / 2)
@@ -125,7 +165,7 @@ def _disaggregated(fleet: Fleet, load: Load, perf: PerfModel) -> tuple[float, fl
     p, rho = _prefill(perf, load.rate / fleet.prefill, load)
     if rho >= MAX_UTIL:
         return INFEASIBLE, INFEASIBLE
-    itl, batch = _decode_itl(perf, load.rate / fleet.decode, load, 1.0)
+    itl, batch = _itl_p90(perf, load.rate / fleet.decode, load, prefill=False)
     if itl == INFEASIBLE:
         return INFEASIBLE, INFEASIBLE
     first_step = perf.decode_step(batch, load.isl + load.osl / 2)

@@ -4,13 +4,15 @@
 mocker's timing model can fill them analytically (for simulation). Between table
 points the model interpolates linearly; beyond the last point it extrapolates from
 the last two. `Calibration` refines predictions online: the ratio of what the fleet
-reports to what the model predicted, smoothed, scales later predictions.
+reports to what the model predicted, pooled by load level (requests per second per
+worker), scales later predictions at that load.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,22 +79,54 @@ class PerfModel:
 
 @dataclass
 class Calibration:
-    """Observed / predicted ratios for TTFT and ITL, smoothed (EWMA); 1.0 until seen."""
+    """Observed / predicted TTFT and ITL, by load level: the requests per second one worker gets.
 
-    alpha: float = 0.3
-    ttft: float = 1.0
-    itl: float = 1.0
-    history: list[tuple[float, float]] = field(default_factory=list)
+    A model can be wrong by a different factor at each load (a queueing approximation that
+    is pessimistic when busy and optimistic when idle), so one factor for all loads cannot
+    correct it. Levels are geometric, `step` apart (level k holds rates in [step^k,
+    step^(k+1))). Each keeps the request-weighted mean of log(observed / predicted) over its
+    last `memory` requests, so intervals of a few requests pool into one estimate. A level
+    is used once it holds `min_requests`; between used levels the factor is interpolated in
+    log rate; beyond them, the nearest used level's is taken; with none, 1.0.
+    """
 
-    def update(self, predicted_ttft: float, observed_ttft: float | None,
-               predicted_itl: float, observed_itl: float | None) -> None:
-        if observed_ttft and predicted_ttft > 0:
-            self.ttft = self._blend(self.ttft, observed_ttft / predicted_ttft)
-        if observed_itl and predicted_itl > 0:
-            self.itl = self._blend(self.itl, observed_itl / predicted_itl)
-        self.history.append((self.ttft, self.itl))
-        del self.history[:-100]
+    step: float = 1.25
+    min_requests: float = 20.0
+    memory: float = 300.0
+    # metric ("ttft" | "itl") -> level -> [requests pooled (capped at memory), mean log ratio]
+    levels: dict[str, dict[int, list[float]]] = field(default_factory=lambda: {"ttft": {}, "itl": {}})
 
-    def _blend(self, old: float, ratio: float) -> float:
-        ratio = min(max(ratio, 0.25), 4.0)  # one odd interval never swings the model wildly
-        return (1 - self.alpha) * old + self.alpha * ratio
+    def level(self, rate_per_worker: float) -> int:
+        return math.floor(math.log(max(rate_per_worker, 1e-6)) / math.log(self.step))
+
+    def update(self, rate_per_worker: float, requests: float, predicted_ttft: float,
+               observed_ttft: float | None, predicted_itl: float, observed_itl: float | None) -> None:
+        """Pool one interval's `requests` at the level of `rate_per_worker` (a metric that was not
+        observed, or not predicted, is left as it was)."""
+        for name, predicted, observed in (("ttft", predicted_ttft, observed_ttft),
+                                          ("itl", predicted_itl, observed_itl)):
+            if not observed or not 0 < predicted < math.inf or requests <= 0:
+                continue
+            ratio = min(max(observed / predicted, 0.25), 4.0)  # one odd interval never swings it wildly
+            pooled = self.levels[name].setdefault(self.level(rate_per_worker), [0.0, 0.0])
+            pooled[0] += requests
+            pooled[1] += requests / pooled[0] * (math.log(ratio) - pooled[1])
+            pooled[0] = min(pooled[0], self.memory)
+
+    def factor(self, name: str, rate_per_worker: float) -> float:
+        """The correction for metric `name` at this load (see the class docstring)."""
+        known = sorted((k, mean) for k, (n, mean) in self.levels[name].items() if n >= self.min_requests)
+        if not known:
+            return 1.0
+        x = math.log(max(rate_per_worker, 1e-6)) / math.log(self.step) - 0.5  # in level units, centred
+        if x <= known[0][0]:
+            return math.exp(known[0][1])
+        if x >= known[-1][0]:
+            return math.exp(known[-1][1])
+        i = bisect.bisect_right([k for k, _ in known], x)
+        (k0, m0), (k1, m1) = known[i - 1], known[i]
+        return math.exp(m0 + (m1 - m0) * (x - k0) / (k1 - k0))
+
+    def factors(self, ttft_rate: float, itl_rate: float) -> tuple[float, float]:
+        """(TTFT factor at the prefill side's per-worker rate, ITL factor at the decode side's)."""
+        return self.factor("ttft", ttft_rate), self.factor("itl", itl_rate)

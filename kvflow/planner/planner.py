@@ -2,8 +2,10 @@
 
 The rate is forecast by the configured predictor; prompt/output lengths and the
 cached fraction by a moving average (they drift slowly). After each observed
-interval with enough requests, the performance model is calibrated: the observed
-TTFT/ITL p90 against what the model predicts for the fleet that served them. After
+interval, the performance model is calibrated (`Calibration`, by load level): the
+observed TTFT/ITL p90 against what the model predicts for the fleet that served them,
+at the load those requests met: the arrivals over the last request duration (at least
+one interval), per worker, which is also the level the interval is pooled at. After
 a fleet change, intervals are not used until `settle_s` (a worker's start-up time)
 plus one predicted request duration (OSL x ITL) have passed: until then the requests
 finishing were served, at least in part, by a fleet other than the one set. The
@@ -21,13 +23,13 @@ import logging
 from collections import deque
 
 from kvflow.planner.decide import Decision, PlanState, Rules, plan_step
-from kvflow.planner.model import Fleet, Load, estimate
+from kvflow.planner.model import Fleet, Load, estimate, per_worker_rates
 from kvflow.planner.observe import Observation
 from kvflow.planner.perf import Calibration, PerfModel
 from kvflow.planner.predict import MovingAveragePredictor, make_predictor
 
 log = logging.getLogger(__name__)
-MIN_REQUESTS_TO_CALIBRATE = 20
+MAX_LOOKBACK_S = 60.0  # the longest span of arrivals taken as the load that finished requests met
 
 
 class Planner:
@@ -44,6 +46,8 @@ class Planner:
         self.baseline_s = baseline_s
         self.rates: deque[tuple[float, float]] = deque()  # (at_s, observed rate) over baseline_s
         self.burst_since: float | None = None  # start of the run of intervals left out as a burst
+        self.recent: deque[Observation] = deque()  # observations over the last MAX_LOOKBACK_S
+        self.serve_s = 0.0  # the latest predicted request duration (first token + OSL x ITL)
         self.decisions: list[Decision] = []
         self._seen = False
 
@@ -81,7 +85,7 @@ class Planner:
                             strict=True):
                 p.observe(v)
             self._seen = True
-            self._calibrate(obs)
+        self._calibrate(obs)
         if not self._seen:
             return Load(0.0, 1.0, 1.0)
         isl, osl, cached = (p.predict() for p in self.shape)
@@ -102,15 +106,37 @@ class Planner:
             self.burst_since = None
         self.rates.append((obs.at_s, obs.load.rate))
 
+    def _met_load(self, obs: Observation) -> Load:
+        """The load the interval's finished requests met: arrivals over the last serve_s (at least
+        this interval), their shape request-weighted."""
+        self.recent.append(obs)
+        while self.recent and self.recent[0].at_s <= obs.at_s - MAX_LOOKBACK_S:
+            self.recent.popleft()
+        span = min(max(self.serve_s, obs.interval_s), MAX_LOOKBACK_S)
+        pooled = [o for o in self.recent if o.at_s > obs.at_s - span] or [obs]
+        seconds = sum(o.interval_s for o in pooled)
+        n = sum(o.requests for o in pooled)
+        if not n:
+            return obs.load
+        isl = sum(o.requests * o.load.isl for o in pooled) / n
+        osl = sum(o.requests * o.load.osl for o in pooled) / n
+        cached = sum(o.requests * o.load.cached_fraction for o in pooled) / n
+        return Load(n / seconds, isl, osl, cached)
+
     def _calibrate(self, obs: Observation) -> None:
-        if not self.calibrate or obs.requests < MIN_REQUESTS_TO_CALIBRATE:
+        load = self._met_load(obs)
+        if not self.calibrate or not obs.requests:
             return
+        ttft, itl = estimate(self.fleet, load, self.perf)
+        if itl < float("inf"):
+            self.serve_s = ttft + load.osl * itl
         if obs.at_s - obs.interval_s < self.calibrate_from:
             return  # new workers were still starting (or old ones draining) during this interval
-        ttft, itl = estimate(self.fleet, obs.load, self.perf)
         if ttft == float("inf") or itl == float("inf"):
             return
-        self.calib.update(ttft, obs.ttft_p90_s, itl, obs.itl_p90_s)
+        ttft_rate, itl_rate = per_worker_rates(self.fleet, load.rate)
+        self.calib.update(ttft_rate, obs.requests, ttft, obs.ttft_p90_s, itl, None)
+        self.calib.update(itl_rate, obs.requests, ttft, None, itl, obs.itl_p90_s)
 
     def reconcile(self, actual: Fleet) -> str | None:
         """When the real fleet differs from what was last set, adopt it and say so."""

@@ -2,7 +2,11 @@
 
 Flat model: prefill of any prompt 0.1 s, any decode step 0.01 s, at most 64 sequences.
 Aggregated n workers at rate r: per worker lam = r/n, rho = 0.1 lam,
-ITL = 0.01 / (1 - rho), TTFT p90 = 0.01 + 0.1 + 2.3 rho 0.1 / (2 (1 - rho)).
+TTFT p90 = 0.01 + 0.1 + 2.3 rho 0.1 / (2 (1 - rho)). A worker makes (1 - rho) / 0.01 decode
+steps and lam prefill steps a second, so the mean ITL is 1 / (100 - 9 lam); the p90 ITL is that
+at lam' = lam + 1.28 sqrt(lam / L), L = OSL x mean ITL (OSL 100 here). Per worker:
+lam 5 -> lam' 7.123, ITL 27.86 ms; lam 6 -> 8.126, 37.23 ms; lam 6.25 -> 8.367, 40.48 ms;
+lam 7.5 -> 9.498, 68.90 ms; lam 9 -> lam' over 9.5 (rho 0.95): infeasible.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from kvflow.planner.perf import PerfModel
 
 FLAT = PerfModel([16, 16384], [0.1, 0.1], [1, 256], [128, 8192], [[0.01, 0.01], [0.01, 0.01]],
                  max_batch=64, kv_transfer_bytes_per_s=1e12, kv_bytes_per_token=1e3)
-SLA = Sla(ttft_s=0.3, itl_s=0.026)
+SLA = Sla(ttft_s=0.3, itl_s=0.038)
 
 
 def rules(**kw) -> Rules:
@@ -26,10 +30,13 @@ def rules(**kw) -> Rules:
 
 def test_estimates_match_the_hand_computed_queueing_formulas() -> None:
     ttft, itl = estimate(Fleet(aggregated=2), Load(10, 512, 100), FLAT)
-    assert itl == pytest.approx(0.02)  # rho = 0.5
+    # lam 5: mean ITL 1/55, L = 100/55 s, lam' = 5 + 1.28 sqrt(5 x 55 / 100) = 7.1226.
+    assert itl == pytest.approx(1 / (100 - 9 * (5 + 1.28 * (5 * 55 / 100) ** 0.5)))
+    assert itl == pytest.approx(0.02786, abs=1e-5)
     assert ttft == pytest.approx(0.01 + 0.1 + 2.3 * 0.5 * 0.1 / 1.0)
     assert estimate(Fleet(aggregated=1), Load(10, 512, 100), FLAT) == (float("inf"), float("inf"))
-    # 1P+1D at 5 req/s: prefill rho 0.5; decode alone, ITL 0.01; TTFT adds transfer + one step.
+    # 1P+1D at 5 req/s: prefill rho 0.5; decode alone, a flat step: ITL 0.01 at any load;
+    # TTFT adds transfer + one step.
     ttft, itl = estimate(Fleet(prefill=1, decode=1), Load(5, 512, 100), FLAT)
     assert itl == pytest.approx(0.01)
     assert ttft == pytest.approx(0.1 + 2.3 * 0.5 * 0.1 / 1.0 + 512 * 1e3 / 1e12 + 0.01)
@@ -39,13 +46,13 @@ def test_chooses_the_cheapest_fleet_meeting_the_sla() -> None:
     best, _ = choose(Load(10, 512, 100), FLAT, rules())
     assert best.fleet == Fleet(aggregated=2) and best.meets  # n=1 cannot keep up
     best, _ = choose(Load(30, 512, 100), FLAT, rules())
-    # n=4: rho 0.75, ITL 0.04 > 0.026; n=5: rho 0.6, ITL 0.025 (meets), TTFT 0.2825
+    # n=4: lam 7.5, ITL 68.9 ms > 38; n=5: lam 6, ITL 37.2 ms (meets), TTFT 0.2825
     assert best.fleet == Fleet(aggregated=5)
 
 
 def test_headroom_plans_for_more_than_the_prediction() -> None:
     best, _ = choose(Load(10, 512, 100), FLAT, rules(headroom=0.25))  # 12.5 req/s
-    assert best.fleet == Fleet(aggregated=3)  # n=2: rho 0.625, ITL 0.0267 > 0.026
+    assert best.fleet == Fleet(aggregated=3)  # n=2: lam 6.25, ITL 40.5 ms > 38
 
 
 def test_disaggregated_split_follows_the_mix() -> None:
@@ -87,7 +94,7 @@ def test_scale_down_waits_for_votes_and_cooldown_then_steps_by_one() -> None:
 
 
 def test_scale_down_accounts_for_the_load_the_rest_absorbs() -> None:
-    # At 18 req/s, 3 workers: rho 0.6, ITL 0.025 (meets); 2 workers would get rho 0.9 (misses).
+    # At 18 req/s, 3 workers: lam 6, ITL 37.2 ms (meets); 2 workers: lam 9, infeasible.
     r = rules(scale_down_intervals=1, cooldown_s=0.0)
     decision, _ = plan_step(PlanState(Fleet(aggregated=4)), 50.0, Load(18, 512, 100), FLAT, r)
     assert decision.target == Fleet(aggregated=3)
@@ -134,7 +141,7 @@ def test_the_operator_s_planner_command_parses_as_a_planner_config() -> None:
 
 
 def test_scale_down_goes_to_the_largest_fleet_the_voting_intervals_wanted() -> None:
-    # Best fleets on the flat model: 10 req/s -> 2 (1 worker: rho 1); 18 req/s -> 3 (2: rho 0.9).
+    # Best fleets on the flat model: 10 req/s -> 2 (1 worker: rho 1); 18 req/s -> 3 (2: lam 9).
     r = rules(scale_down_intervals=3, cooldown_s=0.0, max_scale_down_step=8)
     state = PlanState(Fleet(aggregated=6))
     for t, rate in ((5.0, 10.0), (10.0, 18.0)):
@@ -160,7 +167,7 @@ def test_a_vote_that_wants_the_current_fleet_resets_the_floor() -> None:
 def test_burst_reserve_sizes_for_a_multiple_of_the_baseline_not_of_a_burst() -> None:
     r = rules(burst_ratio=2.0)
     assert choose(Load(10, 512, 100), FLAT, r)[0].fleet == Fleet(aggregated=2)  # no baseline yet
-    # Baseline 9 req/s: planned max(10, 2 x 9) = 18 req/s -> 3 workers (2 would be at rho 0.9).
+    # Baseline 9 req/s: planned max(10, 2 x 9) = 18 req/s -> 3 workers (2 would be at lam 9).
     assert planned_load(Load(10, 512, 100), r, baseline=9.0).rate == 18.0
     assert choose(Load(10, 512, 100), FLAT, r, baseline=9.0)[0].fleet == Fleet(aggregated=3)
     # During a burst of 30 req/s: max(30, 18) = 30 -> 5 workers, as without a reserve.
@@ -176,7 +183,7 @@ def test_burst_reserve_sizes_for_a_multiple_of_the_baseline_not_of_a_burst() -> 
 
 def test_held_requests_are_planned_for_over_the_drain_time() -> None:
     r = rules(backlog_drain_s=10.0)
-    # 10 req/s + 80 held / 10 s = 18 req/s -> 3 workers (2 would be at rho 0.9).
+    # 10 req/s + 80 held / 10 s = 18 req/s -> 3 workers (2 would be at lam 9).
     assert planned_load(Load(10, 512, 100), r, held=80).rate == 18.0
     assert choose(Load(10, 512, 100), FLAT, r, held=80)[0].fleet == Fleet(aggregated=3)
     decision, _ = plan_step(PlanState(Fleet(aggregated=2)), 5.0, Load(10, 512, 100), FLAT, r, held=80)
