@@ -39,13 +39,12 @@ from kvflow.planner.planner import Planner
 from kvflow.replay.oracle import oracle_schedule, reactive_controller
 from kvflow.replay.report import attainment, windows
 from kvflow.replay.sim import SimEngine, SimResult, Simulation
-from kvflow.replay.trace import TraceRequest, synthetic_bursts, synthetic_day, without_bursts
+from kvflow.replay.trace import BURST_RATIO, TraceRequest, synthetic_bursts, synthetic_day, without_bursts
 from kvflow.router.config import KvRouterConfig
 
 # A worker slower than the default H100 model (a smaller GPU): fewer steps to simulate,
 # and a fleet of several workers at a modest request rate.
 TIMING = TimingParams(hbm_bandwidth=1.0e12, matmul_flops=2.0e14, attn_flops=1.3e14)
-BURST_RATIO = 2.5  # synthetic_day's default: a burst's rate over the rate around it
 
 
 @dataclass(frozen=True)

@@ -161,14 +161,15 @@ def reactive_controller(steady: list[int], burst_sizes: list[int], bursts: list[
     if not steady or len(burst_sizes) < len(steady):
         raise ValueError("reactive_controller needs a steady size and a burst size for every window")
     last = len(steady) - 1
+    # (when the burst is known, the last window it touches)
+    spans = [(start + detect_s, math.ceil(end / window_s) - 1) for start, end in bursts]
 
     def control(now: float, _: Observation | None = None) -> int:
         k = min(int(now // window_s), last)
         ahead = min(int((now + startup_s) // window_s), last)
         n = max(steady[k], steady[ahead])
-        for start, end in bursts:
-            final = int(end // window_s) if end % window_s else int(end // window_s) - 1
-            if start + detect_s <= now < (final + 1) * window_s:
+        for known, final in spans:
+            if known <= now < (final + 1) * window_s:
                 n = max(n, burst_sizes[k], burst_sizes[ahead] if ahead <= final else 0)
         return n
     return control

@@ -95,8 +95,14 @@ def _burst_starts(rng: random.Random, day_s: float, bursts: int) -> list[float]:
     return sorted(rng.uniform(0.1, 0.9) * day_s for _ in range(bursts))
 
 
-def synthetic_bursts(*, seed: int = 0, day_s: float = 3600.0, bursts: int = 4,
-                     burst_s: float = 60.0) -> list[tuple[float, float]]:
+# The synthetic day's bursts by default: how many, how long, and their rate over the rate around them.
+BURSTS = 4
+BURST_S = 60.0
+BURST_RATIO = 2.5
+
+
+def synthetic_bursts(*, seed: int = 0, day_s: float = 3600.0, bursts: int = BURSTS,
+                     burst_s: float = BURST_S) -> list[tuple[float, float]]:
     """The (start, end) of each burst of `synthetic_day` with the same arguments."""
     return [(b, b + burst_s) for b in _burst_starts(random.Random(seed), day_s, bursts)]
 
@@ -129,8 +135,8 @@ def prompt_tokens(req: TraceRequest, salt: int) -> list[int]:
 
 
 def synthetic_day(*, seed: int = 0, day_s: float = 3600.0, mean_rate: float = 4.0,
-                  peak_ratio: float = 3.0, bursts: int = 4, burst_s: float = 60.0,
-                  burst_ratio: float = 2.5, isl: tuple[int, int] = (200, 3000),
+                  peak_ratio: float = 3.0, bursts: int = BURSTS, burst_s: float = BURST_S,
+                  burst_ratio: float = BURST_RATIO, isl: tuple[int, int] = (200, 3000),
                   osl: tuple[int, int] = (50, 300), shared_prefixes: int = 20) -> list[TraceRequest]:
     """A compressed day: diurnal rate (trough at start, peak mid-day), short bursts, mixed ISL/OSL."""
     rng = random.Random(seed)

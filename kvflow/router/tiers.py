@@ -68,11 +68,6 @@ class TierResidency:
             table.remove_worker(worker)
         self._costs.pop(worker, None)
 
-    def holds(self, worker: int, tier: str, block_hash: int) -> bool:
-        if tier == SHARED_TIER:
-            return block_hash in self._shared
-        return self._tables[tier].holds(worker, block_hash)
-
     def credit(self, worker: int, tier: str) -> float:
         costs = self._costs.get(worker, PRIOR_BLOCK_S)
         load = costs.get(tier, PRIOR_BLOCK_S[tier])
@@ -107,12 +102,12 @@ class TierResidency:
 
     def _walk(self, worker: int, block_hashes: Sequence[int], start: int) -> list[float]:
         # Per block, the first tier (host, disk, object) holding it; a credit of 0 ends the run.
-        tiers = [(t, self.credit(worker, t), self._tables[t].held_by(worker)) for t in LOCAL_TIERS]
-        tiers.append((SHARED_TIER, self.credit(worker, SHARED_TIER), self._shared))
-        tiers = [entry for entry in tiers if entry[2]]
+        held = [(t, self._tables[t].held_by(worker)) for t in LOCAL_TIERS]
+        held.append((SHARED_TIER, self._shared))
+        tiers = [(t, self.credit(worker, t), hashes) for t, hashes in held if hashes]
         out: list[float] = []
         used: dict[str, int] = {}
-        for h in block_hashes[start:] if tiers else ():
+        for h in block_hashes[start:]:
             found = None
             for entry in tiers:
                 if h in entry[2]:

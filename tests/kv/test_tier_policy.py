@@ -7,10 +7,6 @@ import pytest
 from kvflow.kv.tiers.policy import LoadCostModel, PrefillRate
 
 
-def test_the_prior_serves_until_a_step_is_seen() -> None:
-    assert PrefillRate(prior=1e-3).value == 1e-3
-
-
 def test_steps_of_one_size_give_their_seconds_per_token() -> None:
     rate = PrefillRate(prior=1.0)
     for _ in range(5):

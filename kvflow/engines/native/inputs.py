@@ -66,9 +66,7 @@ def build_inputs(
         seq_lens.append(hi)
         if s.samples:
             logits_rows.append(starts[-1] - 1)
-    widest = max((len(s.seq.block_ids) for s in scheduled), default=1)
-    tables = block_table_array([s.seq.block_ids for s in scheduled], pad=0,
-                               width=-(-widest // 16) * 16)  # row stride: a multiple of 16
+    tables = block_table_array([s.seq.block_ids for s in scheduled], pad=0, multiple=16)
     t, b = len(ids), len(scheduled)
     chain = _chain(chained, t)
     longs, (_, at_pos, at_slot, at_rows, at_chain) = _pack(
@@ -112,9 +110,10 @@ def _slots(block_ids: list[int], lo: int, hi: int, block_size: int) -> list[int]
     return (blocks * block_size + pos % block_size).tolist()
 
 
-def block_table_array(block_lists: list[list[int]], pad: int, width: int = 0) -> np.ndarray:
-    """Rows of block ids, right-padded with `pad` to the longest (or `width`)."""
-    width = max(width, max((len(b) for b in block_lists), default=0), 1)
+def block_table_array(block_lists: list[list[int]], pad: int, multiple: int = 1) -> np.ndarray:
+    """Rows of block ids, right-padded with `pad` to the longest rounded up to a `multiple`
+    (16: the row stride a kernel gets is always a multiple of 16, one Triton specialisation)."""
+    width = -(-max(max((len(b) for b in block_lists), default=0), 1) // multiple) * multiple
     table = np.full((len(block_lists), width), pad, dtype=np.int32)
     for i, blocks in enumerate(block_lists):
         table[i, : len(blocks)] = blocks

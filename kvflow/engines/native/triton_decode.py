@@ -25,13 +25,10 @@ _MAX_SPLITS = 32
 
 @dataclass(frozen=True)
 class DecodeLaunch:
-    """Tile width (cached tokens per loop turn), warps, program order, and how many waves of
-    programs over the SMs the context splits aim for (small batches)."""
+    """Tile width (cached tokens per loop turn) and warps of the decode kernel's programs."""
 
     block_n: int = 64
     num_warps: int = 4
-    heads_fastest: bool = False
-    waves: int = 2
 
 
 DEFAULT_LAUNCH = DecodeLaunch()
@@ -89,7 +86,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MAX_SPLITS: tl.constexpr, PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_ROPE: tl.constexpr, USE_PDL: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    HAS_ROPE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (seq, kv_head, split): a slice of the cached context for the GROUP query heads
     of one KV head. Split 0 also takes the new token: rotates its key, stores K/V in the
@@ -98,14 +95,8 @@ def _decode_kernel(
     if USE_PDL:  # triton_pdl.py: start early, wait for the kernel ahead
         gdc_launch_dependents()
         gdc_wait()
-    if HEADS_FASTEST:  # the KV heads of one sequence run side by side: one block's rows
-        kv_head = tl.program_id(0)
-        seq = tl.program_id(1)
-        num_kv_heads = tl.num_programs(0)
-    else:
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        num_kv_heads = tl.num_programs(1)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     slot = tl.load(slot_ptr + seq)
@@ -175,14 +166,14 @@ def _decode_kernel(
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * HEAD_DIM + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
     else:
-        row0 = (seq * num_kv_heads + kv_head) * GROUP
+        row0 = (seq * tl.num_programs(1) + kv_head) * GROUP
         part = (row0 + offs_g) * MAX_SPLITS + split
         lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out,
                  mask=g_ok[:, None])
         tl.store(part_lse_ptr + part, lse, mask=g_ok)
         tl.debug_barrier()  # every thread's partials are written before the release below
-        counter = count_ptr + seq * num_kv_heads + kv_head
+        counter = count_ptr + seq * tl.num_programs(1) + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:  # the last one here
             tl.store(counter, 0)  # zero again for the next launch
             used = tl.cdiv(end - start, tl.maximum(per_split, 1))  # splits that saw the cache
@@ -196,9 +187,9 @@ def precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int, waves: int = 2) -> int:
-    """Enough splits that the launch covers the GPU `waves` times, but only for small batches."""
-    want = (waves * num_sms + num_seqs * num_kv_heads - 1) // (num_seqs * num_kv_heads)
+def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Enough splits that the launch covers the GPU about twice, but only for small batches."""
+    want = (2 * num_sms + num_seqs * num_kv_heads - 1) // (num_seqs * num_kv_heads)
     return max(1, min(_MAX_SPLITS, want))
 
 
@@ -235,9 +226,7 @@ def paged_decode(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     cos, sin = (rope.cos, rope.sin) if rope is not None else (q, q)
     t = launch or DEFAULT_LAUNCH
-    grid = ((num_kv_heads, num_seqs, num_splits) if t.heads_fastest
-            else (num_seqs, num_kv_heads, num_splits))
-    _decode_kernel[grid](
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping, meta.block_tables,
         meta.seq_lens, parts, lse, counters, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -247,7 +236,6 @@ def paged_decode(
         GROUP_P2=triton.next_power_of_2(group), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=t.block_n, MAX_SPLITS=_MAX_SPLITS,
         PRECISION=precision(q), HAS_WINDOW=window is not None, HAS_ROPE=rope is not None,
-        HEADS_FASTEST=t.heads_fastest, num_warps=t.num_warps, num_stages=2, USE_PDL=PDL,
-        **launch_options(),
+        num_warps=t.num_warps, num_stages=2, USE_PDL=PDL, **launch_options(),
     )
     return out

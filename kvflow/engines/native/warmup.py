@@ -96,9 +96,10 @@ def warm_serving_path(runner: Any) -> int:
         "penalized": RequestSampling(temperature=0.0, repetition_penalty=1.1),
     }
     sampling: dict[str, RequestSampling] = {}
-    fits = [n for n in (1, 17, 64, 65, 300, 512, 1000) if n + 3 <= runner.max_model_len]
-    rounds = [[(name, n) for name in variants for n in fits if n in (1, 17, 300)]]
-    rounds += [[("greedy", n)] for n in fits]  # one prompt alone: its own tile and table shapes
+    mixed = [n for n in (1, 17, 300) if n + 3 <= runner.max_model_len]
+    alone = [n for n in (1, 17, 64, 65, 300, 512, 1000) if n + 3 <= runner.max_model_len]
+    rounds = [[(name, n) for name in variants for n in mixed]]
+    rounds += [[("greedy", n)] for n in alone]  # one prompt alone: its own tile and table shapes
     steps = 0
     with torch.inference_mode():
         for k, requests in enumerate(rounds):

@@ -399,11 +399,10 @@ class TieredKvCache:
             raise
         if host is not None:
             host.unreserve(slots[len(run):])  # after the first miss: read for nothing
-        if len(run):  # the reads ran side by side: a block's cost is the run's time over its size
-            seconds = time.perf_counter() - started
-            for tier in set(run.tiers):
-                n = run.tiers.count(tier)
-                self.costs.observe_load(tier, n, seconds * n / len(run))
+        if len(run) and len(set(run.tiers)) == 1:
+            # The reads ran side by side: a block's cost is the run's time over its size. A run
+            # mixing tiers (disk and object store) says nothing about either alone: not counted.
+            self.costs.observe_load(run.tiers[0], len(run), time.perf_counter() - started)
         return run
 
     def landed(self, run: LoadedRun, seconds: float) -> None:

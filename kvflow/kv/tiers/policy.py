@@ -48,22 +48,21 @@ class PrefillRate:
     prior: float
     alpha: float = 0.2
     largest: int = 0
-    mean: Ewma | None = None
+    mean: Ewma = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mean = Ewma(self.prior, self.alpha)
 
     def add(self, num_tokens: int, seconds: float) -> None:
         if num_tokens >= 4 * self.largest:
-            self.mean = None  # the steps seen so far are small next to this one
+            self.mean = Ewma(self.prior, self.alpha)  # the steps so far are small next to this one
         self.largest = max(self.largest, num_tokens)
-        if 4 * num_tokens < self.largest:
-            return
-        if self.mean is None:
-            self.mean = Ewma(seconds / num_tokens, self.alpha, 1)
-        else:
+        if 4 * num_tokens >= self.largest:
             self.mean.add(seconds / num_tokens)
 
     @property
     def value(self) -> float:
-        return self.prior if self.mean is None else self.mean.value
+        return self.mean.value
 
 
 @dataclass

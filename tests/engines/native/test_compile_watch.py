@@ -20,11 +20,9 @@ def test_a_recorded_compile_names_the_kernel_its_key_and_where_it_came_from(
     entry = launch()
     assert entry.startswith("_prefill_kernel [('*bf16', 'D'), ('i32', '')] (from ")
     assert "engines/native/layers.py:" in entry and "launch" in entry
-    watch = CompileWatch()
     with caplog.at_level(logging.WARNING):
-        watch.record(entry)
-    assert watch.compiles == [entry]
-    assert "Triton compiled a kernel on the request path" in caplog.text
+        CompileWatch().record(entry)
+    assert "Triton compiled a kernel on the request path" in caplog.text and entry in caplog.text
 
 
 def test_without_triton_nothing_is_armed() -> None:
