@@ -109,7 +109,8 @@ class Simulation:
         self.results: list[RequestResult] = []
         self._window: list[RequestResult] = []
         self._arrivals: list[TraceRequest] = []
-        self._cached_window = 0
+        self._cached_window = 0  # cached and prompt tokens of the requests that finished
+        self._prompt_window = 0  # successfully this interval, as the frontend counts them
         self.timeline: list[tuple[float, int]] = []
         for _ in range(workers):
             self._add_worker(ready_now=True)
@@ -332,7 +333,9 @@ class Simulation:
         result = RequestResult(rec.req.arrival_s, first - rec.req.arrival_s, itl, rec.tokens, error)
         self.results.append(result)
         self._window.append(result)
-        self._cached_window += rec.cached
+        if not error:
+            self._cached_window += rec.cached
+            self._prompt_window += rec.req.input_length
 
     # -- the controller ---------------------------------------------------------------
     def _plan(self, _: object) -> None:
@@ -347,10 +350,10 @@ class Simulation:
         arrivals, self._arrivals = self._arrivals, []
         done, self._window = self._window, []
         cached, self._cached_window = self._cached_window, 0
+        prompt, self._prompt_window = self._prompt_window, 0
         n = len(arrivals)
         isl = sum(r.input_length for r in arrivals) / n if n else 0.0
         osl = sum(r.output_length for r in arrivals) / n if n else 0.0
-        prompt = sum(r.input_length for r in arrivals)
         load = Load(n / self.interval_s, isl, osl, min(cached / prompt, 1.0) if prompt else 0.0)
         ttft = [r.ttft_s for r in done]
         itl = [r.itl_s for r in done if r.output_tokens > 1]
