@@ -66,7 +66,7 @@ def planned_load(load: Load, rules: Rules, baseline: float = 0.0, held: int = 0)
     rate = max(load.rate * (1 + rules.headroom), baseline * rules.burst_ratio)
     if rules.backlog_drain_s > 0:
         rate += held / rules.backlog_drain_s
-    return Load(rate, load.isl, load.osl, load.cached_fraction)
+    return dataclasses.replace(load, rate=rate)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ rate x OSL x ITL sequences), solved as a fixed point because ITL grows with batc
 On aggregated workers, prefill takes a share rho_p of the time, but its steps also carry
 every running sequence's next token (the engine batches decodes with a prefill): a worker
 makes (1 - rho_p) / decode_step + rate steps a second, and the ITL is one over that.
+The p90 ITL is that at the 90th percentile of the prefill work arriving over a request's life
+(compound Poisson: the prompt length's spread, isl_cv2, widens it where prefill time grows
+with length).
 The Calibration factors correct all of this with what the fleet really reports, each at the
 per-worker rate it was observed at (see `per_worker_rates`).
 """
@@ -14,7 +17,7 @@ per-worker rate it was observed at (see `per_worker_rates`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvflow.planner.perf import Calibration, PerfModel
 
@@ -32,9 +35,20 @@ class Load:
     isl: float  # mean prompt tokens
     osl: float  # mean output tokens
     cached_fraction: float = 0.0  # of prompt tokens, served from caches
+    isl_cv2: float = 0.0  # prompt length's variance / its mean squared (0: every prompt alike)
 
     def scaled(self, factor: float) -> Load:
-        return Load(self.rate * factor, self.isl, self.osl, self.cached_fraction)
+        return replace(self, rate=self.rate * factor)
+
+    @property
+    def isl_square(self) -> float:
+        """The mean squared prompt length (what pools across intervals)."""
+        return self.isl * self.isl * (1 + self.isl_cv2)
+
+
+def cv2(square: float, mean: float) -> float:
+    """Variance / mean squared, from the mean of the squares and the mean (never below 0)."""
+    return max(square / (mean * mean) - 1, 0.0) if mean > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -100,11 +114,22 @@ def _prefill(perf: PerfModel, rate: float, load: Load) -> tuple[float, float]:
     return p, rate * p
 
 
+def _prefill_cv2(perf: PerfModel, load: Load) -> float:
+    """Prefill time's variance / its mean squared, from the prompt length's (the uncached share
+    of a prompt one standard deviation above the mean, through the prefill-time curve)."""
+    tokens = max(load.isl * (1 - load.cached_fraction), 1.0)
+    mean = perf.prefill_time(tokens)
+    sd = perf.prefill_time(tokens * (1 + math.sqrt(max(load.isl_cv2, 0.0)))) - mean
+    return (sd / mean) ** 2 if mean > 0 else 0.0
+
+
 def _itl_p90(perf: PerfModel, rate: float, load: Load, prefill: bool) -> tuple[float, float]:
     """(ITL p90, mean decode batch) of one worker getting `rate` req/s (doing their prefills too
-    if `prefill`). A request's ITL is the mean step time over its life, and the load over a life
-    of L = OSL x ITL seconds is a Poisson count: the p90 ITL is the mean ITL at the 90th
-    percentile of that load, rate + 1.28 sqrt(rate / L)."""
+    if `prefill`). A request's ITL is the mean step time over its life, and the prefill work
+    arriving over a life of L = OSL x ITL seconds is compound Poisson: its variance is
+    rate x L x E[p^2] = rate x L x mean(p)^2 x (1 + cv^2), cv the prefill time's coefficient of
+    variation. The p90 ITL is the mean ITL at the load that brings the 90th percentile of that
+    work, rate + 1.28 sqrt(rate (1 + cv^2) / L)."""
     def mean_itl(r: float) -> tuple[float, float]:
         if not prefill:
             return _decode_itl(perf, r, load, 1.0)
@@ -117,7 +142,8 @@ def _itl_p90(perf: PerfModel, rate: float, load: Load, prefill: bool) -> tuple[f
     itl, batch = mean_itl(rate)
     if itl == INFEASIBLE or rate <= 0:
         return itl, batch
-    return mean_itl(rate + Z90 * math.sqrt(rate / (load.osl * itl)))[0], batch
+    spread = 1 + (_prefill_cv2(perf, load) if prefill else 0.0)
+    return mean_itl(rate + Z90 * math.sqrt(rate * spread / (load.osl * itl)))[0], batch
 
 
 def _queued(p: float, rho: float) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvflow.planner.model import Load
+from kvflow.planner.model import Load, cv2
 
 PREFIX = "kvflow_frontend_"
 WAITING = "kvflow_router_waiting_requests"  # the frontend's routers' hold, labelled by router
@@ -48,6 +48,7 @@ class Totals:
     held: float = 0.0  # a gauge: the latest value, summed over routers
     ttft_buckets: dict[float, float] = field(default_factory=dict)
     itl_buckets: dict[float, float] = field(default_factory=dict)
+    isl_buckets: dict[float, float] = field(default_factory=dict)
 
 
 def parse_metrics(text: str, model: str | None, into: Totals | None = None) -> Totals:
@@ -77,8 +78,9 @@ def _add(t: Totals, name: str, labels: dict[str, str], value: float) -> None:
         t.osl_sum += value
     elif name == "cached_tokens_total":
         t.cached += value
-    elif name in ("time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket"):
-        target = t.ttft_buckets if name.startswith("time") else t.itl_buckets
+    elif name in ("time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
+                  "input_sequence_tokens_bucket"):
+        target = {"time": t.ttft_buckets, "inter": t.itl_buckets, "input": t.isl_buckets}[name.split("_")[0]]
         le = float(labels["le"])
         target[le] = target.get(le, 0.0) + value
 
@@ -101,12 +103,28 @@ def bucket_quantile(now: dict[float, float], before: dict[float, float], q: floa
     return prev_edge
 
 
+def bucket_cv2(now: dict[float, float], before: dict[float, float]) -> float:
+    """Variance / mean squared of the observations between two cumulative-bucket scrapes, each
+    taken as spread evenly over its bucket (the last, open bucket: at its lower edge)."""
+    first = second = total = 0.0
+    prev_edge, prev_count = 0.0, 0.0
+    for edge in sorted(now):
+        count = now[edge] - before.get(edge, 0.0)
+        n, prev_count = count - prev_count, count
+        hi = prev_edge if edge == float("inf") else edge
+        first += n * (prev_edge + hi) / 2
+        second += n * (prev_edge * prev_edge + prev_edge * hi + hi * hi) / 3
+        total, prev_edge = total + n, hi
+    return cv2(second / total, first / total) if total > 0 else 0.0
+
+
 def diff(now: Totals, before: Totals, at_s: float, interval_s: float) -> Observation:
     n = max(now.isl_count - before.isl_count, 0.0)
     isl = (now.isl_sum - before.isl_sum) / n if n else 0.0
     osl = (now.osl_sum - before.osl_sum) / n if n else 0.0
     cached = (now.cached - before.cached) / (now.isl_sum - before.isl_sum) if n and isl else 0.0
-    load = Load(rate=n / interval_s, isl=isl, osl=osl, cached_fraction=min(max(cached, 0.0), 1.0))
+    load = Load(rate=n / interval_s, isl=isl, osl=osl, cached_fraction=min(max(cached, 0.0), 1.0),
+                isl_cv2=bucket_cv2(now.isl_buckets, before.isl_buckets))
     return Observation(at_s, interval_s, int(n), load,
                        bucket_quantile(now.ttft_buckets, before.ttft_buckets, 0.9),
                        bucket_quantile(now.itl_buckets, before.itl_buckets, 0.9),

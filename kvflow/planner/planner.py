@@ -23,7 +23,7 @@ import logging
 from collections import deque
 
 from kvflow.planner.decide import Decision, PlanState, Rules, plan_step
-from kvflow.planner.model import Fleet, Load, estimate, per_worker_rates
+from kvflow.planner.model import Fleet, Load, cv2, estimate, per_worker_rates
 from kvflow.planner.observe import Observation
 from kvflow.planner.perf import Calibration, PerfModel
 from kvflow.planner.predict import MovingAveragePredictor, make_predictor
@@ -38,7 +38,7 @@ class Planner:
         self.rules, self.perf = rules, perf
         self.state = PlanState(fleet)
         self.rate = make_predictor(predictor)
-        self.shape = [MovingAveragePredictor(4) for _ in range(3)]  # isl, osl, cached fraction
+        self.shape = [MovingAveragePredictor(4) for _ in range(4)]  # isl, osl, cached fraction, isl^2
         self.calib = Calibration()
         self.calibrate = calibrate
         self.settle_s = settle_s
@@ -81,15 +81,16 @@ class Planner:
         self.rate.observe(obs.load.rate, obs.interval_s)
         self._record_rate(obs)
         if obs.requests:
-            for p, v in zip(self.shape, (obs.load.isl, obs.load.osl, obs.load.cached_fraction),
-                            strict=True):
+            shape = (obs.load.isl, obs.load.osl, obs.load.cached_fraction, obs.load.isl_square)
+            for p, v in zip(self.shape, shape, strict=True):
                 p.observe(v)
             self._seen = True
         self._calibrate(obs)
         if not self._seen:
             return Load(0.0, 1.0, 1.0)
-        isl, osl, cached = (p.predict() for p in self.shape)
-        return Load(self.rate.predict(), max(isl, 1.0), max(osl, 1.0), cached)
+        isl, osl, cached, square = (p.predict() for p in self.shape)
+        isl = max(isl, 1.0)
+        return Load(self.rate.predict(), isl, max(osl, 1.0), cached, cv2(square, isl))
 
     def _record_rate(self, obs: Observation) -> None:
         """Keep the interval's rate for the baseline, unless it is part of a burst: over
@@ -121,7 +122,8 @@ class Planner:
         isl = sum(o.requests * o.load.isl for o in pooled) / n
         osl = sum(o.requests * o.load.osl for o in pooled) / n
         cached = sum(o.requests * o.load.cached_fraction for o in pooled) / n
-        return Load(n / seconds, isl, osl, cached)
+        square = sum(o.requests * o.load.isl_square for o in pooled) / n
+        return Load(n / seconds, isl, osl, cached, cv2(square, isl))
 
     def _calibrate(self, obs: Observation) -> None:
         load = self._met_load(obs)

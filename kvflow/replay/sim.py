@@ -28,7 +28,7 @@ from kvflow.engines.core.scheduler import RequestRejected, Scheduler, SchedulerC
 from kvflow.engines.core.sequence import Sequence
 from kvflow.engines.mocker.timing import TimingModel
 from kvflow.llm.protocol import PreprocessedRequest, StopConditions
-from kvflow.planner.model import Load
+from kvflow.planner.model import Load, cv2
 from kvflow.planner.observe import Observation
 from kvflow.replay.report import RequestResult, percentile
 from kvflow.replay.trace import TraceRequest, prompt_tokens
@@ -354,7 +354,9 @@ class Simulation:
         n = len(arrivals)
         isl = sum(r.input_length for r in arrivals) / n if n else 0.0
         osl = sum(r.output_length for r in arrivals) / n if n else 0.0
-        load = Load(n / self.interval_s, isl, osl, min(cached / prompt, 1.0) if prompt else 0.0)
+        square = sum(r.input_length ** 2 for r in arrivals) / n if n else 0.0
+        load = Load(n / self.interval_s, isl, osl, min(cached / prompt, 1.0) if prompt else 0.0,
+                    cv2(square, isl))
         ttft = [r.ttft_s for r in done]
         itl = [r.itl_s for r in done if r.output_tokens > 1]
         return Observation(self.now, self.interval_s, n, load,

@@ -11,6 +11,8 @@ lam 7.5 -> 9.498, 68.90 ms; lam 9 -> lam' over 9.5 (rho 0.95): infeasible.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kvflow.planner.decide import Bounds, PlanState, Rules, Sla, choose, plan_step, planned_load
@@ -40,6 +42,20 @@ def test_estimates_match_the_hand_computed_queueing_formulas() -> None:
     ttft, itl = estimate(Fleet(prefill=1, decode=1), Load(5, 512, 100), FLAT)
     assert itl == pytest.approx(0.01)
     assert ttft == pytest.approx(0.1 + 2.3 * 0.5 * 0.1 / 1.0 + 512 * 1e3 / 1e12 + 0.01)
+
+
+def test_prompt_length_spread_widens_the_itl_p90_through_the_prefill_time_curve() -> None:
+    # Prefill linear in tokens, 0.1 s at 512: the mean ITL at lam 5 is 1/55 as with FLAT.
+    # ISL cv^2 0.25: one sd is 256 tokens, prefill 0.15 s, so the prefill time's cv^2 is
+    # (0.05 / 0.1)^2 = 0.25 and lam' = 5 + 1.28 sqrt(5 x 1.25 x 55 / 100) = 7.3732.
+    linear = dataclasses.replace(FLAT, prefill_isl=[0, 1024], prefill_s=[0.0, 0.2])
+    _, itl = estimate(Fleet(aggregated=2), Load(10, 512, 100, isl_cv2=0.25), linear)
+    assert itl == pytest.approx(1 / (100 - 9 * (5 + 1.28 * (5 * 1.25 * 55 / 100) ** 0.5)))
+    assert itl == pytest.approx(0.02973, abs=1e-5)
+    assert estimate(Fleet(aggregated=2), Load(10, 512, 100), linear)[1] == pytest.approx(0.02786, abs=1e-5)
+    # A flat prefill takes as long for any prompt: the spread of lengths changes nothing.
+    assert estimate(Fleet(aggregated=2), Load(10, 512, 100, isl_cv2=0.25), FLAT)[1] == \
+        pytest.approx(0.02786, abs=1e-5)
 
 
 def test_chooses_the_cheapest_fleet_meeting_the_sla() -> None:

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kvflow.frontend.metrics import FrontendMetrics
-from kvflow.planner.observe import bucket_quantile, diff, parse_metrics
+from kvflow.planner.observe import bucket_cv2, bucket_quantile, diff, parse_metrics
 from kvflow.router import KvRouter, KvRouterConfig
 
 
@@ -37,6 +37,29 @@ def test_interval_from_two_scrapes_of_a_real_frontend_registry() -> None:
     assert obs.load.cached_fraction == pytest.approx(0.5)
     assert 0.1 <= obs.ttft_p90_s <= 0.25  # 18 of 20 at 0.2 s: p90 within the 0.1-0.25 bucket
     assert obs.itl_p90_s == pytest.approx(0.02, abs=0.01)
+
+
+def test_prompt_length_spread_from_the_histogram_buckets() -> None:
+    # Between the scrapes: one prompt in (2, 4], one in (4, 8], each taken as even over its
+    # bucket: mean (3 + 6) / 2 = 4.5, mean square (28/3 + 112/3) / 2 = 70/3, so
+    # cv^2 = (70/3) / 4.5^2 - 1 = 0.15226 (the exact 3 and 6 would give 0.1111).
+    before = {2.0: 5.0, 4.0: 5.0, 8.0: 5.0, float("inf"): 5.0}
+    now = {2.0: 5.0, 4.0: 6.0, 8.0: 7.0, float("inf"): 7.0}
+    assert bucket_cv2(now, before) == pytest.approx(70 / 3 / 4.5**2 - 1)
+    # One in (0, 2] (mean 1, mean square 4/3) and one in the open bucket, taken at its lower
+    # edge 8: mean 4.5, mean square (4/3 + 64) / 2, cv^2 = 0.61317.
+    now = {2.0: 6.0, 4.0: 6.0, 8.0: 6.0, float("inf"): 7.0}
+    assert bucket_cv2(now, before) == pytest.approx((4 / 3 + 64) / 2 / 4.5**2 - 1)
+    assert bucket_cv2(before, before) == 0.0
+
+
+def test_a_real_frontend_s_prompt_spread_reaches_the_observation() -> None:
+    metrics = FrontendMetrics()
+    before = parse_metrics(metrics.render().decode(), "m")
+    _record(metrics, 0.1, 3, 10, 0)
+    _record(metrics, 0.1, 6, 10, 0)
+    obs = diff(parse_metrics(metrics.render().decode(), "m"), before, at_s=1.0, interval_s=1.0)
+    assert obs.load.isl == 4.5 and obs.load.isl_cv2 == pytest.approx(70 / 3 / 4.5**2 - 1)
 
 
 def test_bucket_quantile_interpolates_and_handles_no_traffic() -> None:

@@ -73,3 +73,13 @@ def test_a_burst_is_left_out_of_the_baseline_until_it_lasts_baseline_s() -> None
     assert step(60.0, 30.0) == 30.0
     # A later burst (100 at t = 80) is left out again; 30 is the baseline.
     assert step(70.0, 30.0) == 30.0 and step(80.0, 100.0) == 30.0 and step(90.0, 30.0) == 30.0
+
+
+def test_the_prompt_spread_is_predicted_from_the_mean_square_across_intervals() -> None:
+    # Two intervals, each of one prompt length (cv^2 0), 1000 then 2000: the mean square
+    # (1e6 + 4e6) / 2 over the mean 1500 squared gives cv^2 = 2.5 / 2.25 - 1 = 0.1111.
+    planner = Planner(rules(), FLAT, Fleet(aggregated=2), calibrate=False)
+    planner.step(1.0, Observation(1.0, 1.0, 10, Load(10.0, 1000, 100), 0.2, 0.02))
+    decision = planner.step(2.0, Observation(2.0, 1.0, 10, Load(10.0, 2000, 100), 0.2, 0.02))
+    assert decision.predicted.isl == 1500
+    assert decision.predicted.isl_cv2 == pytest.approx(2.5 / 2.25 - 1)

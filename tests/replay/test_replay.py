@@ -91,8 +91,10 @@ def test_the_cached_fraction_counts_cached_and_prompt_tokens_of_the_same_finishe
     # As the frontend counts them: both at a request's finish. A (t=0, 20 tokens) and B (t=0.5,
     # 300 tokens at ~6.4 ms) share the first 512-token hash block, so B's prefill takes A's 512
     # tokens from the cache; C (t=2.5, 10 tokens) shares nothing. A finishes in (0, 1], B and C
-    # in (2, 3], where only C arrived: 512 / (1000 + 600) = 0.32, not 512 / 600 (arrivals).
-    trace = [TraceRequest(0.0, 1000, 20, (1,)), TraceRequest(0.5, 1000, 300, (1,)),
+    # in (2, 3], where only C arrived: 512 / (1500 + 600) = 0.24381, not 512 / 600 (arrivals).
+    # The prompt spread is the arrivals' (as their mean ISL): 1000 and 1500 in (0, 1] give
+    # cv^2 = ((1000^2 + 1500^2) / 2) / 1250^2 - 1 = 0.04.
+    trace = [TraceRequest(0.0, 1000, 20, (1,)), TraceRequest(0.5, 1500, 300, (1,)),
              TraceRequest(2.5, 600, 10, (2,))]
     seen = []
     result = Simulation(trace, workers=1, interval_s=1.0,
@@ -100,7 +102,8 @@ def test_the_cached_fraction_counts_cached_and_prompt_tokens_of_the_same_finishe
     ends = sorted(r.arrival_s + r.ttft_s + r.itl_s * (r.output_tokens - 1) for r in result.results)
     assert ends[0] < 1.0 and 2.0 < ends[1] < ends[2] < 3.0
     assert [o.requests for o in seen[:3]] == [2, 0, 1]
-    assert [o.load.cached_fraction for o in seen[:3]] == [0.0, 0.0, pytest.approx(0.32)]
+    assert [o.load.cached_fraction for o in seen[:3]] == [0.0, 0.0, pytest.approx(512 / 2100)]
+    assert [o.load.isl_cv2 for o in seen[:3]] == [pytest.approx(0.04), 0.0, 0.0]
 
 
 def test_windows_and_attainment() -> None:
