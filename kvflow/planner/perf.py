@@ -99,16 +99,17 @@ class Calibration:
     def level(self, rate_per_worker: float) -> int:
         return math.floor(math.log(max(rate_per_worker, 1e-6)) / math.log(self.step))
 
-    def update(self, rate_per_worker: float, requests: float, predicted_ttft: float,
+    def update(self, ttft_rate: float, itl_rate: float, requests: float, predicted_ttft: float,
                observed_ttft: float | None, predicted_itl: float, observed_itl: float | None) -> None:
-        """Pool one interval's `requests` at the level of `rate_per_worker` (a metric that was not
-        observed, or not predicted, is left as it was)."""
-        for name, predicted, observed in (("ttft", predicted_ttft, observed_ttft),
-                                          ("itl", predicted_itl, observed_itl)):
+        """Pool one interval's `requests`: TTFT at the level of `ttft_rate` (the prefill side's
+        rate per worker), ITL at that of `itl_rate` (the decode side's), as `factors` reads
+        them; a metric that was not observed, or not predicted, is left as it was."""
+        for name, rate, predicted, observed in (("ttft", ttft_rate, predicted_ttft, observed_ttft),
+                                                ("itl", itl_rate, predicted_itl, observed_itl)):
             if not observed or not 0 < predicted < math.inf or requests <= 0:
                 continue
             ratio = min(max(observed / predicted, 0.25), 4.0)  # one odd interval never swings it wildly
-            pooled = self.levels[name].setdefault(self.level(rate_per_worker), [0.0, 0.0])
+            pooled = self.levels[name].setdefault(self.level(rate), [0.0, 0.0])
             pooled[0] += requests
             pooled[1] += requests / pooled[0] * (math.log(ratio) - pooled[1])
             pooled[0] = min(pooled[0], self.memory)

@@ -136,9 +136,8 @@ class Planner:
             return  # new workers were still starting (or old ones draining) during this interval
         if ttft == float("inf") or itl == float("inf"):
             return
-        ttft_rate, itl_rate = per_worker_rates(self.fleet, load.rate)
-        self.calib.update(ttft_rate, obs.requests, ttft, obs.ttft_p90_s, itl, None)
-        self.calib.update(itl_rate, obs.requests, ttft, None, itl, obs.itl_p90_s)
+        self.calib.update(*per_worker_rates(self.fleet, load.rate), obs.requests,
+                          ttft, obs.ttft_p90_s, itl, obs.itl_p90_s)
 
     def reconcile(self, actual: Fleet) -> str | None:
         """When the real fleet differs from what was last set, adopt it and say so."""

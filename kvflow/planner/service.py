@@ -72,14 +72,9 @@ def decision_dict(d: Decision) -> dict:
     return plain(d)  # type: ignore[return-value]
 
 
-def decision_json(d: Decision) -> str:
-    return json.dumps(decision_dict(d))
-
-
 class PlannerService:
     def __init__(self, config: PlannerConfig, connector: Connector | None = None,
-                 scraper: FrontendScraper | None = None,
-) -> None:
+                 scraper: FrontendScraper | None = None) -> None:
         self.config = config
         self.connector = connector or build_connector(config)
         urls = [u for u in config.frontend_urls.split(",") if u]
@@ -106,7 +101,7 @@ class PlannerService:
         log.info(describe(decision))
         if self.decisions_file is not None:
             with self.decisions_file.open("a") as f:
-                f.write(decision_json(decision) + "\n")
+                f.write(json.dumps(decision_dict(decision)) + "\n")
         if self.config.apply and decision.target != self.connector.current():
             self.connector.apply(decision.target)
         return decision

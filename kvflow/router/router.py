@@ -52,11 +52,14 @@ class _Request:
     pinned_worker: int | None
     session_id: str | None = None
     refresh: Callable[[], Sequence[int]] | None = None
+    fresh: bool = True  # `candidates` were just asked for: the first room check uses them
 
     def current(self) -> list[int]:
-        """The candidates now (kept in `candidates`): asked again when they follow the
-        fleet, else as given."""
-        if self.refresh is not None and self.pinned_worker is None:
+        """The candidates now (kept in `candidates`): on a later check (the request waited)
+        asked again when they follow the fleet, else as given."""
+        if self.fresh:
+            self.fresh = False
+        elif self.refresh is not None and self.pinned_worker is None:
             self.candidates = list(dict.fromkeys(self.refresh()))
         return self.candidates
 
