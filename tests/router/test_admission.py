@@ -256,7 +256,14 @@ async def test_candidates_given_as_a_function_are_asked_again_while_the_request_
     # The frontend passes its usable workers this way: a worker it learns of later counts.
     router, _ = make_router(max_active_requests=1)
     usable = [1]
-    assert (await router.schedule(PROMPT, "a", worker_ids=lambda: usable)).worker_id == 1
+    asked = []
+
+    def candidates() -> list[int]:
+        asked.append(1)
+        return usable
+
+    assert (await router.schedule(PROMPT, "a", worker_ids=candidates)).worker_id == 1
+    assert len(asked) == 1  # admitted at once: the candidates are asked for once, not per check
     parked = asyncio.create_task(router.schedule(PROMPT, "b", worker_ids=lambda: usable))
     await asyncio.sleep(0.01)
     assert not parked.done()  # worker 2 is idle, but not a candidate
