@@ -18,6 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvflow.planner.model import Load, cv2
 
 PREFIX = "kvflow_frontend_"
+# histogram buckets kept, by family (after PREFIX): the Totals field they go to
+_BUCKETS = {"time_to_first_token_seconds_bucket": "ttft_buckets",
+            "inter_token_latency_seconds_bucket": "itl_buckets",
+            "input_sequence_tokens_bucket": "isl_buckets"}
 WAITING = "kvflow_router_waiting_requests"  # the frontend's routers' hold, labelled by router
 
 
@@ -78,9 +82,8 @@ def _add(t: Totals, name: str, labels: dict[str, str], value: float) -> None:
         t.osl_sum += value
     elif name == "cached_tokens_total":
         t.cached += value
-    elif name in ("time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
-                  "input_sequence_tokens_bucket"):
-        target = {"time": t.ttft_buckets, "inter": t.itl_buckets, "input": t.isl_buckets}[name.split("_")[0]]
+    elif name in _BUCKETS:
+        target = getattr(t, _BUCKETS[name])
         le = float(labels["le"])
         target[le] = target.get(le, 0.0) + value
 

@@ -271,8 +271,7 @@ class KvRouter:
                 scores[w] = scores.get(w, 0) + n
             overlaps = OverlapScores(scores, overlaps.frequencies)
         if self._kv_index is not None and self._kv_index.tiers:
-            overlaps = self._kv_index.tiers.extend(hashes, overlaps, list(loads), loads,
-                                                   self.config.block_size)
+            overlaps = self._kv_index.tiers.extend(hashes, overlaps, loads, self.config.block_size)
         return overlaps, extra
 
     def _eligible(self, loads: dict[int, WorkerLoad]) -> dict[int, WorkerLoad]:

@@ -75,9 +75,9 @@ class TierResidency:
         return max(0.0, 1.0 - load / recompute) if recompute > 0 else 0.0
 
     def extend(self, block_hashes: Sequence[int], overlaps: OverlapScores,
-               workers: Iterable[int], loads: Mapping[int, WorkerLoad] | None = None,
-               block_size: int = 1) -> OverlapScores:
-        """Each worker's device overlap plus its credited lower-tier blocks that follow.
+               loads: Mapping[int, WorkerLoad], block_size: int) -> OverlapScores:
+        """Each candidate's (the workers of `loads`) device overlap plus its credited
+        lower-tier blocks that follow.
 
         n lower-tier blocks cost `sum(1 - credit)` blocks of prefill time to load. Loads are
         asynchronous (the request is parked while its blocks arrive, and the worker keeps
@@ -86,12 +86,11 @@ class TierResidency:
         further: the extension is `n - max(0, load - wait)`, `sum(credit)` on an idle worker.
         """
         scores: dict[int, float] = dict(overlaps.scores)
-        for w in workers:
+        for w, load_w in loads.items():
             credits = self._walk(w, block_hashes, overlaps.score(w))
             if credits:
                 load = sum(1.0 - c for c in credits)
-                load_w = loads.get(w) if loads else None
-                hidden = load_w.prefill_tokens / block_size if load_w is not None else 0.0
+                hidden = load_w.prefill_tokens / block_size
                 scores[w] = overlaps.score(w) + len(credits) - max(0.0, load - hidden)
         return OverlapScores(scores=scores, frequencies=overlaps.frequencies)  # type: ignore[arg-type]
 
