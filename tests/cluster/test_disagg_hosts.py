@@ -61,6 +61,9 @@ async def test_prefill_and_decode_on_two_hosts_match_aggregated(rig, native_mode
                 if name in [m.id for m in (await client.models.list()).data]:
                     break
                 await asyncio.sleep(0.1)
+        # A model is listed once a worker registers it; its first request may still meet a 503
+        # until the frontend's client sees the instance: retry as the error asks.
+        client = client.with_options(max_retries=5)
         pairs = []
         for ids in prompts:
             want = await client.completions.create(model="agg", prompt=ids, max_tokens=10, temperature=0,
