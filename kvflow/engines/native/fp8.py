@@ -21,6 +21,7 @@ Two ways to serve them (weights.load_model picks):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -189,6 +190,17 @@ def make_fp8_projections(model: nn.Module, modules: list[str]) -> None:
         linear.weight = weight
         linear.weight_scale = scale
         weight.fp8_scale = scale  # type: ignore[attr-defined]
+        _BY_SHAPE.setdefault(tuple(weight.shape), weakref.WeakSet()).add(weight)
+
+
+# FP8 weights by shape, for launch tuning that reads each layer's weight once, as a decode
+# step does (triton_gemv.fp8_config); weak, so a model that goes away takes its weights along.
+_BY_SHAPE: dict[tuple[int, ...], weakref.WeakSet[torch.Tensor]] = {}
+
+
+def fp8_weights_like(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The FP8 weights made by `make_fp8_projections` with this weight's shape and device."""
+    return [w for w in _BY_SHAPE.get(tuple(weight.shape), ()) if w.device == weight.device]
 
 
 def scale_of(weight: torch.Tensor) -> torch.Tensor | None:

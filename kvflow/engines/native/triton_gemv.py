@@ -203,35 +203,58 @@ def _gemv_persistent_kernel(
 # FP8-weight GEMV launches to choose from, timed once per weight shape (`fp8_config`): the
 # bf16 heuristics above were swept on 1.1B shapes with 2-byte weights and leave an FP8 GEMV
 # far from the bandwidth floor on 8B shapes (first H200 run: 1 TB/s).
-FP8_CANDIDATES = (GemvConfig(8, 1024, 4), GemvConfig(16, 512, 4), GemvConfig(16, 1024, 8),
-                  GemvConfig(32, 512, 8), GemvConfig(8, 2048, 8))
-_fp8_tuned: dict[tuple[int, int, int], GemvConfig] = {}
+FP8_TILES = (GemvConfig(8, 1024, 4), GemvConfig(16, 512, 4), GemvConfig(16, 1024, 8),
+             GemvConfig(32, 512, 8), GemvConfig(8, 2048, 8))
+_fp8_tuned: dict[tuple[int, int, int, bool], GemvConfig] = {}
+
+
+def fp8_candidates(k: int, num_sms: int) -> list[GemvConfig]:
+    """The tiles, and for one row on a GPU (`num_sms` > 0) persistent launches where the input
+    row fits in registers (K <= 8192)."""
+    out = list(FP8_TILES)
+    if num_sms and k <= 8192:
+        out += [GemvConfig(4, k, 4, 4 * num_sms), GemvConfig(2, k, 8, 2 * num_sms)]
+    return out
 
 
 def fp8_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, prologue: int,
                **kw: object) -> GemvConfig:
-    """The fastest of FP8_CANDIDATES for this (N, K, prologue), timed on first use outside a
-    CUDA graph capture (the graphs' warm-up forwards run first); during a capture before any
-    timing, the first candidate."""
+    """The fastest of `fp8_candidates` for this (N, K, prologue, one row?), timed on first use
+    outside a CUDA graph capture (the graphs' warm-up forwards run first); during a capture
+    before any timing, the first candidate. Each candidate is timed as a decode step runs it:
+    over every FP8 weight of this shape (one per layer, `fp8.fp8_weights_like`), each read
+    once, replayed from a CUDA graph (a single weight that fits in L2 would be timed from it,
+    and launches timed from Python would measure the host)."""
+    from kvflow.engines.native.fp8 import fp8_weights_like, scale_of
+
     n, k = weight.shape
-    key = (n, k, prologue)
+    key = (n, k, prologue, x.shape[0] == 1)
     if key in _fp8_tuned:
         return _fp8_tuned[key]
+    candidates = fp8_candidates(k, _num_sms(x.device) if x.shape[0] == 1 else 0)
     if torch.cuda.is_current_stream_capturing():
-        return FP8_CANDIDATES[0]
-    best, best_ms = FP8_CANDIDATES[0], float("inf")
-    for cfg in FP8_CANDIDATES:
-        run = functools.partial(gemv, x, weight, prologue=prologue, scale=scale, config=cfg,
-                                **kw)  # type: ignore[arg-type]
-        for _ in range(2):
-            run()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            run()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end)
+        return candidates[0]
+    peers = [(w, scale_of(w)) for w in fp8_weights_like(weight)][:64] or [(weight, scale)]
+    best, best_ms = candidates[0], float("inf")
+    for cfg in candidates:
+        def sweep(cfg: GemvConfig = cfg) -> None:
+            for w, s in peers:
+                gemv(x, w, prologue=prologue, scale=s, config=cfg, **kw)  # type: ignore[arg-type]
+
+        sweep()  # compiles
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sweep()
+        ms = float("inf")
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            ms = min(ms, start.elapsed_time(end))
+        del graph
         if ms < best_ms:
             best, best_ms = cfg, ms
     _fp8_tuned[key] = best

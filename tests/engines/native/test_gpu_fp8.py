@@ -68,6 +68,37 @@ def test_fp8_gemv_matches_dequantised_weights(n: int, k: int) -> None:
     assert _rel(y, ref) < 1e-2
 
 
+@pytest.mark.parametrize("prologue", [0, 2, 3])  # plain, add + norm, silu * up
+def test_fp8_gemv_launches_agree(prologue: int) -> None:
+    """Every launch `fp8_config` may pick, tiled and persistent, gives the same products (to
+    the order of float32 sums) on weights holding every finite e4m3 byte (subnormals, zeros,
+    +-448); and the tuned choice is one of them, timed over every weight of the shape."""
+    from kvflow.engines.native import triton_gemv as tg
+    from kvflow.engines.native.fp8 import fp8_weights_like, make_fp8_projections
+
+    n, k = 1024, 4096
+    finite = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)
+    layers = torch.nn.Sequential(*(torch.nn.Linear(k, n, bias=False, device="cuda") for _ in range(3)))
+    make_fp8_projections(layers, ["0", "1", "2"])
+    for layer in layers:
+        layer.weight.copy_(finite[torch.randint(0, len(finite), (n, k))].view(FP8))
+        layer.weight_scale.copy_(torch.rand(n) * 1e-3 + 1e-4)
+    w, scale = layers[0].weight, layers[0].weight_scale
+    assert {id(t) for t in fp8_weights_like(w)} >= {id(layer.weight) for layer in layers}
+    x = torch.randn(1, 2 * k if prologue == 3 else k, device="cuda", dtype=torch.bfloat16)
+    kw = {"prologue": prologue, "norm_weight": torch.ones(k, device="cuda", dtype=torch.bfloat16),
+          "residual": torch.randn(1, k, device="cuda", dtype=torch.bfloat16) if prologue == 2 else None,
+          "eps": 1e-6, "out_dtype": torch.float32}
+    ref = tg.gemv(x, w, scale=scale, config=tg.FP8_TILES[0], **kw)[0]
+    candidates = tg.fp8_candidates(k, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert any(c.programs for c in candidates)
+    for cfg in candidates:
+        y = tg.gemv(x, w, scale=scale, config=cfg, **kw)[0]
+        assert _rel(y, ref) < 1e-5, cfg
+    rest = {name: v for name, v in kw.items() if name != "prologue"}
+    assert tg.fp8_config(x, w, scale, prologue, **rest) in candidates
+
+
 @pytest.mark.parametrize("rows", [2, 16, 64, 300])
 def test_fp8_tensor_core_linear_matches_dequantised_weights(rows: int) -> None:
     from kvflow.engines.native.triton_fp8 import fp8_linear
