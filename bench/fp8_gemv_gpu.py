@@ -1,13 +1,13 @@
 """GPU micro-benchmark: FP8-weight products of 1 to 16 rows on Llama-3.1-8B shapes, every launch.
 
 For each decoder projection (with the input op the decode step folds into it) and row count:
-the tiled and persistent FP8 GEMVs, their weights widened to float32 by conversion
-instructions (`cvt`) or by bit placement (`bits`, triton_gemv._widen), and for reference
-`torch._scaled_mm` (activations quantised to FP8) and bf16 cuBLAS on 2-byte weights. Each
-runs over enough weight copies that nothing stays in L2, replayed from one CUDA graph, and is
-reported per call with the weight bandwidth reached, the floor (FP8 weight bytes over a
-device copy's bandwidth, measured in the same run) and the relative error against float32
-on the dequantised weights.
+every launch the FP8 GEMV's tuning chooses from (triton_gemv.fp8_candidates: tiles, and
+persistent launches for one row), the tiles software-pipelined through shared memory
+(`sN`: N stages), and for reference `torch._scaled_mm` (activations quantised to FP8) and
+bf16 cuBLAS on 2-byte weights. Each runs over enough weight copies that nothing stays in L2,
+replayed from one CUDA graph, and is reported per call with the weight bandwidth reached,
+the floor (FP8 weight bytes over a device copy's bandwidth, measured in the same run) and
+the relative error against float32 on the dequantised weights.
 
     PYTHONPATH=. python bench/fp8_gemv_gpu.py [--rows 1 4] [--shapes gate_up down]
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -66,9 +67,10 @@ def variants(shape: Shape, rows: int, t: dict[str, torch.Tensor]
     plain = prologue_input(shape, t)  # for the unfused references (prologue not timed)
     out["_scaled_mm (no prologue)"] = lambda w, s: fp8_linear(plain, w, s)
     sms = num_sms() if rows == 1 else 0
-    for cfg in tg.fp8_candidates(shape.k, sms):
+    staged = [replace(c, stages=st) for c in tg.FP8_TILES[:4] for st in (3, 4)]
+    for cfg in [*tg.fp8_candidates(shape.k, sms), *staged]:
         tile = f"{cfg.block_n}xP{cfg.programs}" if cfg.programs else f"{cfg.block_n}x{cfg.block_k}"
-        name = f"{'bits' if cfg.bits else 'cvt'} {tile} w{cfg.num_warps}"
+        name = f"gemv {tile} w{cfg.num_warps}" + (f" s{cfg.stages}" if cfg.stages else "")
         out[name] = lambda w, s, cfg=cfg: tg.gemv(x, w, scale=s, config=cfg, **kw)[0]
     return out
 
