@@ -27,8 +27,8 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     HAS_WINDOW: tl.constexpr, MASK_ALL: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(0)  # fastest: a tile's heads start together, the longest tiles first
+    tile = tl.program_id(1)
     kv_head = head // GROUP
     seq = tl.load(tile_seq_ptr + tile)
     q_start = tl.load(tile_start_ptr + tile)
@@ -129,15 +129,18 @@ def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: to
 
 
 def prefill_tiles(meta: AttentionMetadata, block_m: int) -> tuple[list[int], list[int]]:
-    """(sequence, first query row) of every BLOCK_M tile of queries, in launch order."""
-    seqs: list[int] = []
-    starts: list[int] = []
+    """(sequence, first query row) of every BLOCK_M tile of queries, in launch order: the tiles
+    that see the most keys first. A causal tile's work grows with its position, so in prompt
+    order a long prompt's last (and longest) tiles would start last and run on while the rest
+    of the GPU idles; longest first, the short ones fill in behind them."""
+    tiles: list[tuple[int, int, int]] = []
     qs = meta.query_start_host
-    for i in range(meta.num_seqs):
-        for start in range(0, qs[i + 1] - qs[i], block_m):
-            seqs.append(i)
-            starts.append(start)
-    return seqs, starts
+    for i, seq_len in enumerate(meta.seq_lens_host):
+        q_len = qs[i + 1] - qs[i]
+        for start in range(0, q_len, block_m):
+            tiles.append((-(seq_len - q_len + min(start + block_m, q_len)), i, start))
+    tiles.sort()
+    return [i for _, i, _ in tiles], [start for _, _, start in tiles]
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ def paged_prefill(
     tiles = torch.tensor([seqs, starts], dtype=torch.int32).to(q.device, non_blocking=True)
     out = torch.empty_like(q)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _prefill_kernel[(len(seqs), num_heads)](
+    _prefill_kernel[(num_heads, len(seqs))](
         q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         tiles[0], tiles[1],
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),

@@ -94,11 +94,13 @@ def test_wide_heads_fit_the_prefill_tiles(head_dim: int) -> None:
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
     # What the CPU interpreter cannot show (it has no shared-memory limit): each tiling
-    # keeps a tile's Q, K and V no larger than the 128-wide head's, which fits an SM.
+    # keeps a tile's Q, K and V no larger than the 128-wide head's long tile, which fits an SM
+    # (the short tile keeps 16 query rows, so it is compared with the long one, not its own).
     from kvflow.engines.native.triton_attention import prefill_tiling
 
+    base = prefill_tiling(128, 100)
     for query_len in (100, 9):
-        base, wide = prefill_tiling(128, query_len), prefill_tiling(head_dim, query_len)
+        wide = prefill_tiling(head_dim, query_len)
         tile = (wide.block_m + 2 * wide.block_n) * head_dim * wide.num_stages
         assert tile <= (base.block_m + 2 * base.block_n) * 128 * base.num_stages, (query_len, wide)
 
@@ -282,3 +284,15 @@ async def test_engine_on_triton_kernels_matches_transformers(
     finally:
         await engine.stop()
 
+
+
+def test_prefill_tiles_launch_the_longest_first() -> None:
+    """Tiles in order of the keys they attend (a cached prefix counts), every tile once."""
+    from kvflow.engines.native.triton_attention import prefill_tiles
+
+    _, _, _, _, meta = _random_batch([100, 9, 1], [20, 0, 60], heads=4, kv_heads=2, head_dim=16,
+                                     block_size=16, dtype=torch.float32, seed=3)
+    seqs, starts = prefill_tiles(meta, 32)
+    # keys seen: seq 0 (100 new after 20 cached) 120, 116, 84, 52 for its tiles at 96, 64, 32,
+    # 0; seq 1 (9 new) 9; seq 2 (1 new after 60 cached) 61
+    assert list(zip(seqs, starts, strict=True)) == [(0, 96), (0, 64), (0, 32), (2, 0), (0, 0), (1, 0)]
