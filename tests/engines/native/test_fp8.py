@@ -125,3 +125,23 @@ def test_quantize_rows_reference_round_trips_within_e4m3_precision() -> None:
     assert torch.allclose(back.abs().amax(dim=1)[:4], x.abs().amax(dim=1)[:4], rtol=1e-6)
     assert ((back - x).abs() <= x.abs() * 2**-3 + s * 2**-9).all()
     assert (back[4] == 0).all()  # an all-zero row stays zero (the scale is clamped, not 0)
+
+
+def test_fp8_weights_are_known_by_shape_while_their_model_lives() -> None:
+    """The GEMV launch tuning reads every FP8 weight of a shape (one per layer): the weights
+    `make_fp8_projections` makes are listed by shape and device, and leave the list with
+    their model."""
+    import gc
+
+    from kvflow.engines.native.fp8 import fp8_weights_like, make_fp8_projections
+
+    layers = torch.nn.Sequential(torch.nn.Linear(48, 40, bias=False), torch.nn.Linear(48, 40, bias=False),
+                                 torch.nn.Linear(40, 48, bias=False))
+    make_fp8_projections(layers, ["0", "1", "2"])
+    same = fp8_weights_like(layers[0].weight)
+    assert {id(w) for w in same} == {id(layers[0].weight), id(layers[1].weight)}
+    assert [id(w) for w in fp8_weights_like(layers[2].weight)] == [id(layers[2].weight)]
+    probe = torch.empty(40, 48, dtype=layers[0].weight.dtype)
+    del layers, same
+    gc.collect()
+    assert fp8_weights_like(probe) == []
