@@ -121,6 +121,16 @@ def _weight_chunk(w_rows, n_mask, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _chunk_product(w, x_row, r_row, r_out_row, nw_ptr, k0, K, inv, write_residual,
+                   PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight chunk's rows times the input's elements k0 .. k0 + BLOCK_K, summed per row."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    h = _input_chunk(x_row, r_row, r_out_row, nw_ptr, offs_k, offs_k < K, K, inv, write_residual,
+                     PROLOGUE)
+    return tl.sum(w.to(tl.float32) * h[None, :], 1)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, r_ptr, r_out_ptr, nw_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
     N, K, stride_xm, stride_rm, stride_rom, stride_wn, stride_ym, eps,
@@ -137,37 +147,26 @@ def _gemv_kernel(
     r_row = r_ptr + row * stride_rm
     r_out_row = r_out_ptr + row * stride_rom
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    if not STAGES:  # one chunk prefetched in registers, the first while the last kernel ends
+        w_next = _weight_chunk(w_rows, n_mask, 0, K, BLOCK_K)
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # from here on, the inputs the kernels before wrote are visible
+    inv = 1.0
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        inv = _inv_rms(x_row, r_row, K, eps, PROLOGUE, BLOCK_K)
     acc = tl.zeros([BLOCK_N], tl.float32)
     if STAGES:  # Triton's software pipeline: STAGES - 1 weight chunks in flight through shared memory
-        if USE_PDL:
-            gdc_launch_dependents()
-            gdc_wait()
-        inv = 1.0
-        if PROLOGUE == 1 or PROLOGUE == 2:
-            inv = _inv_rms(x_row, r_row, K, eps, PROLOGUE, BLOCK_K)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             w = _weight_chunk(w_rows, n_mask, k0, K, BLOCK_K)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            h = _input_chunk(x_row, r_row, r_out_row, nw_ptr, offs_k, k_mask, K, inv, pid_n == 0,
-                             PROLOGUE)
-            acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
-    else:  # one chunk prefetched in registers, the first before the wait
-        w_next = _weight_chunk(w_rows, n_mask, 0, K, BLOCK_K)  # in flight while the last kernel ends
-        if USE_PDL:
-            gdc_launch_dependents()
-            gdc_wait()  # from here on, the inputs the kernels before wrote are visible
-        inv = 1.0
-        if PROLOGUE == 1 or PROLOGUE == 2:
-            inv = _inv_rms(x_row, r_row, K, eps, PROLOGUE, BLOCK_K)
+            acc += _chunk_product(w, x_row, r_row, r_out_row, nw_ptr, k0, K, inv, pid_n == 0,
+                                  PROLOGUE, BLOCK_K)
+    else:
         for k0 in range(0, K, BLOCK_K):
             w = w_next
             w_next = _weight_chunk(w_rows, n_mask, k0 + BLOCK_K, K, BLOCK_K)  # prefetch (masked)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            h = _input_chunk(x_row, r_row, r_out_row, nw_ptr, offs_k, k_mask, K, inv, pid_n == 0,
-                             PROLOGUE)
-            acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
+            acc += _chunk_product(w, x_row, r_row, r_out_row, nw_ptr, k0, K, inv, pid_n == 0,
+                                  PROLOGUE, BLOCK_K)
     if HAS_SCALE:  # an FP8 weight's per-row scale
         acc *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     if HAS_BIAS:
