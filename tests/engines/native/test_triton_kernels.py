@@ -19,6 +19,9 @@ if not torch.cuda.is_available():
 from kvflow.engines.native.attention import AttentionMetadata, make_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# On a GPU these are GPU tests (opt-in, `-m gpu`, with the rest); elsewhere they run in the
+# interpreter wherever Triton is installed. Unmarked, `-m gpu` left them out on the GPU.
+pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 
 
 def _random_batch(
