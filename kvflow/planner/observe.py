@@ -21,7 +21,8 @@ PREFIX = "kvflow_frontend_"
 # histogram buckets kept, by family (after PREFIX): the Totals field they go to
 _BUCKETS = {"time_to_first_token_seconds_bucket": "ttft_buckets",
             "inter_token_latency_seconds_bucket": "itl_buckets",
-            "input_sequence_tokens_bucket": "isl_buckets"}
+            "input_sequence_tokens_bucket": "isl_buckets",
+            "uncached_input_tokens_bucket": "uncached_buckets"}
 WAITING = "kvflow_router_waiting_requests"  # the frontend's routers' hold, labelled by router
 
 
@@ -53,6 +54,7 @@ class Totals:
     ttft_buckets: dict[float, float] = field(default_factory=dict)
     itl_buckets: dict[float, float] = field(default_factory=dict)
     isl_buckets: dict[float, float] = field(default_factory=dict)
+    uncached_buckets: dict[float, float] = field(default_factory=dict)
 
 
 def parse_metrics(text: str, model: str | None, into: Totals | None = None) -> Totals:
@@ -121,13 +123,28 @@ def bucket_cv2(now: dict[float, float], before: dict[float, float]) -> float:
     return cv2(second / total, first / total) if total > 0 else 0.0
 
 
+def bucket_shares(now: dict[float, float], before: dict[float, float]) -> tuple[tuple[float, float], ...]:
+    """(upper edge, share of the observations) of every bucket, in order, between two
+    cumulative-bucket scrapes; () when there were none (what `Load.uncached` holds)."""
+    edges = sorted(now)
+    counts = [now[e] - before.get(e, 0.0) for e in edges]
+    if not counts or counts[-1] <= 0:
+        return ()
+    total, prev, out = counts[-1], 0.0, []
+    for edge, count in zip(edges, counts, strict=True):
+        out.append((edge, max(count - prev, 0.0) / total))
+        prev = count
+    return tuple(out)
+
+
 def diff(now: Totals, before: Totals, at_s: float, interval_s: float) -> Observation:
     n = max(now.isl_count - before.isl_count, 0.0)
     isl = (now.isl_sum - before.isl_sum) / n if n else 0.0
     osl = (now.osl_sum - before.osl_sum) / n if n else 0.0
     cached = (now.cached - before.cached) / (now.isl_sum - before.isl_sum) if n and isl else 0.0
     load = Load(rate=n / interval_s, isl=isl, osl=osl, cached_fraction=min(max(cached, 0.0), 1.0),
-                isl_cv2=bucket_cv2(now.isl_buckets, before.isl_buckets))
+                isl_cv2=bucket_cv2(now.isl_buckets, before.isl_buckets),
+                uncached=bucket_shares(now.uncached_buckets, before.uncached_buckets))
     return Observation(at_s, interval_s, int(n), load,
                        bucket_quantile(now.ttft_buckets, before.ttft_buckets, 0.9),
                        bucket_quantile(now.itl_buckets, before.itl_buckets, 0.9),

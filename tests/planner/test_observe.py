@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kvflow.frontend.metrics import FrontendMetrics
-from kvflow.planner.observe import bucket_cv2, bucket_quantile, diff, parse_metrics
+from kvflow.planner.observe import bucket_cv2, bucket_quantile, bucket_shares, diff, parse_metrics
 from kvflow.router import KvRouter, KvRouterConfig
 
 
@@ -60,6 +60,26 @@ def test_a_real_frontend_s_prompt_spread_reaches_the_observation() -> None:
     _record(metrics, 0.1, 6, 10, 0)
     obs = diff(parse_metrics(metrics.render().decode(), "m"), before, at_s=1.0, interval_s=1.0)
     assert obs.load.isl == 4.5 and obs.load.isl_cv2 == pytest.approx(70 / 3 / 4.5**2 - 1)
+
+
+def test_uncached_prompt_tokens_by_bucket_from_a_real_frontend_request() -> None:
+    # A request's prefill computes its prompt less the cached tokens: 1000 - 500 = 500 in
+    # (256, 512], 1000 - 0 in (512, 1024], 100 - 100 = 0 in (0, 1]; shares 1/3 each, every
+    # bucket listed (the empty ones at 0) up to the open one.
+    metrics = FrontendMetrics()
+    before = parse_metrics(metrics.render().decode(), "m")
+    for prompt, cached in ((1000, 500), (1000, 0), (100, 100)):
+        record = metrics.request("m", "chat")
+        record.prompt_tokens, record.completion_tokens, record.cached_tokens = prompt, 10, cached
+        record.finish("success")
+    failed = metrics.request("m", "chat")
+    failed.prompt_tokens = 4000
+    failed.finish("error")  # only successes are counted, as the other token histograms
+    shares = diff(parse_metrics(metrics.render().decode(), "m"), before, 1.0, 1.0).load.uncached
+    assert [e for e, _ in shares] == [float(2**i) for i in range(18)] + [float("inf")]
+    assert {e: s for e, s in shares if s} == {1.0: pytest.approx(1 / 3), 512.0: pytest.approx(1 / 3),
+                                             1024.0: pytest.approx(1 / 3)}
+    assert bucket_shares({1.0: 2.0, float("inf"): 2.0}, {1.0: 2.0, float("inf"): 2.0}) == ()
 
 
 def test_bucket_quantile_interpolates_and_handles_no_traffic() -> None:

@@ -83,3 +83,21 @@ def test_the_prompt_spread_is_predicted_from_the_mean_square_across_intervals() 
     decision = planner.step(2.0, Observation(2.0, 1.0, 10, Load(10.0, 2000, 100), 0.2, 0.02))
     assert decision.predicted.isl == 1500
     assert decision.predicted.isl_cv2 == pytest.approx(2.5 / 2.25 - 1)
+
+
+def test_the_uncached_tokens_distribution_is_pooled_across_intervals() -> None:
+    # Predicted: the mean of the last 4 intervals' shares (as the mean ISL): all in (0, 8], then
+    # all in (8, inf) -> half and half. The load calibrated on (the arrivals over the last
+    # request duration, 10 s: here all six intervals' 1 + 5 x 3 requests) weighs them by
+    # requests: the 1-request interval is 1/16 of it.
+    planner = Planner(rules(), FLAT, Fleet(aggregated=2), calibrate=False)
+    low, high = ((8.0, 1.0), (float("inf"), 0.0)), ((8.0, 0.0), (float("inf"), 1.0))
+    planner.serve_s = 10.0
+    planner.step(1.0, Observation(1.0, 1.0, 1, Load(1.0, 4, 100, uncached=low)))
+    decision = planner.step(2.0, Observation(2.0, 1.0, 3, Load(3.0, 100, 100, uncached=high)))
+    assert decision.predicted.uncached == ((8.0, 0.5), (float("inf"), 0.5))
+    for t in (3.0, 4.0, 5.0):
+        decision = planner.step(t, Observation(t, 1.0, 3, Load(3.0, 100, 100, uncached=high)))
+    assert decision.predicted.uncached == ((8.0, 0.0), (float("inf"), 1.0))  # the first has left
+    met = planner._met_load(Observation(6.0, 1.0, 3, Load(3.0, 100, 100, uncached=high)))
+    assert met.uncached == (pytest.approx((8.0, 1 / 16)), pytest.approx((float("inf"), 15 / 16)))
