@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvflow.planner.model import Load, cv2
+from kvflow.planner.perf import Bins
 
 PREFIX = "kvflow_frontend_"
 # histogram buckets kept, by family (after PREFIX): the Totals field they go to
@@ -39,6 +40,10 @@ class Observation:
     # Requests waiting at the routers for a worker under their busy thresholds, at at_s
     # (kvflow_router_waiting_requests; 0 unless a --router-max-* threshold is set).
     held: int = 0
+    # The finished requests' TTFT and ITL as histogram bins (low, high, count), which the
+    # calibration pools across intervals (a p90 of a few requests is biased low).
+    ttft_bins: Bins = ()
+    itl_bins: Bins = ()
 
 
 @dataclass
@@ -108,6 +113,18 @@ def bucket_quantile(now: dict[float, float], before: dict[float, float], q: floa
     return prev_edge
 
 
+def bucket_bins(now: dict[float, float], before: dict[float, float]) -> Bins:
+    """The observations between two cumulative-bucket scrapes as (low, high, count) of each bucket
+    that has any; the open last bucket's at its lower edge (as `bucket_quantile` takes it)."""
+    out, prev_edge, prev_count = [], 0.0, 0.0
+    for edge in sorted(now):
+        count = now[edge] - before.get(edge, 0.0)
+        if count - prev_count > 0:
+            out.append((prev_edge, prev_edge if edge == float("inf") else edge, count - prev_count))
+        prev_edge, prev_count = edge, count
+    return tuple(out)
+
+
 def bucket_cv2(now: dict[float, float], before: dict[float, float]) -> float:
     """Variance / mean squared of the observations between two cumulative-bucket scrapes, each
     taken as spread evenly over its bucket (the last, open bucket: at its lower edge)."""
@@ -148,7 +165,9 @@ def diff(now: Totals, before: Totals, at_s: float, interval_s: float) -> Observa
     return Observation(at_s, interval_s, int(n), load,
                        bucket_quantile(now.ttft_buckets, before.ttft_buckets, 0.9),
                        bucket_quantile(now.itl_buckets, before.itl_buckets, 0.9),
-                       held=int(now.held))
+                       held=int(now.held),
+                       ttft_bins=bucket_bins(now.ttft_buckets, before.ttft_buckets),
+                       itl_bins=bucket_bins(now.itl_buckets, before.itl_buckets))
 
 
 class FrontendScraper:

@@ -141,8 +141,7 @@ class Planner:
             return  # new workers were still starting (or old ones draining) during this interval
         if ttft == float("inf") or itl == float("inf"):
             return
-        self.calib.update(*per_worker_rates(self.fleet, load.rate), obs.requests,
-                          ttft, obs.ttft_p90_s, itl, obs.itl_p90_s)
+        self.calib.update(*per_worker_rates(self.fleet, load.rate), ttft, obs.ttft_bins, itl, obs.itl_bins)
 
     def reconcile(self, actual: Fleet) -> str | None:
         """When the real fleet differs from what was last set, adopt it and say so."""

@@ -369,4 +369,5 @@ class Simulation:
         itl = [r.itl_s for r in done if r.output_tokens > 1]
         return Observation(self.now, self.interval_s, n, load,
                            percentile(ttft, 90) if ttft else None, percentile(itl, 90) if itl else None,
-                           held=self.held())
+                           held=self.held(), ttft_bins=tuple((t, t, 1.0) for t in ttft),
+                           itl_bins=tuple((t, t, 1.0) for t in itl))

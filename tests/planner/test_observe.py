@@ -8,7 +8,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kvflow.frontend.metrics import FrontendMetrics
-from kvflow.planner.observe import bucket_cv2, bucket_quantile, bucket_shares, diff, parse_metrics
+from kvflow.planner.observe import (
+    bucket_bins,
+    bucket_cv2,
+    bucket_quantile,
+    bucket_shares,
+    diff,
+    parse_metrics,
+)
 from kvflow.router import KvRouter, KvRouterConfig
 
 
@@ -37,6 +44,10 @@ def test_interval_from_two_scrapes_of_a_real_frontend_registry() -> None:
     assert obs.load.cached_fraction == pytest.approx(0.5)
     assert 0.1 <= obs.ttft_p90_s <= 0.25  # 18 of 20 at 0.2 s: p90 within the 0.1-0.25 bucket
     assert obs.itl_p90_s == pytest.approx(0.02, abs=0.01)
+    # The requests themselves, by bucket, for the calibration to pool: 18 TTFTs in (0.1, 0.25],
+    # 2 in (2.5, 5]; 20 ITLs in (0.01, 0.02] (0.02 is the bucket's upper edge).
+    assert obs.ttft_bins == ((0.1, 0.25, 18.0), (2.5, 5.0, 2.0))
+    assert obs.itl_bins == ((0.01, 0.02, 20.0),)
 
 
 def test_prompt_length_spread_from_the_histogram_buckets() -> None:
@@ -85,6 +96,10 @@ def test_uncached_prompt_tokens_by_bucket_from_a_real_frontend_request() -> None
 def test_bucket_quantile_interpolates_and_handles_no_traffic() -> None:
     before = {0.1: 0.0, 1.0: 0.0, float("inf"): 0.0}
     now = {0.1: 50.0, 1.0: 100.0, float("inf"): 100.0}
+    assert bucket_bins(now, before) == ((0.0, 0.1, 50.0), (0.1, 1.0, 50.0))
+    # The open bucket's requests are taken at its lower edge, as bucket_quantile takes them.
+    assert bucket_bins({**now, float("inf"): 103.0}, before)[-1] == (1.0, 1.0, 3.0)
+    assert bucket_bins(before, before) == ()
     assert bucket_quantile(now, before, 0.5) == pytest.approx(0.1)
     assert bucket_quantile(now, before, 0.75) == pytest.approx(0.55)
     assert bucket_quantile(before, before, 0.9) is None

@@ -104,6 +104,10 @@ def test_the_cached_fraction_counts_cached_and_prompt_tokens_of_the_same_finishe
     assert [o.requests for o in seen[:3]] == [2, 0, 1]
     assert [o.load.cached_fraction for o in seen[:3]] == [0.0, 0.0, pytest.approx(512 / 2100)]
     assert [o.load.isl_cv2 for o in seen[:3]] == [pytest.approx(0.04), 0.0, 0.0]
+    # Each finished request's own TTFT and ITL, as a point, for the calibration to pool.
+    ordered = sorted(result.results, key=lambda r: r.arrival_s)
+    assert seen[0].ttft_bins == ((ordered[0].ttft_s, ordered[0].ttft_s, 1.0),)
+    assert sorted(b[0] for b in seen[2].itl_bins) == sorted(r.itl_s for r in ordered[1:])
 
 
 def test_the_uncached_prompt_tokens_by_bucket_are_those_of_the_finished_requests() -> None:
