@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kvflow.planner.model import Fleet, Load, estimate
 from kvflow.planner.observe import Observation
 from kvflow.planner.planner import Planner
+from kvflow.planner.service import decision_dict
 from tests.planner.test_decide import FLAT, rules
 
 
@@ -104,3 +107,16 @@ def test_the_uncached_tokens_distribution_is_pooled_across_intervals() -> None:
     assert decision.predicted.uncached == ((8.0, 0.0), (float("inf"), 1.0))  # the first has left
     met = planner._met_load(Observation(6.0, 1.0, 3, Load(3.0, 100, 100, uncached=high)))
     assert met.uncached == (pytest.approx((8.0, 1 / 16)), pytest.approx((float("inf"), 15 / 16)))
+
+
+def test_a_decision_is_strict_json_with_infinity_as_null_at_any_depth() -> None:
+    # One worker at 10 req/s cannot keep up on FLAT (rho 1): the current fleet's estimate, nested
+    # in the decision, is infinite; the predicted load's open uncached bucket ends at infinity.
+    planner = Planner(rules(), FLAT, Fleet(aggregated=1), calibrate=False)
+    shares = ((8.0, 0.5), (float("inf"), 0.5))
+    decision = planner.step(1.0, Observation(1.0, 1.0, 10, Load(10.0, 512, 100, uncached=shares)))
+    plain = json.loads(json.dumps(decision_dict(decision), allow_nan=False))
+    assert plain["predicted"]["uncached"] == [[8.0, 0.5], [None, 0.5]]
+    assert plain["current"]["fleet"]["aggregated"] == 1
+    assert plain["current"]["ttft_s"] is None and plain["current"]["itl_s"] is None
+    assert plain["target"] == {"aggregated": 2, "prefill": 0, "decode": 0}
