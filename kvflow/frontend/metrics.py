@@ -17,7 +17,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2)
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-_TOKEN_BUCKETS = tuple(float(2**i) for i in range(0, 18))
+TOKEN_BUCKETS = tuple(float(2**i) for i in range(0, 18))
 
 
 class FrontendMetrics:
@@ -48,11 +48,15 @@ class FrontendMetrics:
         )
         self.isl = Histogram(
             f"{ns}_input_sequence_tokens", "Prompt length in tokens", ["model"],
-            buckets=_TOKEN_BUCKETS, registry=r,
+            buckets=TOKEN_BUCKETS, registry=r,
+        )
+        self.uncached = Histogram(
+            f"{ns}_uncached_input_tokens", "Prompt tokens per request not served from the KV "
+            "prefix cache (what its prefill computes)", ["model"], buckets=TOKEN_BUCKETS, registry=r,
         )
         self.osl = Histogram(
             f"{ns}_output_sequence_tokens", "Generated tokens per request", ["model"],
-            buckets=_TOKEN_BUCKETS, registry=r,
+            buckets=TOKEN_BUCKETS, registry=r,
         )
         self.cached = Counter(
             f"{ns}_cached_tokens", "Prompt tokens served from the KV prefix cache", ["model"],
@@ -154,6 +158,7 @@ class RequestRecord:
         if status != "success":
             return
         m.isl.labels(model=model).observe(self.prompt_tokens)
+        m.uncached.labels(model=model).observe(max(self.prompt_tokens - self.cached_tokens, 0))
         m.osl.labels(model=model).observe(self.completion_tokens)
         if self.cached_tokens:
             m.cached.labels(model=model).inc(self.cached_tokens)

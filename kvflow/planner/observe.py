@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvflow.planner.model import Load, cv2
+from kvflow.planner.perf import Bins
 
 PREFIX = "kvflow_frontend_"
 # histogram buckets kept, by family (after PREFIX): the Totals field they go to
 _BUCKETS = {"time_to_first_token_seconds_bucket": "ttft_buckets",
             "inter_token_latency_seconds_bucket": "itl_buckets",
-            "input_sequence_tokens_bucket": "isl_buckets"}
+            "input_sequence_tokens_bucket": "isl_buckets",
+            "uncached_input_tokens_bucket": "uncached_buckets"}
 WAITING = "kvflow_router_waiting_requests"  # the frontend's routers' hold, labelled by router
 
 
@@ -38,6 +40,10 @@ class Observation:
     # Requests waiting at the routers for a worker under their busy thresholds, at at_s
     # (kvflow_router_waiting_requests; 0 unless a --router-max-* threshold is set).
     held: int = 0
+    # The finished requests' TTFT and ITL as histogram bins (low, high, count), which the
+    # calibration pools across intervals (a p90 of a few requests is biased low).
+    ttft_bins: Bins = ()
+    itl_bins: Bins = ()
 
 
 @dataclass
@@ -53,6 +59,7 @@ class Totals:
     ttft_buckets: dict[float, float] = field(default_factory=dict)
     itl_buckets: dict[float, float] = field(default_factory=dict)
     isl_buckets: dict[float, float] = field(default_factory=dict)
+    uncached_buckets: dict[float, float] = field(default_factory=dict)
 
 
 def parse_metrics(text: str, model: str | None, into: Totals | None = None) -> Totals:
@@ -106,6 +113,18 @@ def bucket_quantile(now: dict[float, float], before: dict[float, float], q: floa
     return prev_edge
 
 
+def bucket_bins(now: dict[float, float], before: dict[float, float]) -> Bins:
+    """The observations between two cumulative-bucket scrapes as (low, high, count) of each bucket
+    that has any; the open last bucket's at its lower edge (as `bucket_quantile` takes it)."""
+    out, prev_edge, prev_count = [], 0.0, 0.0
+    for edge in sorted(now):
+        count = now[edge] - before.get(edge, 0.0)
+        if count - prev_count > 0:
+            out.append((prev_edge, prev_edge if edge == float("inf") else edge, count - prev_count))
+        prev_edge, prev_count = edge, count
+    return tuple(out)
+
+
 def bucket_cv2(now: dict[float, float], before: dict[float, float]) -> float:
     """Variance / mean squared of the observations between two cumulative-bucket scrapes, each
     taken as spread evenly over its bucket (the last, open bucket: at its lower edge)."""
@@ -121,17 +140,34 @@ def bucket_cv2(now: dict[float, float], before: dict[float, float]) -> float:
     return cv2(second / total, first / total) if total > 0 else 0.0
 
 
+def bucket_shares(now: dict[float, float], before: dict[float, float]) -> tuple[tuple[float, float], ...]:
+    """(upper edge, share of the observations) of every bucket, in order, between two
+    cumulative-bucket scrapes; () when there were none (what `Load.uncached` holds)."""
+    edges = sorted(now)
+    counts = [now[e] - before.get(e, 0.0) for e in edges]
+    if not counts or counts[-1] <= 0:
+        return ()
+    total, prev, out = counts[-1], 0.0, []
+    for edge, count in zip(edges, counts, strict=True):
+        out.append((edge, max(count - prev, 0.0) / total))
+        prev = count
+    return tuple(out)
+
+
 def diff(now: Totals, before: Totals, at_s: float, interval_s: float) -> Observation:
     n = max(now.isl_count - before.isl_count, 0.0)
     isl = (now.isl_sum - before.isl_sum) / n if n else 0.0
     osl = (now.osl_sum - before.osl_sum) / n if n else 0.0
     cached = (now.cached - before.cached) / (now.isl_sum - before.isl_sum) if n and isl else 0.0
     load = Load(rate=n / interval_s, isl=isl, osl=osl, cached_fraction=min(max(cached, 0.0), 1.0),
-                isl_cv2=bucket_cv2(now.isl_buckets, before.isl_buckets))
+                isl_cv2=bucket_cv2(now.isl_buckets, before.isl_buckets),
+                uncached=bucket_shares(now.uncached_buckets, before.uncached_buckets))
     return Observation(at_s, interval_s, int(n), load,
                        bucket_quantile(now.ttft_buckets, before.ttft_buckets, 0.9),
                        bucket_quantile(now.itl_buckets, before.itl_buckets, 0.9),
-                       held=int(now.held))
+                       held=int(now.held),
+                       ttft_bins=bucket_bins(now.ttft_buckets, before.ttft_buckets),
+                       itl_bins=bucket_bins(now.itl_buckets, before.itl_buckets))
 
 
 class FrontendScraper:

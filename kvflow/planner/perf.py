@@ -3,9 +3,9 @@
 `kvflow profile` measures the tables on a real worker and writes them as JSON; the
 mocker's timing model can fill them analytically (for simulation). Between table
 points the model interpolates linearly; beyond the last point it extrapolates from
-the last two. `Calibration` refines predictions online: the ratio of what the fleet
-reports to what the model predicted, pooled by load level (requests per second per
-worker), scales later predictions at that load.
+the last two. `Calibration` refines predictions online: the ratios of what the fleet's
+requests met to what the model predicted, pooled by load level (requests per second per
+worker); their 90th percentile scales later predictions at that load.
 """
 
 from __future__ import annotations
@@ -77,46 +77,100 @@ class PerfModel:
                    max_batch, kv_transfer_bytes_per_s, kv, source="mocker timing model")
 
 
+Bins = tuple[tuple[float, float, float], ...]  # (low, high, count): count observations spread
+# evenly over [low, high] (low == high: all at that value), as Observation.ttft_bins/itl_bins
+
+
+def quantile(segments: list[list[float]], q: float) -> float:
+    """The q-quantile (0..1) of weighted segments [low, high, weight], each spread evenly over
+    [low, high] (a point when low == high): the smallest x with a share q of the weight at or
+    below it (for points alone, the nearest-rank percentile)."""
+    total = sum(w for _, _, w in segments)
+    if total <= 0:
+        raise ValueError("no weight")
+    jumps: dict[float, float] = {}
+    slopes: dict[float, float] = {}
+    for lo, hi, w in segments:
+        if hi > lo:
+            slopes[lo] = slopes.get(lo, 0.0) + w / (hi - lo)
+            slopes[hi] = slopes.get(hi, 0.0) - w / (hi - lo)
+        else:
+            jumps[lo] = jumps.get(lo, 0.0) + w
+    want, below, slope = q * total * (1 - 1e-12), 0.0, 0.0
+    xs = sorted(set(jumps) | set(slopes))
+    for x, nxt in zip(xs, [*xs[1:], xs[-1]], strict=True):
+        below += jumps.get(x, 0.0)
+        if below >= want:
+            return x
+        slope += slopes.get(x, 0.0)
+        if slope > 0 and below + slope * (nxt - x) >= want:
+            return x + (want - below) / slope
+        below += slope * (nxt - x)
+    return xs[-1]
+
+
+@dataclass
+class _Pool:
+    """One level's observed / predicted ratios, each request's as its bucket allows, faded to
+    hold `memory` requests; `p90` is kept current."""
+
+    segments: list[list[float]] = field(default_factory=list)
+    total: float = 0.0
+    p90: float = 1.0
+
+    def add(self, bins: list[tuple[float, float, float]], memory: float) -> None:
+        n = sum(c for _, _, c in bins)
+        if self.total + n > memory:
+            keep = max(memory - n, 0.0) / self.total if self.total else 0.0
+            self.segments = [[lo, hi, w * keep] for lo, hi, w in self.segments if w * keep >= 1e-3]
+        self.segments.extend([lo, hi, c] for lo, hi, c in bins)
+        self.total = sum(w for _, _, w in self.segments)
+        self.p90 = quantile(self.segments, 0.9)
+
+
 @dataclass
 class Calibration:
-    """Observed / predicted TTFT and ITL, by load level: the requests per second one worker gets.
+    """Observed / predicted TTFT and ITL p90, by load level: the requests per second one worker gets.
 
     A model can be wrong by a different factor at each load (a queueing approximation that
     is pessimistic when busy and optimistic when idle), so one factor for all loads cannot
     correct it. Levels are geometric, `step` apart (level k holds rates in [step^k,
-    step^(k+1))). Each keeps the request-weighted mean of log(observed / predicted) over its
-    last `memory` requests, so intervals of a few requests pool into one estimate. A level
-    is used once it holds `min_requests`; between used levels the factor is interpolated in
-    log rate; beyond them, the nearest used level's is taken; with none, 1.0.
+    step^(k+1))). Each pools the requests' own latencies, divided by what the model predicted
+    for the interval they finished in (a histogram bucket's requests spread over the bucket,
+    ratios clamped to 0.25-4 so that one odd interval never swings it wildly), over its last
+    `memory` requests (older ones fade); its factor is the 90th percentile of that pool. A p90
+    per interval would not do: over 1 s intervals of ~10 requests the sample p90 is biased
+    low, and their mean is 0.92-0.96x the pooled p90 (measured on the bench's day). A level is
+    used once it holds `min_requests`; between used levels the factor is interpolated in log
+    rate; beyond them, the nearest used level's is taken; with none, 1.0.
     """
 
     step: float = 1.25
     min_requests: float = 20.0
     memory: float = 300.0
-    # metric ("ttft" | "itl") -> level -> [requests pooled (capped at memory), mean log ratio]
-    levels: dict[str, dict[int, list[float]]] = field(default_factory=lambda: {"ttft": {}, "itl": {}})
+    # metric ("ttft" | "itl") -> level -> pooled ratios
+    levels: dict[str, dict[int, _Pool]] = field(default_factory=lambda: {"ttft": {}, "itl": {}})
 
     def level(self, rate_per_worker: float) -> int:
         return math.floor(math.log(max(rate_per_worker, 1e-6)) / math.log(self.step))
 
-    def update(self, ttft_rate: float, itl_rate: float, requests: float, predicted_ttft: float,
-               observed_ttft: float | None, predicted_itl: float, observed_itl: float | None) -> None:
-        """Pool one interval's `requests`: TTFT at the level of `ttft_rate` (the prefill side's
-        rate per worker), ITL at that of `itl_rate` (the decode side's), as `factors` reads
-        them; a metric that was not observed, or not predicted, is left as it was."""
-        for name, rate, predicted, observed in (("ttft", ttft_rate, predicted_ttft, observed_ttft),
-                                                ("itl", itl_rate, predicted_itl, observed_itl)):
-            if not observed or not 0 < predicted < math.inf or requests <= 0:
+    def update(self, ttft_rate: float, itl_rate: float, predicted_ttft: float, ttft: Bins,
+               predicted_itl: float, itl: Bins) -> None:
+        """Pool one interval's finished requests (their latencies as `Bins`): TTFT at the level of
+        `ttft_rate` (the prefill side's rate per worker), ITL at that of `itl_rate` (the decode
+        side's), as `factors` reads them; a metric not observed, or not predicted, is left as it was."""
+        for name, rate, predicted, bins in (("ttft", ttft_rate, predicted_ttft, ttft),
+                                            ("itl", itl_rate, predicted_itl, itl)):
+            if not 0 < predicted < math.inf:
                 continue
-            ratio = min(max(observed / predicted, 0.25), 4.0)  # one odd interval never swings it wildly
-            pooled = self.levels[name].setdefault(self.level(rate), [0.0, 0.0])
-            pooled[0] += requests
-            pooled[1] += requests / pooled[0] * (math.log(ratio) - pooled[1])
-            pooled[0] = min(pooled[0], self.memory)
+            ratios = [(_clamp(lo / predicted), _clamp(hi / predicted), c) for lo, hi, c in bins if c > 0]
+            if ratios:
+                self.levels[name].setdefault(self.level(rate), _Pool()).add(ratios, self.memory)
 
     def factor(self, name: str, rate_per_worker: float) -> float:
         """The correction for metric `name` at this load (see the class docstring)."""
-        known = sorted((k, mean) for k, (n, mean) in self.levels[name].items() if n >= self.min_requests)
+        known = sorted((k, math.log(pool.p90)) for k, pool in self.levels[name].items()
+                       if pool.total >= self.min_requests)
         if not known:
             return 1.0
         x = math.log(max(rate_per_worker, 1e-6)) / math.log(self.step) - 0.5  # in level units, centred
@@ -131,3 +185,7 @@ class Calibration:
     def factors(self, ttft_rate: float, itl_rate: float) -> tuple[float, float]:
         """(TTFT factor at the prefill side's per-worker rate, ITL factor at the decode side's)."""
         return self.factor("ttft", ttft_rate), self.factor("itl", itl_rate)
+
+
+def _clamp(ratio: float) -> float:
+    return min(max(ratio, 0.25), 4.0)

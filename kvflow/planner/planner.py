@@ -23,7 +23,7 @@ import logging
 from collections import deque
 
 from kvflow.planner.decide import Decision, PlanState, Rules, plan_step
-from kvflow.planner.model import Fleet, Load, cv2, estimate, per_worker_rates
+from kvflow.planner.model import Fleet, Load, cv2, estimate, merge_shares, per_worker_rates
 from kvflow.planner.observe import Observation
 from kvflow.planner.perf import Calibration, PerfModel
 from kvflow.planner.predict import MovingAveragePredictor, make_predictor
@@ -39,6 +39,7 @@ class Planner:
         self.state = PlanState(fleet)
         self.rate = make_predictor(predictor)
         self.shape = [MovingAveragePredictor(4) for _ in range(4)]  # isl, osl, cached fraction, isl^2
+        self.uncached: deque[tuple[tuple[float, float], ...]] = deque(maxlen=4)  # as the shape's window
         self.calib = Calibration()
         self.calibrate = calibrate
         self.settle_s = settle_s
@@ -84,13 +85,16 @@ class Planner:
             shape = (obs.load.isl, obs.load.osl, obs.load.cached_fraction, obs.load.isl_square)
             for p, v in zip(self.shape, shape, strict=True):
                 p.observe(v)
+            if obs.load.uncached:
+                self.uncached.append(obs.load.uncached)
             self._seen = True
         self._calibrate(obs)
         if not self._seen:
             return Load(0.0, 1.0, 1.0)
         isl, osl, cached, square = (p.predict() for p in self.shape)
         isl = max(isl, 1.0)
-        return Load(self.rate.predict(), isl, max(osl, 1.0), cached, cv2(square, isl))
+        uncached = merge_shares([(1.0, u) for u in self.uncached]) if self.uncached else ()
+        return Load(self.rate.predict(), isl, max(osl, 1.0), cached, cv2(square, isl), uncached)
 
     def _record_rate(self, obs: Observation) -> None:
         """Keep the interval's rate for the baseline, unless it is part of a burst: over
@@ -123,7 +127,8 @@ class Planner:
         osl = sum(o.requests * o.load.osl for o in pooled) / n
         cached = sum(o.requests * o.load.cached_fraction for o in pooled) / n
         square = sum(o.requests * o.load.isl_square for o in pooled) / n
-        return Load(n / seconds, isl, osl, cached, cv2(square, isl))
+        uncached = merge_shares([(o.requests, o.load.uncached) for o in pooled if o.load.uncached])
+        return Load(n / seconds, isl, osl, cached, cv2(square, isl), uncached if uncached else ())
 
     def _calibrate(self, obs: Observation) -> None:
         load = self._met_load(obs)
@@ -136,8 +141,7 @@ class Planner:
             return  # new workers were still starting (or old ones draining) during this interval
         if ttft == float("inf") or itl == float("inf"):
             return
-        self.calib.update(*per_worker_rates(self.fleet, load.rate), obs.requests,
-                          ttft, obs.ttft_p90_s, itl, obs.itl_p90_s)
+        self.calib.update(*per_worker_rates(self.fleet, load.rate), ttft, obs.ttft_bins, itl, obs.itl_bins)
 
     def reconcile(self, actual: Fleet) -> str | None:
         """When the real fleet differs from what was last set, adopt it and say so."""

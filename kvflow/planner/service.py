@@ -62,10 +62,15 @@ def describe(d: Decision) -> str:
 
 
 def decision_dict(d: Decision) -> dict:
-    """The decision as plain JSON values (infinity as null)."""
+    """The decision as plain JSON values (infinity as null, at any depth: an infeasible option's
+    estimate, the open bucket's edge of the predicted load's uncached tokens)."""
     def plain(obj: object) -> object:
         if dataclasses.is_dataclass(obj):
-            return {k: plain(v) for k, v in dataclasses.asdict(obj).items()}  # type: ignore[arg-type]
+            return plain(dataclasses.asdict(obj))  # type: ignore[arg-type]
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [plain(v) for v in obj]
         if isinstance(obj, float) and obj == float("inf"):
             return None
         return obj

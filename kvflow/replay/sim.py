@@ -17,6 +17,7 @@ the whole state, so a search (the benchmark's oracle) can try several futures.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import heapq
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from kvflow.engines.core.block_pool import BlockPool
 from kvflow.engines.core.scheduler import RequestRejected, Scheduler, SchedulerConfig, SchedulerOutput
 from kvflow.engines.core.sequence import Sequence
 from kvflow.engines.mocker.timing import TimingModel
+from kvflow.frontend.metrics import TOKEN_BUCKETS
 from kvflow.llm.protocol import PreprocessedRequest, StopConditions
 from kvflow.planner.model import Load, cv2
 from kvflow.planner.observe import Observation
@@ -111,6 +113,7 @@ class Simulation:
         self._arrivals: list[TraceRequest] = []
         self._cached_window = 0  # cached and prompt tokens of the requests that finished
         self._prompt_window = 0  # successfully this interval, as the frontend counts them
+        self._uncached_window = [0] * (len(TOKEN_BUCKETS) + 1)  # their uncached tokens, by bucket
         self.timeline: list[tuple[float, int]] = []
         for _ in range(workers):
             self._add_worker(ready_now=True)
@@ -336,6 +339,7 @@ class Simulation:
         if not error:
             self._cached_window += rec.cached
             self._prompt_window += rec.req.input_length
+            self._uncached_window[bisect.bisect_left(TOKEN_BUCKETS, rec.req.input_length - rec.cached)] += 1
 
     # -- the controller ---------------------------------------------------------------
     def _plan(self, _: object) -> None:
@@ -351,14 +355,19 @@ class Simulation:
         done, self._window = self._window, []
         cached, self._cached_window = self._cached_window, 0
         prompt, self._prompt_window = self._prompt_window, 0
+        uncached, self._uncached_window = self._uncached_window, [0] * (len(TOKEN_BUCKETS) + 1)
+        finished = sum(uncached)
+        shares = tuple(zip((*TOKEN_BUCKETS, float("inf")), (c / finished for c in uncached), strict=True)
+                       ) if finished else ()
         n = len(arrivals)
         isl = sum(r.input_length for r in arrivals) / n if n else 0.0
         osl = sum(r.output_length for r in arrivals) / n if n else 0.0
         square = sum(r.input_length ** 2 for r in arrivals) / n if n else 0.0
         load = Load(n / self.interval_s, isl, osl, min(cached / prompt, 1.0) if prompt else 0.0,
-                    cv2(square, isl))
+                    cv2(square, isl), shares)
         ttft = [r.ttft_s for r in done]
         itl = [r.itl_s for r in done if r.output_tokens > 1]
         return Observation(self.now, self.interval_s, n, load,
                            percentile(ttft, 90) if ttft else None, percentile(itl, 90) if itl else None,
-                           held=self.held())
+                           held=self.held(), ttft_bins=tuple((t, t, 1.0) for t in ttft),
+                           itl_bins=tuple((t, t, 1.0) for t in itl))

@@ -44,6 +44,30 @@ def test_estimates_match_the_hand_computed_queueing_formulas() -> None:
     assert ttft == pytest.approx(0.1 + 2.3 * 0.5 * 0.1 / 1.0 + 512 * 1e3 / 1e12 + 0.01)
 
 
+def test_the_mean_prefill_time_is_taken_over_the_uncached_tokens_distribution() -> None:
+    # Prefill 0.05 s up to 512 tokens (a step's floor), then 0.1 s more per 512 tokens. Uncached
+    # tokens: half in (0, 256] (centre 128), half in (256, 1024] (centre 640); their mean 384 is
+    # scaled to the known 512 (isl 512, nothing cached): points 170.67 and 853.33, prefill
+    # 0.05 and 0.05 + 341.33 x 0.1 / 512 = 0.11667, so E[p] = 0.08333 (the mean prompt alone:
+    # 0.05) and E[p^2] = (0.0025 + 0.013611) / 2, cv^2 = 0.16.
+    # Two workers at 10 req/s: lam 5, rho 5 x 0.08333 = 0.41667; the mean ITL is
+    # 1 / ((1 - rho) / 0.01 + 5) = 1 / 63.333; the p90 at lam' = 5 + 1.28 sqrt(5 x 1.16 x 63.333 /
+    # 100) = 7.4532: 1 / (100 - 7.3333 lam') = 22.05 ms (the mean prompt's 0.05 s: 14.33 ms).
+    floor = dataclasses.replace(FLAT, prefill_isl=[16, 512, 1024], prefill_s=[0.05, 0.05, 0.15])
+    uncached = ((256.0, 0.5), (1024.0, 0.5), (float("inf"), 0.0))
+    load = Load(10, 512, 100, uncached=uncached)
+    p = (0.05 + 0.05 + 341.3333 * 0.1 / 512) / 2
+    assert p == pytest.approx(0.083333, abs=1e-6)
+    lam = 5 + 1.28 * (5 * 1.16 * 63.3333 / 100) ** 0.5
+    ttft, itl = estimate(Fleet(aggregated=2), load, floor)
+    assert itl == pytest.approx(1 / (100 - 7.33333 * lam), rel=1e-4)
+    assert itl == pytest.approx(0.02205, abs=1e-5)
+    assert ttft == pytest.approx(0.01 + p + 2.3 * 5 * p * p / (2 * (1 - 5 * p)), rel=1e-4)
+    # Unknown distribution: the mean prompt's prefill, 0.05 s: rho 0.25, mean ITL 1/80, L 1.25 s,
+    # lam' = 5 + 1.28 sqrt(5 / 1.25) = 7.56, p90 ITL 1 / (100 - 4 x 7.56) = 14.33 ms.
+    assert estimate(Fleet(aggregated=2), Load(10, 512, 100), floor)[1] == pytest.approx(1 / 69.76)
+
+
 def test_prompt_length_spread_widens_the_itl_p90_through_the_prefill_time_curve() -> None:
     # Prefill linear in tokens, 0.1 s at 512: the mean ITL at lam 5 is 1/55 as with FLAT.
     # ISL cv^2 0.25: one sd is 256 tokens, prefill 0.15 s, so the prefill time's cv^2 is

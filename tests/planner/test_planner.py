@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
-import math
+import json
 
 import pytest
 
 from kvflow.planner.model import Fleet, Load, estimate
 from kvflow.planner.observe import Observation
 from kvflow.planner.planner import Planner
+from kvflow.planner.service import decision_dict
 from tests.planner.test_decide import FLAT, rules
 
 
 def test_calibration_skips_intervals_while_a_changed_fleet_settles() -> None:
     planner = Planner(rules(), FLAT, Fleet(aggregated=1), settle_s=10.0)
     load = Load(10, 512, 100)
-    decision = planner.step(100.0, Observation(100.0, 5.0, 50, load, 0.3, 0.02))
+    decision = planner.step(100.0, Observation(100.0, 5.0, 50, load, 0.3, 0.02, ttft_bins=((0.3, 0.3, 50.0),),
+                                               itl_bins=((0.02, 0.02, 50.0),)))
     assert decision.target == Fleet(aggregated=2)  # 1 worker cannot keep up (and is not calibrated on)
     # Settled from 100 + 10 (start-up) + 100 tokens x ITL p90 27.86 ms = 112.8 s.
     ttft, itl = estimate(Fleet(aggregated=2), load, FLAT)  # 0.225 s, 0.02786 s
     assert planner.calibrate_from == pytest.approx(110.0 + 100 * itl)
-    planner.step(115.0, Observation(115.0, 5.0, 50, load, 2 * ttft, itl))  # 110..115: too early
+    # 50 requests, 45 at 2x the predicted TTFT and 5 at 3x; ITLs as predicted.
+    ttfts, itls = ((2 * ttft, 2 * ttft, 45.0), (3 * ttft, 3 * ttft, 5.0)), ((itl, itl, 50.0),)
+    planner.step(115.0, Observation(115.0, 5.0, 50, load, ttft_bins=ttfts, itl_bins=itls))  # too early
     assert planner.calib.levels == {"ttft": {}, "itl": {}}
-    planner.step(120.0, Observation(120.0, 5.0, 50, load, 2 * ttft, itl))  # 115..120: settled
-    # 10 req/s on 2 workers: 5 per worker, level floor(log 5 / log 1.25) = 7; 50 requests pooled.
-    assert planner.calib.levels["ttft"] == {7: [50.0, pytest.approx(math.log(2.0))]}
-    assert planner.calib.levels["itl"] == {7: [50.0, pytest.approx(0.0)]}
+    planner.step(120.0, Observation(120.0, 5.0, 50, load, ttft_bins=ttfts, itl_bins=itls))  # settled
+    # 10 req/s on 2 workers: 5 per worker, level floor(log 5 / log 1.25) = 7; 50 requests pooled,
+    # whose p90 (the 45th of 50) is 2x.
+    assert planner.calib.levels["ttft"][7].total == 50.0 and planner.calib.levels["ttft"][7].p90 == 2.0
+    assert planner.calib.levels["itl"][7].p90 == pytest.approx(1.0)
     assert planner.calib.factors(5.0, 5.0) == (pytest.approx(2.0), pytest.approx(1.0))
 
 
@@ -34,17 +39,18 @@ def test_calibration_pools_the_load_the_finished_requests_met() -> None:
     planner = Planner(rules(), FLAT, Fleet(aggregated=2), settle_s=0.0)
     shape = (512, 100)
     # Steady 10 req/s on 2 workers: a request lasts 0.225 + 100 x 27.86 ms = 3.01 s (predicted).
+    done = ((0.03, 0.03, 10.0),)  # ten requests finish each interval
     for t in (1.0, 2.0, 3.0, 4.0):
-        planner.step(t, Observation(t, 1.0, 10, Load(10.0, *shape), 0.2, 0.03))
+        planner.step(t, Observation(t, 1.0, 10, Load(10.0, *shape), itl_bins=done))
     ttft, itl = estimate(Fleet(aggregated=2), Load(10.0, *shape), FLAT)
     assert planner.serve_s == pytest.approx(ttft + 100 * itl)
     assert planner.serve_s == pytest.approx(3.01, abs=0.01)
     # Then an interval of 4 requests. The requests finishing in it met the last 3.01 s of arrivals:
     # the intervals ending at 2, 3, 4 and 5 s, 34 requests in 4 s, 4.25 per worker (level 6).
-    planner.step(5.0, Observation(5.0, 1.0, 4, Load(4.0, *shape), 0.2, 0.03))
+    planner.step(5.0, Observation(5.0, 1.0, 4, Load(4.0, *shape), itl_bins=done))
     assert (planner.calib.level(5.0), planner.calib.level(4.25)) == (7, 6)
-    assert planner.calib.levels["itl"][7][0] == 40.0  # four intervals of 10 at 5 per worker
-    assert planner.calib.levels["itl"][6][0] == 4.0  # the last one, weighted by its 4 requests
+    assert planner.calib.levels["itl"][7].total == 40.0  # four intervals of 10 at 5 per worker
+    assert planner.calib.levels["itl"][6].total == 10.0  # the last one: the 10 requests it finished
 
 
 def test_the_baseline_is_the_median_rate_of_the_last_baseline_s() -> None:
@@ -83,3 +89,34 @@ def test_the_prompt_spread_is_predicted_from_the_mean_square_across_intervals() 
     decision = planner.step(2.0, Observation(2.0, 1.0, 10, Load(10.0, 2000, 100), 0.2, 0.02))
     assert decision.predicted.isl == 1500
     assert decision.predicted.isl_cv2 == pytest.approx(2.5 / 2.25 - 1)
+
+
+def test_the_uncached_tokens_distribution_is_pooled_across_intervals() -> None:
+    # Predicted: the mean of the last 4 intervals' shares (as the mean ISL): all in (0, 8], then
+    # all in (8, inf) -> half and half. The load calibrated on (the arrivals over the last
+    # request duration, 10 s: here all six intervals' 1 + 5 x 3 requests) weighs them by
+    # requests: the 1-request interval is 1/16 of it.
+    planner = Planner(rules(), FLAT, Fleet(aggregated=2), calibrate=False)
+    low, high = ((8.0, 1.0), (float("inf"), 0.0)), ((8.0, 0.0), (float("inf"), 1.0))
+    planner.serve_s = 10.0
+    planner.step(1.0, Observation(1.0, 1.0, 1, Load(1.0, 4, 100, uncached=low)))
+    decision = planner.step(2.0, Observation(2.0, 1.0, 3, Load(3.0, 100, 100, uncached=high)))
+    assert decision.predicted.uncached == ((8.0, 0.5), (float("inf"), 0.5))
+    for t in (3.0, 4.0, 5.0):
+        decision = planner.step(t, Observation(t, 1.0, 3, Load(3.0, 100, 100, uncached=high)))
+    assert decision.predicted.uncached == ((8.0, 0.0), (float("inf"), 1.0))  # the first has left
+    met = planner._met_load(Observation(6.0, 1.0, 3, Load(3.0, 100, 100, uncached=high)))
+    assert met.uncached == (pytest.approx((8.0, 1 / 16)), pytest.approx((float("inf"), 15 / 16)))
+
+
+def test_a_decision_is_strict_json_with_infinity_as_null_at_any_depth() -> None:
+    # One worker at 10 req/s cannot keep up on FLAT (rho 1): the current fleet's estimate, nested
+    # in the decision, is infinite; the predicted load's open uncached bucket ends at infinity.
+    planner = Planner(rules(), FLAT, Fleet(aggregated=1), calibrate=False)
+    shares = ((8.0, 0.5), (float("inf"), 0.5))
+    decision = planner.step(1.0, Observation(1.0, 1.0, 10, Load(10.0, 512, 100, uncached=shares)))
+    plain = json.loads(json.dumps(decision_dict(decision), allow_nan=False))
+    assert plain["predicted"]["uncached"] == [[8.0, 0.5], [None, 0.5]]
+    assert plain["current"]["fleet"]["aggregated"] == 1
+    assert plain["current"]["ttft_s"] is None and plain["current"]["itl_s"] is None
+    assert plain["target"] == {"aggregated": 2, "prefill": 0, "decode": 0}

@@ -104,6 +104,22 @@ def test_the_cached_fraction_counts_cached_and_prompt_tokens_of_the_same_finishe
     assert [o.requests for o in seen[:3]] == [2, 0, 1]
     assert [o.load.cached_fraction for o in seen[:3]] == [0.0, 0.0, pytest.approx(512 / 2100)]
     assert [o.load.isl_cv2 for o in seen[:3]] == [pytest.approx(0.04), 0.0, 0.0]
+    # Each finished request's own TTFT and ITL, as a point, for the calibration to pool.
+    ordered = sorted(result.results, key=lambda r: r.arrival_s)
+    assert seen[0].ttft_bins == ((ordered[0].ttft_s, ordered[0].ttft_s, 1.0),)
+    assert sorted(b[0] for b in seen[2].itl_bins) == sorted(r.itl_s for r in ordered[1:])
+
+
+def test_the_uncached_prompt_tokens_by_bucket_are_those_of_the_finished_requests() -> None:
+    # A (600 tokens) and B (520, sharing A's first 512-token hash block, after A has finished)
+    # compute 600 and 8 prompt tokens: A in (512, 1024] in the first interval, B in (4, 8] in
+    # the third; none finishes in the second, which has no distribution.
+    trace = [TraceRequest(0.0, 600, 5, (1,)), TraceRequest(2.1, 520, 5, (1,))]
+    seen = []
+    Simulation(trace, workers=1, interval_s=1.0, controller=lambda now, obs: seen.append(obs)).run()
+    shares = [{e: s for e, s in o.load.uncached if s} for o in seen[:3]]
+    assert shares == [{1024.0: 1.0}, {}, {8.0: 1.0}]
+    assert [e for e, _ in seen[0].load.uncached][-2:] == [2.0**17, float("inf")]
 
 
 def test_windows_and_attainment() -> None:
