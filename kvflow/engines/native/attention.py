@@ -10,8 +10,8 @@ context. Each layer's cache is one tensor `[2, num_blocks, block_size, kv_heads,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,8 @@ class AttentionMetadata:
     # Host copies, for backends that loop per sequence.
     query_start_host: list[int]
     seq_lens_host: list[int]
+    # What a backend derives once per step and every layer reuses (e.g. the prefill tiles).
+    per_step: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -38,6 +40,27 @@ class AttentionMetadata:
     @property
     def is_decode(self) -> bool:
         return self.max_query_len == 1
+
+
+def prefill_tiles(meta: AttentionMetadata, block_m: int,
+                  window: int | None = None) -> tuple[list[int], list[int]]:
+    """(sequence, first query row) of every `block_m` tile of queries, in launch order: the
+    tiles that see the most keys first (a cached prefix counts; a sliding window caps them).
+    A causal tile's work grows with its position, so in prompt order a long prompt's last
+    (and longest) tiles would start last and run on while the rest of the GPU idles; longest
+    first, the short ones fill in behind them."""
+    tiles: list[tuple[int, int, int]] = []
+    qs = meta.query_start_host
+    for i, seq_len in enumerate(meta.seq_lens_host):
+        q_len = qs[i + 1] - qs[i]
+        ctx = seq_len - q_len
+        for start in range(0, q_len, block_m):
+            keys = ctx + min(start + block_m, q_len)
+            if window is not None:
+                keys = min(keys, window + block_m)
+            tiles.append((-keys, i, start))
+    tiles.sort()
+    return [i for _, i, _ in tiles], [start for _, _, start in tiles]
 
 
 def single_prefill_meta(tokens: int, block_size: int, device: torch.device | str) -> AttentionMetadata:

@@ -200,6 +200,8 @@ _BY_SHAPE: dict[tuple[int, ...], weakref.WeakSet[torch.Tensor]] = {}
 
 def fp8_weights_like(weight: torch.Tensor) -> list[torch.Tensor]:
     """The FP8 weights made by `make_fp8_projections` with this weight's shape and device."""
+    for shape in [s for s, ws in _BY_SHAPE.items() if not ws]:  # their models went away
+        del _BY_SHAPE[shape]
     return [w for w in _BY_SHAPE.get(tuple(weight.shape), ()) if w.device == weight.device]
 
 

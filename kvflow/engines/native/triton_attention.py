@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.engines.native.attention import AttentionMetadata, Rope, register_backend
+from kvflow.engines.native.attention import AttentionMetadata, Rope, prefill_tiles, register_backend
 from kvflow.engines.native.triton_decode import SplitCounters, decode_splits, paged_decode, precision
 from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
 
@@ -128,21 +128,6 @@ def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: to
     )
 
 
-def prefill_tiles(meta: AttentionMetadata, block_m: int) -> tuple[list[int], list[int]]:
-    """(sequence, first query row) of every BLOCK_M tile of queries, in launch order: the tiles
-    that see the most keys first. A causal tile's work grows with its position, so in prompt
-    order a long prompt's last (and longest) tiles would start last and run on while the rest
-    of the GPU idles; longest first, the short ones fill in behind them."""
-    tiles: list[tuple[int, int, int]] = []
-    qs = meta.query_start_host
-    for i, seq_len in enumerate(meta.seq_lens_host):
-        q_len = qs[i + 1] - qs[i]
-        for start in range(0, q_len, block_m):
-            tiles.append((-(seq_len - q_len + min(start + block_m, q_len)), i, start))
-    tiles.sort()
-    return [i for _, i, _ in tiles], [start for _, _, start in tiles]
-
-
 @dataclass(frozen=True)
 class PrefillTiling:
     """Tile shape and launch parameters of the prefill kernel."""
@@ -179,11 +164,16 @@ def paged_prefill(
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     t = tiling or prefill_tiling(head_dim, meta.max_query_len)
     block_m, block_n = t.block_m, t.block_n
-    seqs, starts = prefill_tiles(meta, block_m)
-    tiles = torch.tensor([seqs, starts], dtype=torch.int32).to(q.device, non_blocking=True)
+    key = ("prefill_tiles", block_m, window)
+    tiles = meta.per_step.get(key)
+    if tiles is None:  # once per step, not per layer
+        seqs, starts = prefill_tiles(meta, block_m, window)
+        assert len(seqs) <= 65535, "a step of more query tiles than a CUDA grid's second axis holds"
+        tiles = torch.tensor([seqs, starts], dtype=torch.int32).to(q.device, non_blocking=True)
+        meta.per_step[key] = tiles
     out = torch.empty_like(q)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _prefill_kernel[(num_heads, len(seqs))](
+    _prefill_kernel[(num_heads, tiles.shape[1])](
         q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         tiles[0], tiles[1],
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),

@@ -17,19 +17,28 @@ The input ops round exactly like the unfused kernels in triton_ops.py (and trans
 and accumulate in float32. Rows (sequences) are the grid's first axis, so the programs of
 one weight tile run side by side and share it through L2 (yet cuBLAS wins from 2 rows on).
 On Hopper each program issues its first weight loads before waiting for the kernel ahead
-of it to finish (programmatic dependent launch, triton_pdl.py): weights never depend on it.
+of it to finish (programmatic dependent launch, triton_pdl.py): weights never depend on it
+(tiles pipelined through shared memory, `GemvConfig.stages`, load after the wait).
+
+Weights in FP8 (e4m3, a float32 scale per row) use the same kernels; their launch is not a
+heuristic but tuned per shape on first use (`fp8_config`), among tiles, pipelined tiles and
+persistent launches (`fp8_candidates`).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kvflow.engines.native.fp8 import fp8_weights_like, scale_of
 from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
+
+log = logging.getLogger(__name__)
 
 PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3
 MAX_ROWS = 1  # measured on H200: from 2 rows on, cuBLAS beats re-reading tiles from L2
@@ -227,7 +236,7 @@ FP8_TILES = (GemvConfig(8, 1024, 4), GemvConfig(16, 512, 4), GemvConfig(16, 1024
              # instead of 2.6 (the register prefetch keeps too few bytes in flight at the
              # occupancy its registers allow); slower on the others, which the tuning sees
              GemvConfig(16, 512, 4, stages=3), GemvConfig(32, 512, 8, stages=3))
-_fp8_tuned: dict[tuple[int, int, int, bool], GemvConfig] = {}
+_fp8_tuned: dict[tuple[torch.device, int, int, int, bool], GemvConfig] = {}
 
 
 def fp8_candidates(k: int, num_sms: int) -> list[GemvConfig]:
@@ -241,16 +250,15 @@ def fp8_candidates(k: int, num_sms: int) -> list[GemvConfig]:
 
 def fp8_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, prologue: int,
                **kw: object) -> GemvConfig:
-    """The fastest of `fp8_candidates` for this (N, K, prologue, one row?), timed on first use
-    outside a CUDA graph capture (the graphs' warm-up forwards run first); during a capture
-    before any timing, the first candidate. Each candidate is timed as a decode step runs it:
-    over every FP8 weight of this shape (one per layer, `fp8.fp8_weights_like`), each read
-    once, replayed from a CUDA graph (a single weight that fits in L2 would be timed from it,
-    and launches timed from Python would measure the host)."""
-    from kvflow.engines.native.fp8 import fp8_weights_like, scale_of
-
+    """The fastest of `fp8_candidates` for this (device, N, K, prologue, one row?), timed on
+    first use outside a CUDA graph capture (the graphs' warm-up forwards run first); during a
+    capture before any timing, the first candidate. Each candidate is timed as a decode step
+    runs it: over the FP8 weights of this shape (one per layer, `fp8.fp8_weights_like`; up to
+    64 of them), each read once, replayed from a CUDA graph (a single weight that fits in L2
+    would be timed from it, and launches timed from Python would measure the host). A
+    candidate that does not compile or fit on this GPU is left out (logged)."""
     n, k = weight.shape
-    key = (n, k, prologue, x.shape[0] == 1)
+    key = (x.device, n, k, prologue, x.shape[0] == 1)
     if key in _fp8_tuned:
         return _fp8_tuned[key]
     candidates = fp8_candidates(k, _num_sms(x.device) if x.shape[0] == 1 else 0)
@@ -263,10 +271,14 @@ def fp8_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, prolo
             for w, s in peers:
                 gemv(x, w, prologue=prologue, scale=s, config=cfg, **kw)  # type: ignore[arg-type]
 
-        sweep()  # compiles
+        try:
+            sweep()  # compiles, outside the capture
+        except Exception as exc:  # e.g. out of shared memory or registers on a smaller GPU
+            log.info("FP8 GEMV launch %s left out for %dx%d: %s", cfg, n, k, exc)
+            continue
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             sweep()
         ms = float("inf")
         for _ in range(3):
@@ -279,6 +291,8 @@ def fp8_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, prolo
         del graph
         if ms < best_ms:
             best, best_ms = cfg, ms
+    if best_ms == float("inf"):
+        raise RuntimeError(f"no FP8 GEMV launch compiles for a {n}x{k} weight on this GPU (see the log)")
     _fp8_tuned[key] = best
     return best
 

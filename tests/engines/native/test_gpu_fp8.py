@@ -68,15 +68,17 @@ def test_fp8_gemv_matches_dequantised_weights(n: int, k: int) -> None:
     assert _rel(y, ref) < 1e-2
 
 
+@pytest.mark.parametrize(("n", "k"), [(1024, 4096), (1000, 3664)])  # the second: ragged tails
 @pytest.mark.parametrize("prologue", [0, 2, 3])  # plain, add + norm, silu * up
-def test_fp8_gemv_launches_agree(prologue: int) -> None:
-    """Every launch `fp8_config` may pick, tiled and persistent, gives the same products (to
-    the order of float32 sums) on weights holding every finite e4m3 byte (subnormals, zeros,
-    +-448); and the tuned choice is one of them, timed over every weight of the shape."""
+def test_fp8_gemv_launches_agree(prologue: int, n: int, k: int,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every launch `fp8_config` may pick, tiled, pipelined and persistent, gives the same
+    products (to the order of float32 sums) on weights holding every finite e4m3 byte
+    (subnormals, zeros, +-448); the tuning times candidates over every weight of the shape
+    and picks one of them."""
     from kvflow.engines.native import triton_gemv as tg
     from kvflow.engines.native.fp8 import fp8_weights_like, make_fp8_projections
 
-    n, k = 1024, 4096
     finite = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)
     layers = torch.nn.Sequential(*(torch.nn.Linear(k, n, bias=False, device="cuda") for _ in range(3)))
     make_fp8_projections(layers, ["0", "1", "2"])
@@ -95,8 +97,18 @@ def test_fp8_gemv_launches_agree(prologue: int) -> None:
     for cfg in candidates:
         y = tg.gemv(x, w, scale=scale, config=cfg, **kw)[0]
         assert _rel(y, ref) < 1e-5, cfg
+    timed: set[int] = set()
+    real_gemv = tg.gemv
+
+    def recording_gemv(x: torch.Tensor, weight: torch.Tensor, **kwargs: object) -> object:
+        timed.add(id(weight))
+        return real_gemv(x, weight, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tg, "gemv", recording_gemv)
+    tg._fp8_tuned.pop((x.device, n, k, prologue, True), None)
     rest = {name: v for name, v in kw.items() if name != "prologue"}
     assert tg.fp8_config(x, w, scale, prologue, **rest) in candidates
+    assert timed >= {id(layer.weight) for layer in layers}
 
 
 @pytest.mark.parametrize("rows", [2, 16, 64, 300])
