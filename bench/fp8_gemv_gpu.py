@@ -15,14 +15,12 @@ dequantised weights.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
-from bench.native_gemv import Shape, graph_us, num_sms
-from bench.native_gpu import measure_bandwidth
+from bench.native_gemv import Shape, graph_us, num_sms, start
 from kvflow.engines.native import triton_gemv as tg
 from kvflow.engines.native.fp8 import FP8, FP8_MAX
 from kvflow.engines.native.triton_fp8 import fp8_linear
@@ -78,13 +76,7 @@ def variants(shape: Shape, rows: int, t: dict[str, torch.Tensor]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1])
-    parser.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES])
-    args = parser.parse_args()
-    measure_bandwidth()  # warm-up: clocks ramp up
-    bw = measure_bandwidth()
-    print(f"device: {torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s", flush=True)
+    args, bw = start(__doc__, SHAPES)
     torch.manual_seed(0)
     for shape in (s for s in SHAPES if s.name in args.shapes):
         nbytes = shape.n * shape.k

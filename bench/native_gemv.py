@@ -119,14 +119,20 @@ def check(shape: Shape, rows: int) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def start(doc: str, shapes: list[Shape]) -> tuple[argparse.Namespace, float]:
+    """(--rows / --shapes arguments, the device copy bandwidth in bytes/s), printed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1])
-    parser.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES])
+    parser.add_argument("--shapes", nargs="+", default=[s.name for s in shapes])
     args = parser.parse_args()
     measure_bandwidth()  # warm-up: clocks ramp up
     bw = measure_bandwidth()  # outside a graph: a copy captured in one read ~2.7 TB/s on H200
     print(f"device: {torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s", flush=True)
+    return args, bw
+
+
+def main() -> None:
+    args, bw = start(__doc__, SHAPES)
     for shape in (s for s in SHAPES if s.name in args.shapes):
         nbytes = shape.n * shape.k * 2
         copies = max(4, -(-(256 << 20) // nbytes))
