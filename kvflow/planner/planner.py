@@ -10,23 +10,32 @@ a fleet change, intervals are not used until `settle_s` (a worker's start-up tim
 plus one predicted request duration (OSL x ITL) have passed: until then the requests
 finishing were served, at least in part, by a fleet other than the one set. The
 baseline rate for the burst reserve (`Rules.burst_ratio`) is the median observed rate
-over the last `baseline_s` seconds, leaving out the bursts themselves: an interval whose
-rate is over burst_ratio x the baseline is not counted until such rates have lasted
-`baseline_s` (then they are the new normal). Otherwise a burst half as long as
-`baseline_s` would move the median to its own rate, and the reserve to a multiple of it,
-for as long again after it ended.
+over the last `baseline_s` seconds, leaving out the bursts themselves (`_record_rate`). A
+burst begins with an interval whose rate is over burst_ratio x the baseline and, for its
+count, BURST_SIGMAS Poisson standard deviations over it (at 1 s intervals a rate over
+1.5x a baseline of 5 req/s is often noise). It ends when the intervals since are likelier
+at the baseline than at the burst's own mean rate, by a log-likelihood ratio (Poisson
+counts, summed while it stays positive: a CUSUM) over BURST_SIGMAS^2 / 2, the evidence
+of a BURST_SIGMAS-sigma deviation. Until then every interval is left out, also those
+under burst_ratio x the baseline: a 2.5x burst counted in 1 s is often under 2x the
+baseline, and when such intervals were counted, they raised the median, which let in
+more of the burst, and the reserve then stayed on the burst's rate after it. A burst that
+lasts `baseline_s` is the new normal: its intervals are counted from then on. Otherwise
+a burst half as long as `baseline_s` would move the median to its own rate, and the
+reserve to a multiple of it, for as long again after it ended.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 
 from kvflow.planner.decide import Decision, PlanState, Rules, plan_step
 from kvflow.planner.model import Fleet, Load, cv2, estimate, merge_shares, per_worker_rates
 from kvflow.planner.observe import Observation
 from kvflow.planner.perf import Calibration, PerfModel
-from kvflow.planner.predict import MovingAveragePredictor, make_predictor
+from kvflow.planner.predict import BURST_SIGMAS, MovingAveragePredictor, make_predictor
 
 log = logging.getLogger(__name__)
 MAX_LOOKBACK_S = 60.0  # the longest span of arrivals taken as the load that finished requests met
@@ -46,7 +55,9 @@ class Planner:
         self.calibrate_from = float("-inf")  # intervals starting earlier are not calibrated on
         self.baseline_s = baseline_s
         self.rates: deque[tuple[float, float]] = deque()  # (at_s, observed rate) over baseline_s
-        self.burst_since: float | None = None  # start of the run of intervals left out as a burst
+        self.burst_since: float | None = None  # start of the burst in progress (None: none)
+        self.burst_requests = self.burst_seconds = 0.0  # its arrivals and duration so far
+        self.burst_end_evidence = 0.0  # its CUSUM: log-likelihood ratio, baseline over the burst's rate
         self.recent: deque[Observation] = deque()  # observations over the last MAX_LOOKBACK_S
         self.serve_s = 0.0  # the latest predicted request duration (first token + OSL x ITL)
         self.decisions: list[Decision] = []
@@ -97,19 +108,41 @@ class Planner:
         return Load(self.rate.predict(), isl, max(osl, 1.0), cached, cv2(square, isl), uncached)
 
     def _record_rate(self, obs: Observation) -> None:
-        """Keep the interval's rate for the baseline, unless it is part of a burst: over
-        burst_ratio x the baseline, for less than baseline_s so far."""
+        """Keep the interval's rate for the baseline unless it is part of a burst that has
+        lasted less than baseline_s (the module's docstring says when a burst begins and ends)."""
         while self.rates and self.rates[0][0] <= obs.at_s - self.baseline_s:
             self.rates.popleft()
-        base, ratio = self.baseline(), self.rules.burst_ratio
-        if ratio > 0 and base > 0 and obs.load.rate > ratio * base:
-            if self.burst_since is None:
+        if self.burst_since is None:
+            if self._begins_burst(obs):
                 self.burst_since = obs.at_s - obs.interval_s
+                self.burst_requests = self.burst_seconds = self.burst_end_evidence = 0.0
+        elif self._ends_burst(obs):
+            self.burst_since = None
+        if self.burst_since is not None:
+            self.burst_requests += obs.load.rate * obs.interval_s
+            self.burst_seconds += obs.interval_s
             if obs.at_s - self.burst_since < self.baseline_s:
                 return
-        else:
-            self.burst_since = None
         self.rates.append((obs.at_s, obs.load.rate))
+
+    def _begins_burst(self, obs: Observation) -> bool:
+        """Over burst_ratio x the baseline, and significantly so for a count over the interval."""
+        base, ratio, count_s = self.baseline(), self.rules.burst_ratio, obs.interval_s
+        if ratio <= 0 or base <= 0 or obs.load.rate <= ratio * base:
+            return False
+        return count_s <= 0 or obs.load.rate > base + BURST_SIGMAS * math.sqrt(base / count_s)
+
+    def _ends_burst(self, obs: Observation) -> bool:
+        """The intervals since the burst began are likelier at the baseline than at the burst's
+        mean rate, by a summed log-likelihood ratio over BURST_SIGMAS^2 / 2 (Poisson counts)."""
+        base, count_s = self.baseline(), obs.interval_s
+        burst = self.burst_requests / self.burst_seconds if self.burst_seconds else obs.load.rate
+        if base <= 0 or burst <= base:
+            return True
+        count = obs.load.rate * count_s
+        log_ratio = count * math.log(base / burst) - (base - burst) * count_s
+        self.burst_end_evidence = max(0.0, self.burst_end_evidence + log_ratio)
+        return self.burst_end_evidence > BURST_SIGMAS**2 / 2
 
     def _met_load(self, obs: Observation) -> Load:
         """The load the interval's finished requests met: arrivals over the last serve_s (at least

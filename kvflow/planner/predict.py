@@ -17,6 +17,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+# How many standard deviations above the expected rate a measurement must be to be taken
+# for a burst (the Kalman filter's jump, and the planner's burst baseline: planner.py).
+BURST_SIGMAS = 3.0
+
 
 class Predictor(Protocol):
     def observe(self, value: float, count_s: float = 0.0) -> None: ...
@@ -86,7 +90,7 @@ class KalmanPredictor:
     """
 
     def __init__(self, q_level: float = 0.05, q_slope: float = 0.01, r: float = 1.0,
-                 burst_sigmas: float = 3.0) -> None:
+                 burst_sigmas: float = BURST_SIGMAS) -> None:
         self.q_level, self.q_slope, self.r = q_level, q_slope, r
         self.burst_sigmas = burst_sigmas
         self.level = self.slope = 0.0

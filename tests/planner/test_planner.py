@@ -81,6 +81,46 @@ def test_a_burst_is_left_out_of_the_baseline_until_it_lasts_baseline_s() -> None
     assert step(70.0, 30.0) == 30.0 and step(80.0, 100.0) == 30.0 and step(90.0, 30.0) == 30.0
 
 
+def _baselines(planner: Planner, rates: list[tuple[float, float]], interval_s: float = 1.0) -> list[float]:
+    out = []
+    for at, rate in rates:
+        planner.step(at, Observation(at, interval_s, round(rate * interval_s), Load(rate, 512, 100)))
+        out.append(planner.baseline())
+    return out
+
+
+def test_a_burst_is_left_out_of_the_baseline_also_where_its_intervals_dip_under_the_ratio() -> None:
+    # 1 s intervals, burst_ratio 2, baseline_s 20: 20 s at 10 req/s, then a 16 s burst whose
+    # counts alternate 30 and 18 (mean 24, 2.4x), then 13 req/s.
+    planner = Planner(rules(burst_ratio=2.0), FLAT, Fleet(aggregated=8), baseline_s=20.0)
+    assert set(_baselines(planner, [(t, 10.0) for t in range(1, 21)])) == {10.0}
+    burst = [(t, 30.0 if t % 2 else 18.0) for t in range(21, 37)]
+    # At t = 21, 30 is over 2 x 10 and over 10 + 3 x sqrt(10) = 19.49: a burst begins. An 18 is under
+    # 2 x 10, but the burst goes on: the evidence that it ended (per interval, count x ln(10 / mu)
+    # - (10 - mu), mu the burst's mean rate so far; summed while positive) is at most 0.225 (the
+    # first 18, mu = 30; later mu is 24-26 and an 18 adds under -1.2, a 30 under -8). Every interval
+    # is left out; the baseline is the 10s left in the window. (Counted, as they were when only
+    # rates over 2 x the baseline were left out, the 18s raised the median to 18 by t = 34, which
+    # then let the 30s in, and it stayed 18 after the burst, where the traffic was 13.)
+    assert set(_baselines(planner, burst)) == {10.0}
+    # t = 37: 13 req/s, mu = 384 / 16 = 24: 13 ln(10/24) + 14 = 2.62 <= 4.5 (3^2 / 2), still left out.
+    # t = 38: mu = 397 / 17 = 23.35: + 13 ln(10/23.35) + 13.35 = 2.33, 4.95 > 4.5: the burst has ended,
+    # 13 is counted: window (18, 38] holds 10, 10, 13 -> 10; t = 39: 10, 13, 13 -> 13.
+    assert _baselines(planner, [(37, 13.0), (38, 13.0), (39, 13.0)]) == [10.0, 10.0, 13.0]
+    assert planner.burst_since is None
+
+
+def test_a_rate_over_the_ratio_within_counting_noise_is_no_burst() -> None:
+    # burst_ratio 1.5 at 4 req/s counted over 1 s: 7 is over 1.5 x 4 = 6 but not over 4 + 3 x sqrt(4)
+    # = 10 (a Poisson count of 7 at a mean of 4 is 1.5 sd): counted, and after six of them in a 10 s
+    # window (4 x 4, 6 x 7) the median (the 6th of 10) is 7. Left out as a burst, the median would
+    # have stayed 4 until the run of 7s had lasted baseline_s.
+    planner = Planner(rules(burst_ratio=1.5), FLAT, Fleet(aggregated=8), baseline_s=10.0)
+    got = _baselines(planner, [(t, 4.0) for t in range(1, 11)] + [(t, 7.0) for t in range(11, 17)])
+    assert got[9] == 4.0 and got[15] == 7.0
+    assert planner.burst_since is None
+
+
 def test_the_prompt_spread_is_predicted_from_the_mean_square_across_intervals() -> None:
     # Two intervals, each of one prompt length (cv^2 0), 1000 then 2000: the mean square
     # (1e6 + 4e6) / 2 over the mean 1500 squared gives cv^2 = 2.5 / 2.25 - 1 = 0.1111.
