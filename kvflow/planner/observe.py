@@ -95,63 +95,64 @@ def _add(t: Totals, name: str, labels: dict[str, str], value: float) -> None:
         target[le] = target.get(le, 0.0) + value
 
 
+def _per_bucket(now: dict[float, float], before: dict[float, float]) -> list[tuple[float, float, float]]:
+    """(lower edge, upper edge, observations) of every bucket, in order, between two
+    cumulative-bucket scrapes (the last bucket's upper edge is +inf)."""
+    out, prev_edge, prev_count = [], 0.0, 0.0
+    for edge in sorted(now):
+        count = now[edge] - before.get(edge, 0.0)
+        out.append((prev_edge, edge, count - prev_count))
+        prev_edge, prev_count = edge, count
+    return out
+
+
+def _closed(lo: float, hi: float) -> float:
+    """A bucket's upper edge, the open last bucket's taken at its lower edge."""
+    return lo if hi == float("inf") else hi
+
+
 def bucket_quantile(now: dict[float, float], before: dict[float, float], q: float) -> float | None:
     """The q-quantile (0..1) of the observations between two cumulative-bucket scrapes."""
-    edges = sorted(now)
-    counts = [now[e] - before.get(e, 0.0) for e in edges]
-    if not counts or counts[-1] <= 0:
+    buckets = _per_bucket(now, before)
+    total = sum(n for _, _, n in buckets)
+    if not buckets or total <= 0:
         return None
-    want = q * counts[-1]
-    prev_edge, prev_count = 0.0, 0.0
-    for edge, count in zip(edges, counts, strict=True):
-        if count >= want:
-            if edge == float("inf"):
-                return prev_edge
-            frac = (want - prev_count) / max(count - prev_count, 1e-12)
-            return prev_edge + (edge - prev_edge) * frac
-        prev_edge, prev_count = edge, count
-    return prev_edge
+    want, below = q * total, 0.0
+    for lo, hi, n in buckets:
+        if below + n >= want:
+            if hi == float("inf"):
+                return lo
+            return lo + (hi - lo) * (want - below) / max(n, 1e-12)
+        below += n
+    return buckets[-1][0]
 
 
 def bucket_bins(now: dict[float, float], before: dict[float, float]) -> Bins:
     """The observations between two cumulative-bucket scrapes as (low, high, count) of each bucket
     that has any; the open last bucket's at its lower edge (as `bucket_quantile` takes it)."""
-    out, prev_edge, prev_count = [], 0.0, 0.0
-    for edge in sorted(now):
-        count = now[edge] - before.get(edge, 0.0)
-        if count - prev_count > 0:
-            out.append((prev_edge, prev_edge if edge == float("inf") else edge, count - prev_count))
-        prev_edge, prev_count = edge, count
-    return tuple(out)
+    return tuple((lo, _closed(lo, hi), n) for lo, hi, n in _per_bucket(now, before) if n > 0)
 
 
 def bucket_cv2(now: dict[float, float], before: dict[float, float]) -> float:
     """Variance / mean squared of the observations between two cumulative-bucket scrapes, each
     taken as spread evenly over its bucket (the last, open bucket: at its lower edge)."""
     first = second = total = 0.0
-    prev_edge, prev_count = 0.0, 0.0
-    for edge in sorted(now):
-        count = now[edge] - before.get(edge, 0.0)
-        n, prev_count = count - prev_count, count
-        hi = prev_edge if edge == float("inf") else edge
-        first += n * (prev_edge + hi) / 2
-        second += n * (prev_edge * prev_edge + prev_edge * hi + hi * hi) / 3
-        total, prev_edge = total + n, hi
+    for lo, edge, n in _per_bucket(now, before):
+        hi = _closed(lo, edge)
+        first += n * (lo + hi) / 2
+        second += n * (lo * lo + lo * hi + hi * hi) / 3
+        total += n
     return cv2(second / total, first / total) if total > 0 else 0.0
 
 
 def bucket_shares(now: dict[float, float], before: dict[float, float]) -> tuple[tuple[float, float], ...]:
     """(upper edge, share of the observations) of every bucket, in order, between two
     cumulative-bucket scrapes; () when there were none (what `Load.uncached` holds)."""
-    edges = sorted(now)
-    counts = [now[e] - before.get(e, 0.0) for e in edges]
-    if not counts or counts[-1] <= 0:
+    buckets = _per_bucket(now, before)
+    total = sum(n for _, _, n in buckets)
+    if total <= 0:
         return ()
-    total, prev, out = counts[-1], 0.0, []
-    for edge, count in zip(edges, counts, strict=True):
-        out.append((edge, max(count - prev, 0.0) / total))
-        prev = count
-    return tuple(out)
+    return tuple((hi, max(n, 0.0) / total) for _, hi, n in buckets)
 
 
 def diff(now: Totals, before: Totals, at_s: float, interval_s: float) -> Observation:
