@@ -157,28 +157,18 @@ def _prefill_moments(perf: PerfModel, load: Load) -> tuple[float, float]:
     return mean, (sd / mean) ** 2 if mean > 0 else 0.0
 
 
-def _prefill(perf: PerfModel, rate: float, load: Load) -> tuple[float, float]:
-    """(mean prefill time of one request, utilisation) of one worker getting `rate` req/s."""
-    p = _prefill_moments(perf, load)[0]
-    return p, rate * p
-
-
-def _prefill_cv2(perf: PerfModel, load: Load) -> float:
-    """Prefill time's variance / its mean squared (see _prefill_moments)."""
-    return _prefill_moments(perf, load)[1]
-
-
-def _itl_p90(perf: PerfModel, rate: float, load: Load, prefill: bool) -> tuple[float, float]:
-    """(ITL p90, mean decode batch) of one worker getting `rate` req/s (doing their prefills too
-    if `prefill`). A request's ITL is the mean step time over its life, and the prefill work
-    arriving over a life of L = OSL x ITL seconds is compound Poisson: its variance is
-    rate x L x E[p^2] = rate x L x mean(p)^2 x (1 + cv^2), cv the prefill time's coefficient of
-    variation. The p90 ITL is the mean ITL at the load that brings the 90th percentile of that
-    work, rate + 1.28 sqrt(rate (1 + cv^2) / L)."""
+def _itl_p90(perf: PerfModel, rate: float, load: Load,
+             prefill: tuple[float, float] | None) -> tuple[float, float]:
+    """(ITL p90, mean decode batch) of one worker getting `rate` req/s, doing their prefills too
+    if `prefill` gives their (mean time, cv^2) (`_prefill_moments`). A request's ITL is the mean
+    step time over its life, and the prefill work arriving over a life of L = OSL x ITL seconds
+    is compound Poisson: its variance is rate x L x E[p^2] = rate x L x mean(p)^2 x (1 + cv^2).
+    The p90 ITL is the mean ITL at the load that brings the 90th percentile of that work,
+    rate + 1.28 sqrt(rate (1 + cv^2) / L)."""
     def mean_itl(r: float) -> tuple[float, float]:
-        if not prefill:
+        if prefill is None:
             return _decode_itl(perf, r, load, 1.0)
-        _, rho = _prefill(perf, r, load)
+        rho = r * prefill[0]
         if rho >= MAX_UTIL:
             return INFEASIBLE, INFEASIBLE
         # A prefill step also advances every running sequence by a token (the engine batches
@@ -187,7 +177,7 @@ def _itl_p90(perf: PerfModel, rate: float, load: Load, prefill: bool) -> tuple[f
     itl, batch = mean_itl(rate)
     if itl == INFEASIBLE or rate <= 0:
         return itl, batch
-    spread = 1 + (_prefill_cv2(perf, load) if prefill else 0.0)
+    spread = 1 + (prefill[1] if prefill is not None else 0.0)
     return mean_itl(rate + Z90 * math.sqrt(rate * spread / (load.osl * itl)))[0], batch
 
 
@@ -220,10 +210,11 @@ def _aggregated(n: int, load: Load, perf: PerfModel) -> tuple[float, float]:
     if n <= 0:
         return INFEASIBLE, INFEASIBLE
     rate = load.rate / n
-    p, rho = _prefill(perf, rate, load)
+    moments = _prefill_moments(perf, load)
+    p, rho = moments[0], rate * moments[0]
     if rho >= MAX_UTIL:
         return INFEASIBLE, INFEASIBLE
-    itl, batch = _itl_p90(perf, rate, load, prefill=True)
+    itl, batch = _itl_p90(perf, rate, load, prefill=moments)
     if itl == INFEASIBLE:
         return INFEASIBLE, INFEASIBLE
     step = perf.decode_step(batch, load.isl + load.osl / 2)
@@ -233,10 +224,11 @@ def _aggregated(n: int, load: Load, perf: PerfModel) -> tuple[float, float]:
 def _disaggregated(fleet: Fleet, load: Load, perf: PerfModel) -> tuple[float, float]:
     if fleet.prefill <= 0 or fleet.decode <= 0:
         return INFEASIBLE, INFEASIBLE
-    p, rho = _prefill(perf, load.rate / fleet.prefill, load)
+    p = _prefill_moments(perf, load)[0]
+    rho = load.rate / fleet.prefill * p
     if rho >= MAX_UTIL:
         return INFEASIBLE, INFEASIBLE
-    itl, batch = _itl_p90(perf, load.rate / fleet.decode, load, prefill=False)
+    itl, batch = _itl_p90(perf, load.rate / fleet.decode, load, prefill=None)
     if itl == INFEASIBLE:
         return INFEASIBLE, INFEASIBLE
     first_step = perf.decode_step(batch, load.isl + load.osl / 2)
