@@ -92,6 +92,9 @@ class Planner:
             return None
         self.rate.observe(obs.load.rate, obs.interval_s)
         self._record_rate(obs)
+        self.recent.append(obs)
+        while self.recent and self.recent[0].at_s <= obs.at_s - MAX_LOOKBACK_S:
+            self.recent.popleft()
         if obs.requests:
             shape = (obs.load.isl, obs.load.osl, obs.load.cached_fraction, obs.load.isl_square)
             for p, v in zip(self.shape, shape, strict=True):
@@ -146,10 +149,7 @@ class Planner:
 
     def _met_load(self, obs: Observation) -> Load:
         """The load the interval's finished requests met: arrivals over the last serve_s (at least
-        this interval), their shape request-weighted."""
-        self.recent.append(obs)
-        while self.recent and self.recent[0].at_s <= obs.at_s - MAX_LOOKBACK_S:
-            self.recent.popleft()
+        this interval; `recent` holds it already), their shape request-weighted."""
         span = min(max(self.serve_s, obs.interval_s), MAX_LOOKBACK_S)
         pooled = [o for o in self.recent if o.at_s > obs.at_s - span] or [obs]
         seconds = sum(o.interval_s for o in pooled)
@@ -161,7 +161,7 @@ class Planner:
         cached = sum(o.requests * o.load.cached_fraction for o in pooled) / n
         square = sum(o.requests * o.load.isl_square for o in pooled) / n
         uncached = merge_shares([(o.requests, o.load.uncached) for o in pooled if o.load.uncached])
-        return Load(n / seconds, isl, osl, cached, cv2(square, isl), uncached if uncached else ())
+        return Load(n / seconds, isl, osl, cached, cv2(square, isl), uncached)
 
     def _calibrate(self, obs: Observation) -> None:
         load = self._met_load(obs)

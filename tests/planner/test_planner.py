@@ -145,7 +145,9 @@ def test_the_uncached_tokens_distribution_is_pooled_across_intervals() -> None:
     for t in (3.0, 4.0, 5.0):
         decision = planner.step(t, Observation(t, 1.0, 3, Load(3.0, 100, 100, uncached=high)))
     assert decision.predicted.uncached == ((8.0, 0.0), (float("inf"), 1.0))  # the first has left
-    met = planner._met_load(Observation(6.0, 1.0, 3, Load(3.0, 100, 100, uncached=high)))
+    last = Observation(6.0, 1.0, 3, Load(3.0, 100, 100, uncached=high))
+    planner.step(6.0, last)
+    met = planner._met_load(last)
     assert met.uncached == (pytest.approx((8.0, 1 / 16)), pytest.approx((float("inf"), 15 / 16)))
 
 
