@@ -3,19 +3,26 @@
 Keys and values are gathered tile by tile through the block table straight from the paged
 cache; nothing is copied into a contiguous buffer. Prefill steps rotate q and k, store the
 new K/V (`store_kv`), then attend; a decode step is one fused launch (triton_decode.py).
+One long fresh prompt alone in a step (no cached prefix) is attended by cuDNN's fused
+attention instead (`DensePrefill`), over the step's own contiguous q, k and v.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvflow.engines.native.attention import AttentionMetadata, Rope, prefill_tiles, register_backend
 from kvflow.engines.native.triton_decode import SplitCounters, decode_splits, paged_decode, precision
 from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
+
+log = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -140,13 +147,24 @@ class PrefillTiling:
 
 LONG_TILING = PrefillTiling()
 SHORT_TILING = PrefillTiling(block_m=16, block_n=64, num_warps=4, num_stages=2)
+# 128-wide heads, chunks of WIDE_FROM rows or more: 256 query rows on 16 warps. On the H200
+# (bench/prefill_attention_gpu.py) 374 against 290 TFLOP/s at 8192 rows, 361 against 285
+# for 4096 rows after 4096 cached, 186 against 154 at 2048; 64-wide heads lose with it.
+WIDE_TILING = PrefillTiling(block_m=256, block_n=64, num_warps=16, num_stages=2)
+WIDE_FROM = 1024
 
 
 def prefill_tiling(head_dim: int, max_query_len: int) -> PrefillTiling:
-    """The long tiling for steps with a long prompt chunk, else the short one; above a
-    128-wide head the tiles shrink in proportion so a tile's Q, K and V stay within shared
-    memory (a 512-wide head with the 128 x 64 tile needs ~545 KiB; an H200 SM has 227)."""
-    t = LONG_TILING if max_query_len > 64 else SHORT_TILING
+    """The short tiling for steps of short chunks (64 rows or fewer), the wide one for long
+    chunks of 128-wide heads, else the long one; above a 128-wide head the tiles shrink in
+    proportion so a tile's Q, K and V stay within shared memory (a 512-wide head with the
+    128 x 64 tile needs ~545 KiB; an H200 SM has 227)."""
+    if max_query_len <= 64:
+        t = SHORT_TILING
+    elif head_dim == 128 and max_query_len >= WIDE_FROM:
+        t = WIDE_TILING
+    else:
+        t = LONG_TILING
     shrink = max(head_dim // 128, 1)
     if shrink == 1:
         return t
@@ -186,9 +204,62 @@ def paged_prefill(
     return out
 
 
+DENSE_FROM = 4096  # query rows from which one fresh prompt goes to cuDNN (the H200: 352 vs
+                  # 285 TFLOP/s at 4096 rows, 526 vs 374 at 8192; at 2048 it loses, 179 vs 202)
+DENSE_BUCKET = 512  # cuDNN builds a plan per shape (~75 ms): lengths round up to a multiple
+
+
+def dense_length(q_len: int) -> int:
+    """The padded length a prompt of `q_len` rows is attended at by DensePrefill."""
+    return -(-q_len // DENSE_BUCKET) * DENSE_BUCKET
+
+
+class DensePrefill:
+    """cuDNN's fused causal attention (torch SDPA) for a step that is one fresh prompt of
+    DENSE_FROM rows or more: no cached prefix, so its keys are exactly the step's own k and v,
+    contiguous, and the paged gather can be skipped. The rows are padded to a multiple of
+    DENSE_BUCKET so the plans warm-up builds serve every length; padding sits after the
+    prompt, where causal masking keeps it from every real row. Where cuDNN attention is not
+    available (no such kernel for this GPU or build) it says so once and the paged kernel
+    serves instead."""
+
+    def __init__(self) -> None:
+        self.available: bool | None = None  # unknown until the first call
+
+    def applies(self, q: torch.Tensor, meta: AttentionMetadata, window: int | None) -> bool:
+        return (self.available is not False and window is None and meta.num_seqs == 1
+                and meta.max_query_len >= DENSE_FROM
+                and meta.seq_lens_host[0] == meta.max_query_len  # nothing cached before it
+                and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 128)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> torch.Tensor | None:
+        """[T, H, D] attention output, or None where cuDNN cannot run it."""
+        rows = q.shape[0]
+        pad = dense_length(rows) - rows
+
+        def heads_first(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [1, H, T + pad, D]
+            return (F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x).transpose(0, 1)[None]
+
+        try:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = F.scaled_dot_product_attention(
+                    heads_first(q), heads_first(k), heads_first(v), is_causal=True, scale=scale,
+                    enable_gqa=q.shape[1] != k.shape[1])
+        except RuntimeError as e:  # "No available kernel": this GPU or build has none
+            if self.available is None:
+                log.warning("cuDNN attention unavailable (%s); long prompts use the Triton "
+                            "prefill kernel", str(e).splitlines()[0])
+            self.available = False
+            return None
+        self.available = True
+        return out[0, :, :rows].transpose(0, 1)
+
+
 @register_backend("triton")
 class TritonPagedBackend:
-    """GPU: decode batches through the fused split-KV kernel, anything else through the prefill kernel."""
+    """GPU: decode batches through the fused split-KV kernel, one long fresh prompt through
+    cuDNN (DensePrefill), anything else through the paged prefill kernel."""
 
     def __init__(self) -> None:
         self.num_sms = (
@@ -196,6 +267,20 @@ class TritonPagedBackend:
             if torch.cuda.is_available() else 8
         )
         self.counters = SplitCounters()
+        self.dense = DensePrefill()
+
+    def warm_up(self, max_tokens: int, heads: int, kv_heads: int, head_dim: int,
+                dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
+        """Build cuDNN's plan for every DensePrefill bucket a step of up to `max_tokens` rows
+        can fall in (warmup.py); returns the padded lengths warmed (none without cuDNN)."""
+        warmed: list[int] = []
+        for rows in range(DENSE_FROM, dense_length(max_tokens) + 1, DENSE_BUCKET):
+            q = torch.zeros(rows, heads, head_dim, dtype=dtype, device=device)
+            k = torch.zeros(rows, kv_heads, head_dim, dtype=dtype, device=device)
+            if self.dense(q, k, k, head_dim ** -0.5) is None:
+                break
+            warmed.append(rows)
+        return tuple(warmed)
 
     def forward(
         self,
@@ -222,4 +307,8 @@ class TritonPagedBackend:
         if rope is not None:
             q, k = rope(q, k)
         store_kv(kv_cache, k, v, meta.slot_mapping)
+        if self.dense.applies(q, meta, window):
+            out = self.dense(q, k, v, scale)
+            if out is not None:
+                return out
         return paged_prefill(q, kv_cache, meta, scale, window)

@@ -5,7 +5,8 @@ path, split count), and cuBLAS / CUDA load their kernels lazily; either can cost
 up to a second. `warm_up` runs, before the engine takes requests, prefill chunks of every
 size class the ops and attention pick kernels by (one row, a few rows, the short and the long
 attention tilings, the full step budget) and eager decode steps at the batch sizes CUDA graphs
-do not cover, then logits and a softmax. It returns what it ran and how long it took.
+do not cover, then logits and a softmax, and lets the attention backend build its own
+shape-keyed plans (cuDNN's, for long prompts). It returns what it ran and how long it took.
 """
 
 from __future__ import annotations
@@ -32,15 +33,20 @@ class WarmUp:
     decode_batches: tuple[int, ...]
     seconds: float
     serving_steps: int = 0
+    attention_lengths: tuple[int, ...] = ()  # the backend's own (e.g. cuDNN plans)
 
     def describe(self) -> str:
+        dense = (f", attention plans for {len(self.attention_lengths)} prompt lengths "
+                 f"{self.attention_lengths[0]}-{self.attention_lengths[-1]}"
+                 if self.attention_lengths else "")
         return (f"warmed prefill chunks {list(self.prefill_lengths)}, eager decode batches "
-                f"{list(self.decode_batches)} and {self.serving_steps} steps of short requests "
-                f"in {self.seconds:.1f}s")
+                f"{list(self.decode_batches)}{dense} and {self.serving_steps} steps of short "
+                f"requests in {self.seconds:.1f}s")
 
 
 def prefill_lengths(max_tokens: int) -> tuple[int, ...]:
-    """One row, a few rows (GEMV paths), both sides of the attention tiling switch (64), the budget."""
+    """One row, a few rows (GEMV paths), each attention tiling (it switches at 64 and 1024
+    rows), the budget."""
     sizes = {1, 2, 8, 16, 64, 65, 256, 1024, max_tokens}
     return tuple(sorted(s for s in sizes if s <= max_tokens))
 
@@ -64,9 +70,20 @@ def warm_up(
         # async output's id chaining (one kernel for every step size)
         ids = torch.zeros(4, dtype=torch.int64, device=device)
         model.ops.chain_ids(ids, torch.tensor([0, -1, 1, -1], device=device), ids.clone())
+        attention = _warm_backend(model, max_tokens, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return WarmUp(lengths, batches, time.perf_counter() - start)
+    return WarmUp(lengths, batches, time.perf_counter() - start, attention_lengths=attention)
+
+
+def _warm_backend(model: CausalLM, max_tokens: int, device: torch.device) -> tuple[int, ...]:
+    """The attention backend's own shape-keyed plans, where it has any (`warm_up`)."""
+    attn = model.layers[0].self_attn
+    warm = getattr(attn.backend, "warm_up", None)
+    if warm is None:
+        return ()
+    dtype = model.embed_tokens.weight.dtype
+    return tuple(warm(max_tokens, attn.num_heads, attn.num_kv_heads, attn.head_dim, dtype, device))
 
 
 def _step(model: CausalLM, meta: AttentionMetadata, positions: torch.Tensor) -> None:

@@ -112,6 +112,47 @@ def test_wide_heads_fit_the_prefill_tiles(head_dim: int) -> None:
         assert tile <= (base.block_m + 2 * base.block_n) * 128 * base.num_stages, (query_len, wide)
 
 
+@pytest.mark.parametrize(("q_lens", "ctx_lens"), [([1100], [0]), ([1030, 40], [500, 0])])
+def test_wide_tiling_for_long_chunks(q_lens: list[int], ctx_lens: list[int]) -> None:
+    """Chunks of 1024 rows or more with 128-wide heads take the 256-row tiling."""
+    from kvflow.engines.native.triton_attention import WIDE_TILING, prefill_tiling
+
+    assert prefill_tiling(128, max(q_lens)) == WIDE_TILING
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    q, k, v, cache, meta = _random_batch(q_lens, ctx_lens, heads=8, kv_heads=2, head_dim=128,
+                                         block_size=16, dtype=dtype, seed=4)
+    ref = make_backend("torch", DEVICE).forward(q, k, v, cache.clone(), meta, 0.09, None)
+    out = make_backend("triton", DEVICE).forward(q, k, v, cache, meta, 0.09, None)
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="cuDNN attention needs a GPU")
+@pytest.mark.parametrize(("q_lens", "ctx_lens", "dense"), [
+    ([4100], [0], True),  # one fresh long prompt: cuDNN, padded to 4608 rows
+    ([4100], [16], False),  # a cached prefix: the paged kernel
+    ([4096, 8], [0, 0], False),  # two sequences: the paged kernel
+])
+def test_dense_prefill_matches_gather_backend(q_lens: list[int], ctx_lens: list[int],
+                                              dense: bool) -> None:
+    from kvflow.engines.native.triton_attention import DENSE_BUCKET, DENSE_FROM
+
+    q, k, v, cache, meta = _random_batch(q_lens, ctx_lens, heads=8, kv_heads=2, head_dim=128,
+                                         block_size=16, dtype=torch.bfloat16, seed=5)
+    ref_cache = cache.clone()
+    ref = make_backend("torch", DEVICE).forward(q, k, v, ref_cache, meta, 0.09, None)
+    backend = make_backend("triton", DEVICE)
+    out = backend.forward(q, k, v, cache, meta, 0.09, None)
+    assert torch.equal(cache, ref_cache)  # the dense path stores the new K/V all the same
+    assert backend.dense.available is (True if dense else None)  # type: ignore[attr-defined]
+    assert out.shape == q.shape
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert err < 2e-2, err
+    if dense:  # one plan per bucket up to the step budget, and 4100 rows fell in a warmed one
+        warmed = backend.warm_up(5000, 8, 2, 128, torch.bfloat16, DEVICE)  # type: ignore[attr-defined]
+        assert warmed == (DENSE_FROM, DENSE_FROM + DENSE_BUCKET, DENSE_FROM + 2 * DENSE_BUCKET)
+
+
 @pytest.mark.parametrize(("ctx_lens", "window"), [([0, 37, 130, 5], None), ([200, 5], 16)])
 def test_fused_decode_applies_rope_and_stores_kv(ctx_lens: list[int], window: int | None) -> None:
     """Decode in one launch (rope on q and the new k, K/V store, splits merged by the last
