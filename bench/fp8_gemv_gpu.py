@@ -2,13 +2,13 @@
 
 For each decoder projection (with the input op the decode step folds into it) and row count:
 every launch the FP8 GEMV's tuning chooses from (triton_gemv.fp8_candidates: tiles, some
-software-pipelined through shared memory (`sN`: N stages), and persistent launches for one
-row), the other tiles pipelined with 3 and 4 stages, and for reference `torch._scaled_mm`
-(activations quantised to FP8) and bf16 cuBLAS on 2-byte weights. Each runs over enough
-weight copies that nothing stays in L2, replayed from one CUDA graph, and is reported per
-call with the weight bandwidth reached, the floor (FP8 weight bytes over a device copy's
-bandwidth, measured in the same run) and the relative error against float32 on the
-dequantised weights.
+software-pipelined through shared memory (`sN`: N stages), and for one row persistent launches
+and, on Hopper, TMA tiles (`tma K/n`: K split over n programs)), the other tiles pipelined
+with 3 and 4 stages, and for reference `torch._scaled_mm` (activations quantised to FP8) and
+bf16 cuBLAS on 2-byte weights. Each runs over enough weight copies that nothing stays in L2,
+replayed from one CUDA graph, and is reported per call with the weight bandwidth reached, the
+floor (FP8 weight bytes over a device copy's bandwidth, measured in the same run) and the
+relative error against float32 on the dequantised weights.
 
     PYTHONPATH=. python bench/fp8_gemv_gpu.py [--rows 1 4] [--shapes gate_up down]
 """
@@ -68,9 +68,11 @@ def variants(shape: Shape, rows: int, t: dict[str, torch.Tensor]
     sms = num_sms() if rows == 1 else 0
     staged = [c for c in (replace(t, stages=st) for t in tg.FP8_TILES[:4] for st in (3, 4))
               if c not in tg.FP8_TILES]
-    for cfg in [*tg.fp8_candidates(shape.k, sms), *staged]:
+    tma = bool(sms) and torch.cuda.get_device_capability()[0] >= 9
+    for cfg in [*tg.fp8_candidates(shape.k, sms, tma=tma), *staged]:
         tile = f"{cfg.block_n}xP{cfg.programs}" if cfg.programs else f"{cfg.block_n}x{cfg.block_k}"
-        name = f"gemv {tile} w{cfg.num_warps}" + (f" s{cfg.stages}" if cfg.stages else "")
+        name = (f"gemv {tile} w{cfg.num_warps}" + (f" s{cfg.stages}" if cfg.stages else "")
+                + (f" tma K/{cfg.splits}" if cfg.splits else ""))
         out[name] = lambda w, s, cfg=cfg: tg.gemv(x, w, scale=s, config=cfg, **kw)[0]
     return out
 

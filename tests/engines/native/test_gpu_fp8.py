@@ -72,10 +72,11 @@ def test_fp8_gemv_matches_dequantised_weights(n: int, k: int) -> None:
 @pytest.mark.parametrize("prologue", [0, 2, 3])  # plain, add + norm, silu * up
 def test_fp8_gemv_launches_agree(prologue: int, n: int, k: int,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every launch `fp8_config` may pick, tiled, pipelined and persistent, gives the same
-    products (to the order of float32 sums) on weights holding every finite e4m3 byte
-    (subnormals, zeros, +-448); the tuning times candidates over every weight of the shape
-    and picks one of them."""
+    """Every launch `fp8_config` may pick, tiled, pipelined, persistent and TMA, gives the same
+    products on weights holding every finite e4m3 byte (subnormals, zeros, +-448): each
+    output within one bf16 step of the first launch's (they sum in float32 in different
+    orders, then round to bf16, so an output close to a rounding boundary may land on either
+    side of it); the tuning times candidates over every weight of the shape and picks one."""
     from kvflow.engines.native import triton_gemv as tg
     from kvflow.engines.native.fp8 import fp8_weights_like, make_fp8_projections
 
@@ -92,11 +93,14 @@ def test_fp8_gemv_launches_agree(prologue: int, n: int, k: int,
           "residual": torch.randn(1, k, device="cuda", dtype=torch.bfloat16) if prologue == 2 else None,
           "eps": 1e-6, "out_dtype": torch.float32}
     ref = tg.gemv(x, w, scale=scale, config=tg.FP8_TILES[0], **kw)[0]
-    candidates = tg.fp8_candidates(k, torch.cuda.get_device_properties(0).multi_processor_count)
+    candidates = tg.fp8_candidates(k, torch.cuda.get_device_properties(0).multi_processor_count,
+                                   tma=tg.tma_fits(w))
     assert any(c.programs for c in candidates)
+    assert any(c.splits > 1 for c in candidates) == (torch.cuda.get_device_capability()[0] >= 9)
     for cfg in candidates:
         y = tg.gemv(x, w, scale=scale, config=cfg, **kw)[0]
-        assert _rel(y, ref) < 1e-5, cfg
+        assert bool(((y - ref).abs() <= ref.abs() * 2**-7 + 1e-30).all()), cfg  # one bf16 step
+        assert _rel(y, ref) < 1e-3, cfg
     timed: set[int] = set()
     real_gemv = tg.gemv
 

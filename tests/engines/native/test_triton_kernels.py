@@ -153,6 +153,52 @@ def test_dense_prefill_matches_gather_backend(q_lens: list[int], ctx_lens: list[
         assert warmed == (DENSE_FROM, DENSE_FROM + DENSE_BUCKET, DENSE_FROM + 2 * DENSE_BUCKET)
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("prologue", ["plain", "norm", "silu_mul",
+                                      pytest.param("add_norm", marks=INTERPRETER_MASK)])
+def test_tma_gemv_matches_dequantised_weight(prologue: str, splits: int) -> None:
+    """The TMA launch of an FP8 weight (one row): a ragged last K tile and output tile, K split
+    over programs, a bias; a second launch (counters reset by the first) gives the same bits."""
+    from kvflow.engines.native import triton_gemv as tg
+    from kvflow.engines.native.fp8 import FP8
+    from kvflow.engines.native.ops import make_ops
+
+    ops = make_ops("torch", DEVICE)
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(12 + splits)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=gen)).to(dtype).to(DEVICE)
+
+    k, n = 1040, 77  # K: 16-byte rows (a descriptor's need), 4 tiles of 256 and 16 over
+    cfg = tg.GemvConfig(32, 256, 4, stages=3, splits=splits)
+    w8 = (torch.randn(n, k, generator=gen) * 100).clamp(-440, 440).to(FP8).to(DEVICE)
+    scale = (torch.rand(n, generator=gen) * k**-0.5 / 100 + 1e-4).to(DEVICE)
+    w = (w8.float() * scale[:, None]).to(dtype)  # the weight it stands for
+    x, res, norm_w, bias = rand(1, k), rand(1, k), rand(k), rand(n)
+    kw: dict = {"scale": scale, "config": cfg, "bias": bias}
+    if prologue == "plain":
+        run, ref = (lambda: tg.gemv(x, w8, **kw)), ops.linear(x, w) + bias
+    elif prologue == "norm":
+        run = lambda: tg.gemv(x, w8, prologue=tg.NORM, norm_weight=norm_w, eps=1e-6, **kw)  # noqa: E731
+        ref = ops.norm_linear(x, None, norm_w, 1e-6, w, bias).out
+    elif prologue == "silu_mul":
+        gate_up = rand(1, 2 * k)
+        run = lambda: tg.gemv(gate_up, w8, prologue=tg.SILU_MUL, **kw)  # noqa: E731
+        ref = ops.silu_mul_linear(gate_up, w) + bias
+    else:
+        expected = ops.norm_linear(x, res.clone(), norm_w, 1e-6, w, bias)
+        run = lambda: tg.gemv(x, w8, prologue=tg.ADD_NORM, residual=res, norm_weight=norm_w,  # noqa: E731
+                              eps=1e-6, **kw)
+        ref = expected.out
+        summed = run()[1]
+        assert summed is not None and torch.allclose(summed.float(), expected.residual.float())
+    out, again = run()[0], run()[0]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == ref.shape and float((out.float() - ref.float()).norm() / ref.float().norm()) < tol
+    assert torch.equal(out, again)
+
+
 @pytest.mark.parametrize(("ctx_lens", "window"), [([0, 37, 130, 5], None), ([200, 5], 16)])
 def test_fused_decode_applies_rope_and_stores_kv(ctx_lens: list[int], window: int | None) -> None:
     """Decode in one launch (rope on q and the new k, K/V store, splits merged by the last
