@@ -130,6 +130,13 @@ class AttentionBackend(Protocol):
         rotated first (a backend may fuse that into its kernels)."""
         ...
 
+    def warm_up(self, max_tokens: int, heads: int, kv_heads: int, head_dim: int,
+                dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
+        """Prepare what the backend builds per shape (plans, not compiles: those warm by
+        running steps) for steps of up to `max_tokens` rows, on the calling thread; returns
+        the prompt lengths it prepared (none for most backends)."""
+        ...
+
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}
 
@@ -187,6 +194,10 @@ def context_mask(q_len: int, seq_len: int, window: int | None, device: torch.dev
 @register_backend("torch")
 class TorchGatherBackend:
     """Any device: per sequence, gather its context out of the blocks and run SDPA."""
+
+    def warm_up(self, max_tokens: int, heads: int, kv_heads: int, head_dim: int,
+                dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
+        return ()  # nothing shape-keyed to prepare
 
     def forward(
         self,

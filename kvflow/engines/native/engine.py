@@ -307,14 +307,17 @@ class NativeEngine:
     def _warm_thread(self) -> None:
         """On CUDA, the runner's start-up warm-up ran on the loading thread; run its short
         requests once more on this one, before start() returns, so nothing the first request
-        needs is first done here (the first request after start-up measured ~0.9 s before)."""
+        needs is first done here (the first request after start-up measured ~0.9 s before),
+        and build the attention backend's per-thread plans (cuDNN's, for long prompts)."""
         try:
             runner = self.runner
-            if runner is not None and runner.device.type == "cuda" and self._ranks is None:
+            if runner is not None and runner.device.type == "cuda":
                 started = time.perf_counter()
-                steps = warm_serving_path(runner)
-                log.info("native engine: engine thread warmed (%d steps) in %.2fs", steps,
-                         time.perf_counter() - started)
+                plans = runner.warm_attention()
+                steps = warm_serving_path(runner) if self._ranks is None else 0
+                log.info("native engine: engine thread warmed (%d steps%s) in %.2fs", steps,
+                         f", attention plans for {len(plans)} prompt lengths {plans[0]}-{plans[-1]}"
+                         if plans else "", time.perf_counter() - started)
         except Exception:  # a slower first request, not a dead engine
             log.exception("native engine: warm-up on the engine thread failed")
         finally:

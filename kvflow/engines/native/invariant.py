@@ -78,6 +78,10 @@ class InvariantOps(TorchOps):
 class InvariantAttention:
     """Per sequence, fixed-shape blocks with an online softmax (see the module docstring)."""
 
+    def warm_up(self, max_tokens: int, heads: int, kv_heads: int, head_dim: int,
+                dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
+        return ()  # its kernels warm by running steps
+
     def forward(
         self,
         q: torch.Tensor,

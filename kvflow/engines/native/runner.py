@@ -38,7 +38,7 @@ from kvflow.engines.native.ops import make_ops
 from kvflow.engines.native.parallel import agree_num_blocks, load_local_model
 from kvflow.engines.native.pooling import Pooler
 from kvflow.engines.native.sampler import RequestSampling, Sampler, SamplerOutput, SampleRow
-from kvflow.engines.native.warmup import warm_serving_path, warm_up
+from kvflow.engines.native.warmup import warm_attention, warm_serving_path, warm_up
 from kvflow.engines.native.weights import (
     resolve_device,
     resolve_dtype,
@@ -233,6 +233,13 @@ class ModelRunner:
         done = dataclasses.replace(done, serving_steps=steps,
                                    seconds=done.seconds + time.perf_counter() - start)
         log.info("native engine: %s", done.describe())
+
+    def warm_attention(self) -> tuple[int, ...]:
+        """GPU: the attention backend's per-shape plans (cuDNN's, for long prompts), built on
+        the calling thread, which must be the one that runs the steps (warmup.py)."""
+        if self.device.type != "cuda":
+            return ()
+        return warm_attention(self.model, min(self.engine.max_num_batched_tokens, self.max_model_len))
 
     # ---- one step -----------------------------------------------------------------
 

@@ -217,20 +217,24 @@ def dense_length(q_len: int) -> int:
 class DensePrefill:
     """cuDNN's fused causal attention (torch SDPA) for a step that is one fresh prompt of
     DENSE_FROM rows or more: no cached prefix, so its keys are exactly the step's own k and v,
-    contiguous, and the paged gather can be skipped. The rows are padded to a multiple of
-    DENSE_BUCKET so the plans warm-up builds serve every length; padding sits after the
-    prompt, where causal masking keeps it from every real row. Where cuDNN attention is not
-    available (no such kernel for this GPU or build) it says so once and the paged kernel
-    serves instead."""
+    and the paged gather can be skipped. q, k and v are copied to contiguous tensors padded to
+    a multiple of DENSE_BUCKET rows: cuDNN keys its plans on shape and strides, so the plans
+    warm-up builds serve every length (the step's q, k and v are views of the fused qkv
+    projection, whose strides differ); padding sits after the prompt, where causal masking
+    keeps it from every real row. Enabled on sm_90 (Hopper) only, where it was measured.
+    Where cuDNN attention is not available it says so once and the paged kernel serves;
+    an error on a later call is logged and that step served by the paged kernel too."""
 
-    def __init__(self) -> None:
-        self.available: bool | None = None  # unknown until the first call
+    def __init__(self, enabled: bool) -> None:
+        self.available: bool | None = None if enabled else False  # None: not tried yet
+
+    def fits(self, dtype: torch.dtype, head_dim: int) -> bool:
+        return self.available is not False and dtype in (torch.bfloat16, torch.float16) and head_dim <= 128
 
     def applies(self, q: torch.Tensor, meta: AttentionMetadata, window: int | None) -> bool:
-        return (self.available is not False and window is None and meta.num_seqs == 1
+        return (self.fits(q.dtype, q.shape[-1]) and window is None and meta.num_seqs == 1
                 and meta.max_query_len >= DENSE_FROM
-                and meta.seq_lens_host[0] == meta.max_query_len  # nothing cached before it
-                and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 128)
+                and meta.seq_lens_host[0] == meta.max_query_len)  # nothing cached before it
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float) -> torch.Tensor | None:
@@ -239,18 +243,24 @@ class DensePrefill:
         pad = dense_length(rows) - rows
 
         def heads_first(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [1, H, T + pad, D]
-            return (F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x).transpose(0, 1)[None]
+            return (F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x.contiguous()).transpose(0, 1)[None]
 
         try:
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 out = F.scaled_dot_product_attention(
                     heads_first(q), heads_first(k), heads_first(v), is_causal=True, scale=scale,
                     enable_gqa=q.shape[1] != k.shape[1])
-        except RuntimeError as e:  # "No available kernel": this GPU or build has none
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # first call: "No available kernel" (this GPU or build has none)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             if self.available is None:
                 log.warning("cuDNN attention unavailable (%s); long prompts use the Triton "
-                            "prefill kernel", str(e).splitlines()[0])
-            self.available = False
+                            "prefill kernel", reason)
+                self.available = False
+            else:
+                log.warning("cuDNN attention failed for a %d-token prompt (%s); the Triton "
+                            "prefill kernel serves it", rows, reason)
             return None
         self.available = True
         return out[0, :, :rows].transpose(0, 1)
@@ -267,13 +277,17 @@ class TritonPagedBackend:
             if torch.cuda.is_available() else 8
         )
         self.counters = SplitCounters()
-        self.dense = DensePrefill()
+        self.dense = DensePrefill(torch.cuda.is_available()
+                                  and torch.cuda.get_device_capability() == (9, 0))
 
     def warm_up(self, max_tokens: int, heads: int, kv_heads: int, head_dim: int,
                 dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
         """Build cuDNN's plan for every DensePrefill bucket a step of up to `max_tokens` rows
-        can fall in (warmup.py); returns the padded lengths warmed (none without cuDNN)."""
+        can fall in; returns the padded lengths warmed (none without cuDNN). PyTorch keeps
+        cuDNN's plans per thread: call it on the thread that runs the steps (warmup.py)."""
         warmed: list[int] = []
+        if not self.dense.fits(dtype, head_dim):
+            return ()
         for rows in range(DENSE_FROM, dense_length(max_tokens) + 1, DENSE_BUCKET):
             q = torch.zeros(rows, heads, head_dim, dtype=dtype, device=device)
             k = torch.zeros(rows, kv_heads, head_dim, dtype=dtype, device=device)

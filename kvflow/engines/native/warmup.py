@@ -5,8 +5,9 @@ path, split count), and cuBLAS / CUDA load their kernels lazily; either can cost
 up to a second. `warm_up` runs, before the engine takes requests, prefill chunks of every
 size class the ops and attention pick kernels by (one row, a few rows, the short and the long
 attention tilings, the full step budget) and eager decode steps at the batch sizes CUDA graphs
-do not cover, then logits and a softmax, and lets the attention backend build its own
-shape-keyed plans (cuDNN's, for long prompts). It returns what it ran and how long it took.
+do not cover, then logits and a softmax. It returns what it ran and how long it took.
+`warm_attention` lets the attention backend build its shape-keyed plans (cuDNN's, for long
+prompts); PyTorch keeps those per thread, so the engine calls it on its own thread.
 """
 
 from __future__ import annotations
@@ -33,15 +34,11 @@ class WarmUp:
     decode_batches: tuple[int, ...]
     seconds: float
     serving_steps: int = 0
-    attention_lengths: tuple[int, ...] = ()  # the backend's own (e.g. cuDNN plans)
 
     def describe(self) -> str:
-        dense = (f", attention plans for {len(self.attention_lengths)} prompt lengths "
-                 f"{self.attention_lengths[0]}-{self.attention_lengths[-1]}"
-                 if self.attention_lengths else "")
         return (f"warmed prefill chunks {list(self.prefill_lengths)}, eager decode batches "
-                f"{list(self.decode_batches)}{dense} and {self.serving_steps} steps of short "
-                f"requests in {self.seconds:.1f}s")
+                f"{list(self.decode_batches)} and {self.serving_steps} steps of short requests "
+                f"in {self.seconds:.1f}s")
 
 
 def prefill_lengths(max_tokens: int) -> tuple[int, ...]:
@@ -70,20 +67,19 @@ def warm_up(
         # async output's id chaining (one kernel for every step size)
         ids = torch.zeros(4, dtype=torch.int64, device=device)
         model.ops.chain_ids(ids, torch.tensor([0, -1, 1, -1], device=device), ids.clone())
-        attention = _warm_backend(model, max_tokens, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return WarmUp(lengths, batches, time.perf_counter() - start, attention_lengths=attention)
+    return WarmUp(lengths, batches, time.perf_counter() - start)
 
 
-def _warm_backend(model: CausalLM, max_tokens: int, device: torch.device) -> tuple[int, ...]:
-    """The attention backend's own shape-keyed plans, where it has any (`warm_up`)."""
+def warm_attention(model: CausalLM, max_tokens: int) -> tuple[int, ...]:
+    """The attention backend's shape-keyed plans for steps of up to `max_tokens` rows, built
+    on the calling thread; returns the prompt lengths prepared."""
     attn = model.layers[0].self_attn
-    warm = getattr(attn.backend, "warm_up", None)
-    if warm is None:
-        return ()
     dtype = model.embed_tokens.weight.dtype
-    return tuple(warm(max_tokens, attn.num_heads, attn.num_kv_heads, attn.head_dim, dtype, device))
+    with torch.inference_mode():
+        return attn.backend.warm_up(max_tokens, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                    dtype, model.embed_tokens.weight.device)
 
 
 def _step(model: CausalLM, meta: AttentionMetadata, positions: torch.Tensor) -> None:

@@ -20,6 +20,8 @@ MODEL_SPECS: dict[str, dict] = {
     "mistral": {"arch": "mistral", "sliding_window": 6},
     "llama_sharded": {"arch": "llama", "shards": 3},
     "llama_bf16": {"arch": "llama", "dtype": "bfloat16"},
+    "llama_bf16_long": {"arch": "llama", "dtype": "bfloat16", "max_position_embeddings": 8192,
+                        "hidden_size": 256, "num_heads": 4},  # 64-wide heads, 8k positions
     "llama3_rope": {
         "arch": "llama",
         "rope_parameters": {

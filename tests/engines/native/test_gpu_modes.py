@@ -1,9 +1,11 @@
 """On CUDA: --batch-invariant gives identical tokens alone/together/chunked; the first request
-after startup waits for no compile. Opt-in: -m gpu."""
+after startup waits for no compile; cuDNN's long-prompt plans are built on the thread that
+serves. Opt-in: -m gpu."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,5 +73,39 @@ async def test_cuda_first_request_waits_for_no_compile(tiny_models: Callable[[st
                 40 + i, seed=batch + i), 8)) for i in range(batch)))
         assert engine.compile_watch.armed
         assert engine.compile_watch.compiles == []
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
+                    reason="the cuDNN prefill path is enabled on sm_90 (where it was measured)")
+async def test_cuda_long_prompt_plans_are_built_on_the_serving_thread(
+        tiny_models: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch keeps cuDNN's plans per thread: the warm-up that builds them must run on the
+    engine thread, which then serves a long fresh prompt through cuDNN."""
+    from kvflow.engines.native import triton_attention as ta
+
+    warmed: list[tuple[str, tuple[int, ...]]] = []
+    dense_calls: list[tuple[str, int]] = []
+    real_warm_up, real_call = ta.TritonPagedBackend.warm_up, ta.DensePrefill.__call__
+
+    def warm_up(self: ta.TritonPagedBackend, *args: object) -> tuple[int, ...]:
+        lengths = real_warm_up(self, *args)  # type: ignore[arg-type]
+        warmed.append((threading.current_thread().name, lengths))
+        return lengths
+
+    def call(self: ta.DensePrefill, q: torch.Tensor, *args: object) -> torch.Tensor | None:
+        dense_calls.append((threading.current_thread().name, q.shape[0]))
+        return real_call(self, q, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ta.TritonPagedBackend, "warm_up", warm_up)
+    monkeypatch.setattr(ta.DensePrefill, "__call__", call)
+    engine = await _engine(tiny_models("llama_bf16_long"), max_num_batched_tokens=5000,
+                           max_model_len=6000)
+    try:
+        assert warmed == [("native-engine", (4096, 4608, 5120))]
+        out = await collect(engine, greedy_request("long", prompt_ids(4500, seed=7), 2))
+        assert len(tokens(out)) == 2
+        assert ("native-engine", 4500) in dense_calls
     finally:
         await engine.stop()
