@@ -56,9 +56,9 @@ def prologue_input(shape: Shape, t: dict[str, torch.Tensor]) -> torch.Tensor:
     return t["x"]
 
 
-def variants(shape: Shape, rows: int, t: dict[str, torch.Tensor]
+def variants(shape: Shape, rows: int, t: dict[str, torch.Tensor], weight: torch.Tensor
              ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """name -> fn(fp8 weight, scale) -> y."""
+    """name -> fn(fp8 weight, scale) -> y (`weight`: one of the FP8 weights it will take)."""
     kw = {"prologue": shape.prologue, "residual": t["residual"] if shape.prologue == tg.ADD_NORM else None,
           "norm_weight": t["norm_weight"], "eps": 1e-6}
     x = t["x"]
@@ -68,8 +68,7 @@ def variants(shape: Shape, rows: int, t: dict[str, torch.Tensor]
     sms = num_sms() if rows == 1 else 0
     staged = [c for c in (replace(t, stages=st) for t in tg.FP8_TILES[:4] for st in (3, 4))
               if c not in tg.FP8_TILES]
-    tma = bool(sms) and torch.cuda.get_device_capability()[0] >= 9
-    for cfg in [*tg.fp8_candidates(shape.k, sms, tma=tma), *staged]:
+    for cfg in [*tg.fp8_candidates(shape.k, sms, tma=tg.tma_fits(weight)), *staged]:
         tile = f"{cfg.block_n}xP{cfg.programs}" if cfg.programs else f"{cfg.block_n}x{cfg.block_k}"
         name = (f"gemv {tile} w{cfg.num_warps}" + (f" s{cfg.stages}" if cfg.stages else "")
                 + (f" tma K/{cfg.splits}" if cfg.splits else ""))
@@ -94,7 +93,7 @@ def main() -> None:
             us = graph_us([lambda plain=plain, w=w: torch.nn.functional.linear(plain, w) for w in bf16])
             print(f"  {'bf16 cuBLAS (2-byte weights)':<30}{us:8.1f} us {2 * nbytes / us / 1e3:8.0f} GB/s",
                   flush=True)
-            for name, fn in variants(shape, rows, t).items():
+            for name, fn in variants(shape, rows, t, weights[0][0]).items():
                 try:
                     err = float((fn(*weights[0]).float() - ref).norm() / ref.norm())
                     us = graph_us([lambda w=w, fn=fn: fn(*w) for w in weights])

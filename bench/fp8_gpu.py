@@ -243,7 +243,7 @@ def main() -> None:
               f"{fp[f'b{b}'] / fp[f'b{b}_floor']:>14.0%}")
     from kvflow.engines.native import triton_gemv as tg
 
-    print("FP8 GEMV launches chosen (N, K, prologue) -> config:", tg._fp8_tuned)
+    print("FP8 GEMV launches chosen (device, N, K, prologue, one row, TMA fits) -> config:", tg._fp8_tuned)
     ratio = results["fp8"]["prefill"] / results["bf16"]["prefill"]
     print(f"prefill {args.prefill_len}: fp8/bf16 = {ratio:.2f}")
 

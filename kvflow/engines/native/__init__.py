@@ -5,8 +5,11 @@
 - layers.py, model.py: Llama / Mistral / Qwen2 / Qwen3 in plain PyTorch; checkpoint name map.
 - attention.py: per-step attention layout, backend registry, gather backend (any device).
 - ops.py, triton_ops.py: norms, rope, SwiGLU, projections by name (torch / fused Triton).
-- triton_gemv.py: decode GEMVs with the input norm or activation folded in (GPU).
-- triton_attention.py: the Triton attention backend, paged prefill kernels (GPU).
+- triton_gemv.py: decode GEMVs with the input norm or activation folded in (GPU);
+  triton_gemv_parts.py what its kernels share; triton_gemv_tma.py the FP8 one-row GEMV fed
+  by the tensor memory accelerator (Hopper).
+- triton_attention.py: the Triton attention backend, paged prefill kernels, cuDNN for one
+  long fresh prompt (GPU).
 - triton_decode.py: fused decode attention: rope + K/V store + split-KV + merge in one launch.
 - triton_pdl.py: programmatic dependent launch for the decode kernels (Hopper).
 - kv_cache.py: KV cache sizing and allocation.

@@ -22,52 +22,38 @@ of it to finish (programmatic dependent launch, triton_pdl.py): weights never de
 
 Weights in FP8 (e4m3, a float32 scale per row) use the same kernels; their launch is not a
 heuristic but tuned per shape on first use (`fp8_config`), among tiles, pipelined tiles,
-persistent launches and, on Hopper, tiles fetched by the tensor memory accelerator
-(`_gemv_tma_kernel`: whole weight tiles copied to shared memory a few stages ahead with few
-registers, summed in a 2-D accumulator, K optionally split over programs whose partial sums
-the last one to finish adds up in a fixed order; `fp8_candidates`).
+persistent launches and, for one row on Hopper, tiles fetched by the tensor memory
+accelerator (triton_gemv_tma.py; `fp8_candidates`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from kvflow.engines.native.fp8 import fp8_weights_like, scale_of
+from kvflow.engines.native.triton_gemv_parts import (
+    ADD_NORM,
+    NORM,
+    PLAIN,
+    SILU_MUL,
+    GemvConfig,
+    input_chunk,
+    inv_rms,
+)
+from kvflow.engines.native.triton_gemv_tma import FP8_TMA, gemv_tma, tma_fits
 from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # Triton before 3.3: no tensor descriptors, no TMA launches
-    TensorDescriptor = None  # type: ignore[assignment,misc]
+__all__ = ["ADD_NORM", "FP8_TILES", "FP8_TMA", "MAX_ROWS", "NORM", "PLAIN", "SILU_MUL", "GemvConfig",
+           "fp8_candidates", "fp8_config", "gemv", "gemv_config", "tma_fits"]
 
 log = logging.getLogger(__name__)
 
-PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3
 MAX_ROWS = 1  # measured on H200: from 2 rows on, cuBLAS beats re-reading tiles from L2
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    """One launch's tile: output features per program, the K chunk, warps per program.
-
-    `programs` > 0: a persistent launch of that many programs, each computing the whole
-    input vector once (block_k is then all of K) and walking every programs-th tile.
-    `stages` > 0 (tiled): the loop over K is software-pipelined with that many stages (weight
-    chunks staged through shared memory) instead of one chunk prefetched in registers.
-    `splits` > 0: `_gemv_tma_kernel`, `stages` deep, each output tile's K cut in `splits`."""
-
-    block_n: int
-    block_k: int
-    num_warps: int
-    programs: int = 0
-    stages: int = 0
-    splits: int = 0  # > 0: the TMA kernel (one row, Hopper), K split over that many programs
 
 
 def gemv_config(n: int, k: int, num_sms: int = 0) -> GemvConfig:
@@ -93,45 +79,6 @@ def gemv_config(n: int, k: int, num_sms: int = 0) -> GemvConfig:
 
 
 @triton.jit
-def _input_chunk(
-    x_row, r_row, r_out_row, nw_ptr, offs_k, k_mask, K, inv, write_residual,
-    PROLOGUE: tl.constexpr,
-):
-    """The input vector's elements `offs_k` in float32, rounded to the model dtype."""
-    dtype = x_row.dtype.element_ty
-    x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-    if PROLOGUE == 3:  # silu(gate) * up
-        up = tl.load(x_row + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        act = (x * tl.sigmoid(x)).to(dtype).to(tl.float32)
-        return (act * up).to(dtype).to(tl.float32)
-    if PROLOGUE == 2:
-        r = tl.load(r_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        summed = (x + r).to(dtype)
-        tl.store(r_out_row + offs_k, summed, mask=k_mask & write_residual)
-        x = summed.to(tl.float32)
-    if PROLOGUE == 1 or PROLOGUE == 2:
-        w = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        return ((x * inv).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
-    return x
-
-
-@triton.jit
-def _inv_rms(x_row, r_row, K, eps, PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / rms of the (x + residual) row, rounded like the model adds it."""
-    dtype = x_row.dtype.element_ty
-    total = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if PROLOGUE == 2:
-            r = tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
-            x = (x + r).to(dtype).to(tl.float32)
-        total += x * x
-    return tl.rsqrt(tl.sum(total, 0) / K + eps)
-
-
-@triton.jit
 def _weight_chunk(w_rows, n_mask, k0, K, BLOCK_K: tl.constexpr):
     """Weight columns k0 .. k0 + BLOCK_K of this program's rows; streamed once, so not cached."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -144,7 +91,7 @@ def _chunk_product(w, x_row, r_row, r_out_row, nw_ptr, k0, K, inv, write_residua
                    PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
     """The weight chunk's rows times the input's elements k0 .. k0 + BLOCK_K, summed per row."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    h = _input_chunk(x_row, r_row, r_out_row, nw_ptr, offs_k, offs_k < K, K, inv, write_residual,
+    h = input_chunk(x_row, r_row, r_out_row, nw_ptr, offs_k, offs_k < K, K, inv, write_residual,
                      PROLOGUE)
     return tl.sum(w.to(tl.float32) * h[None, :], 1)
 
@@ -173,7 +120,7 @@ def _gemv_kernel(
         gdc_wait()  # from here on, the inputs the kernels before wrote are visible
     inv = 1.0
     if PROLOGUE == 1 or PROLOGUE == 2:
-        inv = _inv_rms(x_row, r_row, K, eps, PROLOGUE, BLOCK_K)
+        inv = inv_rms(x_row, r_row, K, eps, PROLOGUE, BLOCK_K)
     acc = tl.zeros([BLOCK_N], tl.float32)
     if STAGES:  # Triton's software pipeline: STAGES - 1 weight chunks in flight through shared memory
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
@@ -222,8 +169,8 @@ def _gemv_persistent_kernel(
         gdc_wait()
     inv = 1.0
     if PROLOGUE == 1 or PROLOGUE == 2:
-        inv = _inv_rms(x_ptr, r_ptr, K, eps, PROLOGUE, K_PAD)
-    h = _input_chunk(x_ptr, r_ptr, r_out_ptr, nw_ptr, offs_k, k_mask, K, inv, pid == 0, PROLOGUE)
+        inv = inv_rms(x_ptr, r_ptr, K, eps, PROLOGUE, K_PAD)
+    h = input_chunk(x_ptr, r_ptr, r_out_ptr, nw_ptr, offs_k, k_mask, K, inv, pid == 0, PROLOGUE)
     for tile in range(pid, tl.cdiv(N, BLOCK_N), nprog):
         w = w_next
         w_next = _weight_tile(w_ptr, (tile + nprog) * BLOCK_N + offs_n, N, offs_k, k_mask,
@@ -237,55 +184,6 @@ def _gemv_persistent_kernel(
         tl.store(y_ptr + rows, acc.to(dtype).to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
-@triton.jit
-def _gemv_tma_kernel(
-    x_ptr, r_ptr, r_out_ptr, nw_ptr, w_desc, b_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K, eps,
-    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    STAGES: tl.constexpr, SPLITS: tl.constexpr, USE_PDL: tl.constexpr, RMS_BLOCK: tl.constexpr,
-):
-    """One row, FP8 weight: program (tile, split) sums its share of K for BLOCK_N outputs, its
-    weight tiles loaded through the tensor descriptor `w_desc`, STAGES - 1 in flight. With
-    SPLITS > 1 each program stores its partial sums; the last of a tile's programs (a counter
-    per tile, reset by it for the next launch) adds them in split order, so the result does
-    not depend on which finished first."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    dtype = x_ptr.dtype.element_ty
-    if USE_PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    inv = 1.0
-    if PROLOGUE == 1 or PROLOGUE == 2:  # wide chunks: few round trips before the first tile
-        inv = _inv_rms(x_ptr, r_ptr, K, eps, PROLOGUE, RMS_BLOCK)
-    k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLITS) * BLOCK_K
-    k_lo = pid_s * k_per
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # summed across K once, after the loop
-    for k0 in tl.range(k_lo, tl.minimum(k_lo + k_per, K), BLOCK_K, num_stages=STAGES):
-        w = w_desc.load([pid_n * BLOCK_N, k0])  # out of bounds reads as zero
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        h = _input_chunk(x_ptr, r_ptr, r_out_ptr, nw_ptr, offs_k, offs_k < K, K, inv, pid_n == 0,
-                         PROLOGUE)
-        acc += w.to(tl.float32) * h[None, :]
-    total = tl.sum(acc, 1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    last = True
-    if SPLITS > 1:
-        tl.store(part_ptr + pid_s * N + offs_n, total, mask=n_mask)
-        last = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLITS - 1
-        if last:
-            total = tl.zeros([BLOCK_N], tl.float32)
-            for s in range(SPLITS):
-                total += tl.load(part_ptr + s * N + offs_n, mask=n_mask, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(count_ptr + pid_n, 0)
-    if last:
-        total *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
-        if HAS_BIAS:
-            total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, total.to(dtype).to(y_ptr.dtype.element_ty), mask=n_mask)
-
-
 # FP8-weight GEMV launches to choose from, timed once per weight shape (`fp8_config`): the
 # bf16 heuristics above were swept on 1.1B shapes with 2-byte weights and leave an FP8 GEMV
 # far from the bandwidth floor on 8B shapes (first H200 run: 1 TB/s).
@@ -295,11 +193,7 @@ FP8_TILES = (GemvConfig(8, 1024, 4), GemvConfig(16, 512, 4), GemvConfig(16, 1024
              # instead of 2.6 (the register prefetch keeps too few bytes in flight at the
              # occupancy its registers allow); slower on the others, which the tuning sees
              GemvConfig(16, 512, 4, stages=3), GemvConfig(32, 512, 8, stages=3))
-# TMA tiles (one row, Hopper): from bench/fp8_gemv_gpu.py on the H200 (8B shapes, µs against
-# the best launch above): gate/up 35.5 vs 37.8 (64 x 256, whole K), down 18.2 vs 23.7 (64 x
-# 256, K in 4), qkv 11.6 vs 12.4 (64 x 256, K in 2), o 7.0 vs 7.0 (32 x 256, K in 4).
-FP8_TMA = tuple(GemvConfig(n, 256, 4, stages=3, splits=sp) for n in (32, 64) for sp in (1, 2, 4))
-_fp8_tuned: dict[tuple[torch.device, int, int, int, bool], GemvConfig] = {}
+_fp8_tuned: dict[tuple[torch.device, int, int, int, bool, bool], GemvConfig] = {}
 
 
 def fp8_candidates(k: int, num_sms: int, tma: bool = False) -> list[GemvConfig]:
@@ -313,30 +207,21 @@ def fp8_candidates(k: int, num_sms: int, tma: bool = False) -> list[GemvConfig]:
     return out
 
 
-def tma_fits(weight: torch.Tensor) -> bool:
-    """The TMA launches can take this weight: Triton with tensor descriptors, an sm_90+ GPU, and
-    rows that start on 16-byte boundaries (as a descriptor needs)."""
-    if TensorDescriptor is None or weight.device.type != "cuda":
-        return False
-    aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0
-    return aligned and torch.cuda.get_device_capability(weight.device)[0] >= 9
-
-
 def fp8_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, prologue: int,
                **kw: object) -> GemvConfig:
-    """The fastest of `fp8_candidates` for this (device, N, K, prologue, one row?), timed on
-    first use outside a CUDA graph capture (the graphs' warm-up forwards run first); during a
+    """The fastest of `fp8_candidates` for this (device, N, K, prologue, one row?, TMA fits?),
+    timed on first use outside a CUDA graph capture (the graphs' warm-up forwards run first); during a
     capture before any timing, the first candidate. Each candidate is timed as a decode step
     runs it: over the FP8 weights of this shape (one per layer, `fp8.fp8_weights_like`; up to
     64 of them), each read once, replayed from a CUDA graph (a single weight that fits in L2
     would be timed from it, and launches timed from Python would measure the host). A
     candidate that does not compile or fit on this GPU is left out (logged)."""
     n, k = weight.shape
-    key = (x.device, n, k, prologue, x.shape[0] == 1)
+    tma = tma_fits(weight)
+    key = (x.device, n, k, prologue, x.shape[0] == 1, tma)
     if key in _fp8_tuned:
         return _fp8_tuned[key]
-    candidates = fp8_candidates(k, _num_sms(x.device) if x.shape[0] == 1 else 0,
-                                tma=tma_fits(weight))
+    candidates = fp8_candidates(k, _num_sms(x.device) if x.shape[0] == 1 else 0, tma=tma)
     if torch.cuda.is_current_stream_capturing():
         return candidates[0]
     peers = [(w, scale_of(w)) for w in fp8_weights_like(weight)][:64] or [(weight, scale)]
@@ -372,21 +257,6 @@ def fp8_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, prolo
     return best
 
 
-_workspaces: dict[tuple[torch.device, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _split_workspace(device: torch.device, n: int, cfg: GemvConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The TMA kernel's partial sums [splits, N] and per-tile counters (zero between launches),
-    one pair per (device, N, tile, splits): launches on a stream run one after another (each
-    waits for the one before, PDL or not), so every layer of a shape shares them. Made on the
-    launch's first use, which the tuning makes outside any CUDA graph capture."""
-    key = (device, n, cfg.block_n, cfg.splits)
-    if key not in _workspaces:
-        _workspaces[key] = (torch.empty(cfg.splits, n, dtype=torch.float32, device=device),
-                            torch.zeros(triton.cdiv(n, cfg.block_n), dtype=torch.int32, device=device))
-    return _workspaces[key]
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (0 elsewhere: no persistent launches)."""
@@ -416,17 +286,8 @@ def gemv(
                             pdl=pdl)
     cfg = config or gemv_config(n, k, _num_sms(x.device) if rows == 1 else 0)
     if cfg.splits:
-        assert rows == 1 and scale is not None, "the TMA GEMV takes one row of an FP8 weight"
-        part, count = _split_workspace(x.device, n, cfg)
-        _gemv_tma_kernel[(triton.cdiv(n, cfg.block_n), cfg.splits)](
-            x, r_in, r_out, norm_weight if norm_weight is not None else weight,
-            TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k]),
-            bias if bias is not None else scale, scale, y, part, count, n, k, eps,
-            PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, STAGES=cfg.stages, SPLITS=cfg.splits, USE_PDL=pdl,
-            RMS_BLOCK=min(triton.next_power_of_2(k), 8192), num_warps=cfg.num_warps,
-            **launch_options(pdl),
-        )
+        assert scale is not None, "the TMA GEMV takes an FP8 weight"
+        gemv_tma(x, weight, scale, y, r_in, r_out, norm_weight, bias, prologue, eps, cfg, pdl)
         return y, (r_out if prologue == ADD_NORM else None)
     if cfg.programs:
         assert rows == 1, "the persistent GEMV takes one row"

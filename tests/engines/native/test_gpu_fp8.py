@@ -109,7 +109,7 @@ def test_fp8_gemv_launches_agree(prologue: int, n: int, k: int,
         return real_gemv(x, weight, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(tg, "gemv", recording_gemv)
-    tg._fp8_tuned.pop((x.device, n, k, prologue, True), None)
+    tg._fp8_tuned.pop((x.device, n, k, prologue, True, tg.tma_fits(w)), None)
     rest = {name: v for name, v in kw.items() if name != "prologue"}
     assert tg.fp8_config(x, w, scale, prologue, **rest) in candidates
     assert timed >= {id(layer.weight) for layer in layers}

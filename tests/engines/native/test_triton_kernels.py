@@ -100,13 +100,14 @@ def test_wide_heads_fit_the_prefill_tiles(head_dim: int) -> None:
     out = make_backend("triton", DEVICE).forward(q, k, v, cache, meta, 0.05, None)
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
-    # What the CPU interpreter cannot show (it has no shared-memory limit): each tiling
-    # keeps a tile's Q, K and V no larger than the 128-wide head's long tile, which fits an SM
-    # (the short tile keeps 16 query rows, so it is compared with the long one, not its own).
+    # What the CPU interpreter cannot show (it has no shared-memory limit): a wider head's
+    # tilings keep a tile's Q, K and V no larger than the 128-wide head's long tile, which
+    # fits an SM (the short tile keeps 16 query rows, so it is compared with the long one, not
+    # its own; the 256-row tiling of long chunks is for 128-wide heads only).
     from kvflow.engines.native.triton_attention import prefill_tiling
 
     base = prefill_tiling(128, 100)
-    for query_len in (100, 9):
+    for query_len in (100, 9, 1024, 8192):
         wide = prefill_tiling(head_dim, query_len)
         tile = (wide.block_m + 2 * wide.block_n) * head_dim * wide.num_stages
         assert tile <= (base.block_m + 2 * base.block_n) * 128 * base.num_stages, (query_len, wide)
@@ -127,28 +128,36 @@ def test_wide_tiling_for_long_chunks(q_lens: list[int], ctx_lens: list[int]) -> 
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="cuDNN attention needs a GPU")
-@pytest.mark.parametrize(("q_lens", "ctx_lens", "dense"), [
-    ([4100], [0], True),  # one fresh long prompt: cuDNN, padded to 4608 rows
-    ([4100], [16], False),  # a cached prefix: the paged kernel
-    ([4096, 8], [0, 0], False),  # two sequences: the paged kernel
+@pytest.mark.skipif(DEVICE.type != "cuda" or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the cuDNN prefill path is enabled on sm_90 (where it was measured)")
+@pytest.mark.parametrize(("q_lens", "ctx_lens", "window", "dense"), [
+    ([4100], [0], None, True),  # one fresh long prompt: cuDNN, padded to 4608 rows
+    ([4096], [0], None, True),  # a bucket's exact length: no padding
+    ([4100], [16], None, False),  # a cached prefix: the paged kernel
+    ([4096, 8], [0, 0], None, False),  # two sequences: the paged kernel
+    ([4100], [0], 1024, False),  # a sliding window: the paged kernel
 ])
 def test_dense_prefill_matches_gather_backend(q_lens: list[int], ctx_lens: list[int],
-                                              dense: bool) -> None:
+                                              window: int | None, dense: bool) -> None:
+    """q, k and v as the model passes them: views of one fused qkv projection."""
     from kvflow.engines.native.triton_attention import DENSE_BUCKET, DENSE_FROM
 
     q, k, v, cache, meta = _random_batch(q_lens, ctx_lens, heads=8, kv_heads=2, head_dim=128,
                                          block_size=16, dtype=torch.bfloat16, seed=5)
+    fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    q, k, v = (t.view(-1, h, 128) for t, h in zip(fused.split([8 * 128, 2 * 128, 2 * 128], dim=1),
+                                                    (8, 2, 2), strict=True))
+    assert not q.is_contiguous()
     ref_cache = cache.clone()
-    ref = make_backend("torch", DEVICE).forward(q, k, v, ref_cache, meta, 0.09, None)
+    ref = make_backend("torch", DEVICE).forward(q, k, v, ref_cache, meta, 0.09, window)
     backend = make_backend("triton", DEVICE)
-    out = backend.forward(q, k, v, cache, meta, 0.09, None)
+    out = backend.forward(q, k, v, cache, meta, 0.09, window)
     assert torch.equal(cache, ref_cache)  # the dense path stores the new K/V all the same
     assert backend.dense.available is (True if dense else None)  # type: ignore[attr-defined]
     assert out.shape == q.shape
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     assert err < 2e-2, err
-    if dense:  # one plan per bucket up to the step budget, and 4100 rows fell in a warmed one
+    if dense:  # one plan per bucket up to the step budget
         warmed = backend.warm_up(5000, 8, 2, 128, torch.bfloat16, DEVICE)  # type: ignore[attr-defined]
         assert warmed == (DENSE_FROM, DENSE_FROM + DENSE_BUCKET, DENSE_FROM + 2 * DENSE_BUCKET)
 
@@ -197,6 +206,9 @@ def test_tma_gemv_matches_dequantised_weight(prologue: str, splits: int) -> None
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.shape == ref.shape and float((out.float() - ref.float()).norm() / ref.float().norm()) < tol
     assert torch.equal(out, again)
+    if splits > 1:  # the weight holds its partial sums and counters, the counters back at zero
+        assert w8.gemv_split_workspace[0].shape == (splits, n)  # type: ignore[attr-defined]
+        assert not w8.gemv_split_workspace[1].any()  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("ctx_lens", "window"), [([0, 37, 130, 5], None), ([200, 5], 16)])
