@@ -20,22 +20,12 @@ import torch
 
 from bench.native_gpu import measure_peak_flops, median_ms
 from kvflow.engines.native import triton_attention as ta
-from kvflow.engines.native.attention import AttentionMetadata
+from kvflow.engines.native.attention import single_prefill_meta
 
 SHAPES = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # query heads, KV heads, head dim
 BLOCK = 16
 TILINGS = [ta.LONG_TILING, ta.WIDE_TILING, ta.PrefillTiling(128, 64, 4, 3),
            ta.PrefillTiling(128, 128, 8, 3), ta.PrefillTiling(64, 64, 4, 3)]
-
-
-def one_sequence(q_len: int, context: int) -> AttentionMetadata:
-    n = q_len + context
-    return AttentionMetadata(
-        slot_mapping=torch.arange(context, n, device="cuda"),
-        query_start_loc=torch.tensor([0, q_len], dtype=torch.int32, device="cuda"),
-        seq_lens=torch.tensor([n], dtype=torch.int32, device="cuda"),
-        block_tables=torch.arange(-(-n // BLOCK), dtype=torch.int32, device="cuda")[None, :],
-        max_query_len=q_len, max_seq_len=n, query_start_host=[0, q_len], seq_lens_host=[n])
 
 
 def main() -> None:
@@ -55,7 +45,7 @@ def row(shape: tuple[int, int, int], length: int, context: int, peak: float, nam
     """One line: TFLOP/s of each tiling, of cuDNN (fresh prompts) and of the engine's pick."""
     heads, kv_heads, dim = shape
     flops = 4 * dim * heads * (length * length / 2 + length * context)
-    meta = one_sequence(length, context)
+    meta = single_prefill_meta(length, BLOCK, "cuda", cached=context)
     cache = torch.randn(2, -(-(length + context) // BLOCK), BLOCK, kv_heads, dim,
                         device="cuda", dtype=torch.bfloat16)
     q = torch.randn(length, heads, dim, device="cuda", dtype=torch.bfloat16)
@@ -67,7 +57,7 @@ def row(shape: tuple[int, int, int], length: int, context: int, peak: float, nam
         cells.append(f"{t.block_m}x{t.block_n}/{t.num_warps}w{t.num_stages}s "
                      f"{flops / ms / 1e9:4.0f}")
     if context == 0:
-        dense = ta.DensePrefill()
+        dense = ta.DensePrefill(True)
         ms = median_ms(lambda: dense(q, k, k, scale))
         cells.append(f"cuDNN@{ta.dense_length(length)} {flops / ms / 1e9:4.0f}")
     backend = ta.TritonPagedBackend()

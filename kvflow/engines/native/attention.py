@@ -63,17 +63,18 @@ def prefill_tiles(meta: AttentionMetadata, block_m: int,
     return [i for _, i, _ in tiles], [start for _, _, start in tiles]
 
 
-def single_prefill_meta(tokens: int, block_size: int, device: torch.device | str) -> AttentionMetadata:
-    """One sequence prefilling `tokens` tokens from scratch into blocks 0, 1, ... (warm-up,
-    the prefill fast path, benches)."""
-    blocks = -(-tokens // block_size)
+def single_prefill_meta(tokens: int, block_size: int, device: torch.device | str,
+                        cached: int = 0) -> AttentionMetadata:
+    """One sequence prefilling `tokens` tokens after `cached` ones already in the cache, in
+    blocks 0, 1, ... (warm-up, the prefill fast path, benches)."""
+    total = cached + tokens
     return AttentionMetadata(
-        slot_mapping=torch.arange(tokens, device=device),
+        slot_mapping=torch.arange(cached, total, device=device),
         query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([tokens], dtype=torch.int32, device=device),
-        block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None, :],
-        max_query_len=tokens, max_seq_len=tokens,
-        query_start_host=[0, tokens], seq_lens_host=[tokens],
+        seq_lens=torch.tensor([total], dtype=torch.int32, device=device),
+        block_tables=torch.arange(-(-total // block_size), dtype=torch.int32, device=device)[None, :],
+        max_query_len=tokens, max_seq_len=total,
+        query_start_host=[0, tokens], seq_lens_host=[total],
     )
 
 

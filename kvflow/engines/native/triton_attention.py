@@ -148,8 +148,10 @@ class PrefillTiling:
 LONG_TILING = PrefillTiling()
 SHORT_TILING = PrefillTiling(block_m=16, block_n=64, num_warps=4, num_stages=2)
 # 128-wide heads, chunks of WIDE_FROM rows or more: 256 query rows on 16 warps. On the H200
-# (bench/prefill_attention_gpu.py) 374 against 290 TFLOP/s at 8192 rows, 361 against 285
-# for 4096 rows after 4096 cached, 186 against 154 at 2048; 64-wide heads lose with it.
+# (`bench/prefill_attention_gpu.py --shape 8b 1b --lengths 2048 4096 8192 --context 0 4096`,
+# TFLOP/s against the long tiling) 378 vs 301 at 8192 rows, 406 vs 304 for 8192 after 4096
+# cached, 366 vs 289 for 4096 after 4096, 195 vs 185 at 2048 (where 128 x 128 on 8 warps, 3
+# stages, read 225 in that run); 64-wide heads lose with it (282 vs 332 at 8192).
 WIDE_TILING = PrefillTiling(block_m=256, block_n=64, num_warps=16, num_stages=2)
 WIDE_FROM = 1024
 
@@ -204,8 +206,10 @@ def paged_prefill(
     return out
 
 
-DENSE_FROM = 4096  # query rows from which one fresh prompt goes to cuDNN (the H200: 352 vs
-                  # 285 TFLOP/s at 4096 rows, 526 vs 374 at 8192; at 2048 it loses, 179 vs 202)
+# Query rows from which one fresh prompt goes to cuDNN: in the bench run above, 8B shape,
+# cuDNN against the best Triton tiling, 346 vs 298 TFLOP/s at 4096 rows, 511 vs 378 at 8192;
+# at 2048 a tie (227 vs 225; an earlier probe had cuDNN losing there, 179 vs 202).
+DENSE_FROM = 4096
 DENSE_BUCKET = 512  # cuDNN builds a plan per shape (~75 ms): lengths round up to a multiple
 
 

@@ -12,6 +12,8 @@ launch tuning (triton_gemv.fp8_config) where `tma_fits`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -86,15 +88,21 @@ def tma_fits(weight: torch.Tensor) -> bool:
     """The TMA launches can take this weight: Triton with tensor descriptors, an NVIDIA sm_90+
     GPU (or Triton's interpreter, for tests on a CPU), and rows that start on 16-byte
     boundaries (as a descriptor needs)."""
+    aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0
+    return aligned and _tma_device(weight.device)
+
+
+@functools.cache
+def _tma_device(device: torch.device) -> bool:
+    """Whether TMA launches run on `device` (asked once per device: the tuning asks per call)."""
     if TensorDescriptor is None:
         return False
-    aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0
     knobs = getattr(triton, "knobs", None)
     if knobs is not None and knobs.runtime.interpret:
-        return aligned
-    if weight.device.type != "cuda" or torch.version.hip is not None:
+        return True
+    if device.type != "cuda" or torch.version.hip is not None:
         return False
-    return aligned and torch.cuda.get_device_capability(weight.device)[0] >= 9
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _split_workspace(weight: torch.Tensor, cfg: GemvConfig) -> tuple[torch.Tensor, torch.Tensor]:

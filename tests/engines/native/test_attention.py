@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvflow.engines.native.attention import AttentionMetadata, prefill_tiles
+from kvflow.engines.native.attention import AttentionMetadata, prefill_tiles, single_prefill_meta
 
 
 def _meta(q_lens: list[int], ctx_lens: list[int]) -> AttentionMetadata:
@@ -31,3 +31,16 @@ def test_a_sliding_window_caps_a_tiles_keys() -> None:
     and ties keep prompt order; the lone token after 60 cached sees 48 too."""
     seqs, starts = prefill_tiles(_meta([100, 9, 1], [20, 0, 60]), 32, window=16)
     assert list(zip(seqs, starts, strict=True)) == [(0, 0), (0, 32), (0, 64), (0, 96), (2, 0), (1, 0)]
+
+
+def test_single_prefill_meta_after_a_cached_prefix() -> None:
+    """Five new tokens after twenty cached: their slots follow the prefix, the sequence spans
+    both, and the block table covers all 25 tokens."""
+    meta = single_prefill_meta(5, 16, "cpu", cached=20)
+    assert meta.slot_mapping.tolist() == [20, 21, 22, 23, 24]
+    assert meta.seq_lens.tolist() == [25] and meta.seq_lens_host == [25]
+    assert meta.query_start_loc.tolist() == [0, 5] and meta.query_start_host == [0, 5]
+    assert meta.block_tables.tolist() == [[0, 1]]
+    assert (meta.max_query_len, meta.max_seq_len) == (5, 25)
+    fresh = single_prefill_meta(5, 16, "cpu")
+    assert fresh.slot_mapping.tolist() == [0, 1, 2, 3, 4] and fresh.seq_lens_host == [5]
