@@ -227,6 +227,28 @@ async def test_lost_lease_is_regranted_and_keys_re_put(etcd_server: EtcdServer, 
     await owner.close()
 
 
+async def test_close_ends_a_keepalive_that_missed_its_cancel(etcd_server: EtcdServer) -> None:
+    """Python 3.11's wait_for can drop a cancel that arrives as its wait ends (the keep-alive
+    waits TTL/3 at a time). The loop must still end when discovery closes: once it ran on
+    and a runtime's shutdown waited for it forever."""
+    d = EtcdDiscovery(etcd_server.endpoints, TTL)
+    real = d._wait_broken
+
+    async def deaf(timeout: float) -> bool:  # what 3.11's wait_for does when the cancel races
+        try:
+            return await real(timeout)
+        except asyncio.CancelledError:
+            return False
+
+    d._wait_broken = deaf  # type: ignore[method-assign]
+    await d.start()
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await asyncio.wait_for(d.close(), 10)
+    assert time.monotonic() - t0 < 1.0  # not the bounded wait's 2 s: the loop itself ended
+    assert not d._tasks
+
+
 async def test_unreachable_etcd_fails_start_with_clear_error() -> None:
     d = EtcdDiscovery(f"http://127.0.0.1:{free_port()}", TTL, op_timeout=0.5)
     with pytest.raises(DiscoveryError, match="etcd-endpoints"):

@@ -46,6 +46,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError, etcd_errors.WatchTimeoutError,
     grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.TimeoutError, OSError)
 RETRY_MIN_S = 0.05
+CLOSE_WAIT_S = 2.0  # how long close() waits for its background tasks to end
 WATCH_RETRY_S = 0.05
 
 
@@ -137,7 +138,11 @@ class EtcdDiscovery(Discovery):
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # bounded: a loop that missed its cancel ends at its next _closed check
+            _, pending = await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+            if pending:
+                log.warning("etcd: %d discovery task(s) still running %ss after close",
+                            len(pending), CLOSE_WAIT_S)
         if revoke and self._client is not None and self._current_lease:
             try:
                 await asyncio.wait_for(self._client.revoke_lease(self._current_lease), 2.0)
@@ -263,8 +268,10 @@ class EtcdDiscovery(Discovery):
 
     # -- lease ---------------------------------------------------------------------------
     async def _keepalive_loop(self) -> None:
-        """Every TTL/3: refresh the lease; on any failure, recover (reconnect, re-grant, re-put)."""
-        while True:
+        """Every TTL/3: refresh the lease; on any failure, recover (reconnect, re-grant, re-put).
+        The loops here also stop on `_closed`, not only on a cancel: Python 3.11's wait_for
+        can drop a cancel that arrives as its wait ends, and the loop would run on forever."""
+        while not self._closed:
             broken = await self._wait_broken(self.ttl / 3)
             if broken or not await self._refresh():
                 await self._recover()
@@ -295,7 +302,7 @@ class EtcdDiscovery(Discovery):
         log.warning("etcd: re-establishing the session with %s", self._endpoint())
         self._up.clear()
         delay = RETRY_MIN_S
-        while True:
+        while not self._closed:
             try:
                 if self._client is None:
                     await asyncio.wait_for(self._open_session(), self.op_timeout)
@@ -307,6 +314,8 @@ class EtcdDiscovery(Discovery):
                 self._endpoint_index += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
+        if self._closed:
+            return
         log.info("etcd: session to %s restored (lease %x)", self._endpoint(), self._current_lease)
         self._broken.clear()
         self._up.set()
