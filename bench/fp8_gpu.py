@@ -53,14 +53,15 @@ def engine_config(args: argparse.Namespace) -> NativeEngineConfig:
                               max_model_len=args.prefill_len + 16, num_gpu_blocks=args.blocks)
 
 
-def random_model(cfg: ModelConfig, max_len: int):  # type: ignore[no-untyped-def]
+def random_model(cfg: ModelConfig, max_len: int, kind: str = "auto"):  # type: ignore[no-untyped-def]
+    """Random weights (seed 0, the same for every `kind`: "auto" or "invariant" backend and ops)."""
     from kvflow.engines.native.attention import make_backend
     from kvflow.engines.native.ops import make_ops
     from kvflow.engines.native.weights import empty_model
 
     cuda = torch.device("cuda")
-    model = empty_model(cfg, make_backend("auto", cuda), max_len, cuda, torch.bfloat16,
-                        make_ops("auto", cuda))
+    model = empty_model(cfg, make_backend(kind, cuda), max_len, cuda, torch.bfloat16,
+                        make_ops(kind, cuda))
     gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

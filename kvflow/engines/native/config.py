@@ -59,7 +59,8 @@ class NativeEngineConfig:
     # Ranks (processes, one GPU each) the model's heads and MLP columns are split over.
     tensor_parallel_size: int = 1
     # The same prompt and sampling give the same tokens whatever else is in the batch and
-    # however the prompt was chunked (invariant.py); runs eager, without CUDA graphs.
+    # however the prompt was chunked (invariant.py); decode steps still replay CUDA graphs
+    # (the same kernels on the same fixed shapes as an eager step).
     batch_invariant: bool = False
     # Plain tokens a request's stream collects before its generator wakes (the first output
     # and the last are not held back): fewer, larger outputs, less event-loop work per step.

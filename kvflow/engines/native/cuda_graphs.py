@@ -57,6 +57,7 @@ class _Inputs:
         self.np_seq_lens[:], self.np_tables[:] = 1, layout.pad_block
         self.dev = host.to(device) if cuda else host.clone()
         self.longs = self.dev[: 4 * top].view(4, top)
+        self.query_start = torch.arange(top + 1, dtype=torch.int32, device=device)  # never written
         self.ints = self.dev[4 * top :].view(torch.int32)[:n_ints]
         # The last upload has read the host buffer (CUDA; on the CPU the copy is synchronous).
         self.copied = torch.cuda.Event() if cuda else None
@@ -151,7 +152,7 @@ class DecodeGraphs:
         lens = [1] * size if self.device.type == "cuda" else x.np_seq_lens[:size].tolist()
         return AttentionMetadata(
             slot_mapping=x.longs[2, :size],
-            query_start_loc=torch.empty(0),  # decode kernels do not read it
+            query_start_loc=x.query_start[: size + 1],  # read by the batch-invariant backend
             seq_lens=x.ints[:size],
             block_tables=x.block_tables()[:size],
             max_query_len=1,

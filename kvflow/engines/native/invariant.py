@@ -3,16 +3,22 @@
 A library matmul or reduction may pick its algorithm (tile sizes, split-K, vector widths)
 from the whole tensor's shape, so the same row can round differently when it shares a step
 with other rows or when its prompt is chunked differently. Here every reduction runs on
-tensors of one fixed shape:
+tensors of one fixed shape, or through kernels whose launch does not depend on the rows:
 
-- matmuls and norms take rows in chunks of exactly `ROWS` (the last chunk zero-padded), so
-  the library sees the same shape whatever the batch, and each row of a chunk is reduced
-  the same way (over K, in the library's fixed order for that shape);
+- matmuls: on CUDA one Triton kernel with a tiling and K split fixed by the weight's shape
+  (triton_invariant.py); elsewhere rows in chunks of exactly `ROWS` (the last chunk
+  zero-padded), so the library sees the same shape whatever the batch;
+- norms: on CUDA the Triton kernel of one program per row; elsewhere chunks of `ROWS`;
 - attention walks a sequence's keys in blocks of `KEYS` aligned at position 0 with an online
   softmax in float32, queries in chunks of `ROWS`; blocks past a query's position are masked
   to exact no-ops (scale 1, add 0), so how far a chunk reaches changes nothing for a row, and
   decode rows, prefill rows and chunked-prefill rows go through the same code. On CUDA the
   same holds for the Triton varlen kernel run with one fixed tiling for every step.
+
+Decode steps replay CUDA graphs as in the default engine: a graph runs the same kernels as an
+eager step, and none of them depends on the row count (each row's attention is its own query
+tile), so a sequence's decode row gives the same bits in a graph, in an eager decode step
+and in a step mixed with prefills.
 
 Elementwise ops (rope, silu * up) are invariant as they are. Sampling is per row already;
 random sampling is invariant for requests with their own seed (sampler.py).
@@ -21,6 +27,7 @@ random sampling is invariant for requests with their own seed (sampler.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +38,8 @@ from kvflow.engines.native.attention import (
     attend_per_sequence,
     register_backend,
 )
-from kvflow.engines.native.ops import Projected, TorchOps, register_ops, torch_rms_norm
+from kvflow.engines.native.fp8 import dequantize, scale_of
+from kvflow.engines.native.ops import Ops, Projected, TorchOps, register_ops, torch_rms_norm
 
 ROWS = 64  # rows per matmul / norm chunk and queries per attention chunk
 KEYS = 32  # keys per attention block
@@ -47,25 +55,77 @@ def by_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> to
     return torch.cat(outs)[:rows]
 
 
+@lru_cache(maxsize=1)
+def _fused() -> Ops:
+    """The Triton ops whose kernels are batch-invariant as they are: one program per row (norm,
+    rope) or per element block (silu * up), launched the same way for any number of rows."""
+    from kvflow.engines.native.triton_ops import TritonOps
+
+    return TritonOps()
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from kvflow.engines.native.triton_invariant import invariant_matmul
+
+    scale = scale_of(weight)
+    if scale is not None:
+        weight = dequantize(weight, scale, x.dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    out = invariant_matmul(flat if flat.stride(-1) == 1 else flat.contiguous(), weight)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 @register_ops("invariant")
 class InvariantOps(TorchOps):
-    """TorchOps with every reduction (matmul over K, norm over the hidden dim) on fixed shapes."""
+    """TorchOps with every reduction (matmul over K, norm over the hidden dim) fixed whatever the
+    rows: on CUDA the Triton norm, rope and silu * up kernels and the invariant matmul
+    (triton_invariant.py); elsewhere PyTorch on chunks of exactly ROWS rows."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.is_cuda:
+            return _fused().rms_norm(x, weight, eps)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         return by_chunks(lambda c: torch_rms_norm(c, weight, eps), flat).reshape(shape)
 
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda:
+            return _fused().add_rms_norm(x, residual, weight, eps)  # residual updated in place
+        summed = x + residual
+        return self.rms_norm(summed, weight, eps), summed
+
+    def rope(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.is_cuda:
+            return _fused().rope(positions, q, k, cos, sin)
+        return super().rope(positions, q, k, cos, sin)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return _fused().silu_mul(gate_up) if gate_up.is_cuda else super().silu_mul(gate_up)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return _matmul(x, weight)
         return by_chunks(lambda c: F.linear(c, weight), x)
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        out = self.linear(x, weight)
+        return out if bias is None else out + bias
 
     def norm_linear(
         self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
         eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
     ) -> Projected:
-        summed = x if residual is None else x + residual
-        out = self.linear(self.rms_norm(summed, norm_weight, eps), weight)
-        return Projected(out if bias is None else out + bias, summed)
+        if residual is None:
+            h, summed = self.rms_norm(x, norm_weight, eps), x
+        else:
+            h, summed = self.add_rms_norm(x, residual, norm_weight, eps)
+        return Projected(self.matmul(h, weight, bias), summed)
 
     def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.linear(self.silu_mul(gate_up), weight)
@@ -106,12 +166,16 @@ def _triton_attention(
     meta: AttentionMetadata, scale: float, window: int | None,
 ) -> torch.Tensor:
     """GPU: the varlen prefill kernel for every step, decode too, with one fixed tiling. Each
-    query row walks key tiles from position 0 in order; tiles past it are exact no-ops."""
+    query row walks key tiles from position 0 in order; tiles past it are exact no-ops. A KV
+    head's query heads share a tile where the group divides its rows (K/V read once per KV
+    head); a row computes the same whichever rows share its tile."""
     from kvflow.engines.native.triton_attention import PrefillTiling, paged_prefill, store_kv
 
     store_kv(kv_cache, k, v, meta.slot_mapping)
-    return paged_prefill(q, kv_cache, meta, scale, window, PrefillTiling(16, KEYS * 2, 4, 2),
-                         mask_all=True)
+    tiling = PrefillTiling(16, KEYS * 2, 4, 2)
+    group = q.shape[1] // kv_cache.shape[3]
+    return paged_prefill(q, kv_cache, meta, scale, window, tiling, mask_all=True,
+                         pack=tiling.block_m % group == 0)
 
 
 def sequence_attention(

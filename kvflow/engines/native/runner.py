@@ -207,7 +207,7 @@ class ModelRunner:
         return peak + 2 * rows * self.cfg.vocab_size * 4  # sampler temporaries on top
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or self.engine.enforce_eager or self.engine.batch_invariant:
+        if self.device.type != "cuda" or self.engine.enforce_eager:
             return None
         sizes = tuple(s for s in self.engine.cuda_graph_batch_sizes if s <= self.engine.max_num_seqs)
         if not sizes:

@@ -32,11 +32,22 @@ def _prefill_kernel(
     scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, MASK_ALL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, MASK_ALL: tl.constexpr, PACK: tl.constexpr,
 ):
-    head = tl.program_id(0)  # fastest: a tile's heads start together, the longest tiles first
+    # axis 0 (fastest: a tile's heads start together, the longest tiles first): the query head,
+    # or with PACK the KV head, whose GROUP query heads share the tile's rows (query-major)
     tile = tl.program_id(1)
-    kv_head = head // GROUP
+    rows = tl.arange(0, BLOCK_M)
+    if PACK:
+        kv_head = tl.program_id(0)
+        heads = kv_head * GROUP + rows % GROUP
+        offs_q = rows // GROUP
+        queries = BLOCK_M // GROUP
+    else:
+        kv_head = tl.program_id(0) // GROUP
+        heads = tl.zeros([BLOCK_M], tl.int32) + tl.program_id(0)
+        offs_q = rows
+        queries = BLOCK_M
     seq = tl.load(tile_seq_ptr + tile)
     q_start = tl.load(tile_start_ptr + tile)
     row0 = tl.load(qsl_ptr + seq)
@@ -44,14 +55,14 @@ def _prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx = seq_len - q_len
 
-    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_m = q_start + offs_q
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < q_len
     q_pos = ctx + offs_m
-    q = tl.load(q_ptr + (row0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + (row0 + offs_m)[:, None] * stride_qt + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     first_q = ctx + q_start
-    last_q = tl.minimum(ctx + q_start + BLOCK_M, seq_len)  # exclusive
+    last_q = tl.minimum(ctx + q_start + queries, seq_len)  # exclusive
     lo = 0
     full_hi = first_q // BLOCK_N * BLOCK_N  # tiles below it need no mask
     if HAS_WINDOW:
@@ -99,8 +110,8 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + (row0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_ptr + (row0 + offs_m)[:, None] * stride_ot + heads[:, None] * stride_oh
+             + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -177,15 +188,26 @@ def prefill_tiling(head_dim: int, max_query_len: int) -> PrefillTiling:
 def paged_prefill(
     q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
     window: int | None, tiling: PrefillTiling | None = None, mask_all: bool = False,
+    pack: bool = False,
 ) -> torch.Tensor:
     """Any number of query tokens per sequence, causal over cached + new tokens. `mask_all`:
-    no unmasked fast loop, so a row's rounding does not depend on where its tile starts."""
+    no unmasked fast loop, so a row's rounding does not depend on where its tile starts.
+    `pack`: a program per KV head, its query heads' rows in one tile (each K/V tile is read
+    once per KV head, not once per query head); needs the group to divide the tile's rows.
+    A row computes the same either way."""
     _, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     t = tiling or prefill_tiling(head_dim, meta.max_query_len)
-    block_m, block_n = t.block_m, t.block_n
+    group = num_heads // num_kv_heads
+    assert not pack or t.block_m % group == 0, "pack: the group must divide the tile's rows"
+    block_m, block_n = (t.block_m // group if pack else t.block_m), t.block_n  # queries per tile
     key = ("prefill_tiles", block_m, window)
     tiles = meta.per_step.get(key)
+    if tiles is None and meta.is_decode:  # one tile per sequence, built on the device: a
+        n = meta.seq_lens.shape[0]        # captured decode graph reads no host lists
+        tiles = torch.zeros(2, n, dtype=torch.int32, device=q.device)
+        torch.arange(n, dtype=torch.int32, device=q.device, out=tiles[0])
+        meta.per_step[key] = tiles
     if tiles is None:  # once per step, not per layer
         seqs, starts = prefill_tiles(meta, block_m, window)
         assert len(seqs) <= 65535, "a step of more query tiles than a CUDA grid's second axis holds"
@@ -193,15 +215,15 @@ def paged_prefill(
         meta.per_step[key] = tiles
     out = torch.empty_like(q)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _prefill_kernel[(num_heads, tiles.shape[1])](
+    _prefill_kernel[(num_kv_heads if pack else num_heads, tiles.shape[1])](
         q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         tiles[0], tiles[1],
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         out.stride(0), out.stride(1),
         scale, window or 0,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision(q), HAS_WINDOW=window is not None,
-        MASK_ALL=mask_all, num_warps=t.num_warps, num_stages=t.num_stages,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=t.block_m, BLOCK_N=block_n, PRECISION=precision(q), HAS_WINDOW=window is not None,
+        MASK_ALL=mask_all, PACK=pack, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out
 

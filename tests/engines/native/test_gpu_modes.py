@@ -31,9 +31,12 @@ async def _engine(path: Path, **kw: object) -> NativeEngine:
     return engine
 
 
-async def _run(path: Path, prompts: list[list[int]], together: bool, budget: int) -> list:
-    engine = await _engine(path, batch_invariant=True, max_num_batched_tokens=budget)
+async def _run(path: Path, prompts: list[list[int]], together: bool, budget: int,
+               eager: bool = False) -> list:
+    engine = await _engine(path, batch_invariant=True, max_num_batched_tokens=budget,
+                           enforce_eager=eager)
     try:
+        assert (engine.runner.graphs is None) == eager  # decode steps replay graphs unless eager
         reqs = [greedy_request(f"r{i}", p, 16, logprobs=1) for i, p in enumerate(prompts)]
         if together:
             outs = await asyncio.gather(*(collect(engine, r) for r in reqs))
@@ -51,6 +54,8 @@ async def test_cuda_batch_invariant_64_prompts(name: str, tiny_models: Callable[
     alone = await _run(path, prompts, together=False, budget=4096)
     assert await _run(path, prompts, together=True, budget=4096) == alone
     assert await _run(path, prompts, together=True, budget=64) == alone  # chunked and mixed
+    # a graph replays the kernels an eager step runs, on the same shapes
+    assert await _run(path, prompts, together=True, budget=4096, eager=True) == alone
 
 
 async def test_cuda_first_request_waits_for_no_compile(tiny_models: Callable[[str], Path]) -> None:

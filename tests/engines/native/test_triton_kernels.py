@@ -88,6 +88,28 @@ def test_triton_matches_gather_backend(
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
 
 
+@pytest.mark.parametrize(("q_lens", "ctx_lens", "window"), CASES)
+def test_packed_heads_compute_each_row_alike(
+    q_lens: list[int], ctx_lens: list[int], window: int | None
+) -> None:
+    """The batch-invariant tiling (every key tile masked): a program per KV head with its
+    query heads packed in the tile's rows gives the bits of a program per query head."""
+    from kvflow.engines.native.triton_attention import PrefillTiling, paged_prefill, store_kv
+
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    q, k, v, cache, meta = _random_batch(
+        q_lens, ctx_lens, heads=8, kv_heads=2, head_dim=32, block_size=16, dtype=dtype, seed=3
+    )
+    ref = make_backend("torch", DEVICE).forward(q, k, v, cache.clone(), meta, 0.2, window)
+    store_kv(cache, k, v, meta.slot_mapping)
+    tiling = PrefillTiling(16, 64, 4, 2)
+    per_head = paged_prefill(q, cache, meta, 0.2, window, tiling, mask_all=True)
+    packed = paged_prefill(q, cache, meta, 0.2, window, tiling, mask_all=True, pack=True)
+    assert torch.equal(packed, per_head)
+    err = (packed.float() - ref.float()).norm() / ref.float().norm()
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+
+
 @pytest.mark.parametrize("head_dim", [256, 512])
 def test_wide_heads_fit_the_prefill_tiles(head_dim: int) -> None:
     """Long and short prefill chunks and decode rows with heads wider than 128 (the long

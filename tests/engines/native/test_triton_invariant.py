@@ -1,0 +1,72 @@
+"""The batch-invariant matmul: a row's bits never depend on the other rows (GPU, or CPU via the
+interpreter), and its fixed tiling per weight shape."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+
+from kvflow.engines.native.triton_invariant import FEW, MANY, k_ranges, tiling
+from kvflow.engines.native.triton_invariant import invariant_matmul as matmul
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
+# Triton 3.9's interpreter multiplies bfloat16 dots wrongly (it reads their bits as integers);
+# the kernel does not depend on the type, so the interpreter runs it in float16.
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+
+
+def test_k_ranges_are_fixed_by_the_weight_shape() -> None:
+    # 8B shapes on 132 SMs: 128-column tiles, K cut until one row covers 2 x 132 programs
+    assert k_ranges(6144, 4096, 132) == (8, 512)  # 48 tiles -> 8 ranges of 8 chunks
+    assert k_ranges(28672, 4096, 132) == (2, 2048)  # 224 tiles -> 2 ranges
+    assert k_ranges(4096, 14336, 132) == (8, 1792)  # 32 tiles -> at most 8: 224 chunks / 8
+    assert k_ranges(128256, 4096, 132) == (1, 4096)  # the LM head's tiles alone cover the GPU
+    assert k_ranges(300, 200, 8) == (1, 256)  # 4 chunks: too few to cut
+    assert k_ranges(300, 2000, 8) == (4, 512)  # 3 tiles; 32 chunks -> 4 ranges, the last 464 long
+    # the tile follows the rows (it does not change the bits), the ranges do not
+    assert tiling(1, 6144, 132) is FEW and tiling(8192, 6144, 132) is MANY
+
+
+@pytest.mark.parametrize(("n", "k"), [(300, 2000), (256, 512), (72, 200)])
+def test_rows_are_batch_invariant(n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(150, k, generator=gen).to(DTYPE).to(DEVICE)
+    w = (torch.randn(n, k, generator=gen) * k**-0.5).to(DTYPE).to(DEVICE)
+    full = matmul(x, w)
+    ref = (x.float() @ w.float().T)
+    assert torch.allclose(full.float(), ref, atol=2e-2, rtol=2e-2)
+    # every launch (tile, ranges in one program or one each), any number of rows, a row
+    # anywhere in its tile: the same bits
+    for tile in (FEW, MANY):
+        for inside in (False, True):
+            assert torch.equal(matmul(x, w, tile=tile, in_program=inside), full), (tile, inside)
+    for rows in (1, 3, 64, 65):
+        assert torch.equal(matmul(x[:rows], w), full[:rows])
+    assert torch.equal(matmul(x[70:71], w), full[70:71])
+    perm = torch.randperm(150, generator=gen).to(DEVICE)
+    assert torch.equal(matmul(x[perm], w), full[perm])
+    # a strided view of the rows (e.g. an attention output) reads the same
+    wide = torch.zeros(150, k + 8, dtype=x.dtype, device=DEVICE)
+    wide[:, :k] = x
+    assert torch.equal(matmul(wide[:, :k], w), full)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="8B shapes: too slow for the interpreter")
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (28672, 4096)])
+def test_8b_shapes_decode_rows_match_prefill_rows(n: int, k: int) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.randn(4096, k, device="cuda", generator=gen, dtype=DTYPE)
+    w = torch.randn(n, k, device="cuda", generator=gen, dtype=DTYPE) * k**-0.5
+    full = matmul(x, w)  # MANY, ranges added in each program
+    assert tiling(4096, n, torch.cuda.get_device_properties(0).multi_processor_count) is MANY
+    for rows in (1, 7, 64):  # FEW, a program per range
+        assert torch.equal(matmul(x[:rows], w), full[:rows])
