@@ -184,13 +184,19 @@ def _cells(x, w, w8, scale, gemv, fp8_linear) -> list[float]:  # type: ignore[no
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the 8B-shape benches: decode batches and lengths, prefill length, KV blocks."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--isl", type=int, default=512)
     parser.add_argument("--osl", type=int, default=128)
     parser.add_argument("--prefill-len", type=int, default=8192)
     parser.add_argument("--blocks", type=int, default=4096, help="KV blocks of 16 tokens")
+    return parser
+
+
+def main() -> None:
+    parser = model_parser(__doc__)
     parser.add_argument("--table-rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64])
     args = parser.parse_args()
     bw = measure_bandwidth()

@@ -14,7 +14,6 @@ of one --prefill-len prompt against the bf16 matmul peak measured in the same ru
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
@@ -25,6 +24,7 @@ from bench.fp8_gpu import (
     decode_tps,
     kv_bytes_per_token,
     matmul_peaks,
+    model_parser,
     prefill_ms,
     random_model,
     weight_bytes,
@@ -49,12 +49,7 @@ def profile_decode(runner: ModelRunner, batch: int, context: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--isl", type=int, default=512)
-    parser.add_argument("--osl", type=int, default=128)
-    parser.add_argument("--prefill-len", type=int, default=8192)
-    parser.add_argument("--blocks", type=int, default=4096, help="KV blocks of 16 tokens")
+    parser = model_parser(__doc__)
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
