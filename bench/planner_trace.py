@@ -16,7 +16,10 @@ and gives, apart (a part of the above, not added), the worker-seconds of workers
 (asked for, not yet serving), by the window they were asked in. With --oracle (the
 oracle's workers per window, as bench/planner.py prints them) it lists the oracle's
 worker-seconds per window (size x window); without it, it runs the oracle search (a minute).
-It also counts scale-ups by the term that set the planned rate.
+It also counts scale-ups by the term that set the planned rate, and lists each burst's
+onset: the fleet set and the workers ready (serving or draining) when it began, against the
+oracle's size for the window it began in. What a run meets is mostly decided there: a
+worker asked for after the onset serves --startup-s later (docs/planner.md).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from kvflow.planner.perf import PerfModel
 from kvflow.planner.planner import Planner
 from kvflow.replay.oracle import oracle_schedule
 from kvflow.replay.report import attainment, windows
-from kvflow.replay.trace import synthetic_day
+from kvflow.replay.trace import synthetic_bursts, synthetic_day
 
 PARTS = ("raw", "headroom", "reserve", "hold", "drain")
 
@@ -109,6 +112,16 @@ def main() -> None:
     total = sum(a.oracle) * args.window_s
     print(f"{'total':>6} {total:6.0f} " + " ".join(f"{sum(split[n]):8.0f}" for n in PARTS)
           + f" {sum(split['starting']):8.0f}")
+    for begin, _ in synthetic_bursts(seed=a.seed, day_s=args.day_s):
+        before = [s for s in steps if s["t"] <= begin]
+        fleet_set = int(before[-1]["target"]) if before else 1
+        ready = sum(1 for w in sim.workers
+                    if w.ready_s <= begin and (w.stopped_s is None or w.stopped_s > begin))
+        k = min(int(begin // args.window_s), count - 1)
+        oracle = a.oracle[k] if k < len(a.oracle) else 0
+        verdict = "met" if stats[k].meets_sla else "MISSED"
+        print(f"burst at {begin:6.1f}s: fleet set {fleet_set}, ready {ready}; "
+              f"window {k * args.window_s:.0f}s: oracle {oracle}, {verdict}")
 
 
 if __name__ == "__main__":
