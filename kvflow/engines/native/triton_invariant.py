@@ -23,6 +23,7 @@ Results are invariant on one GPU model, not across models (the ranges follow the
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
@@ -79,6 +80,17 @@ def tiling(m: int, n: int, num_sms: int) -> Tiling:
     return MANY if many else FEW
 
 
+def fit_stages(tile: Tiling, smem: int | None, elem_bytes: int) -> Tiling:
+    """`tile` with fewer pipeline stages where its staged x and weight chunks would not fit
+    `smem` bytes of shared memory (GPUs smaller than Hopper's; None: unknown, as it is).
+    The stages only pace the loads: they do not change the bits."""
+    stages = tile.stages
+    per_stage = (tile.block_m + tile.block_n) * BLOCK_K * elem_bytes
+    while smem is not None and stages > 1 and stages * per_stage > smem:
+        stages -= 1
+    return tile if stages == tile.stages else dataclasses.replace(tile, stages=stages)
+
+
 # `tl.range(..., flatten=True)` (Triton 3.3+) pipelines the loads across the ranges' loops;
 # without it each range's loop fills and drains its own pipeline.
 FLATTEN = "flatten" in inspect.signature(tl.range).parameters
@@ -87,6 +99,12 @@ FLATTEN = "flatten" in inspect.signature(tl.range).parameters
 @lru_cache(maxsize=8)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@lru_cache(maxsize=8)
+def _smem(index: int) -> int | None:
+    """Shared memory a block may opt in to, where this PyTorch reports it."""
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
 
 
 @triton.jit
@@ -158,13 +176,15 @@ def invariant_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tiling | None 
     assert x.dim() == 2 and x.stride(-1) == 1 and weight.stride(-1) == 1
     m, k = x.shape
     n = weight.shape[0]
-    num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8  # (the interpreter: any count)
+    cuda = x.device.index or 0
+    num_sms = _num_sms(cuda) if x.is_cuda else 8  # (the interpreter: any count)
     ranges = k_ranges(n, k, num_sms)
-    tile = tile or tiling(m, n, num_sms)
+    tile = fit_stages(tile or tiling(m, n, num_sms), _smem(cuda) if x.is_cuda else None,
+                      x.element_size())
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    inside = (tile is MANY) if in_program is None else in_program
+    inside = (tile.block_m == MANY.block_m) if in_program is None else in_program
     inside = inside or ranges.splits == 1
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), 1 if inside else ranges.splits)
     part = out if inside else torch.empty(ranges.splits, m, n, dtype=torch.float32, device=x.device)

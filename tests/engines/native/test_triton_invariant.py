@@ -14,7 +14,7 @@ if importlib.util.find_spec("triton") is None:
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
-from kvflow.engines.native.triton_invariant import FEW, MANY, k_ranges, tiling
+from kvflow.engines.native.triton_invariant import FEW, MANY, fit_stages, k_ranges, tiling
 from kvflow.engines.native.triton_invariant import invariant_matmul as matmul
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,6 +34,15 @@ def test_k_ranges_are_fixed_by_the_weight_shape() -> None:
     assert k_ranges(300, 2000, 8) == (4, 512)  # 3 tiles; 32 chunks -> 4 ranges, the last 464 long
     # the tile follows the rows (it does not change the bits), the ranges do not
     assert tiling(1, 6144, 132) is FEW and tiling(8192, 6144, 132) is MANY
+
+
+def test_stages_fit_the_shared_memory() -> None:
+    assert fit_stages(MANY, None, 2) == MANY  # unknown: as it is
+    assert fit_stages(MANY, 227 * 1024, 2) == MANY  # Hopper: 3 x 48 KiB staged
+    assert fit_stages(MANY, 99 * 1024, 2).stages == 2  # 99 KiB (e.g. sm_89): 2 stages
+    assert fit_stages(FEW, 99 * 1024, 2).stages == 4  # 4 x 24 KiB
+    assert fit_stages(FEW, 64 * 1024, 2).stages == 2
+    assert fit_stages(FEW, 1024, 2).stages == 1  # never fewer than one
 
 
 @pytest.mark.parametrize(("n", "k"), [(300, 2000), (256, 512), (72, 200)])
