@@ -68,7 +68,8 @@ def add_native_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", type=int, default=_DEFAULTS["tensor_parallel_size"],
                    help="processes (GPUs) to split the model's heads and MLP over")
     g.add_argument("--batch-invariant", action="store_true",
-                   help="same tokens for a prompt whatever else is batched (slower: fixed-shape kernels)")
+                   help="same tokens for a prompt whatever else is batched or however it is chunked "
+                   "(slower: kernels whose sums do not depend on the batch)")
     g.add_argument("--stream-interval", type=int, default=_DEFAULTS["stream_interval"],
                    help="tokens a stream gathers per output after the first (less host work "
                         "per step at large batches, burstier streams)")
