@@ -80,8 +80,7 @@ async def invariance(path: Path, invariant: bool, n: int, tag: str) -> tuple[int
     ps = mixed_prompts(n)
     results = []
     for budget, together in ((8192, False), (8192, True), (128, True)):
-        engine = await start(path, batch_invariant=invariant, max_num_batched_tokens=budget,
-                             enforce_eager=invariant)
+        engine = await start(path, batch_invariant=invariant, max_num_batched_tokens=budget)
         t0 = time.perf_counter()
         if together:
             outs = await asyncio.gather(*(generate(engine, f"{tag}{i}", p, 24) for i, p in enumerate(ps)))

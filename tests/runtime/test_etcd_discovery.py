@@ -227,10 +227,13 @@ async def test_lost_lease_is_regranted_and_keys_re_put(etcd_server: EtcdServer, 
     await owner.close()
 
 
-async def test_close_ends_a_keepalive_that_missed_its_cancel(etcd_server: EtcdServer) -> None:
+@pytest.mark.parametrize("broken", [False, True])
+async def test_close_ends_a_keepalive_that_missed_its_cancel(etcd_server: EtcdServer,
+                                                             broken: bool) -> None:
     """Python 3.11's wait_for can drop a cancel that arrives as its wait ends (the keep-alive
-    waits TTL/3 at a time). The loop must still end when discovery closes: once it ran on
-    and a runtime's shutdown waited for it forever."""
+    waits TTL/3 at a time). The loop must still end when discovery closes, without a refresh
+    or a reconnect after it (`broken`: the wait returns as if the session had failed): once it
+    ran on and a runtime's shutdown waited for it forever."""
     d = EtcdDiscovery(etcd_server.endpoints, TTL)
     real = d._wait_broken
 
@@ -238,7 +241,7 @@ async def test_close_ends_a_keepalive_that_missed_its_cancel(etcd_server: EtcdSe
         try:
             return await real(timeout)
         except asyncio.CancelledError:
-            return False
+            return broken
 
     d._wait_broken = deaf  # type: ignore[method-assign]
     await d.start()

@@ -138,6 +138,11 @@ class AttentionBackend(Protocol):
         the prompt lengths it prepared (none for most backends)."""
         ...
 
+    def graphable(self, head_dim: int) -> bool:
+        """Whether a decode step can be captured in a CUDA graph: its kernels read the
+        lengths and block tables on the device, never the metadata's host lists."""
+        ...
+
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}
 
@@ -199,6 +204,9 @@ class TorchGatherBackend:
     def warm_up(self, max_tokens: int, heads: int, kv_heads: int, head_dim: int,
                 dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
         return ()  # nothing shape-keyed to prepare
+
+    def graphable(self, head_dim: int) -> bool:
+        return False  # loops over the sequences' host lengths
 
     def forward(
         self,

@@ -60,7 +60,7 @@ class NativeEngineConfig:
     tensor_parallel_size: int = 1
     # The same prompt and sampling give the same tokens whatever else is in the batch and
     # however the prompt was chunked (invariant.py); decode steps still replay CUDA graphs
-    # (the same kernels on the same fixed shapes as an eager step).
+    # (the kernels an eager step runs; none sums a row differently for the graph's padding).
     batch_invariant: bool = False
     # Plain tokens a request's stream collects before its generator wakes (the first output
     # and the last are not held back): fewer, larger outputs, less event-loop work per step.
@@ -74,6 +74,11 @@ class NativeEngineConfig:
         if self.tensor_parallel_size > 1 and self.tiers.enabled:
             raise ValueError("KV tiers do not work with --tensor-parallel-size > 1 yet (they would "
                              "keep rank 0's KV heads only); drop the tier flags or use size 1")
+        if self.batch_invariant and self.tensor_parallel_size > 2:
+            # two ranks' partial sums add once, in either order, to the same bits; across more
+            # the all-reduce's order follows its message size, so the batch
+            raise ValueError("--batch-invariant works with --tensor-parallel-size 1 or 2 (the "
+                             "all-reduce over more ranks sums in an order the batch changes)")
         if self.stream_interval < 1:
             raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
         if self.block_size < 1:

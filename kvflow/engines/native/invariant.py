@@ -3,10 +3,12 @@
 A library matmul or reduction may pick its algorithm (tile sizes, split-K, vector widths)
 from the whole tensor's shape, so the same row can round differently when it shares a step
 with other rows or when its prompt is chunked differently. Here every reduction runs on
-tensors of one fixed shape, or through kernels whose launch does not depend on the rows:
+tensors of one fixed shape, or through kernels that sum a row in the same order whatever
+the rows around it:
 
-- matmuls: on CUDA one Triton kernel with a tiling and K split fixed by the weight's shape
-  (triton_invariant.py); elsewhere rows in chunks of exactly `ROWS` (the last chunk
+- matmuls: on CUDA one Triton kernel whose K ranges are fixed by the weight's shape (its
+  tile and launch follow the row count, which does not change a row's bits:
+  triton_invariant.py); elsewhere rows in chunks of exactly `ROWS` (the last chunk
   zero-padded), so the library sees the same shape whatever the batch;
 - norms: on CUDA the Triton kernel of one program per row; elsewhere chunks of `ROWS`;
 - attention walks a sequence's keys in blocks of `KEYS` aligned at position 0 with an online
@@ -15,10 +17,11 @@ tensors of one fixed shape, or through kernels whose launch does not depend on t
   decode rows, prefill rows and chunked-prefill rows go through the same code. On CUDA the
   same holds for the Triton varlen kernel run with one fixed tiling for every step.
 
-Decode steps replay CUDA graphs as in the default engine: a graph runs the same kernels as an
-eager step, and none of them depends on the row count (each row's attention is its own query
-tile), so a sequence's decode row gives the same bits in a graph, in an eager decode step
-and in a step mixed with prefills.
+Decode steps replay CUDA graphs as in the default engine: a graph runs the kernels an eager
+step runs, on the batch padded to the graph's size, and none of them sums a row differently
+for the rows around it (each row's attention is its own query tile), so a sequence's decode
+row gives the same bits in a graph, in an eager decode step and in a step mixed with
+prefills.
 
 Elementwise ops (rope, silu * up) are invariant as they are. Sampling is per row already;
 random sampling is invariant for requests with their own seed (sampler.py).
@@ -141,6 +144,9 @@ class InvariantAttention:
     def warm_up(self, max_tokens: int, heads: int, kv_heads: int, head_dim: int,
                 dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
         return ()  # its kernels warm by running steps
+
+    def graphable(self, head_dim: int) -> bool:
+        return not head_dim & (head_dim - 1)  # the Triton kernel; other widths loop on the host
 
     def forward(
         self,

@@ -209,6 +209,11 @@ class ModelRunner:
     def _capture_graphs(self) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.engine.enforce_eager:
             return None
+        attn = self.model.layers[0].self_attn
+        if not attn.backend.graphable(attn.head_dim):
+            log.info("native engine: decode steps run eager (the %s attention backend reads "
+                     "host lengths, which a CUDA graph cannot)", self.engine.kernels[0])
+            return None
         sizes = tuple(s for s in self.engine.cuda_graph_batch_sizes if s <= self.engine.max_num_seqs)
         if not sizes:
             return None

@@ -40,12 +40,12 @@ def _prefill_kernel(
     rows = tl.arange(0, BLOCK_M)
     if PACK:
         kv_head = tl.program_id(0)
-        heads = kv_head * GROUP + rows % GROUP
+        heads = (kv_head * GROUP + rows % GROUP)[:, None]  # each row's query head
         offs_q = rows // GROUP
         queries = BLOCK_M // GROUP
     else:
         kv_head = tl.program_id(0) // GROUP
-        heads = tl.zeros([BLOCK_M], tl.int32) + tl.program_id(0)
+        heads = tl.program_id(0)  # one query head for the whole tile
         offs_q = rows
         queries = BLOCK_M
     seq = tl.load(tile_seq_ptr + tile)
@@ -59,8 +59,8 @@ def _prefill_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < q_len
     q_pos = ctx + offs_m
-    q = tl.load(q_ptr + (row0 + offs_m)[:, None] * stride_qt + heads[:, None] * stride_qh
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + (row0 + offs_m)[:, None] * stride_qt + heads * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
     first_q = ctx + q_start
     last_q = tl.minimum(ctx + q_start + queries, seq_len)  # exclusive
     lo = 0
@@ -110,8 +110,8 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + (row0 + offs_m)[:, None] * stride_ot + heads[:, None] * stride_oh
-             + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_ptr + (row0 + offs_m)[:, None] * stride_ot + heads * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -321,6 +321,9 @@ class TritonPagedBackend:
                 break
             warmed.append(rows)
         return tuple(warmed)
+
+    def graphable(self, head_dim: int) -> bool:
+        return not head_dim & (head_dim - 1)  # (other widths are refused at the first step)
 
     def forward(
         self,

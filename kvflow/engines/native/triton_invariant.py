@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.engines.native.triton_decode import precision
+
 
 class KRanges(NamedTuple):
     """How one N x K weight's K is cut: `splits` ranges of `k_split` elements (the last may
@@ -110,57 +112,60 @@ def _smem(index: int) -> int | None:
 @triton.jit
 def _range_sum(x_ptr, w_ptr, rows, cols, M, N, k0, k1, stride_xm, stride_wn,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               STAGES: tl.constexpr):
+               STAGES: tl.constexpr, PRECISION: tl.constexpr):
     """float32 [BLOCK_M, BLOCK_N]: x[rows, k0:k1] @ w[cols, k0:k1].T, from zero, in K order."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < N
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # int64: N x K may pass 2^31
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
     for k in tl.range(k0, k1, BLOCK_K, num_stages=STAGES):
         offs = k + tl.arange(0, BLOCK_K)
         k_ok = offs < k1
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=row_ok & k_ok[None, :],
-                    other=0.0)
-        b = tl.load(w_ptr + cols[None, :] * stride_wn + offs[:, None], mask=col_ok & k_ok[:, None],
-                    other=0.0)
-        acc = tl.dot(a, b, acc)
+        a = tl.load(x_rows + offs[None, :], mask=row_ok & k_ok[None, :], other=0.0)
+        b = tl.load(w_cols + offs[:, None], mask=col_ok & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
 
-@triton.jit
+# The row count only feeds masks and offsets: one compile serves every count (else Triton
+# would compile again for counts of 1, of multiples of 16 and of the rest).
+@triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
     x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_split, stride_xm, stride_wn, stride_om,
     SPLITS: tl.constexpr, IN_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, FLATTEN: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
+    out_at = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     if IN_PROGRAM:
         total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if FLATTEN:
             for s in tl.range(0, SPLITS, flatten=True):
                 k0 = s * k_split
                 total += _range_sum(x_ptr, w_ptr, rows, cols, M, N, k0, tl.minimum(k0 + k_split, K),
-                                    stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+                                    stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, PRECISION)
         else:
             for s in tl.static_range(SPLITS):
                 k0 = s * k_split
                 total += _range_sum(x_ptr, w_ptr, rows, cols, M, N, k0, tl.minimum(k0 + k_split, K),
-                                    stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
-                 total.to(out_ptr.dtype.element_ty), mask=mask)
+                                    stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, PRECISION)
+        tl.store(out_ptr + out_at, total.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         s = tl.program_id(2)
         k0 = s * k_split
         part = _range_sum(x_ptr, w_ptr, rows, cols, M, N, k0, tl.minimum(k0 + k_split, K),
-                          stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
-        tl.store(part_ptr + (s * M + rows[:, None]) * N + cols[None, :], part, mask=mask)
+                          stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, PRECISION)
+        tl.store(part_ptr + (s * M + rows.to(tl.int64)[:, None]) * N + cols[None, :], part, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _sum_ranges_kernel(part_ptr, out_ptr, M, N, stride_om, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """out[row] = ((0 + part_0[row]) + part_1[row]) + ..., as _matmul_kernel's IN_PROGRAM adds."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     total = tl.zeros((BLOCK,), tl.float32)
@@ -176,10 +181,10 @@ def invariant_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tiling | None 
     assert x.dim() == 2 and x.stride(-1) == 1 and weight.stride(-1) == 1
     m, k = x.shape
     n = weight.shape[0]
-    cuda = x.device.index or 0
-    num_sms = _num_sms(cuda) if x.is_cuda else 8  # (the interpreter: any count)
+    index = x.device.index or 0
+    num_sms = _num_sms(index) if x.is_cuda else 8  # (the interpreter: any count)
     ranges = k_ranges(n, k, num_sms)
-    tile = fit_stages(tile or tiling(m, n, num_sms), _smem(cuda) if x.is_cuda else None,
+    tile = fit_stages(tile or tiling(m, n, num_sms), _smem(index) if x.is_cuda else None,
                       x.element_size())
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -191,7 +196,8 @@ def invariant_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tiling | None 
     _matmul_kernel[grid](
         x, weight, out, part, m, n, k, ranges.k_split, x.stride(0), weight.stride(0), out.stride(0),
         SPLITS=ranges.splits, IN_PROGRAM=inside, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        BLOCK_K=BLOCK_K, STAGES=tile.stages, FLATTEN=FLATTEN, num_warps=tile.num_warps,
+        BLOCK_K=BLOCK_K, STAGES=tile.stages, FLATTEN=FLATTEN, PRECISION=precision(x),
+        num_warps=tile.num_warps,
     )
     if not inside:
         block = 1024

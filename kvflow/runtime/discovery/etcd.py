@@ -273,6 +273,8 @@ class EtcdDiscovery(Discovery):
         can drop a cancel that arrives as its wait ends, and the loop would run on forever."""
         while not self._closed:
             broken = await self._wait_broken(self.ttl / 3)
+            if self._closed:  # (close() may have run while it waited)
+                return
             if broken or not await self._refresh():
                 await self._recover()
 
@@ -306,6 +308,9 @@ class EtcdDiscovery(Discovery):
             try:
                 if self._client is None:
                     await asyncio.wait_for(self._open_session(), self.op_timeout)
+                if self._closed:  # a session opened while close() ran: close() never sees it
+                    await self._drop_session()
+                    return
                 await asyncio.wait_for(self._restore_lease(), self.op_timeout)
                 break
             except (*CONNECTION_ERRORS, etcd_errors.ClientError) as exc:

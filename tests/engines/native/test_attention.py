@@ -1,4 +1,5 @@
-"""Host-side attention metadata: the prefill kernel's tile order (no GPU or Triton needed)."""
+"""Host-side attention metadata: the prefill kernel's tile order, which backends graphs can
+capture (no GPU or Triton needed)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,18 @@ def test_single_prefill_meta_after_a_cached_prefix() -> None:
     assert (meta.max_query_len, meta.max_seq_len) == (5, 25)
     fresh = single_prefill_meta(5, 16, "cpu")
     assert fresh.slot_mapping.tolist() == [0, 1, 2, 3, 4] and fresh.seq_lens_host == [5]
+
+
+def test_which_backends_decode_steps_can_be_graphed() -> None:
+    """A CUDA graph cannot read the step's host lengths: the gather backend loops over them,
+    and so does the batch-invariant backend for head widths its Triton kernel does not take
+    (the runner then leaves decode steps eager)."""
+    import torch
+
+    from kvflow.engines.native.attention import make_backend
+
+    cpu = torch.device("cpu")
+    assert not make_backend("torch", cpu).graphable(128)
+    invariant = make_backend("invariant", cpu)
+    assert invariant.graphable(128) and invariant.graphable(64)
+    assert not invariant.graphable(80) and not invariant.graphable(96)

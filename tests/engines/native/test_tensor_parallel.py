@@ -168,6 +168,9 @@ def test_tensor_parallel_refuses_kv_tiers_and_bad_sizes() -> None:
                            tiers=TierConfig(host_kv_cache_gb=1.0))
     with pytest.raises(ValueError, match="must be >= 1"):
         NativeEngineConfig(model_path="m", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="--batch-invariant works with --tensor-parallel-size 1 or 2"):
+        NativeEngineConfig(model_path="m", tensor_parallel_size=4, batch_invariant=True)
+    NativeEngineConfig(model_path="m", tensor_parallel_size=2, batch_invariant=True)  # accepted
 
 
 async def test_tensor_parallel_refuses_an_fp8_checkpoint_before_starting_ranks(

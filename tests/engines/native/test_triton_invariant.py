@@ -79,3 +79,25 @@ def test_8b_shapes_decode_rows_match_prefill_rows(n: int, k: int) -> None:
     assert tiling(4096, n, torch.cuda.get_device_properties(0).multi_processor_count) is MANY
     for rows in (1, 7, 64):  # FEW, a program per range
         assert torch.equal(matmul(x[:rows], w), full[:rows])
+
+
+def test_invariant_ops_matmul_takes_views_bias_and_fp8_weights() -> None:
+    """What InvariantOps runs on CUDA for a projection: any leading shape, a strided last dim
+    (copied), a bias added after the sums, an FP8 weight dequantised first."""
+    from kvflow.engines.native.fp8 import FP8
+    from kvflow.engines.native.invariant import InvariantOps, _matmul
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 5, 96, generator=gen).to(DTYPE).to(DEVICE)
+    w = (torch.randn(40, 96, generator=gen) * 0.1).to(DTYPE).to(DEVICE)
+    want = matmul(x.reshape(10, 96).contiguous(), w).view(2, 5, 40)
+    assert torch.equal(_matmul(x, w), want)
+    strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # [2, 5, 96], last-dim stride 5
+    assert torch.equal(_matmul(strided, w), want)
+    if DEVICE.type == "cuda":  # InvariantOps dispatches to these kernels on CUDA only
+        bias = torch.randn(40, generator=gen).to(DTYPE).to(DEVICE)
+        assert torch.equal(InvariantOps().matmul(x, w, bias), want + bias)
+    w8 = w.float().to(FP8)
+    w8.fp8_scale = torch.full((40,), 0.5, device=DEVICE)  # type: ignore[attr-defined]
+    expect = matmul(x.reshape(10, 96).contiguous(), (w8.float() * 0.5).to(DTYPE)).view(2, 5, 40)
+    assert torch.equal(_matmul(x, w8), expect)

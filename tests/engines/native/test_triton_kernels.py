@@ -450,3 +450,9 @@ async def test_engine_on_triton_kernels_matches_transformers(
             assert out == hf_greedy(path, prompt, 5)
     finally:
         await engine.stop()
+
+
+def test_the_triton_backend_is_graphable_for_its_head_widths() -> None:
+    backend = make_backend("triton", DEVICE)
+    assert backend.graphable(128) and backend.graphable(64)
+    assert not backend.graphable(80)  # it refuses such heads at the first step
