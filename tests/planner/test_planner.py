@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -79,6 +80,26 @@ def test_a_burst_is_left_out_of_the_baseline_until_it_lasts_baseline_s() -> None
     assert step(60.0, 30.0) == 30.0
     # A later burst (100 at t = 80) is left out again; 30 is the baseline.
     assert step(70.0, 30.0) == 30.0 and step(80.0, 100.0) == 30.0 and step(90.0, 30.0) == 30.0
+
+
+def test_the_reserves_shape_is_pooled_over_the_baselines_intervals_bursts_left_out() -> None:
+    planner = Planner(rules(burst_ratio=2.0), FLAT, Fleet(aggregated=8), baseline_s=30.0)
+    assert planner.baseline_shape() is None
+
+    def step(at: float, rate: float, osl: float) -> None:
+        planner.step(at, Observation(at, 10.0, int(rate * 10), Load(rate, 512, osl)))
+    step(10.0, 10.0, 300.0)
+    step(20.0, 10.0, 100.0)
+    step(30.0, 10.0, 200.0)
+    step(40.0, 30.0, 50.0)  # a burst (over 2 x 10): left out, as from the baseline
+    step(50.0, 5.0, 100.0)  # the burst has ended (its evidence: 50 ln(10 / 30) + 200 = 145 > 4.5)
+    shape = planner.baseline_shape()
+    # Kept at t = 50: (20, 50], the intervals ending at 30 and 50 (40 left out): 100 requests at
+    # OSL 200 and 50 at OSL 100, request-weighted (100 x 200 + 50 x 100) / 150.
+    assert shape is not None and shape.rate == 0.0 and shape.isl == 512.0
+    assert shape.osl == pytest.approx(500 / 3)
+    assert planner.baseline() == 10.0  # rates 10 and 5: the upper median
+    assert planner.decisions[-1].reserve == dataclasses.replace(shape, rate=20.0)
 
 
 def _baselines(planner: Planner, rates: list[tuple[float, float]], interval_s: float = 1.0) -> list[float]:
