@@ -8,7 +8,11 @@ at the load those requests met: the arrivals over the last request duration (at 
 one interval), per worker, which is also the level the interval is pooled at. After
 a fleet change, intervals are not used until `settle_s` (a worker's start-up time)
 plus one predicted request duration (OSL x ITL) have passed: until then the requests
-finishing were served, at least in part, by a fleet other than the one set. The
+finishing were served, at least in part, by a fleet other than the one set. Likewise
+from the interval where a burst begins until one predicted request duration after it: the
+requests finishing then lived through a step in the load, which the model (a steady load)
+does not describe, and the levels a burst's load falls in are otherwise seen rarely, so a
+few such intervals would set their factor (and with it the burst reserve's fleet). The
 baseline rate for the burst reserve (`Rules.burst_ratio`) is the median observed rate
 over the last `baseline_s` seconds, leaving out the bursts themselves (`_record_rate`), and
 the reserve is sized in the request shape of the same intervals (`baseline_shape`), not in
@@ -129,6 +133,9 @@ class Planner:
         if self.burst_since is None:
             if self._begins_burst(obs):
                 self.burst_since = obs.at_s - obs.interval_s
+                # The requests finishing over the next request duration lived through the step
+                # in the load: not what the model (steady load) describes; not calibrated on.
+                self.calibrate_from = max(self.calibrate_from, obs.at_s + self.serve_s)
                 self.burst_requests = self.burst_seconds = self.burst_end_evidence = 0.0
         elif self._ends_burst(obs):
             self.burst_since = None

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from kvflow.planner.decide import Bounds
 from kvflow.planner.model import Fleet, Load, estimate
 from kvflow.planner.observe import Observation
 from kvflow.planner.planner import Planner
@@ -52,6 +53,34 @@ def test_calibration_pools_the_load_the_finished_requests_met() -> None:
     assert (planner.calib.level(5.0), planner.calib.level(4.25)) == (7, 6)
     assert planner.calib.levels["itl"][7].total == 40.0  # four intervals of 10 at 5 per worker
     assert planner.calib.levels["itl"][6].total == 10.0  # the last one: the 10 requests it finished
+
+
+def test_calibration_skips_the_request_duration_after_a_burst_begins() -> None:
+    # 8 workers, held there (bounds 8-8), 1 s intervals, burst ratio 2: 10 req/s, then 30.
+    r = dataclasses.replace(rules(burst_ratio=2.0), bounds=Bounds(min_workers=8, max_workers=8))
+    planner = Planner(r, FLAT, Fleet(aggregated=8), settle_s=0.0, baseline_s=20.0)
+    done = ((0.02, 0.02, 10.0),)  # ten requests finish each interval
+
+    def pooled() -> float:
+        return sum(pool.total for pool in planner.calib.levels["itl"].values())
+    for t in range(1, 21):
+        planner.step(float(t), Observation(float(t), 1.0, 10, Load(10.0, 512, 100), itl_bins=done))
+    assert pooled() == 200.0
+    # The predicted request duration at 1.25 req/s per worker (rho 0.125): TTFT 0.11 + 2.3 x 0.0125 /
+    # 1.75 = 0.12643 s; mean ITL 1 / 88.75, L = 1.1268 s, lam' = 1.25 + 1.28 sqrt(1.25 / 1.1268) =
+    # 2.5982, ITL p90 1 / (100 - 23.384) = 13.052 ms: 0.12643 + 100 x 0.013052 = 1.4316 s.
+    assert planner.serve_s == pytest.approx(1.4316, abs=1e-4)
+    # t = 21: 30 is over 2 x 10 and 10 + 3 sqrt(10): a burst. Intervals starting before 21 + 1.4316
+    # (those ending at 21, 22 and 23) are not pooled; from the one ending at 24 on they are.
+    burst = Load(30.0, 512, 100)
+    planner.step(21.0, Observation(21.0, 1.0, 30, burst, itl_bins=done))
+    assert planner.burst_since == 20.0
+    assert planner.calibrate_from == pytest.approx(22.4316, abs=1e-4)
+    for t in (22.0, 23.0):
+        planner.step(t, Observation(t, 1.0, 30, burst, itl_bins=done))
+    assert pooled() == 200.0
+    planner.step(24.0, Observation(24.0, 1.0, 30, burst, itl_bins=done))
+    assert pooled() == 210.0
 
 
 def test_the_baseline_is_the_median_rate_of_the_last_baseline_s() -> None:
