@@ -16,7 +16,8 @@ and gives, apart (a part of the above, not added), the worker-seconds of workers
 (asked for, not yet serving), by the window they were asked in. With --oracle (the
 oracle's workers per window, as bench/planner.py prints them) it lists the oracle's
 worker-seconds per window (size x window); without it, it runs the oracle search (a minute).
-It also counts scale-ups by the term that set the planned rate, and lists each burst's
+It also counts scale-ups by the term that set the size (the reserve where the prediction
+alone wants fewer workers), and lists each burst's
 onset: the fleet set and the workers ready (serving or draining) when it began, against the
 oracle's size for the window it began in. What a run meets is mostly decided there: a
 worker asked for after the onset serves --startup-s later (docs/planner.md).
@@ -74,8 +75,8 @@ def main() -> None:
             wants = [choose(d.predicted, perf, r, planner.calib)[0].fleet.workers for r in (bare, raw)]
             steps.append({"t": now, "target": d.target.workers, "best": d.chosen.fleet.workers,
                           "bare": wants[0], "raw": wants[1]})
-            if d.action == "scale_up":
-                by_reserve = d.planned.rate > d.predicted.rate * (1 + rules.headroom) + 1e-9
+            if d.action == "scale_up":  # the reserve set it when the prediction alone wants fewer
+                by_reserve = wants[0] < d.chosen.fleet.workers
                 ups["reserve" if by_reserve else "predicted rate"] += 1
         return d.target.aggregated
 
@@ -102,7 +103,7 @@ def main() -> None:
         end = w.stopped_s if w.stopped_s is not None else result.end_s
         split["starting"][k] += max(0.0, min(w.ready_s, end) - w.started_s)
     print(f"seed {a.seed}, burst ratio {a.burst_ratio:g}: {attainment(stats):.1%} of windows, "
-          f"{result.worker_seconds:.0f} worker-s; scale-ups by the term that set the planned rate: "
+          f"{result.worker_seconds:.0f} worker-s; scale-ups by the term that set the size: "
           f"{dict(ups)}")
     print(f"{'window':>6} {'oracle':>6} " + " ".join(f"{n:>8}" for n in PARTS) + f" {'starting':>8}")
     for k in range(count):

@@ -2,8 +2,9 @@
 
 `choose` enumerates fleet shapes within the bounds and GPU budget and takes the
 cheapest that meets the SLA on the planned load: the predicted rate plus headroom,
-and, with a `burst_ratio`, at least that multiple of the baseline rate (the recent
-median), so a burst finds its capacity already there while new workers start. `plan_step` adds
+and, with a `burst_ratio`, also on a burst reserve, that multiple of the baseline rate
+(the recent median) in the baseline's request shape (`reserve_load`), so a burst finds
+its capacity already there while new workers start. `plan_step` adds
 the rules that keep a fleet from oscillating: scale up (or fix a fleet that misses
 the SLA) at once; scale down only after `scale_down_intervals` intervals in a row
 want it and `cooldown_s` after the last change, to the largest fleet any of those
@@ -61,8 +62,9 @@ class Rules:
 
 
 def planned_load(load: Load, rules: Rules, baseline: float = 0.0, held: int = 0) -> Load:
-    """The load a fleet is sized for: prediction x (1 + headroom), at least burst_ratio x baseline,
-    plus the router's held requests spread over backlog_drain_s."""
+    """The load a fleet is sized for: prediction x (1 + headroom), at least burst_ratio x baseline
+    (pass baseline 0 when the reserve is a load of its own: reserve_load), plus the router's held
+    requests spread over backlog_drain_s."""
     rate = max(load.rate * (1 + rules.headroom), baseline * rules.burst_ratio)
     if rules.backlog_drain_s > 0:
         rate += held / rules.backlog_drain_s
@@ -94,7 +96,8 @@ class Decision:
     target: Fleet
     reason: str
     predicted: Load | None = None
-    planned: Load | None = None  # what the fleet was sized for (headroom, burst reserve)
+    planned: Load | None = None  # what the fleet was sized for (headroom; burst reserve without `reserve`)
+    reserve: Load | None = None  # the burst reserve, a load the fleet must also meet (reserve_load)
     chosen: Estimate | None = None
     current: Estimate | None = None
     options: tuple[Estimate, ...] = ()
@@ -114,19 +117,40 @@ def _shapes(rules: Rules, mode: str) -> list[Fleet]:
     return shapes
 
 
-def evaluate(fleet: Fleet, load: Load, perf: PerfModel, rules: Rules, calib: Calibration) -> Estimate:
+def evaluate(fleet: Fleet, load: Load, perf: PerfModel, rules: Rules, calib: Calibration,
+             reserve: Load | None = None) -> Estimate:
+    """The fleet's estimate under `load`; with a `reserve` load too, it meets the SLA only if it
+    meets it under both, and the estimate shown is the one with less slack."""
     ttft, itl = estimate(fleet, load, perf, calib)
     meets = ttft <= rules.sla.ttft_s and itl <= rules.sla.itl_s
-    return Estimate(fleet, ttft, itl, fleet.workers * rules.bounds.gpus_per_worker, meets)
+    out = Estimate(fleet, ttft, itl, fleet.workers * rules.bounds.gpus_per_worker, meets)
+    if reserve is None:
+        return out
+    other = evaluate(fleet, reserve, perf, rules, calib)
+    sla = rules.sla
+    worse = min(out, other, key=lambda e: e.slack(sla.ttft_s, sla.itl_s))
+    return dataclasses.replace(worse, meets=out.meets and other.meets)
+
+
+def reserve_load(load: Load, rules: Rules, baseline: float, shape: Load | None) -> Load | None:
+    """The burst reserve as a load of its own: burst_ratio x the baseline rate, in the baseline's
+    request shape (`shape`, pooled over the baseline's intervals); None without a shape or a
+    reserve (then planned_load folds the reserve into the predicted load's rate)."""
+    if shape is None or rules.burst_ratio <= 0 or baseline <= 0:
+        return None
+    return dataclasses.replace(shape, rate=baseline * rules.burst_ratio)
 
 
 def choose(load: Load, perf: PerfModel, rules: Rules, calib: Calibration | None = None,
-           mode: str | None = None, baseline: float = 0.0,
-           held: int = 0) -> tuple[Estimate, tuple[Estimate, ...]]:
-    """The cheapest shape meeting the SLA (ties: most slack); else the biggest allowed."""
+           mode: str | None = None, baseline: float = 0.0, held: int = 0,
+           shape: Load | None = None) -> tuple[Estimate, tuple[Estimate, ...]]:
+    """The cheapest shape meeting the SLA (ties: most slack); else the biggest allowed. With the
+    baseline's request `shape`, the burst reserve is a second load every option must meet
+    (reserve_load); without it, the reserve raises the predicted load's rate (planned_load)."""
     calib = calib or Calibration()
-    planned = planned_load(load, rules, baseline, held)
-    options = [evaluate(f, planned, perf, rules, calib) for f in _shapes(rules, mode or rules.mode)]
+    reserve = reserve_load(load, rules, baseline, shape)
+    planned = planned_load(load, rules, 0.0 if reserve else baseline, held)
+    options = [evaluate(f, planned, perf, rules, calib, reserve) for f in _shapes(rules, mode or rules.mode)]
     if not options:
         raise ValueError(f"no fleet shape fits the bounds {rules.bounds}")
     sla = rules.sla
@@ -147,21 +171,22 @@ def _step_down(current: Fleet, target: Fleet, step: int) -> Fleet:
 
 
 def plan_step(state: PlanState, now: float, predicted: Load | None, perf: PerfModel, rules: Rules,
-              calib: Calibration | None = None, baseline: float = 0.0,
-              held: int = 0) -> tuple[Decision, PlanState]:
+              calib: Calibration | None = None, baseline: float = 0.0, held: int = 0,
+              shape: Load | None = None) -> tuple[Decision, PlanState]:
     """Decide this interval's target fleet and the planner's next state (baseline, held: see
-    planned_load)."""
+    planned_load; shape: choose)."""
     calib = calib or Calibration()
     fleet = state.fleet
     if predicted is None:
         reason = "no fresh metrics: holding the current fleet (never scaling down blind)"
         held = dataclasses.replace(state, down_votes=0, down_to=None)
         return Decision(now, "hold", fleet, fleet, reason), held
-    best, options = choose(predicted, perf, rules, calib, baseline=baseline, held=held)
-    planned = planned_load(predicted, rules, baseline, held)
-    current = evaluate(fleet, planned, perf, rules, calib)
-    common = {"predicted": predicted, "planned": planned, "chosen": best, "current": current,
-              "options": options}
+    best, options = choose(predicted, perf, rules, calib, baseline=baseline, held=held, shape=shape)
+    reserve = reserve_load(predicted, rules, baseline, shape)
+    planned = planned_load(predicted, rules, 0.0 if reserve else baseline, held)
+    current = evaluate(fleet, planned, perf, rules, calib, reserve)
+    common = {"predicted": predicted, "planned": planned, "reserve": reserve, "chosen": best,
+              "current": current, "options": options}
     if best.fleet == fleet:
         why = "the current fleet is the cheapest that meets the SLA" if best.meets else \
             "no fleet within the bounds meets the SLA; this is the closest"

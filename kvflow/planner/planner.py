@@ -8,9 +8,15 @@ at the load those requests met: the arrivals over the last request duration (at 
 one interval), per worker, which is also the level the interval is pooled at. After
 a fleet change, intervals are not used until `settle_s` (a worker's start-up time)
 plus one predicted request duration (OSL x ITL) have passed: until then the requests
-finishing were served, at least in part, by a fleet other than the one set. The
+finishing were served, at least in part, by a fleet other than the one set. Likewise
+from the interval where a burst begins until one predicted request duration after it: the
+requests finishing then lived through a step in the load, which the model (a steady load)
+does not describe, and the levels a burst's load falls in are otherwise seen rarely, so a
+few such intervals would set their factor (and with it the burst reserve's fleet). The
 baseline rate for the burst reserve (`Rules.burst_ratio`) is the median observed rate
-over the last `baseline_s` seconds, leaving out the bursts themselves (`_record_rate`). A
+over the last `baseline_s` seconds, leaving out the bursts themselves (`_record_rate`), and
+the reserve is sized in the request shape of the same intervals (`baseline_shape`), not in
+the last few intervals' (the prediction's), whose noise would move the reserve's fleet. A
 burst begins with an interval whose rate is over burst_ratio x the baseline and, for its
 count, BURST_SIGMAS Poisson standard deviations over it (at 1 s intervals a rate over
 1.5x a baseline of 5 req/s is often noise). It ends when the intervals since are likelier
@@ -55,6 +61,7 @@ class Planner:
         self.calibrate_from = float("-inf")  # intervals starting earlier are not calibrated on
         self.baseline_s = baseline_s
         self.rates: deque[tuple[float, float]] = deque()  # (at_s, observed rate) over baseline_s
+        self.base_obs: deque[Observation] = deque()  # the observations those rates are of (their shape)
         self.burst_since: float | None = None  # start of the burst in progress (None: none)
         self.burst_requests = self.burst_seconds = 0.0  # its arrivals and duration so far
         self.burst_end_evidence = 0.0  # its CUSUM: log-likelihood ratio, baseline over the burst's rate
@@ -70,7 +77,8 @@ class Planner:
     def step(self, now: float, obs: Observation | None) -> Decision:
         predicted = self._predict(obs)
         decision, self.state = plan_step(self.state, now, predicted, self.perf, self.rules, self.calib,
-                                         self.baseline(), obs.held if obs is not None else 0)
+                                         self.baseline(), obs.held if obs is not None else 0,
+                                         self.baseline_shape())
         if decision.target != decision.previous:
             chosen, load = decision.chosen, decision.predicted
             serve = load.osl * chosen.itl_s if chosen and load and chosen.itl_s < float("inf") else 0.0
@@ -86,6 +94,11 @@ class Planner:
             return 0.0
         ordered = sorted(r for _, r in self.rates)
         return ordered[len(ordered) // 2]
+
+    def baseline_shape(self) -> Load | None:
+        """The request shape of the baseline's intervals (request-weighted, rate 0): what the burst
+        reserve is sized in. None before any of them held a request."""
+        return _pooled(list(self.base_obs), 0.0)
 
     def _predict(self, obs: Observation | None) -> Load | None:
         if obs is None:
@@ -115,9 +128,14 @@ class Planner:
         lasted less than baseline_s (the module's docstring says when a burst begins and ends)."""
         while self.rates and self.rates[0][0] <= obs.at_s - self.baseline_s:
             self.rates.popleft()
+        while self.base_obs and self.base_obs[0].at_s <= obs.at_s - self.baseline_s:
+            self.base_obs.popleft()
         if self.burst_since is None:
             if self._begins_burst(obs):
                 self.burst_since = obs.at_s - obs.interval_s
+                # The requests finishing over the next request duration lived through the step
+                # in the load: not what the model (steady load) describes; not calibrated on.
+                self.calibrate_from = max(self.calibrate_from, obs.at_s + self.serve_s)
                 self.burst_requests = self.burst_seconds = self.burst_end_evidence = 0.0
         elif self._ends_burst(obs):
             self.burst_since = None
@@ -127,6 +145,7 @@ class Planner:
             if obs.at_s - self.burst_since < self.baseline_s:
                 return
         self.rates.append((obs.at_s, obs.load.rate))
+        self.base_obs.append(obs)
 
     def _begins_burst(self, obs: Observation) -> bool:
         """Over burst_ratio x the baseline, and significantly so for a count over the interval."""
@@ -153,15 +172,7 @@ class Planner:
         span = min(max(self.serve_s, obs.interval_s), MAX_LOOKBACK_S)
         pooled = [o for o in self.recent if o.at_s > obs.at_s - span] or [obs]
         seconds = sum(o.interval_s for o in pooled)
-        n = sum(o.requests for o in pooled)
-        if not n:
-            return obs.load
-        isl = sum(o.requests * o.load.isl for o in pooled) / n
-        osl = sum(o.requests * o.load.osl for o in pooled) / n
-        cached = sum(o.requests * o.load.cached_fraction for o in pooled) / n
-        square = sum(o.requests * o.load.isl_square for o in pooled) / n
-        uncached = merge_shares([(o.requests, o.load.uncached) for o in pooled if o.load.uncached])
-        return Load(n / seconds, isl, osl, cached, cv2(square, isl), uncached)
+        return _pooled(pooled, sum(o.requests for o in pooled) / seconds) or obs.load
 
     def _calibrate(self, obs: Observation) -> None:
         load = self._met_load(obs)
@@ -183,3 +194,16 @@ class Planner:
         message = f"the fleet is {actual}, not the {self.state.fleet} last set; re-planning from it"
         self.state = PlanState(actual, self.state.last_change_s, 0)
         return message
+
+
+def _pooled(observed: list[Observation], rate: float) -> Load | None:
+    """The observations' request shape, request-weighted, at `rate`; None when they hold no request."""
+    n = sum(o.requests for o in observed)
+    if not n:
+        return None
+    isl = sum(o.requests * o.load.isl for o in observed) / n
+    osl = sum(o.requests * o.load.osl for o in observed) / n
+    cached = sum(o.requests * o.load.cached_fraction for o in observed) / n
+    square = sum(o.requests * o.load.isl_square for o in observed) / n
+    uncached = merge_shares([(o.requests, o.load.uncached) for o in observed if o.load.uncached])
+    return Load(rate, isl, osl, cached, cv2(square, isl), uncached)

@@ -55,6 +55,10 @@ def describe(d: Decision) -> str:
                      f"cached {p.cached_fraction:.2f}")
     if d.planned is not None:
         parts.append(f"sized for {d.planned.rate:.2f} req/s")
+    if d.reserve is not None:
+        r = d.reserve
+        parts.append(f"and a burst reserve of {r.rate:.2f} req/s (baseline's ISL {r.isl:.0f} OSL {r.osl:.0f} "
+                     f"cached {r.cached_fraction:.2f})")
     for o in d.options[:3]:
         parts.append(f"option {o.fleet}: TTFT {o.ttft_s:.3f}s ITL {o.itl_s * 1e3:.1f}ms "
                      f"{'meets' if o.meets else 'misses'}")

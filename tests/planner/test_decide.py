@@ -221,6 +221,39 @@ def test_burst_reserve_sizes_for_a_multiple_of_the_baseline_not_of_a_burst() -> 
         rules(burst_ratio=-1.0)
 
 
+def test_the_burst_reserve_is_sized_in_the_baselines_request_shape() -> None:
+    r = rules(burst_ratio=2.0)
+    # Baseline 9 req/s: the reserve is 18 req/s in the baseline's shape, a load of its own.
+    # OSL 100: 3 workers at lam 6 give 37.23 ms (as when the reserve raised the predicted rate).
+    assert choose(Load(10, 512, 100), FLAT, r, baseline=9.0, shape=Load(0, 512, 100))[0].fleet == \
+        Fleet(aggregated=3)
+    # OSL 50 (shorter lives, so the prefills over one vary more): at lam 6 the mean ITL is
+    # 1 / (100 - 54) = 21.74 ms, L = 50 / 46 = 1.087 s, lam' = 6 + 1.28 sqrt(6 / 1.087) = 9.007:
+    # 1 / (100 - 81.06) = 52.8 ms misses. 4 workers, lam 4.5: mean 1 / 59.5, L = 0.8403 s,
+    # lam' = 4.5 + 1.28 sqrt(4.5 / 0.8403) = 7.462: 1 / (100 - 67.16) = 30.45 ms; TTFT 0.204 s.
+    best, _ = choose(Load(10, 512, 100), FLAT, r, baseline=9.0, shape=Load(0, 512, 50))
+    assert best.fleet == Fleet(aggregated=4)
+    # Its estimate is the reserve's, the load with less slack (the predicted 10 req/s at lam 2.5
+    # would give 1 / (100 - 9 x 4.06) = 15.7 ms).
+    assert best.itl_s == pytest.approx(1 / (100 - 9 * (4.5 + 1.28 * (4.5 * 59.5 / 50) ** 0.5)))
+    assert best.itl_s == pytest.approx(0.03045, abs=1e-5)
+    # A prediction whose last intervals happen to be short-lived (OSL 50) does not move the reserve,
+    # sized in the baseline's OSL 100 (3 workers); folded into the predicted load's rate, the
+    # reserve would have been 18 req/s at OSL 50: 4 workers.
+    assert choose(Load(10, 512, 50), FLAT, r, baseline=9.0, shape=Load(0, 512, 100))[0].fleet == \
+        Fleet(aggregated=3)
+    assert choose(Load(10, 512, 50), FLAT, r, baseline=9.0)[0].fleet == Fleet(aggregated=4)
+    # The prediction is still met in its own shape: a burst of 30 req/s at OSL 100 needs 5 (lam 6).
+    assert choose(Load(30, 512, 100), FLAT, r, baseline=9.0, shape=Load(0, 512, 50))[0].fleet == \
+        Fleet(aggregated=5)
+    decision, _ = plan_step(PlanState(Fleet(aggregated=3)), 5.0, Load(10, 512, 100), FLAT, r,
+                            baseline=9.0, shape=Load(0, 512, 50))
+    assert decision.action == "scale_up" and decision.target == Fleet(aggregated=4)
+    assert decision.planned is not None and decision.planned.rate == 10.0  # headroom 0, no reserve in it
+    assert decision.reserve == Load(18.0, 512, 50)
+    assert decision.current is not None and not decision.current.meets  # 3 workers miss the reserve
+
+
 def test_held_requests_are_planned_for_over_the_drain_time() -> None:
     r = rules(backlog_drain_s=10.0)
     # 10 req/s + 80 held / 10 s = 18 req/s -> 3 workers (2 would be at lam 9).

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from kvflow.planner.decide import Bounds
 from kvflow.planner.model import Fleet, Load, estimate
 from kvflow.planner.observe import Observation
 from kvflow.planner.planner import Planner
@@ -53,6 +55,34 @@ def test_calibration_pools_the_load_the_finished_requests_met() -> None:
     assert planner.calib.levels["itl"][6].total == 10.0  # the last one: the 10 requests it finished
 
 
+def test_calibration_skips_the_request_duration_after_a_burst_begins() -> None:
+    # 8 workers, held there (bounds 8-8), 1 s intervals, burst ratio 2: 10 req/s, then 30.
+    r = dataclasses.replace(rules(burst_ratio=2.0), bounds=Bounds(min_workers=8, max_workers=8))
+    planner = Planner(r, FLAT, Fleet(aggregated=8), settle_s=0.0, baseline_s=20.0)
+    done = ((0.02, 0.02, 10.0),)  # ten requests finish each interval
+
+    def pooled() -> float:
+        return sum(pool.total for pool in planner.calib.levels["itl"].values())
+    for t in range(1, 21):
+        planner.step(float(t), Observation(float(t), 1.0, 10, Load(10.0, 512, 100), itl_bins=done))
+    assert pooled() == 200.0
+    # The predicted request duration at 1.25 req/s per worker (rho 0.125): TTFT 0.11 + 2.3 x 0.0125 /
+    # 1.75 = 0.12643 s; mean ITL 1 / 88.75, L = 1.1268 s, lam' = 1.25 + 1.28 sqrt(1.25 / 1.1268) =
+    # 2.5982, ITL p90 1 / (100 - 23.384) = 13.052 ms: 0.12643 + 100 x 0.013052 = 1.4316 s.
+    assert planner.serve_s == pytest.approx(1.4316, abs=1e-4)
+    # t = 21: 30 is over 2 x 10 and 10 + 3 sqrt(10): a burst. Intervals starting before 21 + 1.4316
+    # (those ending at 21, 22 and 23) are not pooled; from the one ending at 24 on they are.
+    burst = Load(30.0, 512, 100)
+    planner.step(21.0, Observation(21.0, 1.0, 30, burst, itl_bins=done))
+    assert planner.burst_since == 20.0
+    assert planner.calibrate_from == pytest.approx(22.4316, abs=1e-4)
+    for t in (22.0, 23.0):
+        planner.step(t, Observation(t, 1.0, 30, burst, itl_bins=done))
+    assert pooled() == 200.0
+    planner.step(24.0, Observation(24.0, 1.0, 30, burst, itl_bins=done))
+    assert pooled() == 210.0
+
+
 def test_the_baseline_is_the_median_rate_of_the_last_baseline_s() -> None:
     planner = Planner(rules(), FLAT, Fleet(aggregated=8), baseline_s=30.0)
     assert planner.baseline() == 0.0
@@ -79,6 +109,26 @@ def test_a_burst_is_left_out_of_the_baseline_until_it_lasts_baseline_s() -> None
     assert step(60.0, 30.0) == 30.0
     # A later burst (100 at t = 80) is left out again; 30 is the baseline.
     assert step(70.0, 30.0) == 30.0 and step(80.0, 100.0) == 30.0 and step(90.0, 30.0) == 30.0
+
+
+def test_the_reserves_shape_is_pooled_over_the_baselines_intervals_bursts_left_out() -> None:
+    planner = Planner(rules(burst_ratio=2.0), FLAT, Fleet(aggregated=8), baseline_s=30.0)
+    assert planner.baseline_shape() is None
+
+    def step(at: float, rate: float, osl: float) -> None:
+        planner.step(at, Observation(at, 10.0, int(rate * 10), Load(rate, 512, osl)))
+    step(10.0, 10.0, 300.0)
+    step(20.0, 10.0, 100.0)
+    step(30.0, 10.0, 200.0)
+    step(40.0, 30.0, 50.0)  # a burst (over 2 x 10): left out, as from the baseline
+    step(50.0, 5.0, 100.0)  # the burst has ended (its evidence: 50 ln(10 / 30) + 200 = 145 > 4.5)
+    shape = planner.baseline_shape()
+    # Kept at t = 50: (20, 50], the intervals ending at 30 and 50 (40 left out): 100 requests at
+    # OSL 200 and 50 at OSL 100, request-weighted (100 x 200 + 50 x 100) / 150.
+    assert shape is not None and shape.rate == 0.0 and shape.isl == 512.0
+    assert shape.osl == pytest.approx(500 / 3)
+    assert planner.baseline() == 10.0  # rates 10 and 5: the upper median
+    assert planner.decisions[-1].reserve == dataclasses.replace(shape, rate=20.0)
 
 
 def _baselines(planner: Planner, rates: list[tuple[float, float]], interval_s: float = 1.0) -> list[float]:
