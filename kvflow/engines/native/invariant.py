@@ -178,10 +178,23 @@ def _triton_attention(
     from kvflow.engines.native.triton_attention import PrefillTiling, paged_prefill, store_kv
 
     store_kv(kv_cache, k, v, meta.slot_mapping)
-    tiling = PrefillTiling(16, KEYS * 2, 4, 2)
+    tiling = PrefillTiling(TILE_ROWS, KEYS * 2, 4, 2)
     group = q.shape[1] // kv_cache.shape[3]
-    return paged_prefill(q, kv_cache, meta, scale, window, tiling, mask_all=True,
-                         pack=tiling.block_m % group == 0)
+    pack = packs(group, meta.query_start_host[-1], meta.num_seqs)
+    return paged_prefill(q, kv_cache, meta, scale, window, tiling, mask_all=True, pack=pack)
+
+
+TILE_ROWS = 16  # query rows per attention tile (GPU), every step
+MAX_TILES = 65535  # a CUDA grid's second axis, where the tiles go
+
+
+def packs(group: int, tokens: int, seqs: int) -> bool:
+    """Whether a step's attention tiles pack each KV head's `group` query heads: where the
+    group divides a tile's rows and the step's tiles (TILE_ROWS // group queries each, at most
+    one part-filled per sequence) still fit the grid. Packed or not, a row's bits are the same."""
+    if TILE_ROWS % group:
+        return False
+    return tokens // (TILE_ROWS // group) + seqs <= MAX_TILES
 
 
 def sequence_attention(

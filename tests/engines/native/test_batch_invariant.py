@@ -109,3 +109,13 @@ def test_serving_path_warm_up_runs_on_a_private_pool(tiny_models: Callable[[str]
         max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512))
     steps = warm_serving_path(runner)
     assert steps > 300 // 64  # 9 requests of up to 300 prompt tokens, 64-token steps, 3 tokens each
+
+
+def test_attention_packs_query_heads_where_the_tiles_fit() -> None:
+    from kvflow.engines.native.invariant import packs
+
+    assert packs(4, 8192, 1)  # 4 queries a tile: 2049 tiles
+    assert not packs(3, 100, 1)  # 3 does not divide 16 rows
+    assert packs(16, 65_000, 500)  # one query a tile: 65,500 tiles fit
+    assert not packs(16, 65_100, 500)  # 65,600 do not: the step's tiles hold 16 queries each
+    assert packs(8, 131_000, 1) and not packs(8, 131_070, 1)
