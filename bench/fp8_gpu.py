@@ -133,6 +133,17 @@ def decode_tps(runner: ModelRunner, batch: int, isl: int, osl: int) -> float:
     return batch * (len(done) - 1) / (done[-1] - done[0])
 
 
+def decode_against_floor(runner: ModelRunner, model, batch: int,  # type: ignore[no-untyped-def]
+                         args: argparse.Namespace, bw: float, label: str) -> tuple[float, float]:
+    """(tokens/s, floor) at `batch`, printed; floor = batch / ((weight + KV bytes a step) / bw)."""
+    tps = decode_tps(runner, batch, args.isl, args.osl)
+    kv = batch * (args.isl + args.osl / 2) * kv_bytes_per_token(runner.cfg)
+    floor = batch / ((weight_bytes(model) + kv) / bw)
+    print(f"  {label} decode b={batch}: {tps:.0f} tok/s; floor {floor:.0f} ({tps / floor:.0%})",
+          flush=True)
+    return tps, floor
+
+
 def prefill_ms(runner: ModelRunner, length: int) -> float:
     meta = single_prefill_meta(length, runner.block_size, runner.device)
     ids = torch.randint(3, runner.cfg.vocab_size, (length,), device="cuda")
@@ -222,12 +233,8 @@ def main() -> None:
               f"{wbytes / 1e9:.2f} GB of weights per step", flush=True)
         row: dict[str, float] = {}
         for b in args.batches:
-            tps = decode_tps(runner, b, args.isl, args.osl)
-            kv = b * (args.isl + args.osl / 2) * kv_bytes_per_token(cfg)
-            floor = b / ((wbytes + kv) / bw)
+            tps, floor = decode_against_floor(runner, model, b, args, bw, kind)
             row[f"b{b}"], row[f"b{b}_floor"] = tps, floor
-            print(f"  {kind} decode b={b}: {tps:.0f} tok/s; floor {floor:.0f} ({tps / floor:.0%})",
-                  flush=True)
         ms = prefill_ms(runner, args.prefill_len)
         tps = args.prefill_len / (ms / 1e3)
         flops = 2 * proj_params * args.prefill_len

@@ -21,13 +21,11 @@ import torch
 
 from bench.fp8_gpu import (
     LLAMA_8B,
-    decode_tps,
-    kv_bytes_per_token,
+    decode_against_floor,
     matmul_peaks,
     model_parser,
     prefill_ms,
     random_model,
-    weight_bytes,
 )
 from bench.native_gpu import kernel_profile, measure_bandwidth
 from kvflow.engines.native.config import ModelConfig, NativeEngineConfig
@@ -75,12 +73,7 @@ def main() -> None:
               f"{'off' if runner.graphs is None else runner.graphs.sizes}", flush=True)
         row: dict[str, float] = {}
         for b in args.batches:
-            tps = decode_tps(runner, b, args.isl, args.osl)
-            kv = b * (args.isl + args.osl / 2) * kv_bytes_per_token(cfg)
-            floors[b] = b / ((weight_bytes(model) + kv) / bw)
-            row[f"b{b}"] = tps
-            print(f"  {mode} decode b={b}: {tps:.0f} tok/s; floor {floors[b]:.0f} "
-                  f"({tps / floors[b]:.0%})", flush=True)
+            row[f"b{b}"], floors[b] = decode_against_floor(runner, model, b, args, bw, mode)
         ms = prefill_ms(runner, args.prefill_len)
         row["prefill_ms"] = ms
         flops = 2 * params * args.prefill_len

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+# The Triton kernel tests (test_triton_*.py) run compiled on a GPU and in Triton's interpreter
+# elsewhere; the switch is read when triton is first imported, which those modules do.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvflow.testing.models import make_tiny_model  # noqa: E402
 

@@ -3,16 +3,10 @@ interpreter), and its fixed tiling per weight shape."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+pytest.importorskip("triton", reason="triton is not installed")  # (conftest: the interpreter off GPU)
 
 from kvflow.engines.native.triton_invariant import FEW, MANY, fit_stages, k_ranges, tiling
 from kvflow.engines.native.triton_invariant import invariant_matmul as matmul

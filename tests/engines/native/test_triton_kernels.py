@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+pytest.importorskip("triton", reason="triton is not installed")  # (conftest: the interpreter off GPU)
 
 from kvflow.engines.native.attention import AttentionMetadata, make_backend
 
