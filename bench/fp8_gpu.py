@@ -10,7 +10,7 @@ bandwidth), with the projections at 2 bytes per weight (bf16) or 1 byte (FP8; th
 bf16); prefill = 2 * projection params * tokens over the measured bf16 (or FP8) matmul peak.
 Also a per-shape table: bf16 and FP8 matmuls of 1 to 64 rows (GEMV, cuBLAS, `_scaled_mm`).
 
-    PYTHONPATH=. python bench/fp8_gpu.py [--batches 1 64] [--isl 512] [--osl 128]
+    PYTHONPATH=. python bench/fp8_gpu.py [--batches 1 64] [--isl 512] [--osl 128] [--prefill-profile]
 """
 
 from __future__ import annotations
@@ -153,6 +153,17 @@ def prefill_ms(runner: ModelRunner, length: int) -> float:
         return median_ms(lambda: model.compute_logits(model(ids, pos, meta)[-1:]), reps=3)
 
 
+def prefill_profile(runner: ModelRunner, length: int) -> None:
+    """Top CUDA kernels of the prefill `prefill_ms` times (where its time goes)."""
+    from bench.native_gpu import kernel_profile
+
+    meta = single_prefill_meta(length, runner.block_size, runner.device)
+    ids = torch.randint(3, runner.cfg.vocab_size, (length,), device="cuda")
+    pos = torch.arange(length, device="cuda")
+    model = runner.model
+    kernel_profile(lambda: model.compute_logits(model(ids, pos, meta)[-1:]), f"prefill {length}")
+
+
 def shape_table(rows_list: list[int]) -> None:
     """us per product (CUDA-graph replays) for the 8B model's gate_up (28672 x 4096) and down
     (4096 x 14336); the FP8 GEMV's launch is the one it tuned for the shape."""
@@ -208,6 +219,8 @@ def model_parser(doc: str) -> argparse.ArgumentParser:
 
 def main() -> None:
     parser = model_parser(__doc__)
+    parser.add_argument("--prefill-profile", action="store_true",
+                        help="the bf16 prefill's top CUDA kernels (torch.profiler)")
     parser.add_argument("--table-rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64])
     args = parser.parse_args()
     bw = measure_bandwidth()
@@ -236,6 +249,8 @@ def main() -> None:
             tps, floor = decode_against_floor(runner, model, b, args, bw, kind)
             row[f"b{b}"], row[f"b{b}_floor"] = tps, floor
         ms = prefill_ms(runner, args.prefill_len)
+        if args.prefill_profile and kind == "bf16":
+            prefill_profile(runner, args.prefill_len)
         tps = args.prefill_len / (ms / 1e3)
         flops = 2 * proj_params * args.prefill_len
         row["prefill"] = tps

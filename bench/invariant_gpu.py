@@ -7,7 +7,8 @@ CUDA graphs (the engine's default for the mode), and batch-invariant eager (what
 ran before its decode steps were captured). For each: decode tokens/s at each --batches
 against the floor (weight + KV bytes per step over this run's copy bandwidth), and prefill
 of one --prefill-len prompt against the bf16 matmul peak measured in the same run.
-`--profile` adds the top kernels of one eager batch-invariant decode step per batch.
+`--profile` adds the top kernels of one eager batch-invariant decode step per batch;
+`--gemm-table` first times the invariant matmul on each 8B projection against cuBLAS.
 
     PYTHONPATH=. python bench/invariant_gpu.py [--batches 1 64] [--isl 512] [--osl 128]
 """
@@ -22,6 +23,7 @@ import torch
 from bench.fp8_gpu import (
     LLAMA_8B,
     decode_against_floor,
+    graph_ms,
     matmul_peaks,
     model_parser,
     prefill_ms,
@@ -46,15 +48,54 @@ def profile_decode(runner: ModelRunner, batch: int, context: int) -> None:
                    f"batch-invariant eager decode b={batch}")
 
 
+def gemm_row(name: str, n: int, k: int, bw: float) -> str:
+    """One 8B projection through the invariant matmul (graph-timed, random data): one and 64
+    rows through FEW (of copy bandwidth), 8192 through MANY (TFLOP/s), each against cuBLAS; and
+    whether every launch gives a row the bits of the decode launch (it must)."""
+    from kvflow.engines.native import triton_invariant as ti
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+    x = torch.randn(64 if name == "lm_head" else 8192, k, device="cuda", dtype=torch.bfloat16)
+    cells = []
+    for m in (1, 64):
+        ms = graph_ms(lambda m=m: ti.invariant_matmul(x[:m], w))
+        ref = graph_ms(lambda m=m: x[:m] @ w.T)
+        cells.append(f"{m} row(s) {ms * 1e3:.1f} us ({n * k * 2 / (ms / 1e3) / bw:.0%} of bw; "
+                     f"cuBLAS {ref * 1e3:.1f} us)")
+    decode = ti.invariant_matmul(x[:64], w)
+    same = all(torch.equal(ti.invariant_matmul(x[:m], w, tile=t, in_program=inside), decode[:m])
+               for m in (1, 64) for t in (ti.FEW, ti.MANY) for inside in (False, True))
+    if name != "lm_head":
+        flop = 2 * x.shape[0] * n * k
+        ms = graph_ms(lambda: ti.invariant_matmul(x, w), reps=3)
+        ref = graph_ms(lambda: x @ w.T, reps=3)
+        cells.append(f"8192 rows {flop / (ms / 1e3) / 1e12:.0f} TFLOP/s "
+                     f"(cuBLAS {flop / (ref / 1e3) / 1e12:.0f})")
+    ranges = ti.k_ranges(n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+    return f"  matmul {name} {ranges}: " + "; ".join(cells) + f"; same bits across launches: {same}"
+
+
+def gemm_table(bw: float) -> None:
+    """The invariant matmul on each 8B projection against cuBLAS (gemm_row)."""
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+              "down": (4096, 14336), "lm_head": (128256, 4096)}
+    for name, (n, k) in shapes.items():
+        print(gemm_row(name, n, k, bw), flush=True)
+
+
 def main() -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--gemm-table", action="store_true",
+                        help="first, the invariant matmul per 8B projection against cuBLAS")
     args = parser.parse_args()
     bw = measure_bandwidth()
     peak, _ = matmul_peaks()
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  "
           f"bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
+    if args.gemm_table:
+        gemm_table(bw)
     cfg = ModelConfig.from_dict(LLAMA_8B)
     results: dict[str, dict[str, float]] = {}
     floors: dict[int, float] = {}

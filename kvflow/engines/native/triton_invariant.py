@@ -16,7 +16,8 @@ kernel serves every row count, and what fixes a row's bits is fixed per weight:
   MANY for prefill. A tensor-core dot computes each output element from its own row and
   column whatever the tile around it, so the tile does not change the bits; the GPU tests
   check this on every launch pair (test_triton_invariant.py), and on the H200 it held for
-  every tile tried (five, 64x64 to 256x128, 4 or 8 warps, 3 or 4 stages, on the 8B shapes).
+  every tile tried (64x64 to 256x128, 4 or 8 warps, 3 or 4 stages, on the 8B shapes;
+  `bench/invariant_gpu.py --gemm-table` checks it per projection).
 
 Results are invariant on one GPU model, not across models (the ranges follow the SM count).
 """
@@ -57,9 +58,10 @@ class Tiling:
 BLOCK_K = 64  # columns of K per tensor-core dot (each dot runs its 16-wide steps in K order)
 MAX_SPLITS = 8
 # Decode-sized steps: each K range its own program. Prefill-sized: the ranges in one loop.
-# On the H200, 8B shapes (a graph-timed probe, in issue 18's session-9 note): FEW's GEMMs take
-# 4.16 ms a step at one row (the best of five tiles), MANY's 264 ms for an 8192-token
-# prefill (the best of five; cuBLAS 159 ms).
+# On the H200, 8B shapes: FEW's GEMMs take 4.16 ms a step at one row (the best of five tiles),
+# MANY's 264 ms for an 8192-token prefill (the best of five; cuBLAS 159 ms). Those came from a
+# graph-timed probe (issue 18's session-9 note) that `bench/invariant_gpu.py --gemm-table` now
+# carries, per projection against cuBLAS.
 FEW = Tiling(64, 128, 4, 4)
 MANY = Tiling(128, 256, 8, 3)
 
