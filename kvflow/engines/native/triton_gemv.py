@@ -44,6 +44,7 @@ from kvflow.engines.native.triton_gemv_parts import (
     GemvConfig,
     input_chunk,
     inv_rms,
+    num_sms,
 )
 from kvflow.engines.native.triton_gemv_tma import FP8_TMA, gemv_tma, tma_fits
 from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
@@ -221,7 +222,7 @@ def fp8_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, prolo
     key = (x.device, n, k, prologue, x.shape[0] == 1, tma)
     if key in _fp8_tuned:
         return _fp8_tuned[key]
-    candidates = fp8_candidates(k, _num_sms(x.device) if x.shape[0] == 1 else 0, tma=tma)
+    candidates = fp8_candidates(k, num_sms(x.device) if x.shape[0] == 1 else 0, tma=tma)
     if torch.cuda.is_current_stream_capturing():
         return candidates[0]
     peers = [(w, scale_of(w)) for w in fp8_weights_like(weight)][:64] or [(weight, scale)]
@@ -258,13 +259,6 @@ def fp8_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, prolo
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (0 elsewhere: no persistent launches)."""
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, *, prologue: int = PLAIN,
     residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
@@ -284,7 +278,7 @@ def gemv(
         config = fp8_config(x, weight, scale, prologue, residual=residual,
                             norm_weight=norm_weight, eps=eps, bias=bias, out_dtype=out_dtype,
                             pdl=pdl)
-    cfg = config or gemv_config(n, k, _num_sms(x.device) if rows == 1 else 0)
+    cfg = config or gemv_config(n, k, num_sms(x.device) if rows == 1 else 0)
     if cfg.splits:
         assert scale is not None, "the TMA GEMV takes an FP8 weight"
         gemv_tma(x, weight, scale, y, r_in, r_out, norm_weight, bias, prologue, eps, cfg, pdl)

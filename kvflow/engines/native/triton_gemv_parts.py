@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
 PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3  # the input op fused into a GEMV ("prologue")
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (0 elsewhere)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass(frozen=True)

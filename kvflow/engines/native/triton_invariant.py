@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -35,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kvflow.engines.native.triton_decode import precision
+from kvflow.engines.native.triton_gemv_parts import num_sms
 
 
 class KRanges(NamedTuple):
@@ -66,21 +66,21 @@ FEW = Tiling(64, 128, 4, 4)
 MANY = Tiling(128, 256, 8, 3)
 
 
-def k_ranges(n: int, k: int, num_sms: int) -> KRanges:
+def k_ranges(n: int, k: int, sms: int) -> KRanges:
     """Enough (FEW output tile, K range) programs for a one-row step to cover the GPU twice,
     up to MAX_SPLITS ranges of at least 8 chunks each."""
     tiles = triton.cdiv(n, FEW.block_n)
     chunks = triton.cdiv(k, BLOCK_K)
     splits = 1
-    while tiles * splits < 2 * num_sms and splits < MAX_SPLITS and chunks >= 16 * splits:
+    while tiles * splits < 2 * sms and splits < MAX_SPLITS and chunks >= 16 * splits:
         splits *= 2
     k_split = triton.cdiv(chunks, splits) * BLOCK_K
     return KRanges(triton.cdiv(k, k_split), k_split)
 
 
-def tiling(m: int, n: int, num_sms: int) -> Tiling:
+def tiling(m: int, n: int, sms: int) -> Tiling:
     """MANY where its output tiles alone cover the GPU twice, else FEW."""
-    many = triton.cdiv(m, MANY.block_m) * triton.cdiv(n, MANY.block_n) >= 2 * num_sms
+    many = triton.cdiv(m, MANY.block_m) * triton.cdiv(n, MANY.block_n) >= 2 * sms
     return MANY if many else FEW
 
 
@@ -100,15 +100,11 @@ def fit_stages(tile: Tiling, smem: int | None, elem_bytes: int) -> Tiling:
 FLATTEN = "flatten" in inspect.signature(tl.range).parameters
 
 
-@lru_cache(maxsize=8)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@lru_cache(maxsize=8)
-def _smem(index: int) -> int | None:
-    """Shared memory a block may opt in to, where this PyTorch reports it."""
-    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+def _smem(device: torch.device) -> int | None:
+    """Shared memory a block may opt in to, where this PyTorch reports it (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
 @triton.jit
@@ -183,11 +179,9 @@ def invariant_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tiling | None 
     assert x.dim() == 2 and x.stride(-1) == 1 and weight.stride(-1) == 1
     m, k = x.shape
     n = weight.shape[0]
-    index = x.device.index or 0
-    num_sms = _num_sms(index) if x.is_cuda else 8  # (the interpreter: any count)
-    ranges = k_ranges(n, k, num_sms)
-    tile = fit_stages(tile or tiling(m, n, num_sms), _smem(index) if x.is_cuda else None,
-                      x.element_size())
+    sms = num_sms(x.device) or 8  # (the interpreter: any count)
+    ranges = k_ranges(n, k, sms)
+    tile = fit_stages(tile or tiling(m, n, sms), _smem(x.device), x.element_size())
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
