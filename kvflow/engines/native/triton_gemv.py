@@ -28,7 +28,6 @@ accelerator (triton_gemv_tma.py; `fp8_candidates`).
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -258,7 +257,6 @@ def fp8_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, prolo
     return best
 
 
-@functools.cache
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, *, prologue: int = PLAIN,
     residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,

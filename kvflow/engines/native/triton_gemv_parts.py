@@ -6,6 +6,7 @@ and accumulate in float32.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import triton.language as tl
 PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3  # the input op fused into a GEMV ("prologue")
 
 
+@functools.cache
 def num_sms(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (0 elsewhere)."""
     if device.type != "cuda":

@@ -343,6 +343,20 @@ def test_decode_gemvs_match_torch_ops(rows: int) -> None:
     assert logits.dtype == torch.float32 and close(logits, torch_ops.logits(x, w))
 
 
+def test_gemv_reads_its_inputs_on_every_call() -> None:
+    """The same tensors with new contents (an eager step's reused buffer) give a new product."""
+    from kvflow.engines.native import triton_gemv as tg
+
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
+    for _ in range(2):
+        ref = x.float() @ w.float().T
+        got = tg.gemv(x, w)[0].float()
+        assert ((got - ref).norm() / ref.norm()) < 2e-2
+        x.mul_(-2)
+
+
 @INTERPRETER_MASK
 def test_persistent_gemv_matches_torch_ops() -> None:
     """Every prologue through the persistent launch: 20 tiles over 3 programs, K padded."""
