@@ -144,24 +144,28 @@ def decode_against_floor(runner: ModelRunner, model, batch: int,  # type: ignore
     return tps, floor
 
 
-def prefill_ms(runner: ModelRunner, length: int) -> float:
+def prefill_step(runner: ModelRunner, length: int):  # type: ignore[no-untyped-def]
+    """One fresh prompt of `length` tokens and its next token's logits, as the engine runs it
+    (the last layer keeps the sampling row alone)."""
     meta = single_prefill_meta(length, runner.block_size, runner.device)
     ids = torch.randint(3, runner.cfg.vocab_size, (length,), device="cuda")
     pos = torch.arange(length, device="cuda")
+    last = torch.tensor([length - 1], device="cuda")
     model = runner.model
+    return lambda: model.compute_logits(model(ids, pos, meta, keep=last))
+
+
+def prefill_ms(runner: ModelRunner, length: int) -> float:
+    step = prefill_step(runner, length)
     with torch.inference_mode():
-        return median_ms(lambda: model.compute_logits(model(ids, pos, meta)[-1:]), reps=3)
+        return median_ms(step, reps=5)
 
 
 def prefill_profile(runner: ModelRunner, length: int) -> None:
     """Top CUDA kernels of the prefill `prefill_ms` times (where its time goes)."""
     from bench.native_gpu import kernel_profile
 
-    meta = single_prefill_meta(length, runner.block_size, runner.device)
-    ids = torch.randint(3, runner.cfg.vocab_size, (length,), device="cuda")
-    pos = torch.arange(length, device="cuda")
-    model = runner.model
-    kernel_profile(lambda: model.compute_logits(model(ids, pos, meta)[-1:]), f"prefill {length}")
+    kernel_profile(prefill_step(runner, length), f"prefill {length}")
 
 
 def shape_table(rows_list: list[int]) -> None:

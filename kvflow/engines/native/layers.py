@@ -107,9 +107,11 @@ class Attention(nn.Module):
         self.kv_cache = torch.empty(0)  # set by the engine once the cache is allocated
 
     def forward(
-        self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata
+        self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """qkv: the input already projected by `qkv_proj` (the layer fuses it with the norm)."""
+        """qkv: the input already projected by `qkv_proj` (the layer fuses it with the norm).
+        Every row's K/V is stored; with `keep` (row indices), only those rows are projected out."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -118,7 +120,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         rope = Rope(positions, self.rotary.cos, self.rotary.sin, self.ops.rope)
         out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.window, rope)
-        return self.ops.linear(out.reshape(-1, self.q_size), self.o_proj.weight)
+        out = out.reshape(-1, self.q_size)
+        if keep is not None:
+            out = out[keep]
+            if not out.shape[0]:  # no row kept (a prompt's middle chunk): nothing to project
+                return out.new_empty(0, self.o_proj.weight.shape[0])
+        return self.ops.linear(out, self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -150,11 +157,17 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata, keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x is the previous block's output (not yet added to `residual`, None at layer 0)."""
+        """x is the previous block's output (not yet added to `residual`, None at layer 0).
+        With `keep` (row indices; the last layer), the outputs are those rows' alone: every
+        row's K/V is still stored, but the output projection and the MLP skip the others."""
         qkv, residual = self.input_layernorm.project(x, residual, self.self_attn.qkv_proj)
-        h = self.self_attn(positions, qkv, meta)
+        h = self.self_attn(positions, qkv, meta, keep)
+        if keep is not None:
+            residual = residual[keep]
+            if not h.shape[0]:
+                return h, residual
         gate_up, residual = self.post_attention_layernorm.project(h, residual,
                                                                    self.mlp.gate_up_proj)
         return self.mlp(gate_up), residual

@@ -1,7 +1,9 @@
 """The causal language model (Llama, Mistral, Qwen2, Qwen3) and how checkpoint tensors map onto it.
 
 `CausalLM.forward` takes one step's flattened tokens and returns hidden states; the engine
-picks the rows that need logits and calls `compute_logits` on those alone.
+picks the rows that need logits and calls `compute_logits` on those alone. Given those rows
+(`keep`), the last layer computes its output projection and MLP for them alone (its K/V
+is stored for every row): a prompt's other rows are never read past that layer.
 """
 
 from __future__ import annotations
@@ -39,13 +41,19 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Final hidden states [T, hidden]; with `keep` (row indices), [len(keep), hidden] of
+        those rows alone."""
         x = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(positions, x, residual, meta, keep if i == last else None)
         assert residual is not None
+        if not x.shape[0]:  # no row kept: nothing to normalise
+            return x
         return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

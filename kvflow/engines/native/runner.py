@@ -337,10 +337,14 @@ class ModelRunner:
             return self.graphs.replay(inputs)
         if inputs.chain_rows is not None:
             self.model.ops.chain_ids(inputs.input_ids, inputs.chain_rows, self.sampled)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        # The last layer projects only the sampling rows, unless every row samples (decode),
+        # pooling reads every row, or other ranks run the forward without `keep`.
+        keep = None if (keep_hidden or len(inputs.sampling_seqs) == inputs.num_tokens
+                        or self.engine.tensor_parallel_size > 1) else inputs.logits_indices
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, keep=keep)
         if keep_hidden:
             self._hidden = hidden
-        return self.model.compute_logits(hidden[inputs.logits_indices])
+        return self.model.compute_logits(hidden if keep is not None else hidden[inputs.logits_indices])
 
 
 def _result(seqs: list[ScheduledSeq], out: SamplerOutput) -> StepResult:

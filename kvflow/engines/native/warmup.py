@@ -83,10 +83,15 @@ def warm_attention(model: CausalLM, max_tokens: int) -> tuple[int, ...]:
 
 
 def _step(model: CausalLM, meta: AttentionMetadata, positions: torch.Tensor) -> None:
+    """One step as the runner runs it: the last layer keeps the sampling rows alone unless
+    every row samples."""
     ids = torch.full_like(positions, 3)
-    hidden = model(ids, positions, meta)
     rows = meta.query_start_loc[1:].long() - 1
-    torch.softmax(model.compute_logits(hidden[rows]), dim=-1).argmax(dim=-1)
+    if rows.shape[0] == positions.shape[0]:
+        hidden = model(ids, positions, meta)[rows]
+    else:
+        hidden = model(ids, positions, meta, keep=rows)
+    torch.softmax(model.compute_logits(hidden), dim=-1).argmax(dim=-1)
 
 
 def warm_serving_path(runner: Any) -> int:

@@ -75,6 +75,27 @@ def test_forward_matches_transformers(
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral"])
+def test_last_layer_keeps_only_the_sampling_rows(
+    name: str, tiny_models: Callable[[str], Path], hf_model: Callable[[Path], object]
+) -> None:
+    """With `keep`, the forward returns those rows alone, with the full forward's values, and
+    still stores every row's K/V: a chunk that keeps no row (a prompt's middle) leaves the
+    cache the next chunk attends over complete."""
+    path = tiny_models(name)
+    model, ref = _load(path), _reference(hf_model(path), PROMPT)
+    blocks = list(range(31, 31 - (len(PROMPT) + BLOCK - 1) // BLOCK, -1))
+    for start, end, keep in ((0, 5, [1, 4]), (5, 13, []), (13, 23, [9])):
+        ids = torch.tensor(PROMPT[start:end])
+        rows = torch.tensor(keep, dtype=torch.int64)
+        with torch.no_grad():
+            hidden = model(ids, torch.arange(start, end), _chunk_meta(start, end, blocks), keep=rows)
+            assert hidden.shape == (len(keep), model.cfg.hidden_size)
+            if keep:
+                ours, want = model.compute_logits(hidden), ref[[start + r for r in keep]]
+                assert (ours - want).abs().max() < 1e-4 * want.abs().max()
+
+
 def test_architecture_specifics_are_read(tiny_models: Callable[[str], Path]) -> None:
     assert ModelConfig.from_dir(tiny_models("qwen2")).attention_bias
     qwen3 = ModelConfig.from_dir(tiny_models("qwen3"))
