@@ -4,7 +4,8 @@ Keys and values are gathered tile by tile through the block table straight from 
 cache; nothing is copied into a contiguous buffer. Prefill steps rotate q and k, store the
 new K/V (`store_kv`), then attend; a decode step is one fused launch (triton_decode.py).
 One long fresh prompt alone in a step (no cached prefix) is attended by cuDNN's fused
-attention instead (`DensePrefill`), over the step's own contiguous q, k and v.
+attention instead (`DensePrefill`), over the step's own q, k and v, which one launch
+(`pack_dense`) rotates, stores in the cache and writes to padded contiguous buffers.
 """
 
 from __future__ import annotations
@@ -228,6 +229,80 @@ def paged_prefill(
     return out
 
 
+@triton.jit
+def _pack_dense_kernel(
+    q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cos_ptr,
+    sin_ptr, rows, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_table, stride_cs, stride_ch, num_heads, num_kv_heads,
+    HALF: tl.constexpr, HEADS_PAD: tl.constexpr, KV_PAD: tl.constexpr, ROPE: tl.constexpr,
+):
+    """One row: q and k rotated (as `_rope_kernel` does), then q, k and v written to the padded
+    contiguous buffers and k and v to their cache slots; a padding row writes zeros."""
+    t = tl.program_id(0)
+    offs = tl.arange(0, HALF)[None, :]
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    kv_heads = tl.arange(0, KV_PAD)[:, None]
+    q_mask = heads < num_heads
+    kv_mask = kv_heads < num_kv_heads
+    q_live = q_mask & (heads * 0 + t < rows)  # a padding row reads nothing and writes zeros
+    kv_live = kv_mask & (kv_heads * 0 + t < rows)
+    src_q = q_ptr + t * stride_qt + heads * stride_qh + offs
+    src_k = k_ptr + t * stride_kt + kv_heads * stride_kh + offs
+    src_v = v_ptr + t * stride_vt + kv_heads * stride_vh + offs
+    q1 = tl.load(src_q, mask=q_live, other=0.0)
+    q2 = tl.load(src_q + HALF, mask=q_live, other=0.0)
+    k1 = tl.load(src_k, mask=kv_live, other=0.0)
+    k2 = tl.load(src_k + HALF, mask=kv_live, other=0.0)
+    v1 = tl.load(src_v, mask=kv_live, other=0.0)
+    v2 = tl.load(src_v + HALF, mask=kv_live, other=0.0)
+    dtype = q1.dtype
+    if ROPE:
+        pos = tl.load(pos_ptr + tl.minimum(t, rows - 1))
+        cos = tl.load(cos_ptr + pos * stride_table + offs)
+        sin = tl.load(sin_ptr + pos * stride_table + offs)
+        a, b = q1.to(tl.float32), q2.to(tl.float32)
+        q1, q2 = (a * cos - b * sin).to(dtype), (b * cos + a * sin).to(dtype)
+        a, b = k1.to(tl.float32), k2.to(tl.float32)
+        k1, k2 = (a * cos - b * sin).to(dtype), (b * cos + a * sin).to(dtype)
+    dst_q = qo_ptr + (t * num_heads + heads) * 2 * HALF + offs
+    dst_kv = (t * num_kv_heads + kv_heads) * 2 * HALF + offs
+    tl.store(dst_q, q1, mask=q_mask)
+    tl.store(dst_q + HALF, q2, mask=q_mask)
+    tl.store(ko_ptr + dst_kv, k1, mask=kv_mask)
+    tl.store(ko_ptr + dst_kv + HALF, k2, mask=kv_mask)
+    tl.store(vo_ptr + dst_kv, v1, mask=kv_mask)
+    tl.store(vo_ptr + dst_kv + HALF, v2, mask=kv_mask)
+    slot = tl.load(slot_ptr + tl.minimum(t, rows - 1))
+    cache = slot * stride_cs + kv_heads * stride_ch + offs
+    tl.store(kc_ptr + cache, k1, mask=kv_live)
+    tl.store(kc_ptr + cache + HALF, k2, mask=kv_live)
+    tl.store(vc_ptr + cache, v1, mask=kv_live)
+    tl.store(vc_ptr + cache + HALF, v2, mask=kv_live)
+
+
+def pack_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+               slots: torch.Tensor, rope: Rope | None, length: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch for a DensePrefill step: RoPE on q and k, their K/V stored in the cache, and
+    q, k and v [T, heads, D] (strided views of the fused qkv output) written to contiguous
+    [length, heads, D] buffers with zero rows after T, as cuDNN's plans are built for. This
+    replaces the RoPE, K/V store and three strided copies the step took before."""
+    rows, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    qp = q.new_empty(length, heads, dim)
+    kp, vp = k.new_empty(length, kv_heads, dim), v.new_empty(length, kv_heads, dim)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    positions, cos, sin = (rope.positions, rope.cos, rope.sin) if rope is not None else (slots, slots, slots)
+    _pack_dense_kernel[(length,)](
+        q, k, v, qp, kp, vp, k_cache, v_cache, slots, positions, cos, sin, rows,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), k_cache.stride(1), k_cache.stride(2), heads, kv_heads,
+        HALF=dim // 2, HEADS_PAD=triton.next_power_of_2(heads),
+        KV_PAD=triton.next_power_of_2(kv_heads), ROPE=rope is not None, num_warps=4,
+    )
+    return qp, kp, vp
+
+
 # Query rows from which one fresh prompt goes to cuDNN: in the bench run above, 8B shape,
 # cuDNN against the best Triton tiling, 346 vs 298 TFLOP/s at 4096 rows, 511 vs 378 at 8192;
 # at 2048 a tie (227 vs 225; an earlier probe had cuDNN losing there, 179 vs 202).
@@ -243,11 +318,12 @@ def dense_length(q_len: int) -> int:
 class DensePrefill:
     """cuDNN's fused causal attention (torch SDPA) for a step that is one fresh prompt of
     DENSE_FROM rows or more: no cached prefix, so its keys are exactly the step's own k and v,
-    and the paged gather can be skipped. q, k and v are copied to contiguous tensors padded to
-    a multiple of DENSE_BUCKET rows: cuDNN keys its plans on shape and strides, so the plans
-    warm-up builds serve every length (the step's q, k and v are views of the fused qkv
-    projection, whose strides differ); padding sits after the prompt, where causal masking
-    keeps it from every real row. Enabled on sm_90 (Hopper) only, where it was measured.
+    and the paged gather can be skipped. It takes q, k and v as contiguous tensors padded to a
+    multiple of DENSE_BUCKET rows (`pack_dense`): cuDNN keys its plans on shape and strides,
+    so the plans warm-up builds serve every length (cuDNN ran slower on strided views of the
+    fused qkv output: 1.20 against 1.14 ms a layer at 8192 rows, copies included); padding
+    sits after the prompt, where causal masking keeps it from every real row. Enabled on
+    sm_90 (Hopper) only, where it was measured.
     Where cuDNN attention is not available it says so once and the paged kernel serves;
     an error on a later call is logged and that step served by the paged kernel too."""
 
@@ -262,14 +338,13 @@ class DensePrefill:
                 and meta.max_query_len >= DENSE_FROM
                 and meta.seq_lens_host[0] == meta.max_query_len)  # nothing cached before it
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int,
                  scale: float) -> torch.Tensor | None:
-        """[T, H, D] attention output, or None where cuDNN cannot run it."""
-        rows = q.shape[0]
-        pad = dense_length(rows) - rows
+        """Attention of the first `rows` of padded contiguous q [L, H, D], k and v [L, KVH, D]:
+        [rows, H, D], or None where cuDNN cannot run it."""
 
-        def heads_first(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [1, H, T + pad, D]
-            return (F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x.contiguous()).transpose(0, 1)[None]
+        def heads_first(x: torch.Tensor) -> torch.Tensor:  # [L, H, D] -> [1, H, L, D]
+            return x.transpose(0, 1)[None]
 
         try:
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -317,7 +392,7 @@ class TritonPagedBackend:
         for rows in range(DENSE_FROM, dense_length(max_tokens) + 1, DENSE_BUCKET):
             q = torch.zeros(rows, heads, head_dim, dtype=dtype, device=device)
             k = torch.zeros(rows, kv_heads, head_dim, dtype=dtype, device=device)
-            if self.dense(q, k, k, head_dim ** -0.5) is None:
+            if self.dense(q, k, k, rows, head_dim ** -0.5) is None:
                 break
             warmed.append(rows)
         return tuple(warmed)
@@ -347,11 +422,12 @@ class TritonPagedBackend:
             splits = decode_splits(meta.num_seqs, num_kv_heads, self.num_sms)
             counters = self.counters.get(meta.num_seqs * num_kv_heads, q.device)
             return paged_decode(q, k, v, kv_cache, meta, scale, window, rope, splits, counters)
+        if self.dense.applies(q, meta, window):
+            rows = q.shape[0]
+            q, k, v = pack_dense(q, k, v, kv_cache, meta.slot_mapping, rope, dense_length(rows))
+            out = self.dense(q, k, v, rows, scale)
+            return out if out is not None else paged_prefill(q[:rows], kv_cache, meta, scale, window)
         if rope is not None:
             q, k = rope(q, k)
         store_kv(kv_cache, k, v, meta.slot_mapping)
-        if self.dense.applies(q, meta, window):
-            out = self.dense(q, k, v, scale)
-            if out is not None:
-                return out
         return paged_prefill(q, kv_cache, meta, scale, window)

@@ -91,7 +91,7 @@ async def test_cuda_long_prompt_plans_are_built_on_the_serving_thread(
     from kvflow.engines.native import triton_attention as ta
 
     warmed: list[tuple[str, tuple[int, ...]]] = []
-    dense_calls: list[tuple[str, int]] = []
+    dense_calls: list[tuple[str, int, int]] = []
     real_warm_up, real_call = ta.TritonPagedBackend.warm_up, ta.DensePrefill.__call__
 
     def warm_up(self: ta.TritonPagedBackend, *args: object) -> tuple[int, ...]:
@@ -99,9 +99,10 @@ async def test_cuda_long_prompt_plans_are_built_on_the_serving_thread(
         warmed.append((threading.current_thread().name, lengths))
         return lengths
 
-    def call(self: ta.DensePrefill, q: torch.Tensor, *args: object) -> torch.Tensor | None:
-        dense_calls.append((threading.current_thread().name, q.shape[0]))
-        return real_call(self, q, *args)  # type: ignore[arg-type]
+    def call(self: ta.DensePrefill, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             rows: int, scale: float) -> torch.Tensor | None:
+        dense_calls.append((threading.current_thread().name, rows, q.shape[0]))
+        return real_call(self, q, k, v, rows, scale)
 
     monkeypatch.setattr(ta.TritonPagedBackend, "warm_up", warm_up)
     monkeypatch.setattr(ta.DensePrefill, "__call__", call)
@@ -111,6 +112,6 @@ async def test_cuda_long_prompt_plans_are_built_on_the_serving_thread(
         assert warmed == [("native-engine", (4096, 4608, 5120))]
         out = await collect(engine, greedy_request("long", prompt_ids(4500, seed=7), 2))
         assert len(tokens(out)) == 2
-        assert ("native-engine", 4500) in dense_calls
+        assert ("native-engine", 4500, 4608) in dense_calls  # padded to the warmed plan's length
     finally:
         await engine.stop()

@@ -156,7 +156,9 @@ def test_wide_tiling_for_long_chunks(q_lens: list[int], ctx_lens: list[int]) -> 
 ])
 def test_dense_prefill_matches_gather_backend(q_lens: list[int], ctx_lens: list[int],
                                               window: int | None, dense: bool) -> None:
-    """q, k and v as the model passes them: views of one fused qkv projection."""
+    """q, k and v as the model passes them: views of one fused qkv projection, RoPE to apply."""
+    from kvflow.engines.native.attention import Rope
+    from kvflow.engines.native.ops import make_ops
     from kvflow.engines.native.triton_attention import DENSE_BUCKET, DENSE_FROM
 
     q, k, v, cache, meta = _random_batch(q_lens, ctx_lens, heads=8, kv_heads=2, head_dim=128,
@@ -165,11 +167,18 @@ def test_dense_prefill_matches_gather_backend(q_lens: list[int], ctx_lens: list[
     q, k, v = (t.view(-1, h, 128) for t, h in zip(fused.split([8 * 128, 2 * 128, 2 * 128], dim=1),
                                                     (8, 2, 2), strict=True))
     assert not q.is_contiguous()
+    positions = torch.cat([torch.arange(c, c + n) for n, c in zip(q_lens, ctx_lens, strict=True)])
+    angles = torch.arange(8192.0)[:, None] * 10000.0 ** (-torch.arange(64.0) / 64)
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
     ref_cache = cache.clone()
-    ref = make_backend("torch", DEVICE).forward(q, k, v, ref_cache, meta, 0.09, window)
+    ref = make_backend("torch", DEVICE).forward(
+        q.clone(), k.clone(), v, ref_cache, meta, 0.09, window,
+        Rope(positions.to(DEVICE), cos, sin, make_ops("torch", DEVICE).rope))
     backend = make_backend("triton", DEVICE)
-    out = backend.forward(q, k, v, cache, meta, 0.09, window)
-    assert torch.equal(cache, ref_cache)  # the dense path stores the new K/V all the same
+    out = backend.forward(q, k, v, cache, meta, 0.09, window,
+                          Rope(positions.to(DEVICE), cos, sin, make_ops("triton", DEVICE).rope))
+    # the dense path stores the new K/V all the same (RoPE through another op: within rounding)
+    assert ((cache.float() - ref_cache.float()).norm() / ref_cache.float().norm()) < 1e-2
     assert backend.dense.available is (True if dense else None)  # type: ignore[attr-defined]
     assert out.shape == q.shape
     err = (out.float() - ref.float()).norm() / ref.float().norm()
@@ -177,6 +186,34 @@ def test_dense_prefill_matches_gather_backend(q_lens: list[int], ctx_lens: list[
     if dense:  # one plan per bucket up to the step budget
         warmed = backend.warm_up(5000, 8, 2, 128, torch.bfloat16, DEVICE)  # type: ignore[attr-defined]
         assert warmed == (DENSE_FROM, DENSE_FROM + DENSE_BUCKET, DENSE_FROM + 2 * DENSE_BUCKET)
+
+
+@pytest.mark.parametrize("with_rope", [True, False])
+def test_pack_dense_ropes_stores_and_pads(with_rope: bool) -> None:
+    """The cuDNN path's one launch against RoPE (the Triton op, in place), the K/V store and
+    copies: the same bits; zero rows after the prompt; the cache past it untouched."""
+    from kvflow.engines.native.attention import Rope
+    from kvflow.engines.native.ops import make_ops
+    from kvflow.engines.native.triton_attention import pack_dense, store_kv
+
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    q, k, v, cache, meta = _random_batch([37], [0], heads=8, kv_heads=2, head_dim=32,
+                                         block_size=16, dtype=dtype, seed=8)
+    fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    q, k, v = (t.view(37, -1, 32) for t in fused.split([8 * 32, 2 * 32, 2 * 32], dim=1))
+    gen = torch.Generator().manual_seed(9)
+    cos, sin = (torch.randn(64, 16, generator=gen).to(DEVICE) for _ in range(2))
+    positions = torch.arange(37, device=DEVICE)
+    rope = Rope(positions, cos, sin, make_ops("triton", DEVICE).rope) if with_rope else None
+    ref_q, ref_k, ref_cache = q.clone(), k.clone(), cache.clone()
+    if rope is not None:
+        rope(ref_q, ref_k)
+    store_kv(ref_cache, ref_k, v, meta.slot_mapping)
+    qp, kp, vp = pack_dense(q, k, v, cache, meta.slot_mapping, rope, 48)
+    for got, want in ((qp, ref_q), (kp, ref_k), (vp, v)):
+        assert got.is_contiguous() and got.shape == (48, *want.shape[1:])
+        assert torch.equal(got[:37], want) and not got[37:].any()
+    assert torch.equal(cache, ref_cache)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
