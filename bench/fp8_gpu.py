@@ -11,6 +11,7 @@ bf16); prefill = 2 * projection params * tokens over the measured bf16 (or FP8) 
 Also a per-shape table: bf16 and FP8 matmuls of 1 to 64 rows (GEMV, cuBLAS, `_scaled_mm`).
 
     PYTHONPATH=. python bench/fp8_gpu.py [--batches 1 64] [--isl 512] [--osl 128] [--prefill-profile]
+        [--decode-profile 256] [--kinds bf16]
 """
 
 from __future__ import annotations
@@ -168,6 +169,19 @@ def prefill_profile(runner: ModelRunner, length: int) -> None:
     kernel_profile(prefill_step(runner, length), f"prefill {length}")
 
 
+def decode_profile(runner: ModelRunner, batch: int, context: int) -> None:
+    """Top CUDA kernels of one eager decode step at `batch` sequences of `context` cached
+    tokens (the kernels a graph replays)."""
+    from bench.native_gpu import kernel_profile
+    from kvflow.engines.native.attention import uniform_decode_meta
+
+    meta = uniform_decode_meta(batch, context, runner.block_size, runner.device)
+    ids = torch.full((batch,), 5, device="cuda")
+    pos = torch.full((batch,), context, device="cuda")
+    model = runner.model
+    kernel_profile(lambda: model.compute_logits(model(ids, pos, meta)), f"eager decode b={batch}")
+
+
 def shape_table(rows_list: list[int]) -> None:
     """us per product (CUDA-graph replays) for the 8B model's gate_up (28672 x 4096) and down
     (4096 x 14336); the FP8 GEMV's launch is the one it tuned for the shape."""
@@ -226,6 +240,10 @@ def main() -> None:
     parser.add_argument("--prefill-profile", action="store_true",
                         help="the bf16 prefill's top CUDA kernels (torch.profiler)")
     parser.add_argument("--table-rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64])
+    parser.add_argument("--decode-profile", type=int, nargs="*", default=[], metavar="BATCH",
+                        help="the bf16 decode step's top CUDA kernels at these batches "
+                             "(context: isl + osl/2)")
+    parser.add_argument("--kinds", nargs="+", choices=["bf16", "fp8"], default=["bf16", "fp8"])
     args = parser.parse_args()
     bw = measure_bandwidth()
     peak_bf16, peak_fp8 = matmul_peaks()
@@ -239,7 +257,7 @@ def main() -> None:
     proj_params = sum(model.get_submodule(f"layers.{i}.{p}").weight.numel()
                       for i in range(cfg.num_layers) for p in FP8_PROJECTIONS)
     results: dict[str, dict[str, float]] = {}
-    for kind in ("bf16", "fp8"):
+    for kind in args.kinds:
         if kind == "fp8":
             quantize_in_place(model)
         t0 = time.perf_counter()
@@ -255,6 +273,8 @@ def main() -> None:
         ms = prefill_ms(runner, args.prefill_len)
         if args.prefill_profile and kind == "bf16":
             prefill_profile(runner, args.prefill_len)
+        for b in args.decode_profile if kind == "bf16" else ():
+            decode_profile(runner, b, args.isl + args.osl // 2)
         tps = args.prefill_len / (ms / 1e3)
         flops = 2 * proj_params * args.prefill_len
         row["prefill"] = tps
@@ -267,6 +287,8 @@ def main() -> None:
         model.set_kv_caches([torch.empty(0)] * cfg.num_layers)
         gc.collect()
         torch.cuda.empty_cache()
+    if len(results) < 2:  # one kind only: its rows above are the figures
+        return
     print(f"\n{'batch':>6}{'bf16 tok/s':>12}{'bf16 floor':>12}{'fp8 tok/s':>12}{'fp8 floor':>12}"
           f"{'fp8/bf16':>10}{'fp8 of floor':>14}")
     for b in args.batches:
