@@ -229,7 +229,7 @@ def paged_prefill(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])  # one compile for every prompt length (warm-up's)
 def _pack_dense_kernel(
     q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cos_ptr,
     sin_ptr, rows, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
