@@ -20,7 +20,13 @@ import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvflow.engines.native.attention import AttentionMetadata, Rope, prefill_tiles, register_backend
-from kvflow.engines.native.triton_decode import SplitCounters, decode_splits, paged_decode, precision
+from kvflow.engines.native.triton_decode import (
+    SplitCounters,
+    decode_launch,
+    decode_splits,
+    paged_decode,
+    precision,
+)
 from kvflow.engines.native.triton_pdl import PDL, gdc_launch_dependents, gdc_wait, launch_options
 
 log = logging.getLogger(__name__)
@@ -421,7 +427,9 @@ class TritonPagedBackend:
             num_kv_heads = kv_cache.shape[3]
             splits = decode_splits(meta.num_seqs, num_kv_heads, self.num_sms)
             counters = self.counters.get(meta.num_seqs * num_kv_heads, q.device)
-            return paged_decode(q, k, v, kv_cache, meta, scale, window, rope, splits, counters)
+            launch = decode_launch(meta.num_seqs, num_kv_heads, head_dim, self.num_sms)
+            return paged_decode(q, k, v, kv_cache, meta, scale, window, rope, splits, counters,
+                                launch)
         if self.dense.applies(q, meta, window):
             rows = q.shape[0]
             q, k, v = pack_dense(q, k, v, kv_cache, meta.slot_mapping, rope, dense_length(rows))

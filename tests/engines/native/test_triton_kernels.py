@@ -265,6 +265,30 @@ def test_tma_gemv_matches_dequantised_weight(prologue: str, splits: int) -> None
         assert not w8.gemv_split_workspace[1].any()  # type: ignore[attr-defined]
 
 
+def test_large_batches_of_wide_heads_take_the_narrow_decode_launch() -> None:
+    """The rule (8 programs a multiprocessor, 128-wide heads), and the launch's output against
+    the default launch's on the same step."""
+    from kvflow.engines.native.triton_decode import (
+        DEFAULT_LAUNCH,
+        LARGE_BATCH_LAUNCH,
+        SplitCounters,
+        decode_launch,
+        paged_decode,
+    )
+
+    assert decode_launch(256, 8, 128, 132) == LARGE_BATCH_LAUNCH
+    assert decode_launch(64, 8, 128, 132) == DEFAULT_LAUNCH  # not measured: the default
+    assert decode_launch(256, 8, 64, 132) == DEFAULT_LAUNCH  # 64-wide heads ran slower
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    q, k, v, cache, meta = _random_batch([1] * 3, [70, 5, 131], heads=4, kv_heads=2, head_dim=128,
+                                         block_size=16, dtype=dtype, seed=11)
+    counters = SplitCounters().get(6, q.device)
+    outs = [paged_decode(q, k, v, cache.clone(), meta, 0.1, None, None, 1, counters, launch)
+            for launch in (DEFAULT_LAUNCH, LARGE_BATCH_LAUNCH)]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((outs[1].float() - outs[0].float()).norm() / outs[0].float().norm()) < tol
+
+
 @pytest.mark.parametrize(("ctx_lens", "window"), [([0, 37, 130, 5], None), ([200, 5], 16)])
 def test_fused_decode_applies_rope_and_stores_kv(ctx_lens: list[int], window: int | None) -> None:
     """Decode in one launch (rope on q and the new k, K/V store, splits merged by the last
