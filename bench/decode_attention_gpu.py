@@ -9,8 +9,9 @@ x KV heads x head dim x 2 (K, V) x 2 bytes) over the copy bandwidth measured in 
 Each variant's output is checked against the default launch's. A variant that wins here must
 also win in the engine (`bench/native_gpu.py`) before it becomes the default: narrow tiles on
 two warps (with the KV heads of a sequence launched side by side), 6-7% faster here at batch
-64/256 without RoPE, made the engine's batch-256 decode 12% slower on the H200, so the engine
-keeps the default.
+64/256 without RoPE, made the engine's batch-256 decode 12% slower on the H200 for the 1.1B
+shape (64-wide heads), but 3-14% faster for the 8B shape (128-wide), so the engine takes them
+for large batches of 128-wide heads only (`triton_decode.decode_launch`).
 
     PYTHONPATH=. python bench/decode_attention_gpu.py [--batch 256] [--context 576]
         [--shape 1b 8b] [--shuffle] [--no-rope]
