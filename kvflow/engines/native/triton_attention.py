@@ -326,8 +326,8 @@ class DensePrefill:
     DENSE_FROM rows or more: no cached prefix, so its keys are exactly the step's own k and v,
     and the paged gather can be skipped. It takes q, k and v as contiguous tensors padded to a
     multiple of DENSE_BUCKET rows (`pack_dense`): cuDNN keys its plans on shape and strides,
-    so the plans warm-up builds serve every length (cuDNN ran slower on strided views of the
-    fused qkv output: 1.20 against 1.14 ms a layer at 8192 rows, copies included); padding
+    so the plans warm-up builds serve every length (cuDNN read strided views of the fused qkv
+    output more slowly than contiguous copies, in a probe on the H200 at 8192 rows); padding
     sits after the prompt, where causal masking keeps it from every real row. Enabled on
     sm_90 (Hopper) only, where it was measured.
     Where cuDNN attention is not available it says so once and the paged kernel serves;

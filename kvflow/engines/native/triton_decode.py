@@ -33,8 +33,9 @@ class DecodeLaunch:
 
 DEFAULT_LAUNCH = DecodeLaunch()
 # Large batches of 128-wide heads: 32 keys a turn on 2 warps. On the H200 (8B shape, batch
-# 256, context 576, the engine's graphed decode, two repetitions): 20160 and 20098 tok/s
-# against 17698 and 19497 with the default launch (19298 and 19244 with 32 keys on 4 warps).
+# 256, context 576, the engine's graphed decode, two repetitions; bench/decode_launch_gpu.py's
+# probe): 20160 and 20098 tok/s against 17698 and 19497 with the default launch (19298 and
+# 19244 with 32 keys on 4 warps).
 # Narrow tiles made the 1.1B shape's (64-wide heads) batch-256 decode 12% slower, and smaller
 # batches were not measured, so they keep the default.
 LARGE_BATCH_LAUNCH = DecodeLaunch(32, 2)
